@@ -1,0 +1,35 @@
+"""Invertible layers and the Lipschitz building blocks of residual branches."""
+
+from invertnet.layers.activations import ELU as ELU
+from invertnet.layers.activations import LipSwish as LipSwish
+from invertnet.layers.activations import Softplus as Softplus
+from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
+from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
+from invertnet.layers.lipschitz_nets import LipschitzNet as LipschitzNet
+from invertnet.layers.norm import ActNorm as ActNorm
+from invertnet.layers.residual import InvertibleResidual as InvertibleResidual
+from invertnet.layers.shape import InjectivePad as InjectivePad
+from invertnet.layers.shape import Squeeze as Squeeze
+from invertnet.layers.spectral import PowerIterationResult as PowerIterationResult
+from invertnet.layers.spectral import SpectralNormConv2d as SpectralNormConv2d
+from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
+from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
+
+__all__ = [
+    "ELU",
+    "ActNorm",
+    "InjectivePad",
+    "InvertibleResidual",
+    "LipSwish",
+    "LipschitzConvNet",
+    "LipschitzMLP",
+    "LipschitzNet",
+    "PowerIterationResult",
+    "Softplus",
+    "SpectralNormConv2d",
+    "SpectralNormLinear",
+    "Squeeze",
+    "make_activation",
+    "refine_spectral_norms",
+]

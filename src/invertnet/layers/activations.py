@@ -1,0 +1,65 @@
+r"""1-Lipschitz activations with continuous derivatives (thesis Corollary 4.4 needs C^1 activations).
+
+Lip(phi) <= 1 keeps the product bound of thesis Eq. 4.6 valid; a continuous derivative makes the i-ResNet a
+diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ELU", "LipSwish", "Softplus", "make_activation"]
+
+
+class ELU(nn.Module):
+    r"""ELU with :math:`\alpha = 1`: :math:`\phi(x) = x` for x > 0, :math:`e^x - 1` otherwise.
+
+    Its derivative, 1 or :math:`e^x`, is continuous and bounded by 1.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.elu(x)
+
+
+class Softplus(nn.Module):
+    r""":math:`\phi(x) = \log(1 + e^x)`, with derivative :math:`\sigma(x) \in (0, 1)`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softplus(x)
+
+
+class LipSwish(nn.Module):
+    r"""LipSwish of Residual Flows (Chen et al. 2019): :math:`\phi(x) = x\,\sigma(\beta x) / 1.1`.
+
+    The swish :math:`x\sigma(\beta x)` has Lipschitz constant at most 1.1 for every
+    :math:`\beta > 0`, so dividing by 1.1 makes it 1-Lipschitz. :math:`\beta = \mathrm{softplus}(b)` is
+    learnable and positive.
+
+    Arguments:
+        beta: Initial value of :math:`\beta > 0`.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"LipSwish: beta must be positive, got {beta}")
+        self.raw_beta = nn.Parameter(torch.tensor(float(beta)).expm1().log())
+
+    def forward(self, x: Tensor) -> Tensor:
+        beta = F.softplus(self.raw_beta)
+        return x * torch.sigmoid(beta * x) / 1.1
+
+
+_ACTIVATIONS = {"elu": ELU, "softplus": Softplus, "lipswish": LipSwish}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Build a 1-Lipschitz activation by name: ``"elu"``, ``"softplus"`` or ``"lipswish"``."""
+    key = name.lower()
+    if key not in _ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)} (all 1-Lipschitz and C^1)"
+        )
+    return _ACTIVATIONS[key]()

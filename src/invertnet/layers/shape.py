@@ -1,0 +1,93 @@
+r"""Volume-preserving reshapes: squeeze (space to depth) and injective zero padding (thesis A.1, A.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from invertnet.core import InvertibleModule, check_input
+from invertnet.solvers.fixed_point import default_tolerances
+
+__all__ = ["InjectivePad", "Squeeze"]
+
+
+class Squeeze(InvertibleModule):
+    r"""Space to depth: (B, C, H, W) -> (B, 4C, H/2, W/2), a permutation with log-det 0.
+
+    Each output channel group c*4 + (2i + j) holds the pixels at offset (i, j) of 2x2 patches of channel c
+    (``torch.nn.functional.pixel_unshuffle``).
+
+    Example:
+        >>> Squeeze()(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 12, 4, 4])
+    """
+
+    volume_preserving = True
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(x, None, "Squeeze.forward")
+        if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"Squeeze.forward: expected (B, C, H, W) with even H and W, got {tuple(x.shape)}")
+        return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
+
+    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+        check_input(y, None, "Squeeze.inverse")
+        if y.dim() != 4 or y.shape[1] % 4:
+            raise ValueError(f"Squeeze.inverse: expected (B, 4C, H, W), got {tuple(y.shape)}")
+        return F.pixel_shuffle(y, 2), y.new_zeros(y.shape[0])
+
+
+class InjectivePad(InvertibleModule):
+    r"""Append ``extra_channels`` zero channels: (B, C, ...) -> (B, C + k, ...) (thesis A.1).
+
+    The map is injective, not surjective. Its Jacobian J satisfies J^T J = I, so the volume change
+    :math:`\tfrac12 \log\det(J^T J)` is 0. The inverse drops the padded channels after checking that they are
+    zero up to ``atol`` (default by dtype: 1e-10 for float64, 1e-5 for float32), and raises a ``ValueError``
+    saying so when they are not: such a y is not in the range of the map.
+
+    Arguments:
+        extra_channels: Number k of zero channels appended.
+
+    Example:
+        >>> pad = InjectivePad(2)
+        >>> pad(torch.randn(1, 3, 4, 4)).shape
+        torch.Size([1, 5, 4, 4])
+    """
+
+    volume_preserving = True
+    bijective = False
+
+    def __init__(self, extra_channels: int) -> None:
+        super().__init__()
+        if extra_channels < 1:
+            raise ValueError(f"InjectivePad: extra_channels must be positive, got {extra_channels}")
+        self.extra_channels = extra_channels
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(x, None, "InjectivePad.forward")
+        if x.dim() < 2:
+            raise ValueError(f"InjectivePad.forward: expected (B, C, ...), got {tuple(x.shape)}")
+        zeros = x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
+        return torch.cat([x, zeros], dim=1), x.new_zeros(x.shape[0])
+
+    def inverse_and_log_det(
+        self, y: Tensor, *, atol: float | None = None, **options: object
+    ) -> tuple[Tensor, Tensor]:
+        check_input(y, None, "InjectivePad.inverse")
+        if y.dim() < 2 or y.shape[1] <= self.extra_channels:
+            raise ValueError(
+                f"InjectivePad.inverse: expected more than {self.extra_channels} channels, got {tuple(y.shape)}"
+            )
+        kept, padded = y[:, : -self.extra_channels], y[:, -self.extra_channels :]
+        atol = default_tolerances(y.dtype)[0] if atol is None else atol
+        largest = padded.abs().max().item() if padded.numel() else 0.0
+        if largest > atol:
+            raise ValueError(
+                f"InjectivePad.inverse: the padded channels must be zero, but their largest magnitude is "
+                f"{largest:.3e} > atol={atol:.1e}; this y is not in the range of the padding"
+            )
+        return kept, y.new_zeros(y.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"extra_channels={self.extra_channels}"

@@ -1,0 +1,7 @@
+"""Iterative solvers that report iterations, residuals and convergence, and never fail silently."""
+
+from invertnet.solvers.fixed_point import default_tolerances as default_tolerances
+from invertnet.solvers.fixed_point import fixed_point as fixed_point
+from invertnet.solvers.implicit import attach_inverse_gradient as attach_inverse_gradient
+
+__all__ = ["attach_inverse_gradient", "default_tolerances", "fixed_point"]

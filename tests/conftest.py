@@ -1,0 +1,16 @@
+"""Shared fixtures: seeded RNG per test, float64 default, hypothesis profiles."""
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=15, derandomize=True, deadline=None)
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.load_profile("dev")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield

@@ -1,0 +1,174 @@
+"""The generic suite: every InvertibleModule of the zoo through the same checks (STYLE.md section 5)."""
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from tests.tolerances import FLOAT64_INVERSE_ATOL, assert_close
+from tests.zoo import ZOO, build
+
+NAMES = sorted(ZOO)
+BATCH = 3
+
+
+def _inputs(shape, batch=BATCH):
+    return 1.5 * torch.randn(batch, *shape, dtype=torch.float64)
+
+
+def _brute_force_log_det(module, x):
+    """0.5 * logdet(J^T J) per sample from the full autograd Jacobian: log|det J| for square J."""
+    values = []
+    for sample in x:
+        jac = torch.autograd.functional.jacobian(lambda v: module(v.unsqueeze(0)).flatten(), sample)
+        jac = jac.reshape(jac.shape[0], -1)
+        if jac.shape[0] == jac.shape[1]:
+            values.append(torch.linalg.slogdet(jac).logabsdet)
+        else:
+            values.append(0.5 * torch.linalg.slogdet(jac.T @ jac).logabsdet)
+    return torch.stack(values)
+
+
+@pytest.fixture(params=NAMES)
+def layer_name(request):
+    return request.param
+
+
+@pytest.fixture
+def layer(layer_name):
+    return build(layer_name)
+
+
+def test_shapes(layer):
+    module, shape = layer
+    y, log_det = module.forward_and_log_det(_inputs(shape))
+    assert y.shape[0] == BATCH
+    assert log_det.shape == (BATCH,)
+    assert log_det.dtype == torch.float64
+
+
+def test_round_trip_both_directions(layer):
+    module, shape = layer
+    x = _inputs(shape)
+    with torch.no_grad():
+        assert_close(module.inverse(module(x).clone()), x, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+        y = module(_inputs(shape))  # the inverse's domain is the range of the forward map
+        assert_close(module(module.inverse(y.clone())), y, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+
+
+def test_log_det_against_brute_force_jacobian(layer):
+    module, shape = layer
+    if not module.exact_log_det:
+        pytest.skip("stochastic log-det: tested against its stated bias in test_logdet.py")
+    x = _inputs(shape)
+    _, log_det = module.forward_and_log_det(x)
+    assert_close(log_det, _brute_force_log_det(module, x))
+    if not module.volume_preserving:
+        assert log_det.abs().max() > 1e-3, "the zoo must use parameters with a non-trivial log-det"
+
+
+def test_inverse_log_det_is_negative_and_inverse_jacobian_is_inverse(layer):
+    module, shape = layer
+    x = _inputs(shape, batch=1)
+    y, forward_log_det = module.forward_and_log_det(x)
+    x_back, inverse_log_det = module.inverse_and_log_det(y.detach().clone())
+    assert_close(inverse_log_det, -forward_log_det)
+    assert_close(x_back, x, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+    jac = torch.autograd.functional.jacobian(lambda v: module(v).flatten(), x).reshape(y.numel(), x.numel())
+    jac_inv = torch.autograd.functional.jacobian(lambda v: module.inverse(v).flatten(), y.detach())
+    jac_inv = jac_inv.reshape(x.numel(), y.numel())
+    assert_close(jac_inv @ jac, torch.eye(x.numel(), dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_fused_calls_equal_separate_calls(layer):
+    module, shape = layer
+    x = _inputs(shape)
+    y, _ = module.forward_and_log_det(x)
+    assert_close(module(x), y)
+    x_fused, _ = module.inverse_and_log_det(y.detach())
+    assert_close(module.inverse(y.detach()), x_fused)
+
+
+def _swap_parameters(module, values):
+    """Put the given tensors in place of the named parameters; returns the previous ones."""
+    previous = {}
+    for name, value in values.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        previous[name] = owner._parameters[attribute]
+        owner._parameters[attribute] = value
+    return previous
+
+
+def test_gradcheck_input_and_parameters(layer):
+    module, shape = layer
+    x = _inputs(shape, batch=2).requires_grad_(True)
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    values = tuple(p.detach().clone().requires_grad_(True) for name, p in module.named_parameters()
+                   if name in names)
+
+    def fused(x_in, *parameter_values):
+        previous = _swap_parameters(module, dict(zip(names, parameter_values, strict=True)))
+        try:
+            return module.forward_and_log_det(x_in)
+        finally:
+            _swap_parameters(module, previous)
+
+    assert torch.autograd.gradcheck(fused, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_inverse_wrt_input(layer):
+    module, shape = layer
+    if module.bijective:
+        y = module(_inputs(shape, batch=2)).detach().requires_grad_(True)
+        assert torch.autograd.gradcheck(module.inverse, (y,), eps=1e-6, atol=1e-5, rtol=1e-4)
+    else:  # the inverse is defined on the range only: perturb along it
+        x = _inputs(shape, batch=2).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5,
+                                        rtol=1e-4)
+
+
+def test_batch_independence(layer):
+    module, shape = layer
+    x = _inputs(shape, batch=4)
+    with torch.no_grad():
+        y = module(x)
+        x_other = x.clone()
+        x_other[1:] = _inputs(shape, batch=3)
+        assert_close(module(x_other)[0], y[0])
+        assert_close(module(x[:1])[0], y[0])
+
+
+@pytest.mark.parametrize("bad", ["nan", "no_batch_dim"])
+def test_bad_input_raises_named_error(layer, bad):
+    module, shape = layer
+    x = _inputs(shape)
+    if bad == "nan":
+        x[0].view(-1)[0] = float("nan")
+        match = "NaN"
+    else:
+        x = torch.tensor(1.0, dtype=torch.float64)
+        match = "batch"
+    with pytest.raises(ValueError, match=match):
+        module(x)
+
+
+def test_safetensors_state_dict_round_trip(layer, layer_name):
+    module, shape = layer
+    fresh, _ = build(layer_name)  # different random parameters
+    payload = save({key: value.contiguous() for key, value in module.state_dict().items()})
+    fresh.load_state_dict(load(payload))
+    x = _inputs(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), module(x), atol=0, rtol=0)
+    assert type(module).__name__ in repr(module)
+
+
+def test_train_and_eval_agree_after_convergence(layer):
+    module, shape = layer
+    x = _inputs(shape)
+    with torch.no_grad():
+        y_eval = module(x)
+        module.train()
+        y_train = module(x)
+        module.eval()
+    assert_close(y_train, y_eval)

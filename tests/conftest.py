@@ -8,6 +8,10 @@ settings.register_profile("ci", max_examples=15, derandomize=True, deadline=None
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile("dev")
 
+# Tests use tiny tensors: one intra-op thread per pytest worker avoids oversubscribing the cores
+# (``make test`` runs two workers).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded_rng():

@@ -56,9 +56,9 @@ def _residual_mlp_plain_iteration() -> InvertibleModule:
 def _image_stack() -> InvertibleModule:
     return InvertibleSequential(
         ActNorm(2),
-        InvertibleResidual(LipschitzConvNet(2, 4, coeff=0.9), log_det=ExactLogDet()),
+        InvertibleResidual(LipschitzConvNet(2, 3, coeff=0.9), log_det=ExactLogDet()),
         Squeeze(),
-        InvertibleResidual(LipschitzConvNet(8, 8, kernel_sizes=(3, 1), coeff=0.9), log_det=ExactLogDet()),
+        InvertibleResidual(LipschitzConvNet(8, 3, kernel_sizes=(1, 1), coeff=0.9), log_det=ExactLogDet()),
     )
 
 
@@ -73,7 +73,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_mixed_norm": (_residual_mlp("elu", norm_orders=(1.5, 3.0, 3.0, 1.5)), (4,)),
     "residual_mlp_plain_iteration": (_residual_mlp_plain_iteration, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
-    "sequential_image": (_image_stack, (2, 4, 4)),
+    "sequential_image": (_image_stack, (2, 2, 2)),
 }
 
 

@@ -204,7 +204,7 @@ def n_terms_for_bias(lip: float, dim: int, bias: float, max_terms: int = 100_000
 
     Example:
         >>> n_terms_for_bias(0.5, 2, 0.01)
-        6
+        5
     """
     if bias <= 0:
         raise ValueError(f"n_terms_for_bias: bias must be positive, got {bias}")

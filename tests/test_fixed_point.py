@@ -1,0 +1,195 @@
+"""Fixed-point iteration and Anderson acceleration: tolerances, bounds, and reported failures."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from invertnet import ConvergenceError, SolverStatus
+from invertnet.layers import InvertibleResidual, LipschitzConvNet, LipschitzMLP, refine_spectral_norms
+from invertnet.solvers import default_tolerances, fixed_point
+
+METHODS = ["iteration", "anderson"]
+
+
+def _block(coeff=0.9, features=6, solver="anderson", scale=4.0):
+    g = LipschitzMLP(features, 32, n_layers=3, coeff=coeff).double()
+    for layer in g.normalized_layers():
+        layer.weight.data.mul_(scale)  # every layer at its cap: Lip(g) close to coeff**3
+    block = InvertibleResidual(g, solver=solver).double()
+    refine_spectral_norms(block)
+    return block.eval()
+
+
+def _per_sample_residual(block, x, y):
+    with torch.no_grad():
+        return torch.linalg.vector_norm((block(x) - y).flatten(1), dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cos_fixed_point_matches_closed_form(method):
+    # x = cos x on [0, 1]: |sin x| <= sin 1 < 0.85 there (seed 002's contraction example).
+    result = fixed_point(torch.cos, torch.zeros(3, 1, dtype=torch.float64), lipschitz=math.sin(1.0), method=method)
+    dottie = 0.7390851332151607
+    assert result.success
+    assert (result.value - dottie).abs().max() <= result.error_bound.max()
+    assert (result.value - dottie).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_c09_blocks_reconstruct_below_1e8_and_the_bound_holds(method):
+    block = _block(coeff=0.9, solver=method)
+    x = 2 * torch.randn(64, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    result = block.inverse_result(y)
+    assert result.success
+    error = torch.linalg.vector_norm((result.value - x), dim=1)
+    assert (result.value - x).abs().max() < 1e-8
+    assert (error <= result.error_bound).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("atol, rtol", [(1e-6, 0.0), (0.0, 1e-6), (1e-9, 1e-9), (1e-3, 0.0)])
+def test_tolerances_mean_what_their_names_say_per_sample(method, atol, rtol):
+    block = _block(coeff=0.9, solver=method)
+    x = torch.randn(16, 6, dtype=torch.float64) * torch.logspace(-2, 2, 16, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        y = block(x)
+    result = block.inverse_result(y, atol=atol, rtol=rtol)
+    assert result.success
+    true_residual = _per_sample_residual(block, result.value, y)
+    torch.testing.assert_close(result.residual, true_residual, atol=1e-12, rtol=1e-9)
+    assert (true_residual <= atol + rtol * torch.linalg.vector_norm(y, dim=1)).all()
+
+
+def test_converged_samples_are_frozen_and_stop_early():
+    block = _block(coeff=0.9, solver="iteration")
+    x = torch.cat([torch.zeros(1, 6), 1e6 * torch.randn(1, 6)]).double()
+    with torch.no_grad():
+        y = block(x)
+    result = block.inverse_result(y, atol=1e-8, rtol=0)
+    easy = block.inverse_result(y[:1], atol=1e-8, rtol=0)
+    hard = block.inverse_result(y[1:], atol=1e-8, rtol=0)
+    torch.testing.assert_close(result.value[:1], easy.value, atol=1e-14, rtol=0)  # matmul rounding only
+    assert easy.iterations < hard.iterations == result.iterations
+
+
+def test_float64_defaults_reach_about_1e10():
+    assert default_tolerances(torch.float64) == (1e-10, 1e-10)
+    block = _block(coeff=0.9)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with torch.no_grad():
+        x_back = block.inverse(block(x))
+    assert (x_back - x).abs().max() < 1e-9
+
+
+def test_float32_inverse_uses_float32_tolerances():
+    block = _block(coeff=0.9).float()
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        result = block.inverse_result(block(x))
+    assert result.success
+    assert (result.value - x).abs().max() < 1e-4
+
+
+def test_anderson_needs_fewer_iterations_than_plain_iteration():
+    block = _block(coeff=0.97, solver="iteration")
+    x = torch.randn(32, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    plain = block.inverse_result(y, atol=1e-10, rtol=0)
+    block.solver = "anderson"
+    accelerated = block.inverse_result(y, atol=1e-10, rtol=0)
+    assert plain.success and accelerated.success
+    assert accelerated.iterations < plain.iterations
+    torch.testing.assert_close(accelerated.value, plain.value, atol=1e-9, rtol=0)
+
+
+def test_non_contractive_block_is_reported_never_silently_returned():
+    g = LipschitzMLP(4, 16, n_layers=2, coeff=3.0).double()
+    for layer in g.normalized_layers():
+        layer.weight.data.mul_(10.0)
+    block = InvertibleResidual(g).double()
+    refine_spectral_norms(block)
+    block.eval()
+    assert block.lipschitz_bound() > 1
+    y = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.raises(ConvergenceError) as info:
+        block.inverse(y)
+    assert info.value.result.status in (SolverStatus.NOT_CONTRACTIVE, SolverStatus.DIVERGED, SolverStatus.NONFINITE)
+    record = block.inverse_result(y)
+    assert not record.success
+    assert record.error_bound is None
+
+
+def test_unknown_lipschitz_and_expanding_map_is_reported_as_diverged():
+    result = fixed_point(lambda x: 3 * x + 1, torch.ones(2, 3, dtype=torch.float64), strict=False)
+    assert result.status is SolverStatus.DIVERGED
+    assert not result.converged.any()
+
+
+def test_nonfinite_iterates_are_reported():
+    result = fixed_point(lambda x: torch.log(x - 1), torch.ones(2, 2, dtype=torch.float64), strict=False)
+    assert result.status is SolverStatus.NONFINITE
+    assert torch.isfinite(result.value).all(), "the last finite iterate is returned"
+
+
+def test_max_iter_raises_with_the_record_attached():
+    block = _block(coeff=0.97, solver="iteration")
+    y = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(ConvergenceError, match="increase `max_iter`") as info:
+        block.inverse(y, max_iter=3)
+    record = info.value.result
+    assert record.status is SolverStatus.MAX_ITER
+    assert record.iterations == 3
+    assert len(record.residual_history) == 3
+    x = block.inverse(y, max_iter=3, strict=False)
+    assert torch.isfinite(x).all()
+
+
+def test_invalid_options_are_refused():
+    x0 = torch.zeros(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        fixed_point(torch.cos, x0, method="newton")
+    with pytest.raises(ValueError, match="atol"):
+        fixed_point(torch.cos, x0, atol=0.0, rtol=0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        fixed_point(torch.cos, x0, max_iter=0)
+
+
+def test_conv_block_round_trip_with_error_bound():
+    g = LipschitzConvNet(2, 8, coeff=0.9).double()
+    block = InvertibleResidual(g).double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    block(x)
+    refine_spectral_norms(block)
+    block.eval()
+    with torch.no_grad():
+        result = block.inverse_result(block(x))
+    assert result.success
+    assert (torch.linalg.vector_norm((result.value - x).flatten(1), dim=1) <= result.error_bound).all()
+
+
+@given(coeff=st.floats(0.1, 0.95), batch=st.integers(1, 5), scale=st.floats(0.01, 100.0))
+def test_round_trip_error_within_reported_bound(coeff, batch, scale):
+    torch.manual_seed(2)
+    block = _block(coeff=coeff, features=3)
+    x = scale * torch.randn(batch, 3, dtype=torch.float64)
+    with torch.no_grad():
+        result = block.inverse_result(block(x))
+    assert result.success
+    assert (torch.linalg.vector_norm(result.value - x, dim=1) <= result.error_bound * (1 + 1e-9) + 1e-15).all()
+
+
+def test_inverse_is_differentiable_by_implicit_differentiation():
+    block = _block(coeff=0.9)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    y = block(x).detach().requires_grad_(True)
+    x_hat = block.inverse(y)
+    (grad_y,) = torch.autograd.grad((x_hat**2).sum(), y)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.unsqueeze(0))[0], x_hat[0].detach())
+    expected = torch.linalg.solve(jac.T, 2 * x_hat[0].detach())
+    torch.testing.assert_close(grad_y[0], expected, atol=1e-8, rtol=1e-7)

@@ -1,0 +1,202 @@
+"""Log-det estimators against the exact log-det: stated bias, unbiasedness, gradients, bounds."""
+
+import math
+
+import pytest
+import torch
+
+from invertnet import InvertibleSequential
+from invertnet.layers import ActNorm, InvertibleResidual, LipschitzMLP, refine_spectral_norms
+from invertnet.logdet import (
+    ExactLogDet,
+    PowerSeriesLogDet,
+    UnbiasedLogDet,
+    log_det_bounds,
+    n_terms_for_bias,
+    truncation_error_bound,
+)
+
+#: Monte-Carlo comparisons accept the stated bias plus this many standard errors.
+N_STANDARD_ERRORS = 4
+#: Hutchinson probes per sample; with Lip(g) <= 0.73^3 the per-probe spread is O(0.1), so 4 SE is O(1e-2).
+N_PROBES = 4000
+
+
+def _residual_branch(coeff=0.73, features=4):
+    g = LipschitzMLP(features, 16, n_layers=3, coeff=coeff).double()
+    for layer in g.normalized_layers():
+        layer.weight.data.mul_(4.0)  # every layer at its cap
+    refine_spectral_norms(g)
+    return g.eval()
+
+
+def _replicated_estimates(estimator, g, x, n_probes):
+    """Estimates with shape (n_probes, B): one independent probe per replicated row."""
+    _, log_det = estimator(g, x.repeat(n_probes, 1))
+    return log_det.view(n_probes, x.shape[0])
+
+
+@pytest.fixture
+def problem():
+    g = _residual_branch()
+    x = 2 * torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _, exact = ExactLogDet()(g, x)
+    assert exact.abs().min() > 0.05, "non-trivial log-det"
+    return g, x, exact
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("n_terms", [1, 2, 5])
+def test_power_series_mean_within_truncation_bound(problem, probe, n_terms):
+    g, x, exact = problem
+    with torch.no_grad():
+        estimates = _replicated_estimates(PowerSeriesLogDet(n_terms, probe=probe), g, x, N_PROBES)
+    mean, standard_error = estimates.mean(0), estimates.std(0) / math.sqrt(N_PROBES)
+    bias_bound = truncation_error_bound(g.lipschitz_bound(), x.shape[1], n_terms)
+    assert ((mean - exact).abs() <= bias_bound + N_STANDARD_ERRORS * standard_error).all()
+
+
+def test_power_series_bias_is_visible_with_one_term(problem):
+    """The bound is not vacuous: with one term the truncation bias exceeds the Monte-Carlo noise."""
+    g, x, _ = problem
+    with torch.no_grad():
+        _, exact = ExactLogDet()(g, x)
+        jac_traces = []
+        for sample in x:
+            jac = torch.autograd.functional.jacobian(lambda v: g(v.unsqueeze(0))[0], sample)
+            jac_traces.append(torch.trace(jac))
+    # PS(J, 1) = tr(J) exactly in expectation; it differs from the log-det by the series tail.
+    tail = (torch.stack(jac_traces) - exact).abs()
+    assert (tail <= truncation_error_bound(g.lipschitz_bound(), 4, 1)).all()
+    assert tail.max() > 1e-4
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_unbiased_estimator_mean_within_standard_errors(problem, probe):
+    g, x, exact = problem
+    with torch.no_grad():
+        estimates = _replicated_estimates(UnbiasedLogDet(probe=probe), g, x, N_PROBES)
+    # one roulette draw per call: replicate calls so that N varies across probes too
+    with torch.no_grad():
+        more = torch.cat([_replicated_estimates(UnbiasedLogDet(probe=probe), g, x, 20) for _ in range(200)])
+    estimates = torch.cat([estimates, more])
+    mean, standard_error = estimates.mean(0), estimates.std(0) / math.sqrt(estimates.shape[0])
+    assert ((mean - exact).abs() <= N_STANDARD_ERRORS * standard_error).all()
+
+
+def _gradient_projections(g, loss_fn, directions):
+    g.zero_grad()
+    loss_fn().backward()
+    flat = torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in g.parameters()])
+    return directions @ flat
+
+
+@pytest.mark.parametrize(
+    "estimator", [PowerSeriesLogDet(n_terms=12), UnbiasedLogDet()], ids=["power_series", "unbiased"]
+)
+def test_gradients_agree_with_exact_gradient_in_expectation(estimator):
+    g = _residual_branch(coeff=0.6)  # Lip(g) <= 0.216: the 12-term gradient bias is below 1e-8
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    n_params = sum(p.numel() for p in g.parameters())
+    directions = torch.randn(3, n_params, dtype=torch.float64)
+    exact = _gradient_projections(g, lambda: ExactLogDet()(g, x)[1].sum(), directions)
+    n_batches, n_probes = 60, 100
+    samples = torch.stack([
+        _gradient_projections(
+            g, lambda: estimator(g, x.repeat(n_probes, 1))[1].view(n_probes, -1).mean(0).sum(), directions
+        )
+        for _ in range(n_batches)
+    ])
+    mean, standard_error = samples.mean(0), samples.std(0) / math.sqrt(n_batches)
+    assert ((mean - exact).abs() <= N_STANDARD_ERRORS * standard_error + 1e-8).all()
+    assert standard_error.max() < 0.05 * exact.abs().max(), "the test must be able to see a wrong gradient"
+
+
+def _graph_size(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return len(seen)
+
+
+def test_unbiased_backward_graph_does_not_grow_with_the_number_of_terms():
+    g = _residual_branch()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    few = _graph_size(UnbiasedLogDet(p=1.0, n_exact_terms=2)(g, x)[1])
+    many = _graph_size(UnbiasedLogDet(p=1.0, n_exact_terms=20)(g, x)[1])
+    assert few == many
+    series_few = _graph_size(PowerSeriesLogDet(n_terms=2)(g, x)[1])
+    series_many = _graph_size(PowerSeriesLogDet(n_terms=20)(g, x)[1])
+    assert series_many > series_few, "the truncated series backpropagates through every term"
+
+
+def test_unbiased_roulette_statistics():
+    estimator = UnbiasedLogDet(p=0.5, n_exact_terms=2)
+    draws = torch.tensor([estimator.sample_n_terms() for _ in range(20_000)], dtype=torch.float64)
+    assert draws.min() == 2
+    assert abs(draws.mean().item() - estimator.expected_terms) < 4 * draws.std().item() / math.sqrt(20_000)
+    for k in (1, 2, 3, 5):
+        assert (draws >= k).double().mean().item() == pytest.approx(estimator.survival(k), abs=0.015)
+
+
+def test_estimators_without_grad_return_detached_values(problem):
+    g, x, _ = problem
+    with torch.no_grad():
+        for estimator in (ExactLogDet(), PowerSeriesLogDet(), UnbiasedLogDet()):
+            g_x, log_det = estimator(g, x)
+            assert not g_x.requires_grad and not log_det.requires_grad
+            assert log_det.shape == (3,)
+
+
+def test_truncation_error_bound_hand_computation():
+    # -d (log(1 - L) + sum_{k<=n} L^k / k) with L = 0.5, d = 2
+    assert truncation_error_bound(0.5, 2, 1) == pytest.approx(2 * (math.log(2) - 0.5))
+    assert truncation_error_bound(0.5, 2, 2) == pytest.approx(2 * (math.log(2) - 0.5 - 0.125))
+    assert truncation_error_bound(0.0, 10, 0) == 0.0
+    with pytest.raises(ValueError, match="lip"):
+        truncation_error_bound(1.0, 2, 3)
+
+
+@pytest.mark.parametrize("lip, dim, bias", [(0.5, 2, 1e-2), (0.9, 784, 1.0), (0.97, 3072, 0.1), (0.1, 1, 1e-12)])
+def test_n_terms_for_bias_is_the_fewest(lip, dim, bias):
+    n = n_terms_for_bias(lip, dim, bias)
+    assert truncation_error_bound(lip, dim, n) <= bias
+    if n > 0:
+        assert truncation_error_bound(lip, dim, n - 1) > bias
+
+
+def test_log_det_bounds_bracket_the_exact_log_det():
+    model = InvertibleSequential(
+        ActNorm(4),
+        InvertibleResidual(_residual_branch(0.8), log_det=ExactLogDet()),
+        InvertibleResidual(_residual_branch(0.9), log_det=ExactLogDet()),
+    ).double()
+    x = 3 * torch.randn(16, 4, dtype=torch.float64) + 1
+    model(x)  # ActNorm's data-dependent initialisation
+    model.eval()
+    with torch.no_grad():
+        _, exact = model.forward_and_log_det(x)
+    lower, upper = log_det_bounds(model, x)
+    assert (lower <= exact).all() and (exact <= upper).all()
+    assert (upper - lower).min() > 0
+
+
+def test_log_det_bounds_refuse_non_contractive_blocks():
+    g = LipschitzMLP(2, 8, n_layers=2, coeff=2.0).double()
+    for layer in g.normalized_layers():
+        layer.weight.data.mul_(10)
+    refine_spectral_norms(g)
+    with pytest.raises(ValueError, match="Lemma 5.5"):
+        log_det_bounds(InvertibleResidual(g), torch.randn(2, 2, dtype=torch.float64))
+
+
+def test_invalid_estimator_options_are_refused():
+    with pytest.raises(ValueError, match="probe"):
+        PowerSeriesLogDet(probe="uniform")
+    with pytest.raises(ValueError, match="p must"):
+        UnbiasedLogDet(p=0.0)

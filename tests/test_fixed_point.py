@@ -119,7 +119,11 @@ def test_non_contractive_block_is_reported_never_silently_returned():
     y = torch.randn(4, 4, dtype=torch.float64)
     with pytest.raises(ConvergenceError) as info:
         block.inverse(y)
-    assert info.value.result.status in (SolverStatus.NOT_CONTRACTIVE, SolverStatus.DIVERGED, SolverStatus.NONFINITE)
+    assert info.value.result.status in (
+        SolverStatus.NOT_CONTRACTIVE,
+        SolverStatus.DIVERGED,
+        SolverStatus.NONFINITE,
+    )
     record = block.inverse_result(y)
     assert not record.success
     assert record.error_bound is None

@@ -103,8 +103,7 @@ def test_gradcheck_input_and_parameters(layer):
     module, shape = layer
     x = _inputs(shape, batch=2).requires_grad_(True)
     names = [name for name, p in module.named_parameters() if p.requires_grad]
-    values = tuple(p.detach().clone().requires_grad_(True) for name, p in module.named_parameters()
-                   if name in names)
+    values = tuple(p.detach().clone().requires_grad_(True) for name, p in module.named_parameters() if name in names)
 
     def fused(x_in, *parameter_values):
         previous = _swap_parameters(module, dict(zip(names, parameter_values, strict=True)))
@@ -123,8 +122,7 @@ def test_gradcheck_inverse_wrt_input(layer):
         assert torch.autograd.gradcheck(module.inverse, (y,), eps=1e-6, atol=1e-5, rtol=1e-4)
     else:  # the inverse is defined on the range only: perturb along it
         x = _inputs(shape, batch=2).requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5,
-                                        rtol=1e-4)
+        assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_independence(layer):

@@ -102,12 +102,14 @@ def test_gradients_agree_with_exact_gradient_in_expectation(estimator):
     directions = torch.randn(3, n_params, dtype=torch.float64)
     exact = _gradient_projections(g, lambda: ExactLogDet()(g, x)[1].sum(), directions)
     n_batches, n_probes = 60, 100
-    samples = torch.stack([
-        _gradient_projections(
-            g, lambda: estimator(g, x.repeat(n_probes, 1))[1].view(n_probes, -1).mean(0).sum(), directions
-        )
-        for _ in range(n_batches)
-    ])
+    samples = torch.stack(
+        [
+            _gradient_projections(
+                g, lambda: estimator(g, x.repeat(n_probes, 1))[1].view(n_probes, -1).mean(0).sum(), directions
+            )
+            for _ in range(n_batches)
+        ]
+    )
     mean, standard_error = samples.mean(0), samples.std(0) / math.sqrt(n_batches)
     assert ((mean - exact).abs() <= N_STANDARD_ERRORS * standard_error + 1e-8).all()
     assert standard_error.max() < 0.05 * exact.abs().max(), "the test must be able to see a wrong gradient"

@@ -9,6 +9,7 @@ FLOAT64_RTOL = 1e-7
 FLOAT64_INVERSE_ATOL = 1e-8
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = FLOAT64_ATOL,
-                 rtol: float = FLOAT64_RTOL) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float = FLOAT64_ATOL, rtol: float = FLOAT64_RTOL
+) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

@@ -59,7 +59,5 @@ def make_activation(name: str) -> nn.Module:
     """Build a 1-Lipschitz activation by name: ``"elu"``, ``"softplus"`` or ``"lipswish"``."""
     key = name.lower()
     if key not in _ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)} (all 1-Lipschitz and C^1)"
-        )
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)} (all 1-Lipschitz and C^1)")
     return _ACTIVATIONS[key]()

@@ -71,9 +71,7 @@ class InjectivePad(InvertibleModule):
         zeros = x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
         return torch.cat([x, zeros], dim=1), x.new_zeros(x.shape[0])
 
-    def inverse_and_log_det(
-        self, y: Tensor, *, atol: float | None = None, **options: object
-    ) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, *, atol: float | None = None, **options: object) -> tuple[Tensor, Tensor]:
         check_input(y, None, "InjectivePad.inverse")
         if y.dim() < 2 or y.shape[1] <= self.extra_channels:
             raise ValueError(

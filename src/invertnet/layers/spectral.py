@@ -163,9 +163,7 @@ class _SpectralNormMixin(nn.Module):
         The vectors u, v persist, so later evaluation uses the converged estimate.
         """
         if not self.v.numel():
-            raise RuntimeError(
-                f"{type(self).__name__}: the input size is unknown; call the layer on an input first"
-            )
+            raise RuntimeError(f"{type(self).__name__}: the input size is unknown; call the layer on an input first")
         previous = float(self.sigma)
         change = math.inf
         for iteration in range(1, max_iter + 1):
@@ -278,9 +276,7 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
             height - ((u.shape[-2] - 1) * s_h - 2 * p_h + k_h),
             width - ((u.shape[-1] - 1) * s_w - 2 * p_w + k_w),
         )
-        return F.conv_transpose2d(
-            u, weight, stride=self.stride, padding=self.padding, output_padding=output_padding
-        )
+        return F.conv_transpose2d(u, weight, stride=self.stride, padding=self.padding, output_padding=output_padding)
 
     def _input_vector_shape(self, x: Tensor) -> tuple[int, ...]:
         if x.dim() != 4:

@@ -24,8 +24,8 @@ def _leaves(module: nn.Module) -> list[InvertibleModule]:
 def log_det_bounds(model: InvertibleModule, x: Tensor) -> tuple[Tensor, Tensor]:
     r"""Per-sample lower and upper bounds on :math:`\log|\det J_F(x)|` (thesis Lemma 5.5).
 
-    Residual blocks are the leaves with a ``lipschitz_bound()`` method. For residual blocks f_t = I + g_t on d_t dimensions, the singular values of J_{f_t} lie in
-    [1 - Lip(g_t), 1 + Lip(g_t)] (Lemma 4.6), hence
+    Residual blocks are the leaves with a ``lipschitz_bound()`` method. For blocks f_t = I + g_t on d_t
+    dimensions, the singular values of J_{f_t} lie in [1 - Lip(g_t), 1 + Lip(g_t)] (Lemma 4.6), hence
 
     .. math:: \sum_t d_t \log(1 - \mathrm{Lip}(g_t)) \le \log|\det J_F(x)|
         \le \sum_t d_t \log(1 + \mathrm{Lip}(g_t)).

@@ -116,9 +116,7 @@ class UnbiasedLogDet:
 
     exact = False
 
-    def __init__(
-        self, p: float = 0.5, n_exact_terms: int = 2, n_samples: int = 1, probe: Probe = "gaussian"
-    ) -> None:
+    def __init__(self, p: float = 0.5, n_exact_terms: int = 2, n_samples: int = 1, probe: Probe = "gaussian") -> None:
         if not 0 < p <= 1:
             raise ValueError(f"UnbiasedLogDet: p must lie in (0, 1], got {p}")
         if n_exact_terms < 1 or n_samples < 1:

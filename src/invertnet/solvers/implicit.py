@@ -61,9 +61,7 @@ def attach_inverse_gradient(
                 (vjp,) = torch.autograd.grad(g_of_x, x_leaf, v, retain_graph=True)
             return cotangent - vjp
 
-        result = fixed_point(
-            transposed_step, cotangent, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz
-        )
+        result = fixed_point(transposed_step, cotangent, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz)
         return result.value
 
     image.register_hook(backward_hook)

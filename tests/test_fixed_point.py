@@ -197,3 +197,18 @@ def test_inverse_is_differentiable_by_implicit_differentiation():
     jac = torch.autograd.functional.jacobian(lambda v: block(v.unsqueeze(0))[0], x_hat[0].detach())
     expected = torch.linalg.solve(jac.T, 2 * x_hat[0].detach())
     torch.testing.assert_close(grad_y[0], expected, atol=1e-8, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "g, bad_shape, expected",
+    [
+        (LipschitzMLP(4, 8), (2, 5), r"\(B, 4\)"),
+        (LipschitzMLP(4, 8), (2, 4, 1), r"\(B, 4\)"),
+        (LipschitzConvNet(3, 8), (2, 4, 5, 5), r"\(B, 3, \*, \*\)"),
+    ],
+)
+def test_wrong_input_shape_names_the_expected_shape(g, bad_shape, expected):
+    block = InvertibleResidual(g)
+    for call in (block, block.forward_and_log_det, block.inverse):
+        with pytest.raises(ValueError, match=expected):
+            call(torch.randn(*bad_shape))

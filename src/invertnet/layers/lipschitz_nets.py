@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from invertnet.layers.activations import make_activation
 from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLinear, _SpectralNormMixin
@@ -36,6 +36,18 @@ class LipschitzNet(nn.Sequential):
     """
 
     norm_order: float = 2.0
+    #: Shape of one input sample with unknown sizes as None, e.g. (C, None, None); set by the builders.
+    event_shape: tuple[int | None, ...] = ()
+
+    def check_input_shape(self, x: Tensor, where: str) -> None:
+        """Raise a ``ValueError`` naming ``where`` unless x has shape (B, *event_shape)."""
+        sample_shape = tuple(x.shape[1:])
+        matches = len(sample_shape) == len(self.event_shape) and all(
+            expected is None or expected == size for expected, size in zip(self.event_shape, sample_shape)
+        )
+        if not matches:
+            expected = ", ".join(["B", *("*" if size is None else str(size) for size in self.event_shape)])
+            raise ValueError(f"{where}: expected input of shape ({expected}), got {tuple(x.shape)}")
 
     def normalized_layers(self) -> list[_SpectralNormMixin]:
         """The spectrally normalised layers, in order."""
@@ -105,6 +117,7 @@ class LipschitzMLP(LipschitzNet):
             )
         super().__init__(*modules)
         self.norm_order = orders[0]
+        self.event_shape = (features,)
 
 
 class LipschitzConvNet(LipschitzNet):
@@ -162,3 +175,4 @@ class LipschitzConvNet(LipschitzNet):
             )
         super().__init__(*modules)
         self.norm_order = orders[0]
+        self.event_shape = (channels, None, None)

@@ -94,12 +94,18 @@ class InvertibleResidual(InvertibleModule):
         bound = getattr(self.g, "lipschitz_bound", None)
         return None if bound is None else float(bound())
 
+    def _check(self, x: Tensor, where: str) -> None:
+        check_input(x, None, f"{type(self).__name__}.{where}")
+        check_shape = getattr(self.g, "check_input_shape", None)
+        if check_shape is not None:
+            check_shape(x, f"{type(self).__name__}.{where}")
+
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, None, f"{type(self).__name__}.forward")
+        self._check(x, "forward")
         return x + self.g(x)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_input(x, None, f"{type(self).__name__}.forward_and_log_det")
+        self._check(x, "forward_and_log_det")
         g_x, log_det = self.log_det_estimator(self.g, x)
         return x + g_x, log_det
 
@@ -115,7 +121,7 @@ class InvertibleResidual(InvertibleModule):
 
         The residual branch is evaluated in eval mode, so the solve does not move the power iterations.
         """
-        check_input(y, None, f"{type(self).__name__}.inverse")
+        self._check(y, "inverse")
         with _frozen(self.g):
             lipschitz = self.lipschitz_bound()
             return fixed_point(

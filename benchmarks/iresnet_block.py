@@ -344,8 +344,9 @@ def freia_inverse_problem(spec: BlockSpec, _: Tensor) -> InverseProblem:
     with torch.no_grad():
         for module in layer.layers:
             module.weight.mul_(WEIGHT_SCALE)
-    layer.lipschitz_iterations, layer.lipschitz_batchsize = 100, 10
-    for _ in range(5):
+    # FrEIA's defaults, repeated: its power method does not normalise, so many iterations overflow float32
+    layer.lipschitz_iterations, layer.lipschitz_batchsize = 10, 10
+    for _ in range(20):
         layer.lipschitz_correction()
     layer.eval()
     return (

@@ -43,7 +43,7 @@ class LipschitzNet(nn.Sequential):
         """Raise a ``ValueError`` naming ``where`` unless x has shape (B, *event_shape)."""
         sample_shape = tuple(x.shape[1:])
         matches = len(sample_shape) == len(self.event_shape) and all(
-            expected is None or expected == size for expected, size in zip(self.event_shape, sample_shape)
+            expected is None or expected == size for expected, size in zip(self.event_shape, sample_shape, strict=False)
         )
         if not matches:
             expected = ", ".join(["B", *("*" if size is None else str(size) for size in self.event_shape)])

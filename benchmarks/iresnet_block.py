@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ from torch import Tensor, nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+import invertnet
 from invertnet.layers import (
     InvertibleResidual,
     LipschitzConvNet,
@@ -503,9 +505,7 @@ def invertnet_solve(block: InvertibleResidual, x: Tensor, y: Tensor, tol: float,
     """Time ``block.inverse_result(y, atol=tol, rtol=0)`` with the block's current solver."""
     counter = CallCounter(block.g)
     try:
-        record, result, evaluations = time_solve(
-            partial(block.inverse_result, y, atol=tol, rtol=0), counter, reps
-        )
+        record, result, evaluations = time_solve(partial(block.inverse_result, y, atol=tol, rtol=0), counter, reps)
     except Exception as error:  # a solver crashing is a result, not a crash of the benchmark
         return {**error_record(error), "g_evaluations_before_error": counter.calls}
     finally:
@@ -593,6 +593,7 @@ def main() -> None:
     peers = peer_versions()
     output: dict = {
         "command": " ".join([".venv/bin/python", *sys.argv]),
+        "invertnet_source": str(Path(invertnet.__file__).parent),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": str(torch.get_default_dtype()),

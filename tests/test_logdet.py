@@ -126,15 +126,13 @@ def _graph_size(tensor):
     return len(seen)
 
 
-def test_unbiased_backward_graph_does_not_grow_with_the_number_of_terms():
+def test_backward_graph_does_not_grow_with_the_number_of_terms():
     g = _residual_branch()
     x = torch.randn(2, 4, dtype=torch.float64)
     few = _graph_size(UnbiasedLogDet(p=1.0, n_exact_terms=2)(g, x)[1])
     many = _graph_size(UnbiasedLogDet(p=1.0, n_exact_terms=20)(g, x)[1])
     assert few == many
-    series_few = _graph_size(PowerSeriesLogDet(n_terms=2)(g, x)[1])
-    series_many = _graph_size(PowerSeriesLogDet(n_terms=20)(g, x)[1])
-    assert series_many > series_few, "the truncated series backpropagates through every term"
+    assert _graph_size(PowerSeriesLogDet(n_terms=2)(g, x)[1]) == _graph_size(PowerSeriesLogDet(n_terms=20)(g, x)[1])
 
 
 def test_unbiased_roulette_statistics():

@@ -5,7 +5,9 @@ Both rest on the power series of the matrix logarithm (thesis Eq. 5.6), valid wh
 .. math:: \log\det(I + J_g) = \sum_{k=1}^{\infty} \frac{(-1)^{k+1}}{k} \operatorname{tr}(J_g^k),
 
 with each trace estimated by Hutchinson, tr(A) = E[v^T A v] (thesis Lemma 5.6), and v^T J_g^k built from
-k vector-Jacobian products (thesis Algorithm 2). Never forms a Jacobian.
+k vector-Jacobian products (thesis Algorithm 2). Never forms a Jacobian. Both estimators differentiate a
+Neumann-series surrogate instead of backpropagating through every term, so training memory and time of the
+backward pass do not grow with the number of terms.
 """
 
 from __future__ import annotations
@@ -37,9 +39,51 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(dim=1)
 
 
-def _prepare(g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-    return x_in, g(x_in)
+def _series_estimate(
+    g: Callable[[Tensor], Tensor],
+    x: Tensor,
+    n_terms: int,
+    value_weight: Callable[[int], float],
+    gradient_weight: Callable[[int], float],
+    n_gradient_terms: int,
+    n_samples: int,
+    probe: Probe,
+) -> tuple[Tensor, Tensor]:
+    r"""Shared core of the series estimators: value and Neumann-series gradient from one chain of VJPs.
+
+    With :math:`w_k^T = v^T J_g^k` (k vector-Jacobian products, no graph kept),
+
+    .. math:: \text{value} = \sum_{k=1}^{n} a_k\, w_k^T v, \qquad
+        \text{gradient of } w^T J_g v \text{ with } w = \sum_{j=0}^{m} b_j w_j \text{ held fixed},
+
+    where a_k = ``value_weight(k)``, b_j = ``gradient_weight(j)`` and m = ``n_gradient_terms``. Only the
+    last product w^T J_g v is differentiated (once, with ``create_graph``), so memory and backward cost do
+    not grow with n. Returns ``(g(x), log_det)`` with log_det of shape (B,).
+    """
+    need_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+        g_x = g(x_in)
+        value = x.new_zeros(x.shape[0])
+        surrogate = x.new_zeros(x.shape[0])
+        for _ in range(n_samples):
+            v = _draw_probe(x_in, probe)
+            w = v
+            neumann = gradient_weight(0) * v
+            for k in range(1, max(n_terms, n_gradient_terms) + 1):
+                (w,) = torch.autograd.grad(g_x, x_in, w, retain_graph=True)
+                if k <= n_terms:
+                    value = value + value_weight(k) * _dot(w, v)
+                if k <= n_gradient_terms:
+                    neumann = neumann + gradient_weight(k) * w
+            if need_graph:
+                (w_jacobian,) = torch.autograd.grad(g_x, x_in, neumann, retain_graph=True, create_graph=True)
+                surrogate = surrogate + _dot(w_jacobian, v)
+    value = value.detach() / n_samples
+    if not need_graph:
+        return g_x.detach(), value
+    surrogate = surrogate / n_samples
+    return g_x, value + (surrogate - surrogate.detach())
 
 
 class PowerSeriesLogDet:
@@ -49,8 +93,13 @@ class PowerSeriesLogDet:
         \qquad v \sim \mathcal N(0, I) \text{ or Rademacher},
 
     averaged over ``n_samples`` probes. Unbiased for PS(J_g, n); its bias with respect to the log-det is at
-    most :func:`truncation_error_bound` (thesis Theorem 5.8). Gradients backpropagate through the n
-    vector-Jacobian products, so training memory grows with ``n_terms``.
+    most :func:`truncation_error_bound` (thesis Theorem 5.8).
+
+    The gradient is the truncated Neumann series of seed 001's proof of Theorem 4,
+    :math:`\partial_\theta \mathrm{PS}(J_g, n) = \operatorname{tr}\big(\sum_{k=0}^{n-1} (-1)^k J_g^k\,
+    \partial_\theta J_g\big)`, estimated with the same probe as :math:`w^T (\partial_\theta J_g) v`,
+    :math:`w^T = \sum_{k<n} (-1)^k v^T J_g^k`: in expectation the gradient of PS(J_g, n), at the memory of
+    a single vector-Jacobian product whatever n is.
 
     Arguments:
         n_terms: Number n of series terms.
@@ -70,20 +119,16 @@ class PowerSeriesLogDet:
 
     def __call__(self, g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(g(x), log_det)`` with log_det of shape (B,) for x of shape (B, ...)."""
-        need_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x_in, g_x = _prepare(g, x)
-            log_det = x.new_zeros(x.shape[0])
-            for _ in range(self.n_samples):
-                v = _draw_probe(x_in, self.probe)
-                w = v
-                for k in range(1, self.n_terms + 1):
-                    (w,) = torch.autograd.grad(g_x, x_in, w, retain_graph=True, create_graph=need_graph)
-                    log_det = log_det + (-1) ** (k + 1) * _dot(w, v) / k
-            log_det = log_det / self.n_samples
-        if not need_graph:
-            return g_x.detach(), log_det.detach()
-        return g_x, log_det
+        return _series_estimate(
+            g,
+            x,
+            n_terms=self.n_terms,
+            value_weight=lambda k: (-1) ** (k + 1) / k,
+            gradient_weight=lambda k: (-1) ** k,
+            n_gradient_terms=self.n_terms - 1,
+            n_samples=self.n_samples,
+            probe=self.probe,
+        )
 
     def __repr__(self) -> str:
         return f"PowerSeriesLogDet(n_terms={self.n_terms}, n_samples={self.n_samples}, probe={self.probe!r})"
@@ -145,28 +190,17 @@ class UnbiasedLogDet:
 
     def __call__(self, g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(g(x), log_det)`` with log_det of shape (B,) for x of shape (B, ...)."""
-        need_graph = torch.is_grad_enabled()
         n_terms = self.sample_n_terms()
-        with torch.enable_grad():
-            x_in, g_x = _prepare(g, x)
-            value = x.new_zeros(x.shape[0])
-            surrogate = x.new_zeros(x.shape[0])
-            for _ in range(self.n_samples):
-                v = _draw_probe(x_in, self.probe)
-                w = v.detach()
-                neumann = v.detach()
-                for k in range(1, n_terms + 1):
-                    (w,) = torch.autograd.grad(g_x, x_in, w, retain_graph=True)
-                    value = value + (-1) ** (k + 1) * _dot(w, v) / (k * self.survival(k))
-                    neumann = neumann + (-1) ** k * w / self.survival(k)
-                if need_graph:
-                    (wj,) = torch.autograd.grad(g_x, x_in, neumann, retain_graph=True, create_graph=True)
-                    surrogate = surrogate + _dot(wj, v)
-            value = value / self.n_samples
-        if not need_graph:
-            return g_x.detach(), value.detach()
-        surrogate = surrogate / self.n_samples
-        return g_x, value.detach() + (surrogate - surrogate.detach())
+        return _series_estimate(
+            g,
+            x,
+            n_terms=n_terms,
+            value_weight=lambda k: (-1) ** (k + 1) / (k * self.survival(k)),
+            gradient_weight=lambda k: (-1) ** k / self.survival(k),
+            n_gradient_terms=n_terms,
+            n_samples=self.n_samples,
+            probe=self.probe,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -212,3 +212,53 @@ def test_wrong_input_shape_names_the_expected_shape(g, bad_shape, expected):
     for call in (block, block.forward_and_log_det, block.inverse):
         with pytest.raises(ValueError, match=expected):
             call(torch.randn(*bad_shape))
+
+
+def _slow_linear_block(dtype, coeff=0.97):
+    """A linear branch g(x) = W x + b, W symmetric with eigenvalues spread over [-coeff, coeff].
+
+    The iteration x <- y - g(x) then contracts at rate exactly `coeff` (the spectral radius of W).
+    """
+    g = LipschitzMLP(32, 32, n_layers=1, coeff=1.0).to(dtype)
+    basis, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    eigenvalues = torch.linspace(-coeff, coeff, 32, dtype=torch.float64)
+    g[0].weight.data.copy_(basis @ torch.diag(eigenvalues) @ basis.T)
+    block = InvertibleResidual(g, solver="anderson").to(dtype)
+    refine_spectral_norms(block)
+    return block.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_anderson_handles_samples_already_at_their_fixed_point(dtype):
+    block = _slow_linear_block(dtype)
+    x = torch.randn(8, 32, dtype=dtype)
+    x[0] = 0
+    with torch.no_grad():
+        y = block(x)
+        y[0] = block(torch.zeros(1, 32, dtype=dtype))[0]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    result = block.inverse_result(y, atol=tolerance, rtol=0)
+    assert result.success, result.summary()
+
+
+def test_anderson_accelerates_a_slowly_contracting_block():
+    block = _slow_linear_block(torch.float64)
+    x = torch.randn(16, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    accelerated = block.inverse_result(y, atol=1e-10, rtol=0)
+    block.solver = "iteration"
+    plain = block.inverse_result(y, atol=1e-10, rtol=0)
+    assert accelerated.success and plain.success
+    assert accelerated.iterations * 3 <= plain.iterations, (accelerated.iterations, plain.iterations)
+
+
+def test_anderson_restarts_instead_of_stalling_on_a_float32_floor():
+    block = _slow_linear_block(torch.float32)
+    x = 30 * torch.randn(16, 32)
+    with torch.no_grad():
+        y = block(x)
+    # 1e-6 absolute on |y| ~ 170 sits near float32's rounding floor: either success or an honest status.
+    result = block.inverse_result(y, atol=1e-6, rtol=0, max_iter=300)
+    assert result.status in (SolverStatus.SUCCESS, SolverStatus.MAX_ITER)
+    assert result.residual.max() < 1e-4

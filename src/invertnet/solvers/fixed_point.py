@@ -43,17 +43,25 @@ def _anderson_step(iterates: list[Tensor], images: list[Tensor], regularization:
     """Type-II Anderson mixing: sum_i alpha_i T(x_i) with alpha minimising |sum_i alpha_i (T(x_i) - x_i)|.
 
     The constrained least-squares problem (sum alpha = 1) is solved per sample through its normal
-    equations H alpha = 1 (then normalised), with H = R R^T regularised relative to its trace.
+    equations H alpha = 1 (then normalised), with H = R R^T regularised relative to its trace. The small
+    m x m systems are solved in float64 whatever the working dtype; a sample whose system is singular
+    anyway (e.g. repeated history columns) takes the plain step T(x) instead.
     """
     residuals = torch.stack([(t - x).flatten(1) for x, t in zip(iterates, images, strict=True)], dim=1)
+    residuals = residuals.to(torch.float64)
     gram = residuals @ residuals.transpose(1, 2)
     m = gram.shape[-1]
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     gram = gram + regularization * scale.unsqueeze(-1) * eye
     ones = torch.ones(gram.shape[0], m, 1, dtype=gram.dtype, device=gram.device)
-    weights = torch.linalg.solve(gram, ones).squeeze(-1)
+    weights, info = torch.linalg.solve_ex(gram, ones)
+    weights = weights.squeeze(-1)
     weights = weights / weights.sum(dim=1, keepdim=True)
+    usable = (info == 0) & torch.isfinite(weights).all(dim=1)
+    plain = torch.zeros_like(weights)
+    plain[:, -1] = 1.0
+    weights = torch.where(usable.unsqueeze(-1), weights, plain).to(images[-1].dtype)
     stacked_images = torch.stack([t.flatten(1) for t in images], dim=1)
     return (weights.unsqueeze(-1) * stacked_images).sum(dim=1).view_as(images[-1])
 
@@ -97,7 +105,9 @@ def fixed_point(
         lipschitz: A bound on Lip(T) in the p-norm, or ``None`` if unknown. A bound >= 1 makes the status
             ``NOT_CONTRACTIVE`` whatever the residual: uniqueness of the fixed point is not guaranteed.
         method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, not in
-            the seeds; one evaluation of T per iteration, usually far fewer iterations).
+            the seeds; one evaluation of T per iteration). Anderson pays off when the map contracts slowly
+            (rate near 1); when the largest residual has not improved for ``anderson_memory`` iterations,
+            its history is cleared and it restarts from a plain step.
         anderson_memory: Number of past iterates Anderson mixes.
         anderson_regularization: Tikhonov term of Anderson's least squares, relative to its scale.
         strict: Raise :class:`~invertnet.ConvergenceError` (carrying the record) unless the solve succeeded.
@@ -133,6 +143,7 @@ def fixed_point(
     history: list[float] = []
     iterates: list[Tensor] = []
     images: list[Tensor] = []
+    best, since_best = float("inf"), 0
     status = SolverStatus.MAX_ITER
     iterations = 0
     with torch.no_grad():
@@ -156,9 +167,14 @@ def fixed_point(
             if iterations == max_iter:
                 break
             if method == "anderson":
-                iterates, images = [*iterates, x][-anderson_memory:], [*images, image][-anderson_memory:]
-                proposal = _anderson_step(iterates, images, anderson_regularization)
-                proposal = torch.where(torch.isfinite(proposal), proposal, image)
+                best, since_best = (history[-1], 0) if history[-1] < best else (best, since_best + 1)
+                if since_best >= anderson_memory:  # stalled: restart from a plain step with an empty history
+                    iterates, images, since_best = [], [], 0
+                    proposal = image
+                else:
+                    iterates, images = [*iterates, x][-anderson_memory:], [*images, image][-anderson_memory:]
+                    proposal = _anderson_step(iterates, images, anderson_regularization)
+                    proposal = torch.where(torch.isfinite(proposal), proposal, image)
             else:
                 proposal = image
             keep = converged.view(-1, *([1] * (x.dim() - 1)))

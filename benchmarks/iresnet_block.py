@@ -20,13 +20,15 @@ Measured:
    ``UnbiasedLogDet()`` (Russian roulette, E[N] = 3 terms). The peak memory of a step is the high-water
    mark of the bytes of tensors allocated during the step and not yet freed, from the allocation events
    of ``torch.profiler`` (``profile_memory=True``); neither RSS nor tracemalloc.
-2. the same step through the peers (the optional ``bench`` extra), each against an invertnet block of the
-   same architecture (the "twin"); ``ratio_peer_over_invertnet`` = peer time / twin time:
+2. the same step through the peers (the optional ``bench`` extra; a peer that cannot be imported is
+   reported as unavailable, one that fails as an ``error``), each against an invertnet block of the same
+   architecture (the "twin"); ``ratio_peer_over_invertnet`` = peer time / twin time, of medians for the
+   fixed series and of means for the roulette (whose number of terms is random; ``mean_terms`` is shown):
 
    * normflows ``Residual(LipschitzMLP | LipschitzCNN)``: LipSwish pre-activations, so the twin is built
      with ``activation="lipswish", preactivation=True``. For the fixed series, ``n_power_series=n`` with
-     ``reduce_memory=False`` runs invertnet's algorithm (backpropagation through n vector-Jacobian
-     products); their default ``reduce_memory=True`` (Neumann-series gradient, computed inside the forward)
+     their default ``reduce_memory=True`` runs invertnet's algorithm (value from n vector-Jacobian
+     products, Neumann-series gradient); ``reduce_memory=False`` (backpropagation through the n products)
      is reported beside it. For the roulette, ``n_exact_terms=1`` gives the same distribution of the number
      of terms as invertnet's ``n_exact_terms=2`` (normflows' geometric draw starts at 1), with the same
      Neumann gradient; their default ``n_exact_terms=2`` (E[N] = 4) is reported beside it.
@@ -42,8 +44,11 @@ Measured:
    every layer sits at its cap): time, ``InverseResult.iterations``, evaluations of g (a forward hook),
    reconstruction error, for ``solver="iteration"`` and ``solver="anderson"``, at ``atol=1e-6, rtol=0``
    and, because a per-sample 2-norm of 1e-6 is at float32's rounding floor for the conv block, at 1e-5.
-4. the peers' inverses at their default settings on the same kind of block: evaluations of g, time
-   (under ``torch.no_grad``) and the reconstruction error max |x - F^{-1}(F(x))|.
+   A solver that raises is reported with its error.
+   A linear block contracting at exactly 0.97 (``dense_slow_contraction``) shows Anderson where plain
+   iteration is slow.
+4. the peers' inverses at their default settings on the same kind of block, also at their caps:
+   evaluations of g, time (under ``torch.no_grad``) and the reconstruction error max |x - F^{-1}(F(x))|.
 """
 
 from __future__ import annotations
@@ -250,18 +255,19 @@ def normflows_cases(spec: BlockSpec, setting: str, x: Tensor) -> Iterator[Case]:
         yield normflows_case(
             spec,
             "normflows",
-            f"n_power_series={n_terms}, reduce_memory=False: backprop through {n_terms} VJPs (= invertnet)",
+            f"n_power_series={n_terms}, their default reduce_memory=True: Neumann-series gradient "
+            "(= invertnet's PowerSeriesLogDet)",
             x,
             n_power_series=n_terms,
-            reduce_memory=False,
         )
         yield normflows_case(
             spec,
-            "normflows[reduce_memory=True]",
-            f"n_power_series={n_terms}, their default reduce_memory=True: Neumann-series gradient computed "
-            "in the forward (a different gradient estimator from invertnet's PowerSeriesLogDet)",
+            "normflows[reduce_memory=False]",
+            f"n_power_series={n_terms}, reduce_memory=False: backprop through {n_terms} VJPs "
+            "(a different gradient estimator, with memory growing in n)",
             x,
             n_power_series=n_terms,
+            reduce_memory=False,
         )
         return
     yield normflows_case(
@@ -527,12 +533,20 @@ def invertnet_inversion(spec: BlockSpec, twin: str) -> dict:
     scale_invertnet_weights(block, x)
     with torch.no_grad():
         y = block(x)
-    results: dict = {"lipschitz_bound": round(block.lipschitz_bound() or float("nan"), 6)}
+    return {
+        "lipschitz_bound": round(block.lipschitz_bound() or float("nan"), 6),
+        **compare_solvers(block, x, y, spec.inverse_reps),
+    }
+
+
+def compare_solvers(block: InvertibleResidual, x: Tensor, y: Tensor, reps: int) -> dict:
+    """Plain iteration and Anderson at every tolerance of INVERSE_TOLERANCES, with their ratios."""
+    results: dict = {}
     for tol in INVERSE_TOLERANCES:
         by_solver = {}
         for solver in ("iteration", "anderson"):
             block.solver = solver
-            by_solver[solver] = invertnet_solve(block, x, y, tol, spec.inverse_reps)
+            by_solver[solver] = invertnet_solve(block, x, y, tol, reps)
         plain, anderson = by_solver["iteration"], by_solver["anderson"]
         if "g_evaluations" in plain and "g_evaluations" in anderson:
             evaluations_ratio = anderson["g_evaluations"] / plain["g_evaluations"]
@@ -540,6 +554,26 @@ def invertnet_inversion(spec: BlockSpec, twin: str) -> dict:
             by_solver["anderson_over_plain_time"] = round(anderson["median_ms"] / plain["median_ms"], 3)
         results[f"atol={tol:g}"] = by_solver
     return results
+
+
+def slow_contraction_inversion(reps: int) -> dict:
+    """Anderson vs plain iteration where plain iteration is slow: the contraction rate is exactly 0.97.
+
+    g(x) = W x + b with W symmetric, eigenvalues evenly spread over [-0.97, 0.97] (d = 64, batch 256), so
+    x <- y - g(x) contracts at the spectral radius 0.97. Randomly initialised nonlinear blocks contract
+    far faster than their certified bound (see ``residual_decrease_per_step_first_5``), which leaves
+    plain iteration a handful of steps and nothing for Anderson to accelerate.
+    """
+    g = LipschitzMLP(64, 64, n_layers=1, coeff=1.0)
+    basis, _ = torch.linalg.qr(torch.randn(64, 64))
+    g[0].weight.data.copy_(basis @ torch.diag(torch.linspace(-0.97, 0.97, 64)) @ basis.T)
+    block = InvertibleResidual(g)
+    refine_spectral_norms(block)
+    block.eval()
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        y = block(x)
+    return {"contraction_rate": 0.97, **compare_solvers(block, x, y, reps)}
 
 
 def peer_inversion(build: Callable[[BlockSpec, Tensor], InverseProblem], spec: BlockSpec) -> dict:
@@ -570,6 +604,16 @@ def inversion_benchmark(spec: BlockSpec, peers: dict[str, str | None]) -> dict:
             **peer_inversion(freia_inverse_problem, spec),
         }
     return results
+
+
+def log_ratios(training: dict) -> None:
+    """Print peer time / invertnet time of every peer case to stderr."""
+    for block, entry in training.items():
+        for setting, records in entry["results"].items():
+            for label, record in records.items():
+                if "ratio_peer_over_invertnet" in record:
+                    ratio = record["ratio_peer_over_invertnet"]
+                    log(f"{block:5} {setting:15} {label:34} peer/invertnet = {ratio:.2f} ({record['ratio_of']})")
 
 
 def peer_versions() -> dict[str, str | None]:
@@ -605,9 +649,12 @@ def main() -> None:
         "inversion": {},
     }
     for spec in block_specs(args.quick):
-        output["training"][spec.name] = {"batch": spec.batch, **training_benchmark(spec, peers, args.quick)}
+        output["training"][spec.name] = {"batch": spec.batch, "results": training_benchmark(spec, peers, args.quick)}
     for spec in block_specs(args.quick):
-        output["inversion"][spec.name] = {"batch": spec.batch, **inversion_benchmark(spec, peers)}
+        output["inversion"][spec.name] = {"batch": spec.batch, "results": inversion_benchmark(spec, peers)}
+    log("inversion dense_slow_contraction")
+    output["inversion"]["dense_slow_contraction"] = {"batch": 256, "results": slow_contraction_inversion(reps=5)}
+    log_ratios(output["training"])
     print(json.dumps(output, indent=2))
 
 

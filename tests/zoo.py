@@ -48,9 +48,9 @@ def _residual_conv() -> InvertibleModule:
     return InvertibleResidual(LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9), log_det=ExactLogDet())
 
 
-def _residual_mlp_plain_iteration() -> InvertibleModule:
+def _residual_mlp_anderson() -> InvertibleModule:
     g = LipschitzMLP(4, 16, n_layers=2, coeff=0.8)
-    return InvertibleResidual(g, log_det=ExactLogDet(), solver="iteration")
+    return InvertibleResidual(g, log_det=ExactLogDet(), solver="anderson")
 
 
 def _image_stack() -> InvertibleModule:
@@ -71,7 +71,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_softplus": (_residual_mlp("softplus"), (4,)),
     "residual_mlp_lipswish": (_residual_mlp("lipswish"), (4,)),
     "residual_mlp_mixed_norm": (_residual_mlp("elu", norm_orders=(1.5, 3.0, 3.0, 1.5)), (4,)),
-    "residual_mlp_plain_iteration": (_residual_mlp_plain_iteration, (4,)),
+    "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
 }

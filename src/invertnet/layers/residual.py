@@ -48,7 +48,11 @@ class InvertibleResidual(InvertibleModule):
         atol, rtol: Default residual tolerances of the inverse (``None``: by dtype, see
             :func:`~invertnet.solvers.default_tolerances`).
         max_iter: Default iteration budget of the inverse.
-        solver: ``"iteration"`` (plain Banach iteration) or ``"anderson"`` (Anderson acceleration).
+        solver: ``"iteration"`` (plain Banach iteration, the default) or ``"anderson"`` (Anderson
+            acceleration). Anderson needs a quarter of the evaluations of g when the block contracts slowly
+            (rate 0.97), but freshly initialised blocks contract far faster than their bound and then plain
+            iteration is as fast or faster, and more robust near float32's rounding floor
+            (``benchmarks/iresnet_block.py``).
 
     Example:
         >>> from invertnet.layers import LipschitzMLP
@@ -66,7 +70,7 @@ class InvertibleResidual(InvertibleModule):
         atol: float | None = None,
         rtol: float | None = None,
         max_iter: int = 1000,
-        solver: Literal["iteration", "anderson"] = "anderson",
+        solver: Literal["iteration", "anderson"] = "iteration",
     ) -> None:
         super().__init__()
         self.g = g

@@ -1,7 +1,9 @@
 r"""1-Lipschitz activations with continuous derivatives (thesis Corollary 4.4 needs C^1 activations).
 
 Lip(phi) <= 1 keeps the product bound of thesis Eq. 4.6 valid; a continuous derivative makes the i-ResNet a
-diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent.
+diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent. Each
+activation also gives its derivative phi'(x) in closed form, which the structured Jacobian of
+:meth:`~invertnet.layers.LipschitzNet.linearize` uses.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ class ELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.elu(x)
 
+    def derivative(self, x: Tensor) -> Tensor:
+        """phi'(x) elementwise: 1 for x > 0, e^x otherwise."""
+        return torch.where(x > 0, torch.ones_like(x), torch.exp(x.clamp(max=0)))
+
 
 class Softplus(nn.Module):
     r""":math:`\phi(x) = \log(1 + e^x)`, with derivative :math:`\sigma(x) \in (0, 1)`."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.softplus(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """phi'(x) = sigmoid(x)."""
+        return torch.sigmoid(x)
 
 
 class LipSwish(nn.Module):
@@ -50,6 +60,12 @@ class LipSwish(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         beta = F.softplus(self.raw_beta)
         return x * torch.sigmoid(beta * x) / 1.1
+
+    def derivative(self, x: Tensor) -> Tensor:
+        r"""phi'(x) = (s + \beta x s (1 - s)) / 1.1 with s = sigmoid(beta x)."""
+        beta = F.softplus(self.raw_beta)
+        s = torch.sigmoid(beta * x)
+        return (s + beta * x * s * (1 - s)) / 1.1
 
 
 _ACTIVATIONS = {"elu": ELU, "softplus": Softplus, "lipswish": LipSwish}

@@ -7,13 +7,54 @@ coefficient c makes each ||A_i|| <= c once the power iterations have converged, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from invertnet.layers.activations import make_activation
 from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLinear, _SpectralNormMixin
 
-__all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet"]
+__all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization"]
+
+
+@dataclass
+class Linearization:
+    r"""g(x) with the factors of its Jacobian, :math:`J_g(x) = A_n D_{n-1} A_{n-1} \cdots D_1 A_1 (D_0)`.
+
+    A_i are the normalised linear layers (weights with their graph) and D_i the diagonal matrices of the
+    activations' derivatives at the pre-activations (with their graph). Built by
+    :meth:`LipschitzNet.linearize`; used by the series log-det estimators to apply J_g^T without autograd
+    and to differentiate w^T J_g v as a forward-mode chain instead of a double backward pass.
+
+    Attributes:
+        output: g(x), with shape (B, ...).
+        factors: In forward order, ``(layer, weight)`` pairs for A_i and tensors for D_i.
+    """
+
+    output: Tensor
+    factors: list[tuple[nn.Module, Tensor] | Tensor]
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """w^T J_g(x) for w with the output's shape, without building a graph."""
+        with torch.no_grad():
+            for factor in reversed(self.factors):
+                if isinstance(factor, tuple):
+                    layer, weight = factor
+                    w = layer.adjoint(weight, w)
+                else:
+                    w = w * factor
+        return w
+
+    def jvp(self, v: Tensor) -> Tensor:
+        """J_g(x) v, differentiable with respect to x and the parameters through the factors."""
+        for factor in self.factors:
+            if isinstance(factor, tuple):
+                layer, weight = factor
+                v = layer.operator(weight, v)
+            else:
+                v = factor * v
+        return v
 
 
 def _interface_orders(norm_orders: float | Sequence[float], n_layers: int) -> list[float]:
@@ -52,6 +93,23 @@ class LipschitzNet(nn.Sequential):
     def normalized_layers(self) -> list[_SpectralNormMixin]:
         """The spectrally normalised layers, in order."""
         return [module for module in self if isinstance(module, _SpectralNormMixin)]
+
+    def linearize(self, x: Tensor) -> Linearization:
+        """Compute g(x) and the factors of J_g(x) in one pass (one power-iteration step per layer in training).
+
+        Arguments:
+            x: Input with shape (B, *event_shape).
+        """
+        factors: list[tuple[nn.Module, Tensor] | Tensor] = []
+        for module in self:
+            if isinstance(module, _SpectralNormMixin):
+                weight = module.normalized_weight(x)
+                factors.append((module, weight))
+                x = module.affine(x, weight)
+            else:
+                factors.append(module.derivative(x))
+                x = module(x)
+        return Linearization(output=x, factors=factors)
 
     def lipschitz_bound(self) -> float:
         """prod_i min(sigma_i, c_i) (thesis Eq. 4.6), from the current norm estimates.

@@ -75,7 +75,8 @@ def _conjugate(order: float) -> float:
 class _SpectralNormMixin(nn.Module):
     """Shared machinery: persistent power-iteration vectors u, v and the scaling of Eq. 4.9.
 
-    Subclasses provide ``weight``, ``_operator(weight, v)`` and ``_adjoint(weight, u)`` and call
+    Subclasses provide ``weight``, ``operator(weight, v)`` (the linear map without bias), its adjoint
+    ``adjoint(weight, u)`` and ``affine(x, weight)`` (with bias), all batched, and call
     ``_init_spectral_norm`` in their constructor.
     """
 
@@ -102,10 +103,16 @@ class _SpectralNormMixin(nn.Module):
         self.register_buffer("v", torch.empty(0))
         self.register_buffer("sigma", torch.ones(()))
 
-    def _operator(self, weight: Tensor, v: Tensor) -> Tensor:
+    def operator(self, weight: Tensor, v: Tensor) -> Tensor:
+        """The linear map A v (no bias) with the given weight, for v of the layer's input shape."""
         raise NotImplementedError
 
-    def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+    def adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+        """The adjoint A^T u, for u of the layer's output shape."""
+        raise NotImplementedError
+
+    def affine(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The affine layer A x + b with the given (normalised) weight."""
         raise NotImplementedError
 
     def _input_vector_shape(self, x: Tensor) -> tuple[int, ...]:
@@ -122,15 +129,15 @@ class _SpectralNormMixin(nn.Module):
         with torch.no_grad():
             v = torch.randn(shape, dtype=self.weight.dtype, device=self.weight.device)
             self.v = _dual(v, self.domain_order)
-            self.u = _dual(self._operator(self.weight, self.v), self.codomain_order)
+            self.u = _dual(self.operator(self.weight, self.v), self.codomain_order)
             self._power_step(self.weight.detach())
 
     def _power_step(self, weight: Tensor) -> float:
         """One step of the (generalised) power method; returns the new estimate ||A v||_q."""
-        image = self._operator(weight, self.v)
+        image = self.operator(weight, self.v)
         self.u = _dual(image, self.codomain_order)
-        self.v = _dual(self._adjoint(weight, self.u), _conjugate(self.domain_order))
-        sigma = torch.linalg.vector_norm(self._operator(weight, self.v), ord=self.codomain_order)
+        self.v = _dual(self.adjoint(weight, self.u), _conjugate(self.domain_order))
+        sigma = torch.linalg.vector_norm(self.operator(weight, self.v), ord=self.codomain_order)
         self.sigma = sigma.detach()
         return float(sigma)
 
@@ -148,7 +155,7 @@ class _SpectralNormMixin(nn.Module):
             with torch.no_grad():
                 for _ in range(self.n_power_iterations):
                     self._power_step(self.weight)
-        sigma = torch.linalg.vector_norm(self._operator(self.weight, self.v), ord=self.codomain_order)
+        sigma = torch.linalg.vector_norm(self.operator(self.weight, self.v), ord=self.codomain_order)
         factor = torch.clamp(sigma / self.coeff, min=1.0)
         return self.weight / factor
 
@@ -222,17 +229,20 @@ class SpectralNormLinear(_SpectralNormMixin, nn.Linear):
         self._init_spectral_norm(coeff, n_power_iterations, domain_order, codomain_order)
         self._ensure_vectors((in_features,))
 
-    def _operator(self, weight: Tensor, v: Tensor) -> Tensor:
-        return weight @ v
+    def operator(self, weight: Tensor, v: Tensor) -> Tensor:
+        return F.linear(v, weight)
 
-    def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
-        return weight.T @ u
+    def adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+        return u @ weight
+
+    def affine(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
 
     def _input_vector_shape(self, x: Tensor) -> tuple[int, ...]:
         return (self.in_features,)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.normalized_weight(x), self.bias)
+        return self.affine(x, self.normalized_weight(x))
 
 
 class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
@@ -266,10 +276,10 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self._init_spectral_norm(coeff, n_power_iterations, domain_order, codomain_order)
 
-    def _operator(self, weight: Tensor, v: Tensor) -> Tensor:
+    def operator(self, weight: Tensor, v: Tensor) -> Tensor:
         return F.conv2d(v, weight, stride=self.stride, padding=self.padding)
 
-    def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+    def adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
         height, width = self.v.shape[-2:]
         (k_h, k_w), (s_h, s_w), (p_h, p_w) = self.kernel_size, self.stride, self.padding
         output_padding = (
@@ -283,8 +293,11 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
             raise ValueError(f"SpectralNormConv2d: expected input of shape (B, C, H, W), got {tuple(x.shape)}")
         return (1, *x.shape[1:])
 
+    def affine(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, self.bias, stride=self.stride, padding=self.padding)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.normalized_weight(x), self.bias, stride=self.stride, padding=self.padding)
+        return self.affine(x, self.normalized_weight(x))
 
 
 def refine_spectral_norms(

@@ -62,28 +62,56 @@ def _series_estimate(
     """
     need_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-        g_x = g(x_in)
+        g_x, vjp, bilinear = _jacobian_products(g, x)
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
         for _ in range(n_samples):
-            v = _draw_probe(x_in, probe)
+            v = _draw_probe(x, probe)
             w = v
             neumann = gradient_weight(0) * v
             for k in range(1, max(n_terms, n_gradient_terms) + 1):
-                (w,) = torch.autograd.grad(g_x, x_in, w, retain_graph=True)
+                w = vjp(w)
                 if k <= n_terms:
                     value = value + value_weight(k) * _dot(w, v)
                 if k <= n_gradient_terms:
                     neumann = neumann + gradient_weight(k) * w
             if need_graph:
-                (w_jacobian,) = torch.autograd.grad(g_x, x_in, neumann, retain_graph=True, create_graph=True)
-                surrogate = surrogate + _dot(w_jacobian, v)
+                surrogate = surrogate + bilinear(neumann, v)
     value = value.detach() / n_samples
     if not need_graph:
         return g_x.detach(), value
     surrogate = surrogate / n_samples
     return g_x, value + (surrogate - surrogate.detach())
+
+
+def _jacobian_products(
+    g: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
+    """g(x), w -> w^T J_g (no graph) and the differentiable (w, v) -> w^T J_g v, per sample.
+
+    Branches with a ``linearize`` method (:class:`~invertnet.layers.LipschitzNet`) use their factored
+    Jacobian: plain matrix products for the VJPs and one forward-mode chain for w^T J_g v. Any other
+    branch goes through autograd: VJPs with ``retain_graph`` and a double backward for w^T J_g v.
+    """
+    linearize = getattr(g, "linearize", None)
+    if linearize is not None:
+        linearization = linearize(x)
+        return (
+            linearization.output,
+            linearization.vjp,
+            lambda w, v: _dot(w.detach(), linearization.jvp(v)),
+        )
+    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+    g_x = g(x_in)
+
+    def vjp(w: Tensor) -> Tensor:
+        return torch.autograd.grad(g_x, x_in, w, retain_graph=True)[0]
+
+    def bilinear(w: Tensor, v: Tensor) -> Tensor:
+        (w_jacobian,) = torch.autograd.grad(g_x, x_in, w.detach(), retain_graph=True, create_graph=True)
+        return _dot(w_jacobian, v)
+
+    return g_x, vjp, bilinear
 
 
 class PowerSeriesLogDet:

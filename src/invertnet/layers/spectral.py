@@ -245,12 +245,20 @@ class SpectralNormLinear(_SpectralNormMixin, nn.Linear):
         return self.affine(x, self.normalized_weight(x))
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """Batched images in channels-last memory layout, where CPU convolutions (oneDNN) run 2-5x faster
+    than in the default layout for the small images of flows (measured: 64x4x14x14, 3x3, 64 channels).
+    The values and shape are unchanged; a no-op for tensors already in that layout."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
     r"""2-D convolution whose *operator* norm, on the actual input size, is normalised by Eq. 4.9.
 
     The power iteration alternates the convolution A (without bias) and its adjoint, the transposed
     convolution, on vectors of shape (1, C, H, W) sized by the first input (thesis 4.2.1, Gouk et al. 2018).
     Inputs of another spatial size re-estimate the norm in training mode and are refused in evaluation mode.
+    Convolutions run in channels-last memory layout (faster on CPU); outputs keep that layout.
 
     Arguments:
         in_channels, out_channels, kernel_size: As for ``nn.Conv2d``.
@@ -277,7 +285,7 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
         self._init_spectral_norm(coeff, n_power_iterations, domain_order, codomain_order)
 
     def operator(self, weight: Tensor, v: Tensor) -> Tensor:
-        return F.conv2d(v, weight, stride=self.stride, padding=self.padding)
+        return F.conv2d(_channels_last(v), weight, stride=self.stride, padding=self.padding)
 
     def adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
         height, width = self.v.shape[-2:]
@@ -286,7 +294,9 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
             height - ((u.shape[-2] - 1) * s_h - 2 * p_h + k_h),
             width - ((u.shape[-1] - 1) * s_w - 2 * p_w + k_w),
         )
-        return F.conv_transpose2d(u, weight, stride=self.stride, padding=self.padding, output_padding=output_padding)
+        return F.conv_transpose2d(
+            _channels_last(u), weight, stride=self.stride, padding=self.padding, output_padding=output_padding
+        )
 
     def _input_vector_shape(self, x: Tensor) -> tuple[int, ...]:
         if x.dim() != 4:
@@ -294,7 +304,7 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
         return (1, *x.shape[1:])
 
     def affine(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.conv2d(x, weight, self.bias, stride=self.stride, padding=self.padding)
+        return F.conv2d(_channels_last(x), weight, self.bias, stride=self.stride, padding=self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.affine(x, self.normalized_weight(x))

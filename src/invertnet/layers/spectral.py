@@ -129,14 +129,15 @@ class _SpectralNormMixin(nn.Module):
         with torch.no_grad():
             v = torch.randn(shape, dtype=self.weight.dtype, device=self.weight.device)
             self.v = _dual(v, self.domain_order)
-            self.u = _dual(self.operator(self.weight, self.v), self.codomain_order)
+            self.u = _dual(self.operator(self.weight, self.v), self.codomain_order).contiguous()
             self._power_step(self.weight.detach())
 
     def _power_step(self, weight: Tensor) -> float:
         """One step of the (generalised) power method; returns the new estimate ||A v||_q."""
         image = self.operator(weight, self.v)
-        self.u = _dual(image, self.codomain_order)
-        self.v = _dual(self.adjoint(weight, self.u), _conjugate(self.domain_order))
+        # stored contiguous (not channels-last) so that state_dicts save as safetensors
+        self.u = _dual(image, self.codomain_order).contiguous()
+        self.v = _dual(self.adjoint(weight, self.u), _conjugate(self.domain_order)).contiguous()
         sigma = torch.linalg.vector_norm(self.operator(weight, self.v), ord=self.codomain_order)
         self.sigma = sigma.detach()
         return float(sigma)

@@ -36,7 +36,8 @@ def _check_probe(probe: str, where: str) -> None:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).flatten(1).sum(dim=1)
+    """Per-sample inner product, shape (B,)."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def _series_estimate(
@@ -72,9 +73,9 @@ def _series_estimate(
             for k in range(1, max(n_terms, n_gradient_terms) + 1):
                 w = vjp(w)
                 if k <= n_terms:
-                    value = value + value_weight(k) * _dot(w, v)
+                    value.add_(_dot(w, v), alpha=value_weight(k))
                 if k <= n_gradient_terms:
-                    neumann = neumann + gradient_weight(k) * w
+                    neumann.add_(w, alpha=gradient_weight(k))
             if need_graph:
                 surrogate = surrogate + bilinear(neumann, v)
     value = value.detach() / n_samples

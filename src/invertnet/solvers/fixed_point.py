@@ -39,17 +39,17 @@ def _per_sample_norm(v: Tensor, order: float) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
 
 
-def _anderson_step(iterates: list[Tensor], images: list[Tensor], regularization: float) -> Tensor:
+def _anderson_step(residuals: list[Tensor], images: list[Tensor], regularization: float) -> Tensor:
     """Type-II Anderson mixing: sum_i alpha_i T(x_i) with alpha minimising |sum_i alpha_i (T(x_i) - x_i)|.
 
+    ``residuals`` and ``images`` hold T(x_i) - x_i and T(x_i), flattened to (B, d), oldest first.
     The constrained least-squares problem (sum alpha = 1) is solved per sample through its normal
     equations H alpha = 1 (then normalised), with H = R R^T regularised relative to its trace. The small
     m x m systems are solved in float64 whatever the working dtype; a sample whose system is singular
     anyway (e.g. repeated history columns) takes the plain step T(x) instead.
     """
-    residuals = torch.stack([(t - x).flatten(1) for x, t in zip(iterates, images, strict=True)], dim=1)
-    residuals = residuals.to(torch.float64)
-    gram = residuals @ residuals.transpose(1, 2)
+    stacked = torch.stack(residuals, dim=1).to(torch.float64)
+    gram = stacked @ stacked.transpose(1, 2)
     m = gram.shape[-1]
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
@@ -62,8 +62,7 @@ def _anderson_step(iterates: list[Tensor], images: list[Tensor], regularization:
     plain = torch.zeros_like(weights)
     plain[:, -1] = 1.0
     weights = torch.where(usable.unsqueeze(-1), weights, plain).to(images[-1].dtype)
-    stacked_images = torch.stack([t.flatten(1) for t in images], dim=1)
-    return (weights.unsqueeze(-1) * stacked_images).sum(dim=1).view_as(images[-1])
+    return (weights.unsqueeze(1) @ torch.stack(images, dim=1)).squeeze(1)
 
 
 def fixed_point(
@@ -141,7 +140,7 @@ def fixed_point(
     converged = torch.zeros_like(threshold, dtype=torch.bool)
     finite = torch.ones_like(converged)
     history: list[float] = []
-    iterates: list[Tensor] = []
+    differences: list[Tensor] = []
     images: list[Tensor] = []
     best, since_best = float("inf"), 0
     status = SolverStatus.MAX_ITER
@@ -149,7 +148,8 @@ def fixed_point(
     with torch.no_grad():
         for iterations in range(1, max_iter + 1):
             image = map(x)
-            step_residual = _per_sample_norm(image - x, norm)
+            difference = image - x
+            step_residual = _per_sample_norm(difference, norm)
             active = ~converged & finite
             finite = finite & torch.isfinite(step_residual)
             residual = torch.where(active & finite, step_residual, residual)
@@ -169,11 +169,12 @@ def fixed_point(
             if method == "anderson":
                 best, since_best = (history[-1], 0) if history[-1] < best else (best, since_best + 1)
                 if since_best >= anderson_memory:  # stalled: restart from a plain step with an empty history
-                    iterates, images, since_best = [], [], 0
+                    differences, images, since_best = [], [], 0
                     proposal = image
                 else:
-                    iterates, images = [*iterates, x][-anderson_memory:], [*images, image][-anderson_memory:]
-                    proposal = _anderson_step(iterates, images, anderson_regularization)
+                    differences = [*differences, difference.flatten(1)][-anderson_memory:]
+                    images = [*images, image.flatten(1)][-anderson_memory:]
+                    proposal = _anderson_step(differences, images, anderson_regularization).view_as(image)
                     proposal = torch.where(torch.isfinite(proposal), proposal, image)
             else:
                 proposal = image

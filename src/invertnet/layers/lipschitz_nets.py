@@ -69,6 +69,16 @@ def _interface_orders(norm_orders: float | Sequence[float], n_layers: int) -> li
     return orders
 
 
+def _interleave_activations(layers: list[nn.Module], activation: str, preactivation: bool) -> list[nn.Module]:
+    """layers[0], phi, layers[1], phi, ..., layers[-1], with a leading phi when ``preactivation``."""
+    modules: list[nn.Module] = [make_activation(activation)] if preactivation else []
+    for index, layer in enumerate(layers):
+        if index > 0:
+            modules.append(make_activation(activation))
+        modules.append(layer)
+    return modules
+
+
 class LipschitzNet(nn.Sequential):
     """A sequence of spectrally normalised layers and 1-Lipschitz activations.
 
@@ -159,21 +169,18 @@ class LipschitzMLP(LipschitzNet):
             raise ValueError(f"LipschitzMLP: n_layers must be at least 1, got {n_layers}")
         orders = _interface_orders(norm_orders, n_layers)
         sizes = [features] + [hidden_features] * (n_layers - 1) + [features]
-        modules: list[nn.Module] = [make_activation(activation)] if preactivation else []
-        for i in range(n_layers):
-            if i > 0:
-                modules.append(make_activation(activation))
-            modules.append(
-                SpectralNormLinear(
-                    sizes[i],
-                    sizes[i + 1],
-                    coeff=coeff,
-                    n_power_iterations=n_power_iterations,
-                    domain_order=orders[i],
-                    codomain_order=orders[i + 1],
-                )
+        layers = [
+            SpectralNormLinear(
+                sizes[i],
+                sizes[i + 1],
+                coeff=coeff,
+                n_power_iterations=n_power_iterations,
+                domain_order=orders[i],
+                codomain_order=orders[i + 1],
             )
-        super().__init__(*modules)
+            for i in range(n_layers)
+        ]
+        super().__init__(*_interleave_activations(layers, activation, preactivation))
         self.norm_order = orders[0]
         self.event_shape = (features,)
 
@@ -212,25 +219,22 @@ class LipschitzConvNet(LipschitzNet):
         n_layers = len(kernel_sizes)
         if n_layers < 1:
             raise ValueError("LipschitzConvNet: need at least one kernel size")
+        if any(kernel_size % 2 == 0 for kernel_size in kernel_sizes):
+            raise ValueError(f"LipschitzConvNet: kernel sizes must be odd to keep the size, got {kernel_sizes}")
         orders = _interface_orders(norm_orders, n_layers)
         sizes = [channels] + [hidden_channels] * (n_layers - 1) + [channels]
-        modules: list[nn.Module] = [make_activation(activation)] if preactivation else []
-        for i, kernel_size in enumerate(kernel_sizes):
-            if kernel_size % 2 == 0:
-                raise ValueError(f"LipschitzConvNet: kernel sizes must be odd to keep the size, got {kernel_size}")
-            if i > 0:
-                modules.append(make_activation(activation))
-            modules.append(
-                SpectralNormConv2d(
-                    sizes[i],
-                    sizes[i + 1],
-                    kernel_size,
-                    coeff=coeff,
-                    n_power_iterations=n_power_iterations,
-                    domain_order=orders[i],
-                    codomain_order=orders[i + 1],
-                )
+        layers = [
+            SpectralNormConv2d(
+                sizes[i],
+                sizes[i + 1],
+                kernel_size,
+                coeff=coeff,
+                n_power_iterations=n_power_iterations,
+                domain_order=orders[i],
+                codomain_order=orders[i + 1],
             )
-        super().__init__(*modules)
+            for i, kernel_size in enumerate(kernel_sizes)
+        ]
+        super().__init__(*_interleave_activations(layers, activation, preactivation))
         self.norm_order = orders[0]
         self.event_shape = (channels, None, None)

@@ -50,9 +50,8 @@ class InvertibleResidual(InvertibleModule):
         max_iter: Default iteration budget of the inverse.
         solver: ``"iteration"`` (plain Banach iteration, the default) or ``"anderson"`` (Anderson
             acceleration). Anderson needs a quarter of the evaluations of g when the block contracts slowly
-            (rate 0.97), but freshly initialised blocks contract far faster than their bound and then plain
-            iteration is as fast or faster, and more robust near float32's rounding floor
-            (``benchmarks/iresnet_block.py``).
+            (rate 0.97); on freshly initialised blocks, which contract far faster than their bound, it
+            takes plain steps and matches plain iteration (``benchmarks/iresnet_block.py``).
 
     Example:
         >>> from invertnet.layers import LipschitzMLP

@@ -19,6 +19,9 @@ __all__ = ["default_tolerances", "fixed_point"]
 
 #: Growth of the residual over its first value beyond which the iteration is declared divergent.
 DIVERGENCE_FACTOR = 1e8
+#: Anderson mixes only while the last step shrank the residual by less than this factor; faster-contracting
+#: steps are left to plain iteration, which Anderson's extrapolation only perturbs (measured in float32).
+ANDERSON_ONSET = 0.5
 
 _TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
@@ -105,8 +108,9 @@ def fixed_point(
             ``NOT_CONTRACTIVE`` whatever the residual: uniqueness of the fixed point is not guaranteed.
         method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, not in
             the seeds; one evaluation of T per iteration). Anderson pays off when the map contracts slowly
-            (rate near 1); when the largest residual has not improved for ``anderson_memory`` iterations,
-            its history is cleared and it restarts from a plain step.
+            (rate near 1), so it takes plain steps while the residual shrinks by more than 2x per step and
+            mixes only when it does not; when the largest residual has not improved for ``anderson_memory``
+            iterations, its history is cleared and it restarts from a plain step.
         anderson_memory: Number of past iterates Anderson mixes.
         anderson_regularization: Tikhonov term of Anderson's least squares, relative to its scale.
         strict: Raise :class:`~invertnet.ConvergenceError` (carrying the record) unless the solve succeeded.
@@ -166,18 +170,17 @@ def fixed_point(
                 break
             if iterations == max_iter:
                 break
+            proposal = image
             if method == "anderson":
                 best, since_best = (history[-1], 0) if history[-1] < best else (best, since_best + 1)
+                differences = [*differences, difference.flatten(1)][-anderson_memory:]
+                images = [*images, image.flatten(1)][-anderson_memory:]
+                contracting_fast = len(history) >= 2 and history[-1] <= ANDERSON_ONSET * history[-2]
                 if since_best >= anderson_memory:  # stalled: restart from a plain step with an empty history
                     differences, images, since_best = [], [], 0
-                    proposal = image
-                else:
-                    differences = [*differences, difference.flatten(1)][-anderson_memory:]
-                    images = [*images, image.flatten(1)][-anderson_memory:]
-                    proposal = _anderson_step(differences, images, anderson_regularization).view_as(image)
-                    proposal = torch.where(torch.isfinite(proposal), proposal, image)
-            else:
-                proposal = image
+                elif len(images) > 1 and not contracting_fast:
+                    mixed = _anderson_step(differences, images, anderson_regularization).view_as(image)
+                    proposal = torch.where(torch.isfinite(mixed), mixed, image)
             keep = converged.view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(keep, x, proposal)
 

@@ -4,6 +4,7 @@ from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.lipschitz_nets import Linearization as Linearization
 from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
 from invertnet.layers.lipschitz_nets import LipschitzNet as LipschitzNet
@@ -22,6 +23,7 @@ __all__ = [
     "InjectivePad",
     "InvertibleResidual",
     "LipSwish",
+    "Linearization",
     "LipschitzConvNet",
     "LipschitzMLP",
     "LipschitzNet",

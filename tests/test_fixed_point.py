@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from invertnet import ConvergenceError, SolverStatus
-from invertnet.layers import InvertibleResidual, LipschitzConvNet, LipschitzMLP, refine_spectral_norms
+from invertnet import ConvergenceError, InvertibleSequential, SolverStatus
+from invertnet.layers import ActNorm, InvertibleResidual, LipschitzConvNet, LipschitzMLP, Squeeze, refine_spectral_norms
 from invertnet.solvers import default_tolerances, fixed_point
 
 METHODS = ["iteration", "anderson"]
@@ -263,3 +263,35 @@ def test_anderson_restarts_instead_of_stalling_on_a_float32_floor():
     result = block.inverse_result(y, atol=1e-6, rtol=0, max_iter=300)
     assert result.status in (SolverStatus.SUCCESS, SolverStatus.MAX_ITER)
     assert result.residual.max() < 1e-4
+
+
+def test_composed_error_bound_of_a_model_holds_and_is_finite():
+    model = InvertibleSequential(
+        ActNorm(2),
+        InvertibleResidual(LipschitzConvNet(2, 8, coeff=0.9)),
+        Squeeze(),
+        InvertibleResidual(LipschitzConvNet(8, 8, coeff=0.9)),
+    ).double()
+    x = 2 * torch.randn(6, 2, 4, 4, dtype=torch.float64) + 1
+    model(x)
+    refine_spectral_norms(model)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    result = model.inverse_result(y, atol=1e-4, rtol=0)  # loose, so the bound has something to bound
+    assert result.success and result.error_bound is not None
+    error = torch.linalg.vector_norm((result.value - x).flatten(1), dim=1)
+    assert (error <= result.error_bound).all()
+    assert (error > 1e-9).any(), "a loose tolerance leaves an error for the bound to cover"
+    assert result.error_bound.max() < 1.0
+
+
+def test_composed_error_bound_is_none_when_a_block_uses_a_mixed_norm():
+    mixed = InvertibleResidual(LipschitzMLP(3, 8, n_layers=2, coeff=0.9, norm_orders=(3.0, 2.0, 3.0)))
+    model = InvertibleSequential(InvertibleResidual(LipschitzMLP(3, 8, coeff=0.9)), mixed).double()
+    refine_spectral_norms(model)
+    model.eval()
+    with torch.no_grad():
+        result = model.inverse_result(model(torch.randn(2, 3, dtype=torch.float64)))
+    assert result.success
+    assert result.error_bound is None

@@ -226,6 +226,13 @@ class InvertibleModule(nn.Module):
             status=SolverStatus.SUCCESS,
         )
 
+    def inverse_lipschitz_bound(self) -> float | None:
+        """A bound on Lip(F^{-1}) in the per-sample 2-norm, or ``None`` if unknown.
+
+        Used to propagate inverse errors through compositions (:meth:`InvertibleSequential.inverse_result`).
+        """
+        return None
+
     @property
     def inv(self) -> InvertibleModule:
         """The inverse map as an :class:`InvertibleModule`; ``m.inv.inv is m``."""
@@ -353,7 +360,41 @@ class InvertibleSequential(InvertibleModule):
             converged=converged,
             iterations=sum(record.iterations for record in records),
             residual=torch.stack(residuals).amax(dim=0) if residuals else None,
-            error_bound=None,
+            error_bound=self._composed_error_bound(records),
             status=failed[0].status if failed else SolverStatus.SUCCESS,
             parts=records,
         )
+
+    def _composed_error_bound(self, records: list[InverseResult]) -> Tensor | None:
+        r"""Bound on |x_hat - F^{-1}(y)| per sample, from each part's error bound and inverse Lipschitz bound.
+
+        Inverting f_T first, the error after inverting part t obeys (thesis Lemma 4.5, 4.6)
+
+        .. math:: \epsilon_{t-1} \le e_t + \mathrm{Lip}(f_t^{-1})\, \epsilon_t, \qquad \epsilon_T = 0,
+
+        with e_t the part's own solver bound (0 for analytic inverses). ``None`` when a needed bound is unknown.
+        """
+        bound: Tensor | None = None
+        for part, record in zip(reversed(self.parts), records, strict=True):
+            own = record.error_bound
+            if own is None and part.analytic_inverse:
+                own = torch.zeros_like(record.converged, dtype=record.value.dtype)
+            if own is None or getattr(part, "norm_order", 2.0) != 2.0:  # bounds must share the 2-norm
+                return None
+            if bound is not None:
+                lipschitz = part.inverse_lipschitz_bound()
+                if lipschitz is None:
+                    return None
+                own = own + lipschitz * bound
+            bound = own
+        return bound
+
+    def inverse_lipschitz_bound(self) -> float | None:
+        """The product of the parts' inverse Lipschitz bounds, or ``None`` if one is unknown."""
+        product = 1.0
+        for part in self.parts:
+            lipschitz = part.inverse_lipschitz_bound()
+            if lipschitz is None:
+                return None
+            product *= lipschitz
+        return product

@@ -71,5 +71,9 @@ class ActNorm(InvertibleModule):
         x = y * torch.exp(self._view(self.log_scale, y)) + self._view(self.loc, y)
         return x, -self._log_det(y)
 
+    def inverse_lipschitz_bound(self) -> float:
+        """max_c e^{s_c}: the largest per-channel scale of the inverse x = y e^{s} + mu."""
+        return float(self.log_scale.detach().max().exp())
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, initialized={bool(self.initialized)}"

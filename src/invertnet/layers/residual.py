@@ -103,6 +103,13 @@ class InvertibleResidual(InvertibleModule):
         if check_shape is not None:
             check_shape(x, f"{type(self).__name__}.{where}")
 
+    def inverse_lipschitz_bound(self) -> float | None:
+        """1 / (1 - Lip(g)) (thesis Lemma 4.6) when g's bound is below 1 and in the 2-norm, else ``None``."""
+        lipschitz = self.lipschitz_bound()
+        if lipschitz is None or lipschitz >= 1 or self.norm_order != 2:
+            return None
+        return 1.0 / (1.0 - lipschitz)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, "forward")
         return x + self.g(x)

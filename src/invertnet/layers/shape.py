@@ -37,6 +37,10 @@ class Squeeze(InvertibleModule):
             raise ValueError(f"Squeeze.inverse: expected (B, 4C, H, W), got {tuple(y.shape)}")
         return F.pixel_shuffle(y, 2), y.new_zeros(y.shape[0])
 
+    def inverse_lipschitz_bound(self) -> float:
+        """1: a permutation preserves the per-sample 2-norm."""
+        return 1.0
+
 
 class InjectivePad(InvertibleModule):
     r"""Append ``extra_channels`` zero channels: (B, C, ...) -> (B, C + k, ...) (thesis A.1).
@@ -86,6 +90,10 @@ class InjectivePad(InvertibleModule):
                 f"{largest:.3e} > atol={atol:.1e}; this y is not in the range of the padding"
             )
         return kept, y.new_zeros(y.shape[0])
+
+    def inverse_lipschitz_bound(self) -> float:
+        """1: dropping channels never increases the per-sample 2-norm."""
+        return 1.0
 
     def extra_repr(self) -> str:
         return f"extra_channels={self.extra_channels}"

@@ -2,7 +2,7 @@ r"""1-Lipschitz activations with continuous derivatives (thesis Corollary 4.4 ne
 
 Lip(phi) <= 1 keeps the product bound of thesis Eq. 4.6 valid; a continuous derivative makes the i-ResNet a
 diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent. Each
-activation also gives its derivative phi'(x) in closed form, which the structured Jacobian of
+activation also gives ``forward_and_derivative(x)``, phi(x) with phi'(x) in closed form, which the structured Jacobian of
 :meth:`~invertnet.layers.LipschitzNet.linearize` uses.
 """
 
@@ -24,9 +24,10 @@ class ELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.elu(x)
 
-    def derivative(self, x: Tensor) -> Tensor:
-        """phi'(x) elementwise: 1 for x > 0, e^x otherwise."""
-        return torch.where(x > 0, torch.ones_like(x), torch.exp(x.clamp(max=0)))
+    def forward_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi(x), phi'(x)); phi'(x) is 1 for x > 0 and e^x = phi(x) + 1 otherwise."""
+        y = F.elu(x)
+        return y, torch.where(x > 0, torch.ones_like(x), y + 1)
 
 
 class Softplus(nn.Module):
@@ -35,9 +36,9 @@ class Softplus(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.softplus(x)
 
-    def derivative(self, x: Tensor) -> Tensor:
-        """phi'(x) = sigmoid(x)."""
-        return torch.sigmoid(x)
+    def forward_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi(x), phi'(x)) with phi'(x) = sigmoid(x)."""
+        return F.softplus(x), torch.sigmoid(x)
 
 
 class LipSwish(nn.Module):
@@ -61,11 +62,11 @@ class LipSwish(nn.Module):
         beta = F.softplus(self.raw_beta)
         return x * torch.sigmoid(beta * x) / 1.1
 
-    def derivative(self, x: Tensor) -> Tensor:
-        r"""phi'(x) = (s + \beta x s (1 - s)) / 1.1 with s = sigmoid(beta x)."""
-        beta = F.softplus(self.raw_beta)
-        s = torch.sigmoid(beta * x)
-        return (s + beta * x * s * (1 - s)) / 1.1
+    def forward_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""(phi(x), phi'(x)) with phi'(x) = (s + \beta x s (1 - s)) / 1.1, s = sigmoid(beta x)."""
+        beta_x = F.softplus(self.raw_beta) * x
+        s = torch.sigmoid(beta_x)
+        return x * s / 1.1, s * (1 + beta_x * (1 - s)) / 1.1
 
 
 _ACTIVATIONS = {"elu": ELU, "softplus": Softplus, "lipswish": LipSwish}

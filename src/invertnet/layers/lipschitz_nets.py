@@ -117,8 +117,8 @@ class LipschitzNet(nn.Sequential):
                 factors.append((module, weight))
                 x = module.affine(x, weight)
             else:
-                factors.append(module.derivative(x))
-                x = module(x)
+                x, derivative = module.forward_and_derivative(x)
+                factors.append(derivative)
         return Linearization(output=x, factors=factors)
 
     def lipschitz_bound(self) -> float:

@@ -2,8 +2,8 @@ r"""1-Lipschitz activations with continuous derivatives (thesis Corollary 4.4 ne
 
 Lip(phi) <= 1 keeps the product bound of thesis Eq. 4.6 valid; a continuous derivative makes the i-ResNet a
 diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent. Each
-activation also gives ``forward_and_derivative(x)``, phi(x) with phi'(x) in closed form, which the structured Jacobian of
-:meth:`~invertnet.layers.LipschitzNet.linearize` uses.
+activation also gives ``forward_and_derivative(x)``, phi(x) with phi'(x) in closed form, for the structured
+Jacobian of :meth:`~invertnet.layers.LipschitzNet.linearize`.
 """
 
 from __future__ import annotations

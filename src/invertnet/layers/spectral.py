@@ -131,16 +131,20 @@ class _SpectralNormMixin(nn.Module):
             self.v = _dual(v, self.domain_order)
             self.u = _dual(self.operator(self.weight, self.v), self.codomain_order).contiguous()
             self._power_step(self.weight.detach())
+            self._estimate(self.weight.detach())
 
-    def _power_step(self, weight: Tensor) -> float:
-        """One step of the (generalised) power method; returns the new estimate ||A v||_q."""
+    def _power_step(self, weight: Tensor) -> None:
+        """One step of the (generalised) power method: u <- dual_q(A v), v <- dual_{p*}(A^T u)."""
         image = self.operator(weight, self.v)
         # stored contiguous (not channels-last) so that state_dicts save as safetensors
         self.u = _dual(image, self.codomain_order).contiguous()
         self.v = _dual(self.adjoint(weight, self.u), _conjugate(self.domain_order)).contiguous()
+
+    def _estimate(self, weight: Tensor) -> Tensor:
+        """sigma = ||A v||_q for the current unit vector v (a lower bound of ||A||_{p->q}); updates ``sigma``."""
         sigma = torch.linalg.vector_norm(self.operator(weight, self.v), ord=self.codomain_order)
         self.sigma = sigma.detach()
-        return float(sigma)
+        return sigma
 
     def normalized_weight(self, x: Tensor | None = None) -> Tensor:
         """The weight scaled by Eq. 4.9. In training mode, first runs ``n_power_iterations`` steps.
@@ -156,8 +160,7 @@ class _SpectralNormMixin(nn.Module):
             with torch.no_grad():
                 for _ in range(self.n_power_iterations):
                     self._power_step(self.weight)
-        sigma = torch.linalg.vector_norm(self.operator(self.weight, self.v), ord=self.codomain_order)
-        factor = torch.clamp(sigma / self.coeff, min=1.0)
+        factor = torch.clamp(self._estimate(self.weight) / self.coeff, min=1.0)
         return self.weight / factor
 
     def operator_norm_estimate(self) -> float:
@@ -175,7 +178,8 @@ class _SpectralNormMixin(nn.Module):
         previous = float(self.sigma)
         change = math.inf
         for iteration in range(1, max_iter + 1):
-            sigma = self._power_step(self.weight)
+            self._power_step(self.weight)
+            sigma = float(self._estimate(self.weight))
             change = abs(sigma - previous) / max(sigma, torch.finfo(self.weight.dtype).tiny)
             previous = sigma
             if change <= rtol:

@@ -140,7 +140,7 @@ def nll(y: Tensor, log_det: Tensor) -> Tensor:
 def block_specs(quick: bool) -> list[BlockSpec]:
     return [
         BlockSpec("dense", (64,), 256, 256, train_reps=5 if quick else 20, inverse_reps=3 if quick else 20),
-        BlockSpec("conv", (4, 14, 14), 64, 64, train_reps=2 if quick else 7, inverse_reps=1 if quick else 5),
+        BlockSpec("conv", (4, 14, 14), 64, 64, train_reps=2 if quick else 15, inverse_reps=1 if quick else 5),
     ]
 
 

@@ -163,6 +163,8 @@ def test_invalid_options_are_refused():
         fixed_point(torch.cos, x0, atol=0.0, rtol=0.0)
     with pytest.raises(ValueError, match="max_iter"):
         fixed_point(torch.cos, x0, max_iter=0)
+    with pytest.raises(ValueError, match="anderson_memory"):
+        fixed_point(torch.cos, x0, method="anderson", anderson_memory=0)
 
 
 def test_conv_block_round_trip_with_error_bound():

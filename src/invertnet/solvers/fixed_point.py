@@ -130,6 +130,8 @@ def fixed_point(
         raise ValueError(f"fixed_point: method must be 'iteration' or 'anderson', got {method!r}")
     if max_iter < 1:
         raise ValueError(f"fixed_point: max_iter must be at least 1, got {max_iter}")
+    if anderson_memory < 1:
+        raise ValueError(f"fixed_point: anderson_memory must be at least 1, got {anderson_memory}")
     default_atol, default_rtol = default_tolerances(x0.dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

@@ -11,10 +11,6 @@ NAMES = sorted(ZOO)
 BATCH = 3
 
 
-def _inputs(shape, batch=BATCH):
-    return 1.5 * torch.randn(batch, *shape, dtype=torch.float64)
-
-
 def _brute_force_log_det(module, x):
     """0.5 * logdet(J^T J) per sample from the full autograd Jacobian: log|det J| for square J."""
     values = []
@@ -39,27 +35,27 @@ def layer(layer_name):
 
 
 def test_shapes(layer):
-    module, shape = layer
-    y, log_det = module.forward_and_log_det(_inputs(shape))
+    module, shape, sample = layer
+    y, log_det = module.forward_and_log_det(sample(BATCH))
     assert y.shape[0] == BATCH
     assert log_det.shape == (BATCH,)
     assert log_det.dtype == torch.float64
 
 
 def test_round_trip_both_directions(layer):
-    module, shape = layer
-    x = _inputs(shape)
+    module, shape, sample = layer
+    x = sample(BATCH)
     with torch.no_grad():
         assert_close(module.inverse(module(x).clone()), x, atol=FLOAT64_INVERSE_ATOL, rtol=0)
-        y = module(_inputs(shape))  # the inverse's domain is the range of the forward map
+        y = module(sample(BATCH))  # the inverse's domain is the range of the forward map
         assert_close(module(module.inverse(y.clone())), y, atol=FLOAT64_INVERSE_ATOL, rtol=0)
 
 
 def test_log_det_against_brute_force_jacobian(layer):
-    module, shape = layer
+    module, shape, sample = layer
     if not module.exact_log_det:
         pytest.skip("stochastic log-det: tested against its stated bias in test_logdet.py")
-    x = _inputs(shape)
+    x = sample(BATCH)
     _, log_det = module.forward_and_log_det(x)
     assert_close(log_det, _brute_force_log_det(module, x))
     if not module.volume_preserving:
@@ -67,12 +63,14 @@ def test_log_det_against_brute_force_jacobian(layer):
 
 
 def test_inverse_log_det_is_negative_and_inverse_jacobian_is_inverse(layer):
-    module, shape = layer
-    x = _inputs(shape, batch=1)
+    module, shape, sample = layer
+    x = sample(1)
     y, forward_log_det = module.forward_and_log_det(x)
     x_back, inverse_log_det = module.inverse_and_log_det(y.detach().clone())
     assert_close(inverse_log_det, -forward_log_det)
     assert_close(x_back, x, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+    if module.quantized_inverse:
+        return  # the inverse rounds to the lattice: piecewise constant, no Jacobian to compare
     jac = torch.autograd.functional.jacobian(lambda v: module(v).flatten(), x).reshape(y.numel(), x.numel())
     jac_inv = torch.autograd.functional.jacobian(lambda v: module.inverse(v).flatten(), y.detach())
     jac_inv = jac_inv.reshape(x.numel(), y.numel())
@@ -80,8 +78,8 @@ def test_inverse_log_det_is_negative_and_inverse_jacobian_is_inverse(layer):
 
 
 def test_fused_calls_equal_separate_calls(layer):
-    module, shape = layer
-    x = _inputs(shape)
+    module, shape, sample = layer
+    x = sample(BATCH)
     y, _ = module.forward_and_log_det(x)
     assert_close(module(x), y)
     x_fused, _ = module.inverse_and_log_det(y.detach())
@@ -100,8 +98,8 @@ def _swap_parameters(module, values):
 
 
 def test_gradcheck_input_and_parameters(layer):
-    module, shape = layer
-    x = _inputs(shape, batch=2).requires_grad_(True)
+    module, shape, sample = layer
+    x = sample(2).requires_grad_(True)
     names = [name for name, p in module.named_parameters() if p.requires_grad]
     values = tuple(p.detach().clone().requires_grad_(True) for name, p in module.named_parameters() if name in names)
 
@@ -116,30 +114,32 @@ def test_gradcheck_input_and_parameters(layer):
 
 
 def test_gradcheck_inverse_wrt_input(layer):
-    module, shape = layer
+    module, shape, sample = layer
+    if module.quantized_inverse:
+        pytest.skip("the inverse rounds to the lattice: piecewise constant")
     if module.bijective:
-        y = module(_inputs(shape, batch=2)).detach().requires_grad_(True)
+        y = module(sample(2)).detach().requires_grad_(True)
         assert torch.autograd.gradcheck(module.inverse, (y,), eps=1e-6, atol=1e-5, rtol=1e-4)
     else:  # the inverse is defined on the range only: perturb along it
-        x = _inputs(shape, batch=2).requires_grad_(True)
+        x = sample(2).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_independence(layer):
-    module, shape = layer
-    x = _inputs(shape, batch=4)
+    module, shape, sample = layer
+    x = sample(4)
     with torch.no_grad():
         y = module(x)
         x_other = x.clone()
-        x_other[1:] = _inputs(shape, batch=3)
+        x_other[1:] = sample(3)
         assert_close(module(x_other)[0], y[0])
         assert_close(module(x[:1])[0], y[0])
 
 
 @pytest.mark.parametrize("bad", ["nan", "no_batch_dim"])
 def test_bad_input_raises_named_error(layer, bad):
-    module, shape = layer
-    x = _inputs(shape)
+    module, shape, sample = layer
+    x = sample(BATCH)
     if bad == "nan":
         x[0].view(-1)[0] = float("nan")
         match = "NaN"
@@ -151,19 +151,19 @@ def test_bad_input_raises_named_error(layer, bad):
 
 
 def test_safetensors_state_dict_round_trip(layer, layer_name):
-    module, shape = layer
-    fresh, _ = build(layer_name)  # different random parameters
+    module, shape, sample = layer
+    fresh, _, _ = build(layer_name)  # different random parameters
     payload = save(module.state_dict())  # as users will save it: no .contiguous() fix-ups
     fresh.load_state_dict(load(payload))
-    x = _inputs(shape)
+    x = sample(BATCH)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), module(x), atol=0, rtol=0)
     assert type(module).__name__ in repr(module)
 
 
 def test_train_and_eval_agree_after_convergence(layer):
-    module, shape = layer
-    x = _inputs(shape)
+    module, shape, sample = layer
+    x = sample(BATCH)
     with torch.no_grad():
         y_eval = module(x)
         module.train()

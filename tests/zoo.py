@@ -15,19 +15,36 @@ from invertnet.layers import (
     InvertibleResidual,
     LipschitzConvNet,
     LipschitzMLP,
+    Logit,
     Squeeze,
+    UniformDequantization,
     refine_spectral_norms,
 )
 from invertnet.logdet import ExactLogDet
 
+Sampler = Callable[[int], torch.Tensor]
 
-def _prepared(module: InvertibleModule, shape: tuple[int, ...]) -> InvertibleModule:
+
+def _gaussian(shape: tuple[int, ...]) -> Sampler:
+    return lambda batch: 1.5 * torch.randn(batch, *shape, dtype=torch.float64)
+
+
+def _levels(shape: tuple[int, ...], levels: int) -> Sampler:
+    """Integer levels away from the ends, so that gradcheck's perturbations stay in the domain."""
+    return lambda batch: torch.randint(1, levels - 1, (batch, *shape)).double()
+
+
+def _unit_interval(shape: tuple[int, ...]) -> Sampler:
+    return lambda batch: 0.1 + 0.8 * torch.rand(batch, *shape, dtype=torch.float64)
+
+
+def _prepared(module: InvertibleModule, sample: Sampler) -> InvertibleModule:
     """Move to float64, run a few training steps (ActNorm init, power iterations), converge, set eval."""
     module = module.double()
     module.train()
     with torch.no_grad():
         for _ in range(3):
-            module(3.0 * torch.randn(16, *shape, dtype=torch.float64) + 0.5)
+            module(sample(16))
     refine_spectral_norms(module)
     return module.eval()
 
@@ -62,6 +79,15 @@ def _image_stack() -> InvertibleModule:
     )
 
 
+def _preprocessed_flow() -> InvertibleModule:
+    return InvertibleSequential(
+        UniformDequantization(5, noise="midpoint"),
+        Logit(0.05),
+        ActNorm(3),
+        InvertibleResidual(LipschitzMLP(3, 8, coeff=0.9), log_det=ExactLogDet()),
+    )
+
+
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
@@ -74,9 +100,21 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
+    "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
+    "logit": (lambda: Logit(0.05), (3,)),
+    "preprocessed_flow": (_preprocessed_flow, (3,)),
+}
+
+#: Inputs from each layer's domain; layers not listed take Gaussian inputs.
+SAMPLERS: dict[str, Callable[[tuple[int, ...]], Sampler]] = {
+    "dequantization": lambda shape: _levels(shape, 5),
+    "preprocessed_flow": lambda shape: _levels(shape, 5),
+    "logit": _unit_interval,
 }
 
 
-def build(name: str) -> tuple[InvertibleModule, tuple[int, ...]]:
+def build(name: str) -> tuple[InvertibleModule, tuple[int, ...], Sampler]:
+    """The module (float64, eval mode, converged), its input shape and a sampler of its domain."""
     factory, shape = ZOO[name]
-    return _prepared(factory(), shape), shape
+    sample = SAMPLERS.get(name, _gaussian)(shape)
+    return _prepared(factory(), sample), shape, sample

@@ -153,9 +153,12 @@ class InvertibleModule(nn.Module):
         volume_preserving: The log-determinant is identically zero.
         bijective: The map is onto its codomain. Injective-only maps (zero padding) invert only on their
             range, and their log-det is the volume change 1/2 log det(J^T J).
+        quantized_inverse: The inverse rounds to a lattice (dequantisation): it is piecewise constant, so
+            the inverse has no useful Jacobian.
     """
 
     bijective: bool = True
+    quantized_inverse: bool = False
     exact_log_det: bool = True
     analytic_inverse: bool = True
     volume_preserving: bool = False
@@ -308,6 +311,10 @@ class InvertibleSequential(InvertibleModule):
     @property
     def bijective(self) -> bool:  # type: ignore[override]
         return all(part.bijective for part in self.parts)
+
+    @property
+    def quantized_inverse(self) -> bool:  # type: ignore[override]
+        return any(part.quantized_inverse for part in self.parts)
 
     def __len__(self) -> int:
         return len(self.parts)

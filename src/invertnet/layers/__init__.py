@@ -9,6 +9,8 @@ from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
 from invertnet.layers.lipschitz_nets import LipschitzNet as LipschitzNet
 from invertnet.layers.norm import ActNorm as ActNorm
+from invertnet.layers.preprocess import Logit as Logit
+from invertnet.layers.preprocess import UniformDequantization as UniformDequantization
 from invertnet.layers.residual import InvertibleResidual as InvertibleResidual
 from invertnet.layers.shape import InjectivePad as InjectivePad
 from invertnet.layers.shape import Squeeze as Squeeze
@@ -23,6 +25,7 @@ __all__ = [
     "InjectivePad",
     "InvertibleResidual",
     "LipSwish",
+    "Logit",
     "Linearization",
     "LipschitzConvNet",
     "LipschitzMLP",
@@ -32,6 +35,7 @@ __all__ = [
     "SpectralNormConv2d",
     "SpectralNormLinear",
     "Squeeze",
+    "UniformDequantization",
     "make_activation",
     "refine_spectral_norms",
 ]

@@ -1,0 +1,108 @@
+"""Trainer and checkpoints: exact resume, refused corrupt checkpoints, learning beats a Gaussian."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from invertnet.data import sample_toy
+from invertnet.logdet import ExactLogDet, PowerSeriesLogDet
+from invertnet.models import dense_iresnet_flow
+from invertnet.training import CheckpointError, TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+
+
+def _trainer(run_dir, log_det=None, **config):
+    torch.manual_seed(123)
+    flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=16, log_det=log_det or PowerSeriesLogDet(3))
+    settings = dict(
+        steps=12, batch_size=32, lr=3e-3, optimizer="adamax", schedule="cosine", ema_decay=0.9, grad_clip=5.0, seed=7
+    )
+    settings.update(config)
+    return Trainer(flow, sample_toy("two_moons", 256), TrainConfig(**settings), run_dir, progress=False)
+
+
+def _parameters(trainer):
+    return {name: value.detach().clone() for name, value in trainer.flow.state_dict().items()}
+
+
+def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(tmp_path):
+    uninterrupted = _trainer(tmp_path / "a")
+    uninterrupted.fit()
+    interrupted = _trainer(tmp_path / "b")
+    interrupted.fit(until=5)  # "killed" after step 5: only its checkpoint survives
+    resumed = _trainer(tmp_path / "b")
+    assert resumed.resume() and resumed.step == 5
+    resumed.fit()
+    expected, actual = _parameters(uninterrupted), _parameters(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(resumed.ema[0], uninterrupted.ema[0], atol=0, rtol=0)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    assert not _trainer(tmp_path).resume()
+
+
+def test_truncated_or_edited_checkpoints_are_refused(tmp_path):
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit()
+    path = latest_checkpoint(tmp_path)
+    assert load_checkpoint(path)[0] == 2
+    tensors = path / "tensors.safetensors"
+    original = tensors.read_bytes()
+    tensors.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match="truncated or was edited"):
+        load_checkpoint(path)
+    edited = bytearray(original)
+    edited[-1] ^= 0xFF
+    tensors.write_bytes(bytes(edited))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+    tensors.write_bytes(original)
+    (path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+    (path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="state.json is missing"):
+        load_checkpoint(path)
+
+
+def test_flow_learns_two_moons_better_than_a_fitted_gaussian(tmp_path):
+    """Measured: 2.52 +- 0.01 test bits/dim against the fitted Gaussian's 2.68 (4 blocks, 300 steps, 5 s)."""
+    train, test = sample_toy("two_moons", 2000, seed=0), sample_toy("two_moons", 1000, seed=1)
+    torch.manual_seed(0)
+    flow = dense_iresnet_flow(2, n_blocks=4, hidden_features=32, log_det=ExactLogDet())
+    config = TrainConfig(steps=300, batch_size=128, lr=5e-3, schedule="cosine")
+    trainer = Trainer(flow, train, config, tmp_path, progress=False)
+    trainer.fit()
+    flow_bits = trainer.evaluate(test)["bits_per_dim"]
+    gaussian = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
+    gaussian_bits = (-gaussian.log_prob(test).mean() / (2 * math.log(2))).item()
+    assert flow_bits < gaussian_bits - 0.1, (flow_bits, gaussian_bits)
+
+
+def test_metrics_and_config_are_written(tmp_path):
+    trainer = _trainer(tmp_path, steps=3)
+    trainer.test_data = sample_toy("two_moons", 64, seed=2)
+    trainer.config.eval_every = 2
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_bits_per_dim" in r] == [1, 2, 3]
+    assert any("test_bits_per_dim" in r for r in records)
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(optimizer="sgd"), "optimizer"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(steps=0), "steps"),
+        (dict(ema_decay=1.0), "ema_decay"),
+    ],
+)
+def test_invalid_config_names_the_setting(settings, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**settings)

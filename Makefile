@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/invertnet demo
+	$(BIN)/invertnet train --config digits
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --hypothesis-profile=ci

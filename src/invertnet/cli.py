@@ -1,14 +1,23 @@
-"""The ``invertnet`` command line."""
+"""The ``invertnet`` command line: train, evaluate, sample and invert flows; list configs; the i-ResNet demo."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from invertnet import __version__
 
 __all__ = ["main"]
+
+
+def _echo_json(payload: object) -> None:
+    click.echo(json.dumps(payload, indent=2))
+
+
+def _fail(error: Exception) -> None:
+    raise click.ClickException(str(error)) from error
 
 
 @click.group()
@@ -18,10 +27,83 @@ def main() -> None:
 
 
 @main.command()
+def configs() -> None:
+    """List the embedded configs."""
+    from invertnet.config import embedded_configs
+
+    for name in embedded_configs():
+        click.echo(name)
+
+
+@main.command()
+@click.option("--config", "config_name", default="digits", show_default=True, help="Embedded config name or JSON file.")
+@click.option("--set", "overrides", multiple=True, help="Override a setting, e.g. --set train.steps=100.")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Run folder (default: a new one).")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool) -> None:
+    """Train a flow, evaluate it and write its run folder; prints the summary as JSON."""
+    from invertnet.config import load_config
+    from invertnet.run import train_run
+
+    try:
+        config = load_config(config_name, list(overrides))
+    except ValueError as error:
+        _fail(error)
+    if resume and run_dir is None:
+        raise click.UsageError("--resume needs --run-dir, the folder of the run to continue")
+    summary = train_run(config, run_dir=run_dir, resume=resume, progress=not quiet)
+    _echo_json(summary)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def evaluate(run_dir: Path) -> None:
+    """Test bits/dim and reconstruction error of a trained run."""
+    from invertnet.run import evaluate_run
+
+    try:
+        _echo_json(evaluate_run(run_dir))
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def invert(run_dir: Path) -> None:
+    """Reconstruction error of test data through the inverse of a trained run."""
+    from invertnet.run import invert_run
+
+    try:
+        _echo_json(invert_run(run_dir))
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
+def sample(run_dir: Path, count: int, output: Path | None) -> None:
+    """Draw samples from a trained run and save them as safetensors."""
+    from safetensors.torch import save_file
+
+    from invertnet.run import sample_run
+
+    try:
+        samples = sample_run(run_dir, count)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    output = output or Path(run_dir) / "samples.safetensors"
+    save_file({"samples": samples.contiguous()}, str(output))
+    click.echo(f"{count} samples of shape {tuple(samples.shape[1:])} written to {output}")
+
+
+@main.command()
 @click.option("--seed", default=0, show_default=True, help="Seed of torch's RNG.")
 @click.option("--probes", default=200, show_default=True, help="Monte-Carlo probes per log-det estimator.")
 def demo(seed: int, probes: int) -> None:
     """Build i-ResNets, certify, invert them and compare log-det estimators; prints JSON."""
     from invertnet.demo import run_demo
 
-    click.echo(json.dumps(run_demo(seed=seed, n_probes=probes), indent=2))
+    _echo_json(run_demo(seed=seed, n_probes=probes))

@@ -1,0 +1,135 @@
+r"""Validated run configurations: data, model, log-det estimator, training and evaluation.
+
+Configs are JSON files; the embedded ones live in ``invertnet/configs``. Unknown keys and bad values are
+errors that name them. ``--set key.sub=value`` overrides parse the value as JSON when it is valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["RunConfig", "apply_overrides", "embedded_configs", "load_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """The data set: ``digits`` (shipped), a toy density, or ``mnist`` / ``cifar10`` from ``root``."""
+
+    name: Literal[
+        "digits", "mnist", "cifar10", "two_moons", "eight_gaussians", "checkerboard", "rings", "pinwheel", "two_spirals"
+    ]
+    root: str | None = None
+    n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
+    n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
+
+
+class ModelConfig(_Strict):
+    """The flow: ``dense`` (seed 001 C.3) or ``multiscale`` (thesis A.2)."""
+
+    kind: Literal["dense", "multiscale"]
+    n_blocks: int = Field(4, gt=0)
+    hidden: int = Field(32, gt=0)
+    n_layers: int = Field(3, gt=0, description="dense: linear layers per residual branch")
+    n_scales: int = Field(2, gt=0, description="multiscale: scale-blocks")
+    kernel_sizes: list[int] = [3, 1, 3]
+    coeff: float = Field(0.97, gt=0)
+    activation: Literal["elu", "softplus", "lipswish"] = "elu"
+    log_det: Literal["power_series", "unbiased", "exact"] = "power_series"
+    n_terms: int = Field(5, gt=0, description="power_series: terms during training")
+
+
+class TrainSettings(_Strict):
+    """Fields of :class:`~invertnet.training.TrainConfig`."""
+
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamax", "amsgrad"] = "adam"
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_size: int = Field(1000, gt=0)
+    gamma: float = Field(0.5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvalSettings(_Strict):
+    """Evaluation (thesis A.2): series terms chosen so that the truncation bias is below ``bias_bits``."""
+
+    bias_bits: float = Field(1e-3, gt=0, description="bound on the bits/dim bias of the truncated series")
+    max_terms: int = Field(200, gt=0)
+
+
+class RunConfig(_Strict):
+    """A whole run: data, model, training, evaluation, and where runs are written."""
+
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainSettings = TrainSettings()
+    evaluation: EvalSettings = EvalSettings()
+    output_dir: str = "runs"
+
+
+def embedded_configs() -> list[str]:
+    """Names of the configs shipped with invertnet."""
+    folder = resources.files("invertnet") / "configs"
+    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw config dict; values are parsed as JSON when possible."""
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"--set {override!r}: expected key=value, e.g. train.lr=0.001")
+        key, text = override.split("=", 1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        target = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {override!r}: {part!r} is not a section")
+        target[leaf] = value
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load an embedded config by name or a JSON file by path, apply overrides and validate.
+
+    Raises:
+        ValueError: Naming the unknown config, the unreadable file, or each invalid key and value.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        text = path.read_text()
+    elif name_or_path in embedded_configs():
+        text = (resources.files("invertnet") / "configs" / f"{name_or_path}.json").read_text()
+    else:
+        raise ValueError(f"unknown config {name_or_path!r}: not a file, and not one of {embedded_configs()}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config {name_or_path}: invalid JSON ({error})") from error
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"config {name_or_path}: {problems}") from error

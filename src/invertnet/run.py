@@ -1,0 +1,212 @@
+r"""Runs: build data and flow from a :class:`~invertnet.config.RunConfig`, train, evaluate, sample, invert.
+
+A run folder holds ``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json``
+and figures (``samples.png``; for 2-D data also ``density.png``, like thesis Fig. 5.2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from invertnet.config import RunConfig  # noqa: E402
+from invertnet.core import InvertibleSequential  # noqa: E402
+from invertnet.data import DIGITS_LEVELS, load_cifar10, load_digits, load_mnist, sample_toy  # noqa: E402
+from invertnet.layers import InvertibleResidual, UniformDequantization, refine_spectral_norms  # noqa: E402
+from invertnet.logdet import (  # noqa: E402
+    ExactLogDet,
+    PowerSeriesLogDet,
+    UnbiasedLogDet,
+    n_terms_for_bias,
+    truncation_error_bound,
+)
+from invertnet.models import FlowDistribution, dense_iresnet_flow, multiscale_iresnet_flow  # noqa: E402
+from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
+
+__all__ = ["build_flow", "evaluate_run", "invert_run", "load_data", "open_run", "sample_run", "train_run"]
+
+
+def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
+    """``(train, test, levels)``: levels is K for discrete image data, ``None`` for continuous toy data."""
+    data = config.data
+    if data.name == "digits":
+        return load_digits("train")[0], load_digits("test")[0], DIGITS_LEVELS
+    if data.name in ("mnist", "cifar10"):
+        if data.root is None:
+            raise ValueError(f"data.root: the folder holding the {data.name} files is required")
+        loader = load_mnist if data.name == "mnist" else load_cifar10
+        return loader(data.root, "train")[0], loader(data.root, "test")[0], 256
+    return sample_toy(data.name, data.n_train, seed=0), sample_toy(data.name, data.n_test, seed=1), None
+
+
+def _training_estimator(config: RunConfig) -> Any:
+    model = config.model
+    if model.log_det == "exact":
+        return ExactLogDet()
+    if model.log_det == "unbiased":
+        return UnbiasedLogDet()
+    return PowerSeriesLogDet(model.n_terms)
+
+
+def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | None) -> FlowDistribution:
+    """The flow the config describes, for data of the given event shape."""
+    model, estimator = config.model, _training_estimator(config)
+    if model.kind == "dense":
+        if len(event_shape) != 1:
+            raise ValueError(f"model.kind 'dense' needs flat data, got samples of shape {event_shape}")
+        return dense_iresnet_flow(
+            event_shape[0], model.n_blocks, model.hidden, model.n_layers, model.coeff, model.activation, estimator
+        )
+    return multiscale_iresnet_flow(
+        event_shape,
+        model.n_scales,
+        model.n_blocks,
+        model.hidden,
+        model.kernel_sizes,
+        model.coeff,
+        model.activation,
+        estimator,
+        levels=levels,
+    )
+
+
+def _residual_blocks(flow: FlowDistribution) -> list[InvertibleResidual]:
+    return [module for module in flow.modules() if isinstance(module, InvertibleResidual)]
+
+
+def _use_evaluation_estimator(flow: FlowDistribution, config: RunConfig, dim: int) -> dict[str, float]:
+    """Thesis A.2: pick the series length so that the truncation bias is below ``bias_bits`` bits/dim."""
+    blocks = _residual_blocks(flow)
+    if config.model.log_det == "exact" or not blocks:
+        return {"n_terms": 0, "bias_bound_bits": 0.0}
+    refine_spectral_norms(flow)
+    lipschitz = max(block.lipschitz_bound() or 0.0 for block in blocks)
+    per_block_nats = config.evaluation.bias_bits * dim * math.log(2) / len(blocks)
+    n_terms = min(n_terms_for_bias(lipschitz, dim, per_block_nats), config.evaluation.max_terms)
+    bias_bits = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
+    for block in blocks:
+        block.log_det_estimator = PowerSeriesLogDet(n_terms, probe="rademacher")
+    return {"n_terms": n_terms, "bias_bound_bits": bias_bits, "lipschitz_bound": lipschitz}
+
+
+@torch.no_grad()
+def _bits_per_dim(flow: FlowDistribution, data: Tensor, batch_size: int = 256) -> dict[str, float]:
+    bits = torch.cat([flow.bits_per_dim(chunk) for chunk in data.split(batch_size)])
+    return {"bits_per_dim": bits.mean().item(), "standard_error": (bits.std() / math.sqrt(len(bits))).item()}
+
+
+@torch.no_grad()
+def _reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, float]:
+    """Max-abs error of x -> F(x) -> F^{-1}(F(x)) on the continuous part of the flow (after dequantisation)."""
+    parts = list(flow.transform)
+    if parts and isinstance(parts[0], UniformDequantization):
+        data, parts = parts[0](data), parts[1:]
+    transform = InvertibleSequential(*parts)
+    result = transform.inverse_result(transform(data))
+    error = (result.value - data).abs().max().item()
+    bound = result.error_bound.max().item() if result.error_bound is not None else None
+    return {"max_abs_error": error, "error_bound": bound, "status": result.status.name.lower()}
+
+
+@torch.no_grad()
+def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Tensor) -> None:
+    samples = flow.sample((64,)).cpu()
+    if samples.dim() == 4:
+        grid = samples[:, 0] if samples.shape[1] == 1 else samples.permute(0, 2, 3, 1) / (levels or 1)
+        figure, axes = plt.subplots(8, 8, figsize=(6, 6))
+        for axis, image in zip(axes.flat, grid, strict=False):
+            axis.imshow(image.numpy(), cmap="gray")
+            axis.axis("off")
+        figure.savefig(run_dir / "samples.png", dpi=100)
+        plt.close(figure)
+        return
+    if samples.shape[1] == 2:
+        side = torch.linspace(-5, 5, 200)
+        points = torch.cartesian_prod(side, side)
+        density = torch.cat([flow.log_prob(chunk).exp() for chunk in points.split(4096)]).view(200, 200)
+        more = flow.sample((2000,)).cpu()
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 5))
+        left.imshow(density.T.numpy(), origin="lower", extent=(-5, 5, -5, 5))
+        left.set_title("model density")
+        right.scatter(more[:, 0], more[:, 1], s=1, label="samples")
+        right.scatter(data[:2000, 0], data[:2000, 1], s=1, alpha=0.3, label="data")
+        right.set(xlim=(-5, 5), ylim=(-5, 5), title="samples")
+        right.legend()
+        figure.savefig(run_dir / "density.png", dpi=100)
+        plt.close(figure)
+
+
+def _finish(flow: FlowDistribution, config: RunConfig, run_dir: Path, test: Tensor, levels: int | None) -> dict:
+    flow.eval()
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary["evaluation_estimator"] = _use_evaluation_estimator(flow, config, test[0].numel())
+    summary["test"] = _bits_per_dim(flow, test)
+    summary["reconstruction"] = _reconstruction(flow, test[:256])
+    _figures(flow, run_dir, levels, test)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_run(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train the configured flow in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it."""
+    train, test, levels = load_data(config)
+    torch.manual_seed(config.train.seed)
+    flow = build_flow(config, tuple(train.shape[1:]), levels)
+    if run_dir is None:
+        run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
+    trainer = Trainer(flow, train, TrainConfig(**config.train.model_dump()), run_dir, test_data=None, progress=progress)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    with trainer._ema_weights():
+        return _finish(flow, config, run_dir, test, levels)
+
+
+def open_run(run_dir: str | Path) -> tuple[RunConfig, FlowDistribution, Tensor, int | None]:
+    """Rebuild a trained run: its config, the flow with the checkpoint's (EMA) weights, the test data, K."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "run_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: run_config.json is missing")
+    config = RunConfig.model_validate_json(config_file.read_text())
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (the 'latest' file is missing)")
+    _, state = load_checkpoint(checkpoint)
+    _, test, levels = load_data(config)
+    flow = build_flow(config, tuple(test.shape[1:]), levels)
+    flow.load_state_dict(state["model"])
+    parameters = [p for p in flow.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for parameter, average in zip(parameters, state["ema"], strict=False):
+            parameter.copy_(average)
+    return config, flow.eval(), test, levels
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Test bits/dim (series length from the truncation bound) and reconstruction error of a trained run."""
+    config, flow, test, levels = open_run(run_dir)
+    return _finish(flow, config, Path(run_dir), test, levels)
+
+
+def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:
+    """Draw n samples from a trained run."""
+    return open_run(run_dir)[1].sample((n,))
+
+
+def invert_run(run_dir: str | Path) -> dict:
+    """Reconstruction error of the test data through the inverse of a trained run."""
+    _, flow, test, _ = open_run(run_dir)
+    return _reconstruction(flow, test[:256])

@@ -1,0 +1,94 @@
+"""The command line: configs, train (tiny), evaluate, invert, sample, and named errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from invertnet.cli import main
+from invertnet.config import embedded_configs, load_config
+
+TINY_TOY = [
+    "--config",
+    "two_moons",
+    "--quiet",
+    "--set",
+    "data.n_train=512",
+    "--set",
+    "data.n_test=256",
+    "--set",
+    "model.n_blocks=1",
+    "--set",
+    "model.hidden=8",
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.checkpoint_every=2",
+]
+
+
+def test_every_embedded_config_validates():
+    assert {"digits", "two_moons", "mnist", "cifar10"} <= set(embedded_configs())
+    for name in embedded_configs():
+        load_config(name)
+
+
+def test_configs_command_lists_them():
+    result = CliRunner().invoke(main, ["configs"])
+    assert result.exit_code == 0 and "digits" in result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    result = CliRunner().invoke(main, ["train", *TINY_TOY, "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    return run_dir, json.loads(result.output)
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    run_dir, summary = trained_run
+    for name in ("run_config.json", "metrics.jsonl", "latest", "summary.json", "density.png", "step-00000004"):
+        assert (run_dir / name).exists(), name
+    assert summary["test"]["bits_per_dim"] > 0 and summary["reconstruction"]["status"] == "success"
+
+
+def test_evaluate_invert_and_sample_a_trained_run(trained_run):
+    run_dir, summary = trained_run
+    runner = CliRunner()
+    evaluated = runner.invoke(main, ["evaluate", str(run_dir)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["test"]["bits_per_dim"] == pytest.approx(summary["test"]["bits_per_dim"])
+    inverted = runner.invoke(main, ["invert", str(run_dir)])
+    assert inverted.exit_code == 0 and json.loads(inverted.output)["max_abs_error"] < 1e-3
+    sampled = runner.invoke(main, ["sample", str(run_dir), "-n", "7"])
+    assert sampled.exit_code == 0 and (run_dir / "samples.safetensors").is_file()
+
+
+def test_resume_continues_a_run(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    more = [arg if arg != "train.steps=4" else "train.steps=6" for arg in TINY_TOY]
+    result = CliRunner().invoke(main, ["train", *more, "--run-dir", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [5, 6]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--set", "model.colour=3"], "model.colour"),
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--config", "no_such_config"], "unknown config"),
+    ],
+)
+def test_invalid_configs_are_named(overrides, message):
+    result = CliRunner().invoke(main, ["train", *overrides])
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_missing_run_folder_is_named(tmp_path):
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "run_config.json is missing" in result.output

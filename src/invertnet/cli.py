@@ -45,6 +45,7 @@ def train(config_name: str, overrides: tuple[str, ...], run_dir: Path | None, re
     """Train a flow, evaluate it and write its run folder; prints the summary as JSON."""
     from invertnet.config import load_config
     from invertnet.run import train_run
+    from invertnet.training import distributed
 
     try:
         config = load_config(config_name, list(overrides))
@@ -52,8 +53,16 @@ def train(config_name: str, overrides: tuple[str, ...], run_dir: Path | None, re
         _fail(error)
     if resume and run_dir is None:
         raise click.UsageError("--resume needs --run-dir, the folder of the run to continue")
-    summary = train_run(config, run_dir=run_dir, resume=resume, progress=not quiet)
-    _echo_json(summary)
+    distributed.setup()
+    main_process = distributed.is_main_process()  # decided before teardown, after which every process is rank 0
+    try:
+        summary = train_run(config, run_dir=run_dir, resume=resume, progress=not quiet)
+    except ValueError as error:
+        _fail(error)
+    finally:
+        distributed.teardown()
+    if main_process:
+        _echo_json(summary)
 
 
 @main.command()
@@ -107,3 +116,7 @@ def demo(seed: int, probes: int) -> None:
     from invertnet.demo import run_demo
 
     _echo_json(run_demo(seed=seed, n_probes=probes))
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ from invertnet.logdet import (  # noqa: E402
 )
 from invertnet.models import FlowDistribution, dense_iresnet_flow, multiscale_iresnet_flow  # noqa: E402
 from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
+from invertnet.training.distributed import is_main_process  # noqa: E402
 
 __all__ = ["build_flow", "evaluate_run", "invert_run", "load_data", "open_run", "sample_run", "train_run"]
 
@@ -163,6 +164,8 @@ def train_run(config: RunConfig, run_dir: Path | None = None, resume: bool = Fal
     torch.manual_seed(config.train.seed)
     flow = build_flow(config, tuple(train.shape[1:]), levels)
     if run_dir is None:
+        if not is_main_process():
+            raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
@@ -170,6 +173,8 @@ def train_run(config: RunConfig, run_dir: Path | None = None, resume: bool = Fal
     if resume:
         trainer.resume()
     trainer.fit()
+    if not is_main_process():
+        return {"run_dir": str(run_dir)}
     with trainer._ema_weights():
         return _finish(flow, config, run_dir, test, levels)
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from invertnet.models.flows import FlowDistribution
 from invertnet.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from invertnet.training.distributed import rank_and_world_size
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -87,8 +88,22 @@ def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+class _BitsPerDim(nn.Module):
+    """The training loss as a module, so that DistributedDataParallel sees the forward pass."""
+
+    def __init__(self, flow: FlowDistribution) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flow.bits_per_dim(x).mean()
+
+
 class Trainer:
     """Train a :class:`~invertnet.models.FlowDistribution` on a data tensor, with checkpoints and exact resume.
+
+    Under ``torchrun`` (a joined process group, see :mod:`invertnet.training.distributed`) every rank takes its
+    shard of each batch, DistributedDataParallel averages the gradients, and only rank 0 writes files.
 
     Arguments:
         flow: The model.
@@ -121,7 +136,16 @@ class Trainer:
         self.schedule = _schedule(config, self.optimizer)
         self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay else None
         self.step = 0
-        torch.manual_seed(config.seed)
+        self.rank, self.world_size = rank_and_world_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"Trainer: batch_size={config.batch_size} is not divisible by {self.world_size} processes")
+        torch.manual_seed(config.seed + self.rank)  # independent log-det probes on every rank
+        self.loss = _BitsPerDim(flow)
+        if self.world_size > 1:
+            with torch.no_grad():  # data-dependent initialisation on the global batch, identical on every rank
+                flow.train()
+                flow.log_prob(self.batch(0))
+            self.loss = torch.nn.parallel.DistributedDataParallel(self.loss)
 
     def batch(self, step: int) -> Tensor:
         """The batch of a step: a deterministic function of (seed, step), so resumed runs see the same data."""
@@ -130,13 +154,10 @@ class Trainer:
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         return self.train_data[order[position * self.config.batch_size : (position + 1) * self.config.batch_size]]
 
-    def _bits_per_dim_loss(self, x: Tensor) -> Tensor:
-        return self.flow.bits_per_dim(x).mean()
-
     def train_step(self) -> float:
         """One optimiser step; returns the batch's mean bits/dim (training-mode estimate)."""
         self.flow.train()
-        loss = self._bits_per_dim_loss(self.batch(self.step))
+        loss = self.loss(self.batch(self.step)[self.rank :: self.world_size])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Trainer: the loss became {loss.item()} at step {self.step}; lower the lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -173,9 +194,12 @@ class Trainer:
             "config": asdict(self.config),
         }
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically)."""
-        return save_checkpoint(self.run_dir, self.step, self.state())
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (atomically; rank 0 only)."""
+        path = save_checkpoint(self.run_dir, self.step, self.state()) if self.rank == 0 else None
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return path
 
     def resume(self) -> bool:
         """Restore the run's latest checkpoint, if any; returns whether one was found."""
@@ -193,10 +217,14 @@ class Trainer:
             for average, saved in zip(self.ema, state["ema"], strict=True):
                 average.copy_(saved)
         torch.set_rng_state(state["rng"])
+        if self.rank:
+            torch.manual_seed(self.config.seed + 1000 * step + self.rank)
         self.step = step
         return True
 
     def _log(self, record: dict[str, Any]) -> None:
+        if self.rank:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -205,7 +233,8 @@ class Trainer:
         until = self.config.steps if until is None else until
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        bar = tqdm(total=until, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        quiet = not self.progress or self.rank > 0
+        bar = tqdm(total=until, initial=self.step, disable=quiet, desc="train", unit="step")
         evaluation: dict[str, float] = {}
         while self.step < until:
             bits = self.train_step()

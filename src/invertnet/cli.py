@@ -41,7 +41,10 @@ def configs() -> None:
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Run folder (default: a new one).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool) -> None:
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def train(
+    config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool, device: str
+) -> None:
     """Train a flow, evaluate it and write its run folder; prints the summary as JSON."""
     from invertnet.config import load_config
     from invertnet.run import train_run
@@ -56,7 +59,9 @@ def train(config_name: str, overrides: tuple[str, ...], run_dir: Path | None, re
     distributed.setup()
     main_process = distributed.is_main_process()  # decided before teardown, after which every process is rank 0
     try:
-        summary = train_run(config, run_dir=run_dir, resume=resume, progress=not quiet)
+        summary = train_run(
+            config, run_dir=run_dir, resume=resume, progress=not quiet, device=distributed.resolve_device(device)
+        )
     except ValueError as error:
         _fail(error)
     finally:

@@ -30,7 +30,12 @@ from invertnet.logdet import (  # noqa: E402
     n_terms_for_bias,
     truncation_error_bound,
 )
-from invertnet.models import FlowDistribution, dense_iresnet_flow, multiscale_iresnet_flow  # noqa: E402
+from invertnet.models import (  # noqa: E402
+    FlowDistribution,
+    dense_iresnet_flow,
+    multiscale_iresnet_flow,
+    standard_normal,
+)
 from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
 from invertnet.training.distributed import is_main_process  # noqa: E402
 
@@ -79,6 +84,11 @@ def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | No
         estimator,
         levels=levels,
     )
+
+
+def _base_on(flow: FlowDistribution, device: torch.device | str) -> torch.distributions.Distribution:
+    """The standard normal base of an invertnet flow, rebuilt on ``device``."""
+    return standard_normal(tuple(flow.base.event_shape), flow.base.mean.dtype, device)
 
 
 def _residual_blocks(flow: FlowDistribution) -> list[InvertibleResidual]:
@@ -158,11 +168,19 @@ def _finish(flow: FlowDistribution, config: RunConfig, run_dir: Path, test: Tens
     return summary
 
 
-def train_run(config: RunConfig, run_dir: Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+def train_run(
+    config: RunConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Train the configured flow in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it."""
     train, test, levels = load_data(config)
+    train, test = train.to(device), test.to(device)
     torch.manual_seed(config.train.seed)
-    flow = build_flow(config, tuple(train.shape[1:]), levels)
+    flow = build_flow(config, tuple(train.shape[1:]), levels).to(device)
+    flow.base = _base_on(flow, device)
     if run_dir is None:
         if not is_main_process():
             raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")

@@ -13,9 +13,11 @@ from invertnet.core import InvertibleModule
 __all__ = ["FlowDistribution", "standard_normal"]
 
 
-def standard_normal(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None) -> Distribution:
+def standard_normal(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Distribution:
     """The standard normal on tensors of the given event shape (log_prob sums over the event)."""
-    zeros = torch.zeros(shape, dtype=dtype or torch.get_default_dtype())
+    zeros = torch.zeros(shape, dtype=dtype or torch.get_default_dtype(), device=device)
     return Independent(Normal(zeros, torch.ones_like(zeros)), len(shape))
 
 

@@ -136,6 +136,7 @@ class Trainer:
         self.schedule = _schedule(config, self.optimizer)
         self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay else None
         self.step = 0
+        self._tensorboard: Any = None
         self.rank, self.world_size = rank_and_world_size()
         if config.batch_size % self.world_size:
             raise ValueError(f"Trainer: batch_size={config.batch_size} is not divisible by {self.world_size} processes")
@@ -223,10 +224,22 @@ class Trainer:
         return True
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append a record to ``metrics.jsonl``, and to TensorBoard when it is installed (rank 0 only)."""
         if self.rank:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # TensorBoard is optional
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self._tensorboard:
+            for key, value in record.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(key, value, record["step"])
 
     def fit(self, until: int | None = None) -> dict[str, float]:
         """Train to step ``until`` (default: ``config.steps``), checkpointing and evaluating periodically."""

@@ -65,10 +65,13 @@ class TrainSettings(_Strict):
 
 
 class EvalSettings(_Strict):
-    """Evaluation (thesis A.2): series terms chosen so that the truncation bias is below ``bias_bits``."""
+    """Evaluation (thesis A.2): series terms chosen so that the truncation bias is below ``bias_bits``, and
+    passes with fresh Hutchinson probes averaged until their standard error is below ``probe_standard_error_bits``."""
 
     bias_bits: float = Field(1e-3, gt=0, description="bound on the bits/dim bias of the truncated series")
     max_terms: int = Field(200, gt=0)
+    probe_standard_error_bits: float = Field(1e-3, gt=0, description="stop averaging probe passes below this")
+    max_passes: int = Field(20, ge=2, description="most passes over the test set with fresh probes")
 
 
 class RunConfig(_Strict):

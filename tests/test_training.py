@@ -70,7 +70,8 @@ def test_truncated_or_edited_checkpoints_are_refused(tmp_path):
 
 
 def test_flow_learns_two_moons_better_than_a_fitted_gaussian(tmp_path):
-    """Measured: 2.52 +- 0.01 test bits/dim against the fitted Gaussian's 2.68 (4 blocks, 300 steps, 5 s)."""
+    """Measured: 2.52 +- 0.01 test bits/dim against the fitted Gaussian's 2.68 (4 blocks, 300 steps, 5 s);
+    the trained density integrates to 1 on a grid."""
     train, test = sample_toy("two_moons", 2000, seed=0), sample_toy("two_moons", 1000, seed=1)
     torch.manual_seed(0)
     flow = dense_iresnet_flow(2, n_blocks=4, hidden_features=32, log_det=ExactLogDet())
@@ -81,6 +82,10 @@ def test_flow_learns_two_moons_better_than_a_fitted_gaussian(tmp_path):
     gaussian = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
     gaussian_bits = (-gaussian.log_prob(test).mean() / (2 * math.log(2))).item()
     assert flow_bits < gaussian_bits - 0.1, (flow_bits, gaussian_bits)
+    grid = torch.linspace(-8, 8, 321)
+    with torch.no_grad():
+        density = torch.cat([flow.log_prob(chunk).exp() for chunk in torch.cartesian_prod(grid, grid).split(8192)])
+    assert (density.sum() * (grid[1] - grid[0]) ** 2).item() == pytest.approx(1.0, abs=0.02)
 
 
 def test_metrics_and_config_are_written(tmp_path):

@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/iresnet_block.py
+	$(BIN)/python benchmarks/digits_density.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/digits_density.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -99,7 +99,7 @@ def run_invertnet(budget: float) -> dict:
         trainer = Trainer(flow, train, settings, run_dir, progress=False)
         steps, seconds = train_for(budget, trainer.train_step, "invertnet")
         flow.eval()
-        with trainer._ema_weights(), torch.no_grad():
+        with trainer.ema_weights(), torch.no_grad():
             refine_spectral_norms(flow)
             for block in flow.modules():
                 if isinstance(block, InvertibleResidual):

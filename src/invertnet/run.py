@@ -38,6 +38,7 @@ from invertnet.models import (  # noqa: E402
 )
 from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
 from invertnet.training.distributed import is_main_process  # noqa: E402
+from invertnet.training.trainer import bits_per_sample, mean_and_standard_error  # noqa: E402
 
 __all__ = ["build_flow", "evaluate_run", "invert_run", "load_data", "open_run", "sample_run", "train_run"]
 
@@ -120,7 +121,7 @@ def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch
     stochastic = any(not block.log_det_estimator.exact for block in _residual_blocks(flow))
     passes: list[Tensor] = []
     while True:
-        passes.append(torch.cat([flow.bits_per_dim(chunk) for chunk in data.split(batch_size)]))
+        passes.append(bits_per_sample(flow, data, batch_size))
         if not stochastic:
             probe_error = 0.0
             break
@@ -129,13 +130,8 @@ def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch
             probe_error = (means.std() / math.sqrt(len(passes))).item()
             if probe_error < config.evaluation.probe_standard_error_bits or len(passes) >= config.evaluation.max_passes:
                 break
-    bits = torch.stack(passes).mean(dim=0)
-    return {
-        "bits_per_dim": bits.mean().item(),
-        "standard_error": (bits.std() / math.sqrt(len(bits))).item(),
-        "probe_standard_error": probe_error,
-        "probe_passes": len(passes),
-    }
+    summary: dict[str, Any] = mean_and_standard_error(torch.stack(passes).mean(dim=0))
+    return {**summary, "probe_standard_error": probe_error, "probe_passes": len(passes)}
 
 
 @torch.no_grad()
@@ -215,7 +211,7 @@ def train_run(
     trainer.fit()
     if not is_main_process():
         return {"run_dir": str(run_dir)}
-    with trainer._ema_weights():
+    with trainer.ema_weights():
         return _finish(flow, config, run_dir, test, levels)
 
 

@@ -22,7 +22,7 @@ from invertnet.models.flows import FlowDistribution
 from invertnet.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from invertnet.training.distributed import rank_and_world_size
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["TrainConfig", "Trainer", "bits_per_sample", "mean_and_standard_error"]
 
 _OPTIMIZERS = ("adam", "adamax", "amsgrad")
 _SCHEDULES = ("constant", "cosine", "step")
@@ -86,6 +86,17 @@ def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.op
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def bits_per_sample(flow: FlowDistribution, data: Tensor, batch_size: int = 256) -> Tensor:
+    """bits/dim of every sample of ``data``, shape (N,), computed in chunks of ``batch_size``."""
+    return torch.cat([flow.bits_per_dim(chunk) for chunk in data.split(batch_size)])
+
+
+def mean_and_standard_error(bits: Tensor) -> dict[str, float]:
+    """``{"bits_per_dim": mean, "standard_error": std / sqrt(N)}`` over samples."""
+    return {"bits_per_dim": bits.mean().item(), "standard_error": (bits.std() / math.sqrt(len(bits))).item()}
 
 
 class _BitsPerDim(nn.Module):
@@ -178,11 +189,11 @@ class Trainer:
     def evaluate(self, data: Tensor, batch_size: int = 256) -> dict[str, float]:
         """Mean test bits/dim and its standard error over samples, with the EMA weights when enabled."""
         self.flow.eval()
-        with self._ema_weights():
-            bits = torch.cat([self.flow.bits_per_dim(chunk) for chunk in data.split(batch_size)])
-        return {"bits_per_dim": bits.mean().item(), "standard_error": (bits.std() / math.sqrt(len(bits))).item()}
+        with self.ema_weights():
+            return mean_and_standard_error(bits_per_sample(self.flow, data, batch_size))
 
-    def _ema_weights(self) -> _SwapWeights:
+    def ema_weights(self) -> _SwapWeights:
+        """Context manager putting the EMA weights in place of the parameters (a no-op without EMA)."""
         return _SwapWeights(self.parameters, self.ema)
 
     def state(self) -> dict[str, Any]:

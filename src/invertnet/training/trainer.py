@@ -148,6 +148,7 @@ class Trainer:
         self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay else None
         self.step = 0
         self._tensorboard: Any = None
+        self._epoch_order: tuple[int, Tensor] | None = None
         self.rank, self.world_size = rank_and_world_size()
         if config.batch_size % self.world_size:
             raise ValueError(f"Trainer: batch_size={config.batch_size} is not divisible by {self.world_size} processes")
@@ -163,7 +164,10 @@ class Trainer:
         """The batch of a step: a deterministic function of (seed, step), so resumed runs see the same data."""
         per_epoch = len(self.train_data) // self.config.batch_size
         epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
+            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self.train_data), generator=generator))
+        order = self._epoch_order[1]
         return self.train_data[order[position * self.config.batch_size : (position + 1) * self.config.batch_size]]
 
     def train_step(self) -> float:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from invertnet import __version__
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 
 def _echo_json(payload: object) -> None:
@@ -18,6 +22,15 @@ def _echo_json(payload: object) -> None:
 
 def _fail(error: Exception) -> None:
     raise click.ClickException(str(error)) from error
+
+
+def _on_run(action: Callable[..., T], run_dir: Path, *args: object) -> T:
+    """Call ``action(run_dir, *args)``, turning a missing or invalid run folder into a CLI error."""
+    try:
+        return action(run_dir, *args)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+        raise  # unreachable: _fail raises
 
 
 @click.group()
@@ -76,10 +89,7 @@ def evaluate(run_dir: Path) -> None:
     """Test bits/dim and reconstruction error of a trained run."""
     from invertnet.run import evaluate_run
 
-    try:
-        _echo_json(evaluate_run(run_dir))
-    except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+    _echo_json(_on_run(evaluate_run, run_dir))
 
 
 @main.command()
@@ -88,10 +98,7 @@ def invert(run_dir: Path) -> None:
     """Reconstruction error of test data through the inverse of a trained run."""
     from invertnet.run import invert_run
 
-    try:
-        _echo_json(invert_run(run_dir))
-    except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+    _echo_json(_on_run(invert_run, run_dir))
 
 
 @main.command()
@@ -104,10 +111,7 @@ def sample(run_dir: Path, count: int, output: Path | None) -> None:
 
     from invertnet.run import sample_run
 
-    try:
-        samples = sample_run(run_dir, count)
-    except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+    samples = _on_run(sample_run, run_dir, count)
     output = output or Path(run_dir) / "samples.safetensors"
     save_file({"samples": samples.contiguous()}, str(output))
     click.echo(f"{count} samples of shape {tuple(samples.shape[1:])} written to {output}")

@@ -16,11 +16,15 @@ from invertnet.layers import (
     LipschitzConvNet,
     LipschitzMLP,
     Logit,
+    MaskedConv2d,
+    MintBlock,
+    MintLayer,
     Squeeze,
     UniformDequantization,
     refine_spectral_norms,
 )
 from invertnet.logdet import ExactLogDet
+from invertnet.models import mintnet_flow
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -88,6 +92,24 @@ def _preprocessed_flow() -> InvertibleModule:
     )
 
 
+def _randomised_mint(module: InvertibleModule) -> InvertibleModule:
+    """Masked-convolution weights and scales far from their near-identity initialisation, with diagonal
+    taps of both signs in the raw parameters."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, MaskedConv2d):
+                sub.raw_weight.normal_(0.0, 0.4)
+                if sub.bias is not None:
+                    sub.bias.normal_(0.0, 0.3)
+            if isinstance(sub, MintLayer):
+                sub.log_t.normal_(-0.5, 0.3)
+    return module
+
+
+def _mint_multiscale() -> InvertibleModule:
+    return _randomised_mint(mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=2, n_squeezes=1).transform)
+
+
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
@@ -103,6 +125,13 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
     "logit": (lambda: Logit(0.05), (3,)),
     "preprocessed_flow": (_preprocessed_flow, (3,)),
+    "mint_lower": (lambda: _randomised_mint(MintLayer(2, 3, direction="lower")), (2, 3, 3)),
+    "mint_upper_softplus": (
+        lambda: _randomised_mint(MintLayer(2, 2, direction="upper", activation="softplus")),
+        (2, 3, 3),
+    ),
+    "mint_block": (lambda: _randomised_mint(MintBlock(1, 3, kernel_size=5)), (1, 4, 4)),
+    "mintnet_multiscale": (_mint_multiscale, (1, 4, 4)),
 }
 
 #: Inputs from each layer's domain; layers not listed take Gaussian inputs.

@@ -1,4 +1,4 @@
-"""Invertible layers and the Lipschitz building blocks of residual branches."""
+"""Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, normalisation, reshapes."""
 
 from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import LipSwish as LipSwish
@@ -8,6 +8,10 @@ from invertnet.layers.lipschitz_nets import Linearization as Linearization
 from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
 from invertnet.layers.lipschitz_nets import LipschitzNet as LipschitzNet
+from invertnet.layers.masked import MaskedConv2d as MaskedConv2d
+from invertnet.layers.masked import MintBlock as MintBlock
+from invertnet.layers.masked import MintLayer as MintLayer
+from invertnet.layers.masked import triangular_mask as triangular_mask
 from invertnet.layers.norm import ActNorm as ActNorm
 from invertnet.layers.preprocess import Logit as Logit
 from invertnet.layers.preprocess import UniformDequantization as UniformDequantization
@@ -30,6 +34,9 @@ __all__ = [
     "LipschitzConvNet",
     "LipschitzMLP",
     "LipschitzNet",
+    "MaskedConv2d",
+    "MintBlock",
+    "MintLayer",
     "PowerIterationResult",
     "Softplus",
     "SpectralNormConv2d",
@@ -38,4 +45,5 @@ __all__ = [
     "UniformDequantization",
     "make_activation",
     "refine_spectral_norms",
+    "triangular_mask",
 ]

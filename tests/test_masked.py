@@ -1,0 +1,165 @@
+"""MintNet layers (seed 000): triangular masks, the exact diagonal, and the Newton / sequential inverses."""
+
+import pytest
+import torch
+
+from invertnet import ConvergenceError, SolverStatus
+from invertnet.layers import MaskedConv2d, MintBlock, MintLayer, triangular_mask
+from invertnet.models import mintnet_flow
+from invertnet.models.mintnet_flows import squeeze_positions
+from invertnet.solvers import sequential_solve, triangular_newton
+from tests.tolerances import FLOAT64_INVERSE_ATOL, assert_close
+
+
+def _jacobian(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Brute-force Jacobian of one sample, (n, n) over the flattened (C, H, W) positions."""
+    shape = x.shape
+    return torch.autograd.functional.jacobian(lambda v: module(v.view(1, *shape)).flatten(), x.flatten())
+
+
+def _random_layer(direction: str, channels: int = 2, k: int = 3, kernel: int = 3, std: float = 0.5) -> MintLayer:
+    layer = MintLayer(channels, k, kernel, direction).double()
+    with torch.no_grad():
+        for conv in (layer.conv1, layer.conv2, layer.conv3):
+            conv.raw_weight.normal_(0.0, std)  # diagonal taps of both signs in the raw parameters
+            conv.bias.normal_(0.0, 0.3)
+        layer.log_t.normal_(-1.0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("direction", ["lower", "upper"])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_jacobian_is_triangular_with_positive_diagonal(direction, kernel):
+    layer = _random_layer(direction, kernel=kernel)
+    for _ in range(3):
+        x = 2.0 * torch.randn(2, 3, 4, dtype=torch.float64)
+        jacobian = _jacobian(layer, x)
+        off_triangle = jacobian.triu(1) if direction == "lower" else jacobian.tril(-1)
+        assert off_triangle.abs().max() == 0.0
+        on_triangle = jacobian.tril(-1) if direction == "lower" else jacobian.triu(1)
+        assert on_triangle.abs().max() > 1e-3  # the mask keeps real dependencies
+        assert jacobian.diagonal().min() >= layer.t.min() * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("direction", ["lower", "upper"])
+def test_analytic_diagonal_matches_brute_force(direction):
+    layer = _random_layer(direction, channels=3, k=2)
+    x = torch.randn(1, 3, 3, 3, dtype=torch.float64)
+    _, diagonal = layer.map_and_diagonal(x)
+    assert_close(diagonal.flatten(), _jacobian(layer, x[0]).diagonal())
+
+
+def test_grouped_block_is_not_triangular_and_log_det_is_exact():
+    block = MintBlock(1, 2).double()
+    for layer in block:
+        with torch.no_grad():
+            for conv in (layer.conv1, layer.conv2, layer.conv3):
+                conv.raw_weight.normal_(0.0, 0.5)
+    x = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    jacobian = _jacobian(block, x[0])
+    assert jacobian.triu(1).abs().max() > 1e-3 and jacobian.tril(-1).abs().max() > 1e-3
+    assert_close(block.forward_and_log_det(x)[1][0], torch.linalg.slogdet(jacobian)[1])
+
+
+def test_mask_layout_and_errors():
+    mask, diagonal = triangular_mask(4, 2, 3, 2)  # 2 copies per data channel in the output
+    assert mask[0, 1].sum() == 0  # copy 0 of channel 0 cannot see channel 1
+    assert mask[2, 0].sum() == 9 and mask[3, 0].sum() == 9  # channel 1 sees all of channel 0
+    assert diagonal.sum() == 4 and bool(diagonal[1, 0, 1, 1]) and not bool(diagonal[2, 0, 1, 1])
+    upper, _ = triangular_mask(1, 1, 3, 1, "upper")
+    assert torch.equal(upper[0, 0], mask[0, 0].flip(0, 1))
+    with pytest.raises(ValueError, match="odd"):
+        MaskedConv2d(1, 2, 2)
+    with pytest.raises(ValueError, match="multiple of data_channels"):
+        MaskedConv2d(3, 4, 3, data_channels=2)
+    with pytest.raises(ValueError, match="direction"):
+        MintLayer(1, direction="diagonal")
+    with pytest.raises(ValueError, match=r"expected \(B, 2, H, W\)"):
+        MintLayer(2)(torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("direction", ["lower", "upper"])
+def test_newton_inverse_is_accurate_and_agrees_with_sequential(direction):
+    layer = _random_layer(direction, channels=2, k=4, std=0.6)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        newton = layer.inverse_result(y)
+        layer.solver = "sequential"
+        sequential = layer.inverse_result(y)
+    assert newton.success and sequential.success
+    assert (newton.value - x).abs().max() < 1e-8
+    assert_close(newton.value, sequential.value, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+    assert newton.iterations < 30 < sequential.iterations  # parallel Newton is far cheaper than the proof's order
+    assert newton.residual_history[-1] == newton.residual.max().item()
+
+
+def test_cut_iteration_budget_is_reported():
+    layer = _random_layer("lower", std=0.6)
+    y = layer(torch.randn(2, 2, 4, 4, dtype=torch.float64)).detach()
+    needed = layer.inverse_result(y).iterations
+    cut = layer.inverse_result(y, max_iter=needed - 1)
+    assert cut.status is SolverStatus.MAX_ITER and not cut.converged.any()
+    assert len(cut.residual_history) == needed - 1
+    with pytest.raises(ConvergenceError, match="max_iter") as caught:
+        layer.inverse(y, max_iter=needed - 1)
+    assert caught.value.result.iterations == needed - 1
+    layer.inverse(y, max_iter=needed)
+
+
+def test_safeguard_converges_where_plain_newton_diverges():
+    # r(x) = t x + tanh(x): plain Newton from y = 0 at x = 3 jumps to -16, then 20, ... (slope ~ t far out)
+    slope = torch.tensor(0.05, dtype=torch.float64)
+
+    def map_and_diagonal(x):
+        return slope * x + torch.tanh(x), slope + 1 - torch.tanh(x) ** 2
+
+    y = torch.zeros(1, 1, dtype=torch.float64)
+    x = torch.full_like(y, 3.0)
+    for _ in range(3):
+        value, diagonal = map_and_diagonal(x)
+        x = x - value / diagonal
+    assert x.abs().item() > 10  # plain Newton runs away
+    result = triangular_newton(map_and_diagonal, y, slope, x0=torch.full_like(y, 3.0))
+    assert result.success and result.value.abs().item() < 1e-12
+
+
+def test_solver_reports_nonfinite_and_rejects_bad_settings():
+    def blows_up(x):
+        return x * torch.inf, torch.ones_like(x)
+
+    y = torch.ones(2, 3, dtype=torch.float64)
+    result = triangular_newton(blows_up, y, 1.0)
+    assert result.status is SolverStatus.NONFINITE and not result.converged.any()
+    with pytest.raises(ValueError, match="min_slope must be positive"):
+        triangular_newton(blows_up, y, 0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        sequential_solve(blows_up, y, 1.0, max_iter_per_coordinate=0)
+
+
+def test_inverse_gradient_matches_unrolled_newton():
+    layer = _random_layer("upper", std=0.5)
+    y = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    (implicit,) = torch.autograd.grad((layer.inverse(y) * weights).sum(), y)
+    x = y.detach().clone()
+    with torch.no_grad():
+        for _ in range(50):
+            value, diagonal = layer.map_and_diagonal(x)
+            x = x - (value - y) / diagonal
+    jacobian = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, 2, 3, 3)).flatten(), x[0].flatten())
+    expected = torch.linalg.solve(jacobian.T, weights[0].flatten())
+    assert_close(implicit[0].flatten(), expected)
+
+
+def test_mintnet_flow_layout_and_density():
+    assert squeeze_positions(20, 2) == [6, 12] and squeeze_positions(16, 2) == [5, 10]
+    flow = mintnet_flow((1, 8, 8), n_blocks=3, hidden_factor=2, n_squeezes=2, levels=17)
+    assert flow.base.event_shape == (16, 2, 2)
+    levels = torch.randint(0, 17, (5, 1, 8, 8)).float()
+    bits = flow.bits_per_dim(levels)
+    assert bits.shape == (5,) and torch.isfinite(bits).all()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        mintnet_flow((1, 6, 6), n_squeezes=2)
+    with pytest.raises(ValueError, match="grouped layers"):
+        squeeze_positions(2, 2)

@@ -106,8 +106,24 @@ def test_metrics_and_config_are_written(tmp_path):
         (dict(schedule="linear"), "schedule"),
         (dict(steps=0), "steps"),
         (dict(ema_decay=1.0), "ema_decay"),
+        (dict(schedule="step", milestones=[50, 10]), "milestones"),
     ],
 )
 def test_invalid_config_names_the_setting(settings, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**settings)
+
+
+def test_step_schedule_with_milestones():
+    from invertnet.training.trainer import _optimizer, _schedule
+
+    config = TrainConfig(lr=1.0, schedule="step", gamma=0.1, milestones=[2, 4])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = _optimizer(config, [parameter])
+    schedule = _schedule(config, optimizer)
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])

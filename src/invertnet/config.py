@@ -32,13 +32,19 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The flow: ``dense`` (seed 001 C.3) or ``multiscale`` (thesis A.2)."""
+    """The flow: ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2) or ``mintnet`` (seed 000, 5.2)."""
 
-    kind: Literal["dense", "multiscale"]
-    n_blocks: int = Field(4, gt=0)
-    hidden: int = Field(32, gt=0)
+    kind: Literal["dense", "multiscale", "mintnet"]
+    n_blocks: int = Field(
+        4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet: grouped layers in all"
+    )
+    hidden: int = Field(32, gt=0, description="dense, multiscale: hidden width")
     n_layers: int = Field(3, gt=0, description="dense: linear layers per residual branch")
-    n_scales: int = Field(2, gt=0, description="multiscale: scale-blocks")
+    n_scales: int = Field(2, gt=0, description="multiscale, mintnet: scales, one squeeze between two")
+    hidden_factor: int = Field(8, gt=0, description="mintnet: copies of each channel in the hidden layers")
+    kernel_size: int = Field(3, gt=0, description="mintnet: odd filter size of the masked convolutions")
+    actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
+    logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
     kernel_sizes: list[int] = [3, 1, 3]
     coeff: float = Field(0.97, gt=0)
     activation: Literal["elu", "softplus", "lipswish"] = "elu"
@@ -56,6 +62,7 @@ class TrainSettings(_Strict):
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_size: int = Field(1000, gt=0)
     gamma: float = Field(0.5, gt=0)
+    milestones: list[int] = Field([], description="step schedule: steps at which the rate is multiplied by gamma")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.0, ge=0, lt=1)

@@ -29,7 +29,7 @@ class SolverStatus(enum.Enum):
     SUCCESS = "converged: every sample's residual is within atol + rtol * |y|"
     MAX_ITER = (
         "max_iter reached before every sample's residual fell within atol + rtol * |y|; increase "
-        "`max_iter`, loosen `atol`/`rtol`, or lower the block's Lipschitz coefficient"
+        "`max_iter`, loosen `atol`/`rtol`, or (residual blocks) lower the Lipschitz coefficient"
     )
     NONFINITE = (
         "the iterates became NaN or infinite; the map is probably not contractive (Lip(g) >= 1) or the "

@@ -33,6 +33,7 @@ from invertnet.logdet import (  # noqa: E402
 from invertnet.models import (  # noqa: E402
     FlowDistribution,
     dense_iresnet_flow,
+    mintnet_flow,
     multiscale_iresnet_flow,
     standard_normal,
 )
@@ -69,10 +70,30 @@ def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | No
     """The flow the config describes, for data of the given event shape."""
     model, estimator = config.model, _training_estimator(config)
     if model.kind == "dense":
-        if len(event_shape) != 1:
-            raise ValueError(f"model.kind 'dense' needs flat data, got samples of shape {event_shape}")
         return dense_iresnet_flow(
-            event_shape[0], model.n_blocks, model.hidden, model.n_layers, model.coeff, model.activation, estimator
+            event_shape,
+            model.n_blocks,
+            model.hidden,
+            model.n_layers,
+            model.coeff,
+            model.activation,
+            estimator,
+            levels=levels,
+            logit_alpha=model.logit_alpha,
+        )
+    if model.kind == "mintnet":
+        if model.activation == "lipswish":
+            raise ValueError("model.activation 'lipswish' is not monotone; mintnet needs 'elu' or 'softplus'")
+        return mintnet_flow(
+            event_shape,
+            model.n_blocks,
+            model.hidden_factor,
+            model.n_scales - 1,
+            model.kernel_size,
+            model.activation,
+            actnorm=model.actnorm,
+            levels=levels,
+            logit_alpha=model.logit_alpha,
         )
     return multiscale_iresnet_flow(
         event_shape,
@@ -84,6 +105,7 @@ def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | No
         model.activation,
         estimator,
         levels=levels,
+        logit_alpha=model.logit_alpha,
     )
 
 

@@ -16,6 +16,7 @@ from invertnet.layers.norm import ActNorm as ActNorm
 from invertnet.layers.preprocess import Logit as Logit
 from invertnet.layers.preprocess import UniformDequantization as UniformDequantization
 from invertnet.layers.residual import InvertibleResidual as InvertibleResidual
+from invertnet.layers.shape import Flatten as Flatten
 from invertnet.layers.shape import InjectivePad as InjectivePad
 from invertnet.layers.shape import Squeeze as Squeeze
 from invertnet.layers.spectral import PowerIterationResult as PowerIterationResult
@@ -26,6 +27,7 @@ from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_n
 __all__ = [
     "ELU",
     "ActNorm",
+    "Flatten",
     "InjectivePad",
     "InvertibleResidual",
     "LipSwish",

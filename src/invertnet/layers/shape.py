@@ -1,6 +1,8 @@
-r"""Volume-preserving reshapes: squeeze (space to depth) and injective zero padding (thesis A.1, A.2)."""
+r"""Volume-preserving reshapes: squeeze (space to depth), flattening and injective zero padding (thesis A.1, A.2)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import Tensor
 from invertnet.core import InvertibleModule, check_input
 from invertnet.solvers.fixed_point import default_tolerances
 
-__all__ = ["InjectivePad", "Squeeze"]
+__all__ = ["Flatten", "InjectivePad", "Squeeze"]
 
 
 class Squeeze(InvertibleModule):
@@ -40,6 +42,40 @@ class Squeeze(InvertibleModule):
     def inverse_lipschitz_bound(self) -> float:
         """1: a permutation preserves the per-sample 2-norm."""
         return 1.0
+
+
+class Flatten(InvertibleModule):
+    r"""(B, *event_shape) -> (B, prod(event_shape)), log-det 0; lets dense flows model images.
+
+    Arguments:
+        event_shape: The shape of one sample, e.g. (1, 8, 8).
+
+    Example:
+        >>> Flatten((1, 8, 8))(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 64])
+    """
+
+    volume_preserving = True
+
+    def __init__(self, event_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.event_shape = tuple(int(size) for size in event_shape)
+        self.features = math.prod(self.event_shape)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(x, self.event_shape, "Flatten.forward")
+        return x.reshape(x.shape[0], self.features), x.new_zeros(x.shape[0])
+
+    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+        check_input(y, (self.features,), "Flatten.inverse")
+        return y.reshape(y.shape[0], *self.event_shape), y.new_zeros(y.shape[0])
+
+    def inverse_lipschitz_bound(self) -> float:
+        """1: a reshape preserves the per-sample 2-norm."""
+        return 1.0
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}"
 
 
 class InjectivePad(InvertibleModule):

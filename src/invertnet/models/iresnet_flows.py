@@ -2,6 +2,7 @@ r"""i-ResNet flow architectures: the dense flow of seed 001 C.3 and the multi-sc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from invertnet.core import InvertibleModule, InvertibleSequential
@@ -9,45 +10,61 @@ from invertnet.layers.lipschitz_nets import LipschitzConvNet, LipschitzMLP
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
-from invertnet.layers.shape import Squeeze
+from invertnet.layers.shape import Flatten, Squeeze
 from invertnet.models.flows import FlowDistribution, standard_normal
 
 __all__ = ["dense_iresnet_flow", "multiscale_iresnet_flow"]
 
 
 def dense_iresnet_flow(
-    features: int,
+    features: int | Sequence[int],
     n_blocks: int = 100,
     hidden_features: int = 64,
     n_layers: int = 3,
     coeff: float = 0.97,
     activation: str = "elu",
     log_det: LogDetEstimator | None = None,
+    *,
+    levels: int | None = None,
+    logit_alpha: float = 0.05,
 ) -> FlowDistribution:
     """The dense i-ResNet flow for 2-D and tabular data (seed 001, C.3 "Toy Densities").
 
-    ``n_blocks`` residual blocks x + g(x), g an MLP features-hidden-...-hidden-features (the seed: 2-64-64-64-2,
-    ELU, 100 blocks), each followed by ActNorm; standard normal base.
+    ``n_blocks`` blocks of ActNorm followed by a residual block x + g(x), g an MLP
+    features-hidden-...-hidden-features (the seed: 2-64-64-64-2, ELU, 100 blocks); standard normal base.
+    Given an event shape such as (1, 8, 8) instead of a number of features, the flow flattens its input
+    (:class:`~invertnet.layers.Flatten`), so small images can be modelled densely.
 
     Arguments:
-        features: Data dimension d; data with shape (B, d).
+        features: Data dimension d (data with shape (B, d)), or the event shape of one sample.
         n_blocks, hidden_features, n_layers, coeff, activation: The residual branches (see
             :class:`~invertnet.layers.LipschitzMLP`).
         log_det: Log-det estimator of every block (default: power series with 10 terms; the seed computed
             the exact log-det, :class:`~invertnet.logdet.ExactLogDet`, which is affordable in 2-D).
+        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
+            transform, so that ``bits_per_dim`` is with respect to the discrete data.
+        logit_alpha: Margin of the logit transform when ``levels`` is given.
 
     Example:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
         >>> flow.log_prob(torch.randn(5, 2)).shape
         torch.Size([5])
+        >>> dense_iresnet_flow((1, 8, 8), n_blocks=1, levels=17).base.event_shape
+        torch.Size([64])
     """
     if n_blocks < 1:
         raise ValueError(f"dense_iresnet_flow: n_blocks must be positive, got {n_blocks}")
+    shape = (int(features),) if isinstance(features, int) else tuple(int(size) for size in features)
     parts: list[InvertibleModule] = []
+    if levels is not None:
+        parts += [UniformDequantization(levels), Logit(logit_alpha)]
+    if len(shape) > 1:
+        parts.append(Flatten(shape))
+    dim = math.prod(shape)
     for _ in range(n_blocks):
-        g = LipschitzMLP(features, hidden_features, n_layers=n_layers, coeff=coeff, activation=activation)
-        parts += [InvertibleResidual(g, log_det=log_det), ActNorm(features)]
-    return FlowDistribution(InvertibleSequential(*parts), standard_normal((features,)))
+        g = LipschitzMLP(dim, hidden_features, n_layers=n_layers, coeff=coeff, activation=activation)
+        parts += [ActNorm(dim), InvertibleResidual(g, log_det=log_det)]
+    return FlowDistribution(InvertibleSequential(*parts), standard_normal((dim,)))
 
 
 def multiscale_iresnet_flow(

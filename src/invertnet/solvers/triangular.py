@@ -71,16 +71,17 @@ def _after_moved(moved: Tensor, lower: bool) -> Tensor:
     return before.view_as(moved)
 
 
-#: Newton converges quadratically, so a residual 100 times below the fixed-point default costs about one more
-#: iteration; it keeps the error (residual times the condition number of J) small for ill-conditioned layers.
-TOLERANCE_FACTOR = 1e-2
+#: Default (atol, rtol) by dtype. Newton converges quadratically, so float64 solves go 100x below the
+#: fixed-point default (about one more iteration): the error is the residual times the condition number of
+#: J. float32 and halves keep the fixed-point defaults, a few ulps above their rounding floor.
+_TOLERANCES = {torch.float64: (1e-12, 1e-12)}
 
 
 def _resolve(y: Tensor, atol: float | None, rtol: float | None, max_iter: int) -> tuple[float, float]:
-    """Tolerances, by default :func:`~invertnet.solvers.default_tolerances` times ``TOLERANCE_FACTOR``."""
+    """Tolerances, by default ``_TOLERANCES`` or :func:`~invertnet.solvers.default_tolerances`."""
     if max_iter < 1:
         raise ValueError(f"triangular solver: max_iter must be at least 1, got {max_iter}")
-    default_atol, default_rtol = (TOLERANCE_FACTOR * tolerance for tolerance in default_tolerances(y.dtype))
+    default_atol, default_rtol = _TOLERANCES.get(y.dtype) or default_tolerances(y.dtype)
     return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
 
 
@@ -113,7 +114,7 @@ def triangular_newton(
         lower: The Jacobian is lower triangular over the flattened coordinates of a sample (``False``: upper).
         x0: Initial iterate (default: y).
         atol, rtol: Per-sample tolerance max_p |r_p(x) - y_p| - rtol |y_p| <= atol; defaults by dtype
-            (:func:`~invertnet.solvers.default_tolerances` / 100: 1e-12 for float64, 1e-7 for float32).
+            (1e-12 for float64; :func:`~invertnet.solvers.default_tolerances` otherwise, 1e-5 for float32).
         max_iter: Most evaluations of ``map_and_diagonal``.
 
     Returns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ class TrainConfig:
         lr: Learning rate.
         optimizer: ``"adam"``, ``"adamax"`` or ``"amsgrad"``.
         schedule: ``"constant"``, ``"cosine"`` (to 0 over ``steps``) or ``"step"`` (x ``gamma`` every
-            ``step_size`` steps).
-        step_size, gamma: Parameters of the step schedule.
+            ``step_size`` steps, or at each of the ``milestones`` when given).
+        step_size, gamma, milestones: Parameters of the step schedule.
         weight_decay: L2 penalty of the optimiser.
         grad_clip: Maximal gradient 2-norm, or 0 for none.
         ema_decay: Decay of the weight average used for evaluation, or 0 for none.
@@ -54,6 +54,7 @@ class TrainConfig:
     schedule: str = "constant"
     step_size: int = 1000
     gamma: float = 0.5
+    milestones: list[int] = field(default_factory=list)
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     ema_decay: float = 0.0
@@ -69,6 +70,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if sorted(set(self.milestones)) != list(self.milestones) or any(step < 1 for step in self.milestones):
+            raise ValueError(f"TrainConfig.milestones must be increasing positive steps, got {self.milestones}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
             raise ValueError("TrainConfig: need lr > 0, 0 <= ema_decay < 1 and grad_clip >= 0")
 
@@ -83,6 +86,8 @@ def _optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch.opt
 def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    if config.schedule == "step" and config.milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.gamma)
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -25,7 +25,9 @@ def squeeze_positions(n_blocks: int, n_squeezes: int) -> list[int]:
     """
     gap = n_blocks // (n_squeezes + 1)
     if n_squeezes and gap < 1:
-        raise ValueError(f"mintnet: {n_squeezes} squeezes need at least {n_squeezes + 1} grouped layers, got {n_blocks}")
+        raise ValueError(
+            f"mintnet: {n_squeezes} squeezes need at least {n_squeezes + 1} grouped layers, got {n_blocks}"
+        )
     return [gap * (index + 1) for index in range(n_squeezes)]
 
 

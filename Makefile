@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/iresnet_block.py
 	$(BIN)/python benchmarks/digits_density.py
+	$(BIN)/python benchmarks/mintnet_layer.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,4 +1,4 @@
-"""Density estimation on scikit-learn's 8x8 digits: invertnet's i-ResNet flow against zuko and normflows.
+"""Density estimation on scikit-learn's 8x8 digits: invertnet's flows against zuko and normflows.
 
 Run from the repository root::
 
@@ -7,18 +7,20 @@ Run from the repository root::
 Progress and a table go to stderr, one JSON object to stdout. Every model trains for the same wall-clock
 budget (default 60 s) on the CPU with torch's default number of threads, then is evaluated on the test split.
 
-* invertnet: the default ``digits`` config (multi-scale i-ResNet, its own dequantisation and logit), trained
-  with the config's optimiser settings through ``Trainer.train_step`` (``steps`` made so large that the
-  cosine schedule stays at its initial rate). Evaluated in eval mode with the EMA weights, after
+* invertnet: the embedded configs ``digits_dense`` (dense i-ResNet), ``mintnet_digits`` (MintNet) and
+  ``digits`` (multi-scale i-ResNet, the ``make run`` model), each with its own dequantisation and logit,
+  trained with the config's optimiser settings through ``Trainer.train_step`` (``steps`` made so large that
+  the cosine schedule stays at its initial rate). Evaluated in eval mode with the EMA weights, after
   ``refine_spectral_norms`` (as ``invertnet evaluate`` does) and with ``ExactLogDet`` in every block, so the
   number carries neither the truncation bias nor the probe noise of the training estimator.
 * peers, on the data flattened to 64 dimensions, dequantised as x = (levels + U[0, 1)) / 17 and mapped by
   the same logit as invertnet's (alpha = 0.05, its log-det included), trained with Adam (lr 1e-3, batch 64):
   zuko MAF and NSF (a peer whose library is missing is reported as an error), normflows RealNVP (masked
-  affine couplings on alternating checkerboard masks, ActNorm between) and normflows' residual flow
+  affine couplings on alternating checkerboard masks, ActNorm between), normflows Glow (on the images
+  squeezed to 4x4x4) and normflows' residual flow
   (``Residual(LipschitzMLP)``, ActNorm between, ``update_lipschitz`` after every step and to convergence
   before evaluation; evaluated with its own unbiased eval-mode estimator). The hidden width of each peer is
-  chosen so that its parameter count is closest to invertnet's.
+  chosen so that its parameter count is closest to that of ``digits_dense``.
 
 Test bits/dim are with respect to the discrete data, -log p(levels + u) / (64 ln 2), averaged per test image
 over 4 dequantisation draws; ``standard_error`` is over test images.
@@ -53,6 +55,8 @@ BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 EVAL_BATCH = 256
 REPORT_EVERY = 10.0
+#: Peers get the parameter count of this invertnet config.
+PEER_SIZE_CONFIG = "digits_dense"
 
 
 def log(message: str) -> None:
@@ -89,15 +93,16 @@ def averaged_bits(bits: Callable[[Tensor], Tensor], test: Tensor) -> Tensor:
 # invertnet
 
 
-def run_invertnet(budget: float) -> dict:
-    config = load_config("digits")
+def run_invertnet(budget: float, config_name: str) -> dict:
+    """Train an embedded config for ``budget`` seconds and evaluate it with an exact (or bias-free) log-det."""
+    config = load_config(config_name)
     train, test, levels = load_data(config)
     torch.manual_seed(config.train.seed)
     flow = build_flow(config, tuple(train.shape[1:]), levels)
     settings = TrainConfig(**{**config.train.model_dump(), "steps": 10**9})
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(flow, train, settings, run_dir, progress=False)
-        steps, seconds = train_for(budget, trainer.train_step, "invertnet")
+        steps, seconds = train_for(budget, trainer.train_step, config_name)
         flow.eval()
         with trainer.ema_weights(), torch.no_grad():
             refine_spectral_norms(flow)
@@ -105,7 +110,14 @@ def run_invertnet(budget: float) -> dict:
                 if isinstance(block, InvertibleResidual):
                     block.log_det_estimator = ExactLogDet()
             bits = averaged_bits(flow.bits_per_dim, test)
-    return result(flow, steps, seconds, bits, "multiscale i-ResNet, config 'digits'")
+    return result(flow, steps, seconds, bits, INVERTNET_MODELS[config_name])
+
+
+INVERTNET_MODELS = {
+    "digits_dense": "dense i-ResNet on flattened digits, config 'digits_dense'",
+    "mintnet_digits": "MintNet (grouped masked-conv layers), config 'mintnet_digits'",
+    "digits": "multiscale i-ResNet, config 'digits' (make run)",
+}
 
 
 # peers: densities of logit-space vectors y with log_prob(y) of shape (B,)
@@ -166,6 +178,25 @@ def normflows_realnvp(width: int) -> nn.Module:
     return nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows)
 
 
+class ImageDensity(nn.Module):
+    """A normflows image flow over (1, 8, 8) with a ``log_prob`` of flat 64-vectors."""
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        return self.flow.log_prob(y.view(-1, 1, 8, 8))
+
+
+def normflows_glow(width: int) -> nn.Module:
+    import normflows as nf
+
+    blocks = [nf.flows.GlowBlock(4, width, split_mode="channel") for _ in range(4)]
+    base = nf.distributions.DiagGaussian((4, 4, 4), trainable=False)
+    return ImageDensity(nf.NormalizingFlow(base, [*blocks, nf.flows.Squeeze()]))
+
+
 def normflows_residual(width: int) -> nn.Module:
     import normflows as nf
 
@@ -205,6 +236,11 @@ PEERS = [
         "normflows RealNVP",
         normflows_realnvp,
         "4 masked affine couplings (checkerboard), s/t MLPs with 2 hidden layers",
+    ),
+    Peer(
+        "normflows Glow",
+        normflows_glow,
+        "squeeze to 4x4x4, 4 Glow blocks (affine coupling with 3x3-1x1-3x3 conv net, 1x1 conv, ActNorm)",
     ),
     Peer(
         "normflows residual",
@@ -308,8 +344,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model")
     budget = parser.parse_args().budget
     train, test = load_digits("train")[0], load_digits("test")[0]
-    target = parameter_count(build_flow(load_config("digits"), (1, 8, 8), DIGITS_LEVELS))
-    rows = [guarded("invertnet i-ResNet", lambda: run_invertnet(budget))]
+    target = parameter_count(build_flow(load_config(PEER_SIZE_CONFIG), (1, 8, 8), DIGITS_LEVELS))
+    rows = [guarded(f"invertnet {name}", lambda name=name: run_invertnet(budget, name)) for name in INVERTNET_MODELS]
     for peer in PEERS:
         rows.append(guarded(peer.name, lambda peer=peer: run_peer(peer, target, budget, train, test)))
     log(table(rows))

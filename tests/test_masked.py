@@ -5,7 +5,7 @@ import torch
 
 from invertnet import ConvergenceError, SolverStatus
 from invertnet.layers import MaskedConv2d, MintBlock, MintLayer, triangular_mask
-from invertnet.models import mintnet_flow
+from invertnet.models import mintnet_classifier, mintnet_flow
 from invertnet.models.mintnet_flows import squeeze_positions
 from invertnet.solvers import sequential_solve, triangular_newton
 from tests.tolerances import FLOAT64_INVERSE_ATOL, assert_close
@@ -163,3 +163,22 @@ def test_mintnet_flow_layout_and_density():
         mintnet_flow((1, 6, 6), n_squeezes=2)
     with pytest.raises(ValueError, match="grouped layers"):
         squeeze_positions(2, 2)
+
+
+def test_mintnet_classifier_features_invert_to_the_input():
+    model = mintnet_classifier((1, 8, 8), n_classes=3, n_blocks=3, hidden_factor=2, n_squeezes=1, pad_channels=2)
+    model = model.double()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # batch-norm running statistics
+            model(torch.randn(16, 1, 8, 8, dtype=torch.float64))
+    model.eval()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        z = model.features(x)
+        assert z.shape == (4, 8, 4, 4) and model(x).shape == (4, 3)
+        assert (model.invert_features(z) - x).abs().max() < 1e-8
+    layers = [type(part).__name__ for part in model.body]
+    assert layers[:3] == ["InjectivePad", "InvertibleBatchNorm", "MintLayer"] and layers.count("Squeeze") == 1
+    with pytest.raises(ValueError, match="pad_channels"):
+        mintnet_classifier((3, 8, 8), pad_channels=2)

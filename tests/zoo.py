@@ -12,6 +12,7 @@ from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
     InjectivePad,
+    InvertibleBatchNorm,
     InvertibleResidual,
     LipschitzConvNet,
     LipschitzMLP,
@@ -125,6 +126,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
     "logit": (lambda: Logit(0.05), (3,)),
     "preprocessed_flow": (_preprocessed_flow, (3,)),
+    "batch_norm": (lambda: InvertibleBatchNorm(3), (3, 2, 2)),
     "mint_lower": (lambda: _randomised_mint(MintLayer(2, 3, direction="lower")), (2, 3, 3)),
     "mint_upper_softplus": (
         lambda: _randomised_mint(MintLayer(2, 2, direction="upper", activation="softplus")),

@@ -13,6 +13,7 @@ from invertnet.layers.masked import MintBlock as MintBlock
 from invertnet.layers.masked import MintLayer as MintLayer
 from invertnet.layers.masked import triangular_mask as triangular_mask
 from invertnet.layers.norm import ActNorm as ActNorm
+from invertnet.layers.norm import InvertibleBatchNorm as InvertibleBatchNorm
 from invertnet.layers.preprocess import Logit as Logit
 from invertnet.layers.preprocess import UniformDequantization as UniformDequantization
 from invertnet.layers.residual import InvertibleResidual as InvertibleResidual
@@ -29,6 +30,7 @@ __all__ = [
     "ActNorm",
     "Flatten",
     "InjectivePad",
+    "InvertibleBatchNorm",
     "InvertibleResidual",
     "LipSwish",
     "Logit",

@@ -1,4 +1,4 @@
-r"""Activation normalisation (Kingma & Dhariwal 2018; thesis A.1/A.2 place it before each block)."""
+r"""Normalisation layers: ActNorm (Kingma & Dhariwal 2018; thesis A.1/A.2) and invertible batch norm (seed 000, 5.1)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, check_input
 
-__all__ = ["ActNorm"]
+__all__ = ["ActNorm", "InvertibleBatchNorm"]
 
 
 class ActNorm(InvertibleModule):
@@ -77,3 +77,89 @@ class ActNorm(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, initialized={bool(self.initialized)}"
+
+
+class InvertibleBatchNorm(InvertibleModule):
+    r"""Batch normalisation as an invertible layer (seed 000, 5.1; Papamakarios et al. 2017, MAF).
+
+    .. math:: y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta, \qquad
+        \log|\det J| = \frac{d}{C} \sum_c \Big(\log|\gamma_c| - \tfrac12 \log(\sigma_c^2 + \epsilon)\Big)
+
+    In training mode, mu and sigma^2 are the batch's per-channel statistics (held constant in the log-det,
+    as in MAF) and update the running averages; in eval mode the running averages are used, so the layer is
+    a fixed affine map, batch-independent and exactly invertible. The inverse always uses the running
+    averages: invert a trained model in eval mode.
+
+    Arguments:
+        channels: Number of channels C of inputs with shape (B, C, ...).
+        momentum: Weight of the new batch in the running averages.
+        eps: Added to the variance.
+
+    Example:
+        >>> layer = InvertibleBatchNorm(3).eval()
+        >>> x = torch.randn(4, 3, 2, 2)
+        >>> bool((layer.inverse(layer(x)) - x).abs().max() < 1e-6)
+        True
+    """
+
+    #: The training-mode output depends on the whole batch (the generic suite skips train/eval agreement).
+    batch_statistics_in_training = True
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if channels < 1 or not 0 < momentum <= 1 or eps <= 0:
+            raise ValueError(
+                "InvertibleBatchNorm: need channels >= 1, 0 < momentum <= 1 and eps > 0; "
+                f"got {channels}, {momentum}, {eps}"
+            )
+        self.channels, self.momentum, self.eps = channels, momentum, eps
+        self.log_gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def _check(self, x: Tensor, where: str) -> None:
+        check_input(x, None, f"InvertibleBatchNorm.{where}")
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"InvertibleBatchNorm.{where}: expected input of shape (B, {self.channels}, ...), got {tuple(x.shape)}"
+            )
+
+    def _statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training:
+            return self.running_mean, self.running_var
+        if x.shape[0] * x[0, 0].numel() < 2:
+            raise ValueError("InvertibleBatchNorm.forward: batch statistics need more than one value per channel")
+        per_channel = x.transpose(0, 1).flatten(1)
+        mean, var = per_channel.mean(dim=1), per_channel.var(dim=1, unbiased=False)
+        with torch.no_grad():
+            unbiased = var * per_channel.shape[1] / (per_channel.shape[1] - 1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(unbiased.detach(), self.momentum)
+        return mean, var
+
+    def _view(self, parameter: Tensor, x: Tensor) -> Tensor:
+        return parameter.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def _log_scale(self, var: Tensor) -> Tensor:
+        return self.log_gamma - 0.5 * torch.log(var + self.eps)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x, "forward")
+        mean, var = self._statistics(x)
+        log_scale = self._log_scale(var)
+        y = (x - self._view(mean, x)) * self._view(log_scale.exp(), x) + self._view(self.beta, x)
+        return y, (x[0, 0].numel() * log_scale.sum()).expand(x.shape[0])
+
+    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+        self._check(y, "inverse")
+        log_scale = self._log_scale(self.running_var)
+        x = (y - self._view(self.beta, y)) * self._view((-log_scale).exp(), y) + self._view(self.running_mean, y)
+        return x, (-y[0, 0].numel() * log_scale.sum()).expand(y.shape[0])
+
+    def inverse_lipschitz_bound(self) -> float:
+        """max_c sqrt(var_c + eps) / |gamma_c| of the eval-mode map."""
+        return float((-self._log_scale(self.running_var)).detach().max().exp())
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, momentum={self.momentum}"

@@ -1,9 +1,19 @@
-"""Models built from invertible layers: flows as distributions, i-ResNet and MintNet flow architectures."""
+"""Models built from invertible layers: flows as distributions, i-ResNet and MintNet flows, invertible classifiers."""
 
+from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
+from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
 
-__all__ = ["FlowDistribution", "dense_iresnet_flow", "mintnet_flow", "multiscale_iresnet_flow", "standard_normal"]
+__all__ = [
+    "FlowDistribution",
+    "InvertibleClassifier",
+    "dense_iresnet_flow",
+    "mintnet_classifier",
+    "mintnet_flow",
+    "multiscale_iresnet_flow",
+    "standard_normal",
+]

@@ -104,3 +104,12 @@ def test_sample_shape_must_be_a_batch_size():
     flow = FlowDistribution(ActNorm(2).double(), standard_normal((2,), torch.float64))
     with pytest.raises(ValueError, match="sample_shape"):
         flow.sample((2, 3))
+
+
+def test_base_distribution_moves_and_casts_with_the_flow():
+    flow = FlowDistribution(ActNorm(2), standard_normal((2,)))
+    flow = flow.double()
+    assert flow.base.mean.dtype == torch.float64
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert flow.log_prob(x).dtype == torch.float64 and flow.sample((4,)).dtype == torch.float64
+    assert flow.to("cpu").base.mean.device.type == "cpu"

@@ -35,7 +35,6 @@ from invertnet.models import (  # noqa: E402
     dense_iresnet_flow,
     mintnet_flow,
     multiscale_iresnet_flow,
-    standard_normal,
 )
 from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
 from invertnet.training.distributed import is_main_process  # noqa: E402
@@ -107,11 +106,6 @@ def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | No
         levels=levels,
         logit_alpha=model.logit_alpha,
     )
-
-
-def _base_on(flow: FlowDistribution, device: torch.device | str) -> torch.distributions.Distribution:
-    """The standard normal base of an invertnet flow, rebuilt on ``device``."""
-    return standard_normal(tuple(flow.base.event_shape), flow.base.mean.dtype, device)
 
 
 def _residual_blocks(flow: FlowDistribution) -> list[InvertibleResidual]:
@@ -220,7 +214,6 @@ def train_run(
     train, test = train.to(device), test.to(device)
     torch.manual_seed(config.train.seed)
     flow = build_flow(config, tuple(train.shape[1:]), levels).to(device)
-    flow.base = _base_on(flow, device)
     if run_dir is None:
         if not is_main_process():
             raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")

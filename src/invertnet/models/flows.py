@@ -3,6 +3,7 @@ r"""Normalising flows as distributions: p_X(x) = p_Z(F(x)) |det J_F(x)| (thesis 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,16 @@ def standard_normal(
     return Independent(Normal(zeros, torch.ones_like(zeros)), len(shape))
 
 
+def _mapped(distribution: Distribution, fn: Callable[[Tensor], Tensor]) -> Distribution:
+    """The distribution rebuilt with ``fn`` applied to its tensors (normal and independent-normal bases);
+    other distributions are returned unchanged."""
+    if isinstance(distribution, Independent):
+        return Independent(_mapped(distribution.base_dist, fn), distribution.reinterpreted_batch_ndims)
+    if isinstance(distribution, Normal):
+        return Normal(fn(distribution.loc), fn(distribution.scale))
+    return distribution
+
+
 class FlowDistribution(nn.Module):
     r"""The distribution of x = F^{-1}(z), z ~ base, for an invertible transform F (data -> latent).
 
@@ -36,7 +47,8 @@ class FlowDistribution(nn.Module):
     Arguments:
         transform: The flow F, mapping data with shape (B, ...) to latents.
         base: The latent distribution, with ``event_shape`` the latent shape and ``log_prob`` of shape (B,),
-            e.g. :func:`standard_normal`.
+            e.g. :func:`standard_normal`. Normal bases move with the module (``flow.to(device)``,
+            ``flow.double()``); other distributions must be created on the right device by the caller.
 
     Example:
         >>> from invertnet.layers import ActNorm
@@ -51,6 +63,12 @@ class FlowDistribution(nn.Module):
             raise TypeError(f"FlowDistribution: transform must be an InvertibleModule, got {type(transform).__name__}")
         self.transform = transform
         self.base = base
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 (nn.Module's private hook)
+        """Move and cast the base with the module (``.to``, ``.double()``, ``.cuda()``), as nn.Module cannot."""
+        super()._apply(fn, *args, **kwargs)
+        self.base = _mapped(self.base, fn)
+        return self
 
     def _base_log_prob(self, z: Tensor) -> Tensor:
         expected = tuple(self.base.event_shape)

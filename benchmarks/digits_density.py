@@ -317,13 +317,13 @@ def guarded(name: str, run: Callable[[], dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<20} {'params':>8} {'steps':>7} {'seconds':>8} {'test bits/dim':>14} {'s.e.':>7}"]
+    lines = [f"{'model':<24} {'params':>8} {'steps':>7} {'seconds':>8} {'test bits/dim':>14} {'s.e.':>7}"]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['model']:<20} error: {row['error']}")
+            lines.append(f"{row['model']:<24} error: {row['error']}")
         else:
             lines.append(
-                f"{row['model']:<20} {row['parameters']:>8} {row['steps']:>7} {row['seconds']:>8.1f} "
+                f"{row['model']:<24} {row['parameters']:>8} {row['steps']:>7} {row['seconds']:>8.1f} "
                 f"{row['test_bits_per_dim']:>14.4f} {row['standard_error']:>7.4f}"
             )
     return "\n".join(lines)

@@ -135,6 +135,33 @@ def test_mintnet_trains_evaluates_and_inverts_through_the_cli(tmp_path):
     assert (tmp_path / "samples.png").is_file()
 
 
+def test_mintnet_classifier_trains_and_inverts_its_features(tmp_path):
+    tiny = ["model.n_blocks=2", "model.hidden_factor=1", "train.steps=3", "train.checkpoint_every=3"]
+    overrides = [item for setting in tiny for item in ("--set", setting)]
+    command = ["train", "--config", "mintnet_classifier_digits", "--quiet", *overrides, "--run-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert 0 <= summary["test"]["accuracy"] <= 1 and summary["test"]["cross_entropy"] > 0
+    assert summary["reconstruction"]["status"] == "success" and summary["reconstruction"]["max_abs_error"] < 1e-4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "train_cross_entropy" in records[0]
+    runner = CliRunner()
+    evaluated = runner.invoke(main, ["evaluate", str(tmp_path)])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.output)["test"] == summary["test"]
+    inverted = runner.invoke(main, ["invert", str(tmp_path)])
+    assert inverted.exit_code == 0 and json.loads(inverted.output)["status"] == "success"
+    sampled = runner.invoke(main, ["sample", str(tmp_path)])
+    assert sampled.exit_code != 0 and "classifier, which has no samples" in sampled.output
+
+
+def test_classifier_needs_labelled_images():
+    result = CliRunner().invoke(
+        main, ["train", "--config", "mintnet_classifier_digits", "--set", "data.name=two_moons"]
+    )
+    assert result.exit_code != 0 and "labelled images" in result.output
+
+
 def test_device_resolution():
     import torch
 

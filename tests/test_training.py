@@ -23,7 +23,7 @@ def _trainer(run_dir, log_det=None, **config):
 
 
 def _parameters(trainer):
-    return {name: value.detach().clone() for name, value in trainer.flow.state_dict().items()}
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
 
 
 def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(tmp_path):
@@ -97,6 +97,8 @@ def test_metrics_and_config_are_written(tmp_path):
     assert [r["step"] for r in records if "train_bits_per_dim" in r] == [1, 2, 3]
     assert any("test_bits_per_dim" in r for r in records)
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a test dependency
+    assert events and events[0].stat().st_size > 0
 
 
 @pytest.mark.parametrize(
@@ -127,3 +129,29 @@ def test_step_schedule_with_milestones():
         optimizer.step()
         schedule.step()
     assert rates == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_trainer_trains_a_classifier_on_labelled_batches(tmp_path):
+    from invertnet.models import mintnet_classifier
+    from invertnet.training import CrossEntropy
+
+    images = torch.randn(64, 1, 4, 4)
+    labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+    model = mintnet_classifier((1, 4, 4), n_classes=2, n_blocks=2, hidden_factor=1, n_squeezes=1, pad_channels=2)
+    config = TrainConfig(steps=30, batch_size=32, lr=1e-2)
+    trainer = Trainer(
+        model,
+        (images, labels),
+        config,
+        tmp_path,
+        test_data=(images, labels),
+        progress=False,
+        objective=CrossEntropy(model),
+    )
+    x, y = trainer.batch(0)
+    assert x.shape == (32, 1, 4, 4) and y.shape == (32,)
+    before = trainer.evaluate((images, labels))["cross_entropy"]
+    after = trainer.fit()
+    assert after["cross_entropy"] < before and after["accuracy"] > 0.8
+    with pytest.raises(TypeError, match="pass an objective"):
+        Trainer(model, (images, labels), config, tmp_path)

@@ -58,7 +58,7 @@ def configs() -> None:
 def train(
     config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool, device: str
 ) -> None:
-    """Train a flow, evaluate it and write its run folder; prints the summary as JSON."""
+    """Train a flow or an invertible classifier, evaluate it and write its run folder; prints the summary as JSON."""
     from invertnet.config import load_config
     from invertnet.run import train_run
     from invertnet.training import distributed
@@ -86,7 +86,7 @@ def train(
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def evaluate(run_dir: Path) -> None:
-    """Test bits/dim and reconstruction error of a trained run."""
+    """Test metrics (bits/dim, or accuracy for classifiers) and reconstruction error of a trained run."""
     from invertnet.run import evaluate_run
 
     _echo_json(_on_run(evaluate_run, run_dir))
@@ -106,7 +106,7 @@ def invert(run_dir: Path) -> None:
 @click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:
-    """Draw samples from a trained run and save them as safetensors."""
+    """Draw samples from a trained flow run and save them as safetensors."""
     from safetensors.torch import save_file
 
     from invertnet.run import sample_run

@@ -32,18 +32,20 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The flow: ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2) or ``mintnet`` (seed 000, 5.2)."""
+    """The model: flows ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2), ``mintnet`` (seed 000, 5.2); the
+    classifier ``mintnet_classifier`` (seed 000, 5.1), trained with cross-entropy on labelled images."""
 
-    kind: Literal["dense", "multiscale", "mintnet"]
+    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier"]
     n_blocks: int = Field(
-        4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet: grouped layers in all"
+        4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet*: grouped layers in all"
     )
     hidden: int = Field(32, gt=0, description="dense, multiscale: hidden width")
     n_layers: int = Field(3, gt=0, description="dense: linear layers per residual branch")
-    n_scales: int = Field(2, gt=0, description="multiscale, mintnet: scales, one squeeze between two")
-    hidden_factor: int = Field(8, gt=0, description="mintnet: copies of each channel in the hidden layers")
-    kernel_size: int = Field(3, gt=0, description="mintnet: odd filter size of the masked convolutions")
+    n_scales: int = Field(2, gt=0, description="multiscale, mintnet*: scales, one squeeze between two")
+    hidden_factor: int = Field(8, gt=0, description="mintnet*: copies of each channel in the hidden layers")
+    kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
+    pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
     kernel_sizes: list[int] = [3, 1, 3]
     coeff: float = Field(0.97, gt=0)

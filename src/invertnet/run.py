@@ -1,7 +1,8 @@
-r"""Runs: build data and flow from a :class:`~invertnet.config.RunConfig`, train, evaluate, sample, invert.
+r"""Runs: build data and model from a :class:`~invertnet.config.RunConfig`, train, evaluate, sample, invert.
 
-A run folder holds ``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json``
-and figures (``samples.png``; for 2-D data also ``density.png``, like thesis Fig. 5.2).
+A run trains a flow (density estimation) or, for the classifier model kinds, an invertible classifier. A run
+folder holds ``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json``
+and, for flows, figures (``samples.png``; for 2-D data also ``density.png``, like thesis Fig. 5.2).
 """
 
 from __future__ import annotations
@@ -32,15 +33,28 @@ from invertnet.logdet import (  # noqa: E402
 )
 from invertnet.models import (  # noqa: E402
     FlowDistribution,
+    InvertibleClassifier,
     dense_iresnet_flow,
+    mintnet_classifier,
     mintnet_flow,
     multiscale_iresnet_flow,
 )
-from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
+from invertnet.training import CrossEntropy, TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
 from invertnet.training.distributed import is_main_process  # noqa: E402
-from invertnet.training.trainer import bits_per_sample, mean_and_standard_error  # noqa: E402
+from invertnet.training.objectives import bits_per_sample, mean_and_standard_error  # noqa: E402
 
-__all__ = ["build_flow", "evaluate_run", "invert_run", "load_data", "open_run", "sample_run", "train_run"]
+__all__ = [
+    "build_classifier",
+    "build_flow",
+    "evaluate_run",
+    "invert_run",
+    "is_classifier",
+    "load_data",
+    "load_labelled_data",
+    "open_run",
+    "sample_run",
+    "train_run",
+]
 
 
 def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
@@ -54,6 +68,44 @@ def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
         loader = load_mnist if data.name == "mnist" else load_cifar10
         return loader(data.root, "train")[0], loader(data.root, "test")[0], 256
     return sample_toy(data.name, data.n_train, seed=0), sample_toy(data.name, data.n_test, seed=1), None
+
+
+def is_classifier(config: RunConfig) -> bool:
+    """Whether the config trains a classifier (a ``*_classifier`` model kind) rather than a flow."""
+    return config.model.kind.endswith("_classifier")
+
+
+def load_labelled_data(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``((x_train, y_train), (x_test, y_test))`` for classification, images scaled to [-0.5, 0.5]."""
+    if config.data.name not in ("digits", "mnist", "cifar10"):
+        raise ValueError(
+            f"data.name: classification needs labelled images (digits, mnist, cifar10), got {config.data.name!r}"
+        )
+    if config.data.name == "digits":
+        train, test, levels = load_digits("train"), load_digits("test"), DIGITS_LEVELS
+    else:
+        if config.data.root is None:
+            raise ValueError(f"data.root: the folder holding the {config.data.name} files is required")
+        loader = load_mnist if config.data.name == "mnist" else load_cifar10
+        train, test, levels = loader(config.data.root, "train"), loader(config.data.root, "test"), 256
+    return tuple((x / (levels - 1) - 0.5, y) for x, y in (train, test))  # type: ignore[return-value]
+
+
+def build_classifier(config: RunConfig, event_shape: tuple[int, ...], n_classes: int) -> InvertibleClassifier:
+    """The invertible classifier the config describes (``mintnet_classifier``: seed 000, 5.1)."""
+    model = config.model
+    if model.activation == "lipswish":
+        raise ValueError("model.activation 'lipswish' is not monotone; MintNet needs 'elu' or 'softplus'")
+    return mintnet_classifier(
+        event_shape,
+        n_classes,
+        model.n_blocks,
+        model.hidden_factor,
+        model.n_scales - 1,
+        model.pad_channels,
+        model.kernel_size,
+        model.activation,
+    )
 
 
 def _training_estimator(config: RunConfig) -> Any:
@@ -191,15 +243,40 @@ def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Te
         plt.close(figure)
 
 
-def _finish(flow: FlowDistribution, config: RunConfig, run_dir: Path, test: Tensor, levels: int | None) -> dict:
-    flow.eval()
+@torch.no_grad()
+def _feature_reconstruction(model: InvertibleClassifier, x: Tensor) -> dict[str, Any]:
+    """Max-abs error of x -> features -> x through the inverse of the classifier's invertible body."""
+    result = model.body.inverse_result(model.features(x))
+    return {"max_abs_error": (result.value - x).abs().max().item(), "status": result.status.name.lower()}
+
+
+def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any, levels: int | None) -> dict:
+    model.eval()
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
-    summary["evaluation_estimator"] = _use_evaluation_estimator(flow, config, test[0].numel())
-    summary["test"] = _bits_per_dim(flow, test, config)
-    summary["reconstruction"] = _reconstruction(flow, test[:256])
-    _figures(flow, run_dir, levels, test)
+    if isinstance(model, InvertibleClassifier):
+        summary["test"] = CrossEntropy(model).evaluate(test)
+        summary["reconstruction"] = _feature_reconstruction(model, test[0][:256])
+    else:
+        summary["evaluation_estimator"] = _use_evaluation_estimator(model, config, test[0].numel())
+        summary["test"] = _bits_per_dim(model, test, config)
+        summary["reconstruction"] = _reconstruction(model, test[:256])
+        _figures(model, run_dir, levels, test)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
+    """``(model, train, test, levels)``: data are tensors for flows and ``(x, y)`` pairs for classifiers."""
+    if is_classifier(config):
+        train, test = load_labelled_data(config)
+        n_classes = int(max(train[1].max(), test[1].max())) + 1
+        return build_classifier(config, tuple(train[0].shape[1:]), n_classes), train, test, None
+    train, test, levels = load_data(config)
+    return build_flow(config, tuple(train.shape[1:]), levels), train, test, levels
+
+
+def _to(data: Any, device: torch.device | str) -> Any:
+    return tuple(part.to(device) for part in data) if isinstance(data, tuple) else data.to(device)
 
 
 def train_run(
@@ -209,29 +286,30 @@ def train_run(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> dict:
-    """Train the configured flow in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it."""
-    train, test, levels = load_data(config)
-    train, test = train.to(device), test.to(device)
+    """Train the configured model in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it."""
     torch.manual_seed(config.train.seed)
-    flow = build_flow(config, tuple(train.shape[1:]), levels).to(device)
+    model, train, test, levels = _build(config)
+    model, train, test = model.to(device), _to(train, device), _to(test, device)
     if run_dir is None:
         if not is_main_process():
             raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
-    trainer = Trainer(flow, train, TrainConfig(**config.train.model_dump()), run_dir, test_data=None, progress=progress)
+    objective = CrossEntropy(model) if isinstance(model, InvertibleClassifier) else None
+    settings = TrainConfig(**config.train.model_dump())
+    trainer = Trainer(model, train, settings, run_dir, test_data=None, progress=progress, objective=objective)
     if resume:
         trainer.resume()
     trainer.fit()
     if not is_main_process():
         return {"run_dir": str(run_dir)}
     with trainer.ema_weights():
-        return _finish(flow, config, run_dir, test, levels)
+        return _finish(model, config, run_dir, test, levels)
 
 
-def open_run(run_dir: str | Path) -> tuple[RunConfig, FlowDistribution, Tensor, int | None]:
-    """Rebuild a trained run: its config, the flow with the checkpoint's (EMA) weights, the test data, K."""
+def open_run(run_dir: str | Path) -> tuple[RunConfig, torch.nn.Module, Any, int | None]:
+    """Rebuild a trained run: its config, the model with the checkpoint's (EMA) weights, the test data, K."""
     run_dir = Path(run_dir)
     config_file = run_dir / "run_config.json"
     if not config_file.is_file():
@@ -241,28 +319,33 @@ def open_run(run_dir: str | Path) -> tuple[RunConfig, FlowDistribution, Tensor, 
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint (the 'latest' file is missing)")
     _, state = load_checkpoint(checkpoint)
-    _, test, levels = load_data(config)
-    flow = build_flow(config, tuple(test.shape[1:]), levels)
-    flow.load_state_dict(state["model"])
-    parameters = [p for p in flow.parameters() if p.requires_grad]
+    model, _, test, levels = _build(config)
+    model.load_state_dict(state["model"])
+    parameters = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for parameter, average in zip(parameters, state["ema"], strict=False):
             parameter.copy_(average)
-    return config, flow.eval(), test, levels
+    return config, model.eval(), test, levels
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
-    """Test bits/dim (series length from the truncation bound) and reconstruction error of a trained run."""
-    config, flow, test, levels = open_run(run_dir)
-    return _finish(flow, config, Path(run_dir), test, levels)
+    """Test metrics (flows: bits/dim with the series length from the truncation bound; classifiers: accuracy)
+    and the reconstruction error through the inverse, of a trained run."""
+    config, model, test, levels = open_run(run_dir)
+    return _finish(model, config, Path(run_dir), test, levels)
 
 
 def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:
-    """Draw n samples from a trained run."""
-    return open_run(run_dir)[1].sample((n,))
+    """Draw n samples from a trained flow run."""
+    model = open_run(run_dir)[1]
+    if not isinstance(model, FlowDistribution):
+        raise ValueError(f"{run_dir} trained a classifier, which has no samples; use evaluate or invert")
+    return model.sample((n,))
 
 
 def invert_run(run_dir: str | Path) -> dict:
-    """Reconstruction error of the test data through the inverse of a trained run."""
-    _, flow, test, _ = open_run(run_dir)
-    return _reconstruction(flow, test[:256])
+    """Reconstruction error of test data through the inverse of a trained run (classifiers: of the features)."""
+    _, model, test, _ = open_run(run_dir)
+    if isinstance(model, InvertibleClassifier):
+        return _feature_reconstruction(model, test[0][:256])
+    return _reconstruction(model, test[:256])

@@ -249,10 +249,7 @@ class MintLayer(InvertibleModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, "forward")
-        padding = self.conv1.kernel_size // 2
-        h = self.activation(self.conv1(x))
-        h = self.activation(F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=padding))
-        return self.t * x + self.conv3(h)
+        return self.t * x + self.conv3(self.activation(self.conv2(self.activation(self.conv1(x)))))
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, "forward_and_log_det")

@@ -28,7 +28,7 @@ class InvertibleClassifier(nn.Module):
         n_classes: Number of classes.
 
     Example:
-        >>> model = mintnet_classifier((1, 8, 8), n_classes=3, n_blocks=2, pad_channels=2).eval()
+        >>> model = mintnet_classifier((1, 8, 8), n_classes=3, n_blocks=2, n_squeezes=1, pad_channels=2).eval()
         >>> model(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 3])
     """

@@ -9,7 +9,6 @@ model, EMA, optimiser, schedule and torch RNG state, so a resumed run continues 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from tqdm.auto import tqdm
 from invertnet.models.flows import FlowDistribution
 from invertnet.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from invertnet.training.distributed import rank_and_world_size
+from invertnet.training.objectives import Batch, BitsPerDim, CrossEntropy
 
-__all__ = ["TrainConfig", "Trainer", "bits_per_sample", "mean_and_standard_error"]
+__all__ = ["TrainConfig", "Trainer"]
 
 _OPTIMIZERS = ("adam", "adamax", "amsgrad")
 _SCHEDULES = ("constant", "cosine", "step")
@@ -93,61 +93,56 @@ def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-@torch.no_grad()
-def bits_per_sample(flow: FlowDistribution, data: Tensor, batch_size: int = 256) -> Tensor:
-    """bits/dim of every sample of ``data``, shape (N,), computed in chunks of ``batch_size``."""
-    return torch.cat([flow.bits_per_dim(chunk) for chunk in data.split(batch_size)])
+def _size(data: Batch) -> int:
+    return len(data[0]) if isinstance(data, tuple) else len(data)
 
 
-def mean_and_standard_error(bits: Tensor) -> dict[str, float]:
-    """``{"bits_per_dim": mean, "standard_error": std / sqrt(N)}`` over samples."""
-    return {"bits_per_dim": bits.mean().item(), "standard_error": (bits.std() / math.sqrt(len(bits))).item()}
-
-
-class _BitsPerDim(nn.Module):
-    """The training loss as a module, so that DistributedDataParallel sees the forward pass."""
-
-    def __init__(self, flow: FlowDistribution) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.flow.bits_per_dim(x).mean()
+def _take(data: Batch, index: Tensor | slice) -> Batch:
+    return tuple(part[index] for part in data) if isinstance(data, tuple) else data[index]
 
 
 class Trainer:
-    """Train a :class:`~invertnet.models.FlowDistribution` on a data tensor, with checkpoints and exact resume.
+    """Train a flow (or, with an objective, any model) on in-memory data, with checkpoints and exact resume.
 
     Under ``torchrun`` (a joined process group, see :mod:`invertnet.training.distributed`) every rank takes its
     shard of each batch, DistributedDataParallel averages the gradients, and only rank 0 writes files.
 
     Arguments:
-        flow: The model.
-        train_data: Tensor with shape (N, ...), the training samples.
+        model: The model trained, e.g. a :class:`~invertnet.models.FlowDistribution`.
+        train_data: The training samples: a tensor (N, ...), or a tuple of tensors with N rows each, e.g.
+            ``(images, labels)``; batches have the same structure.
         config: A :class:`TrainConfig`.
         run_dir: Folder for ``metrics.jsonl``, ``config.json`` and checkpoints.
         test_data: Optional held-out samples, evaluated every ``eval_every`` steps and at the end.
         progress: Show a progress bar.
+        objective: The loss and its evaluation (:mod:`invertnet.training.objectives`); default
+            :class:`~invertnet.training.BitsPerDim` of the model, which must then be a flow.
     """
 
     def __init__(
         self,
-        flow: FlowDistribution,
-        train_data: Tensor,
+        model: nn.Module,
+        train_data: Batch,
         config: TrainConfig,
         run_dir: str | Path,
-        test_data: Tensor | None = None,
+        test_data: Batch | None = None,
         progress: bool = True,
+        objective: BitsPerDim | CrossEntropy | None = None,
     ) -> None:
-        if len(train_data) < config.batch_size:
-            raise ValueError(f"Trainer: {len(train_data)} training samples, fewer than batch_size={config.batch_size}")
-        self.flow = flow
+        if _size(train_data) < config.batch_size:
+            raise ValueError(
+                f"Trainer: {_size(train_data)} training samples, fewer than batch_size={config.batch_size}"
+            )
+        if objective is None and not isinstance(model, FlowDistribution):
+            raise TypeError(f"Trainer: pass an objective to train a {type(model).__name__} (not a flow)")
+        self.model = model
+        self.objective = BitsPerDim(model) if objective is None else objective
         self.train_data = train_data
         self.test_data = test_data
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.parameters = [p for p in flow.parameters() if p.requires_grad]
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(config, self.parameters)
         self.schedule = _schedule(config, self.optimizer)
         self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay else None
@@ -158,27 +153,29 @@ class Trainer:
         if config.batch_size % self.world_size:
             raise ValueError(f"Trainer: batch_size={config.batch_size} is not divisible by {self.world_size} processes")
         torch.manual_seed(config.seed + self.rank)  # independent log-det probes on every rank
-        self.loss = _BitsPerDim(flow)
+        self.loss: nn.Module = self.objective
         if self.world_size > 1:
             with torch.no_grad():  # data-dependent initialisation on the global batch, identical on every rank
-                flow.train()
-                flow.log_prob(self.batch(0))
-            self.loss = torch.nn.parallel.DistributedDataParallel(self.loss)
+                model.train()
+                self.objective(self.batch(0))
+            self.loss = torch.nn.parallel.DistributedDataParallel(self.objective)
 
-    def batch(self, step: int) -> Tensor:
+    def batch(self, step: int) -> Batch:
         """The batch of a step: a deterministic function of (seed, step), so resumed runs see the same data."""
-        per_epoch = len(self.train_data) // self.config.batch_size
+        per_epoch = _size(self.train_data) // self.config.batch_size
         epoch, position = divmod(step, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:  # one permutation per epoch, not per step
             generator = torch.Generator().manual_seed(self.config.seed + epoch)
-            self._epoch_order = (epoch, torch.randperm(len(self.train_data), generator=generator))
+            self._epoch_order = (epoch, torch.randperm(_size(self.train_data), generator=generator))
         order = self._epoch_order[1]
-        return self.train_data[order[position * self.config.batch_size : (position + 1) * self.config.batch_size]]
+        return _take(
+            self.train_data, order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
+        )
 
     def train_step(self) -> float:
-        """One optimiser step; returns the batch's mean bits/dim (training-mode estimate)."""
-        self.flow.train()
-        loss = self.loss(self.batch(self.step)[self.rank :: self.world_size])
+        """One optimiser step; returns the batch's loss (for flows: mean bits/dim, training-mode estimate)."""
+        self.model.train()
+        loss = self.loss(_take(self.batch(self.step), slice(self.rank, None, self.world_size)))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Trainer: the loss became {loss.item()} at step {self.step}; lower the lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -195,11 +192,11 @@ class Trainer:
         return loss.item()
 
     @torch.no_grad()
-    def evaluate(self, data: Tensor, batch_size: int = 256) -> dict[str, float]:
-        """Mean test bits/dim and its standard error over samples, with the EMA weights when enabled."""
-        self.flow.eval()
+    def evaluate(self, data: Batch, batch_size: int = 256) -> dict[str, float]:
+        """The objective's test metrics (flows: mean bits/dim and its standard error), with the EMA weights."""
+        self.model.eval()
         with self.ema_weights():
-            return mean_and_standard_error(bits_per_sample(self.flow, data, batch_size))
+            return self.objective.evaluate(data, batch_size)
 
     def ema_weights(self) -> _SwapWeights:
         """Context manager putting the EMA weights in place of the parameters (a no-op without EMA)."""
@@ -207,7 +204,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.flow.state_dict(),
+            "model": self.model.state_dict(),
             "ema": self.ema or [],
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -228,7 +225,7 @@ class Trainer:
         if path is None:
             return False
         step, state = load_checkpoint(path)
-        self.flow.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         optimizer_state = state["optimizer"]
         optimizer_state["state"] = {int(key): value for key, value in optimizer_state["state"].items()}
         self.optimizer.load_state_dict(optimizer_state)
@@ -270,17 +267,17 @@ class Trainer:
         bar = tqdm(total=until, initial=self.step, disable=quiet, desc="train", unit="step")
         evaluation: dict[str, float] = {}
         while self.step < until:
-            bits = self.train_step()
+            loss = self.train_step()
             record: dict[str, Any] = {
                 "step": self.step,
-                "train_bits_per_dim": bits,
+                f"train_{self.objective.name}": loss,
                 "lr": self.schedule.get_last_lr()[0],
             }
             if self.test_data is not None and self.config.eval_every and self.step % self.config.eval_every == 0:
                 evaluation = self.evaluate(self.test_data)
                 record.update({f"test_{key}": value for key, value in evaluation.items()})
             self._log(record)
-            bar.set_postfix(bits_per_dim=f"{bits:.3f}")
+            bar.set_postfix({self.objective.name: f"{loss:.3f}"})
             bar.update(1)
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.save()

@@ -108,7 +108,7 @@ def _randomised_mint(module: InvertibleModule) -> InvertibleModule:
 
 
 def _mint_multiscale() -> InvertibleModule:
-    return _randomised_mint(mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=2, n_squeezes=1).transform)
+    return _randomised_mint(mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=1, n_squeezes=1).transform)
 
 
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {

@@ -10,8 +10,9 @@ Two solvers share one safeguarded Newton update, applied to every coordinate p a
 * the Newton step x_p - (r_p(x) - y_p) / d_p(x) with the Jacobian's diagonal d_p, taken whole when it stays
   inside the coordinate's bracket [lo_p, hi_p], otherwise replaced by the bracket's midpoint (bisection);
 * the bracket comes from the sign of the residual (r_p(x) > y_p puts the root below x_p) and from the slope
-  bound (the root is within |r_p(x) - y_p| / t of x_p); a bound that the earlier coordinates' moves made
-  inconsistent is dropped.
+  bound (the root is within |r_p(x) - y_p| / t of x_p); a coordinate's bracket is dropped when an earlier
+  coordinate moved by more than the tolerance, since its equation then changed, and when it collapsed
+  while the residual is still above the tolerance.
 
 :func:`triangular_newton` updates all coordinates in parallel (the seed samples with 5 such Newton
 steps; its reference code scales the step by a constant hand-tuned per data set, which the bracket makes
@@ -52,7 +53,9 @@ class _Brackets:
     def step(self, x: Tensor, residual: Tensor, diagonal: Tensor) -> Tensor:
         """The next iterate from x, given r(x) - y and the Jacobian's diagonal at x."""
         above, below = residual > 0, residual < 0
-        reach = residual.abs() / self.min_slope
+        # the root is within |r - y| / t of x; twice that keeps the Newton step (at most |r - y| / t long)
+        # strictly inside the bracket even where the diagonal equals t
+        reach = 2 * residual.abs() / self.min_slope
         self.hi = torch.where(above, torch.minimum(self.hi, x), torch.minimum(self.hi, x + reach))
         self.lo = torch.where(below, torch.maximum(self.lo, x), torch.maximum(self.lo, x - reach))
         newton = x - residual / diagonal
@@ -189,8 +192,9 @@ def _solve(
     """The safeguarded Newton loop; with ``active`` (a bool mask over one sample), only those coordinates move
     and only their residuals decide convergence.
 
-    A coordinate whose residual is within tolerance stays put, and a coordinate's bracket is dropped when an
-    earlier coordinate moved, so brackets only hold information about the coordinate's current equation.
+    A coordinate's bracket is dropped when an earlier coordinate moved by more than the tolerance (its
+    equation changed), and when it has shrunk below the tolerance while the residual is still above it
+    (earlier coordinates' smaller moves made it stale), so a bracket never traps a coordinate.
     """
     atol, rtol = _resolve(y, atol, rtol, max_iter)
     y = y.detach()
@@ -220,11 +224,12 @@ def _solve(
                 break
             if iteration == max_iter:
                 break
-            settled = excess <= 0
+            proposal = brackets.step(x, residual, diagonal)
             if active is not None:
-                settled = settled | ~active
-            proposal = torch.where(settled, x, brackets.step(x, residual, diagonal))
-            brackets.forget(_after_moved(proposal != x, lower))
+                proposal = torch.where(active, proposal, x)
+            moved_before = _after_moved((proposal - x).abs() > tolerance, lower)
+            collapsed = (brackets.hi - brackets.lo <= tolerance) & (excess > 0)  # stale by sub-tolerance moves
+            brackets.forget(moved_before | collapsed)
             x = proposal
     failed = status is SolverStatus.NONFINITE
     return InverseResult(

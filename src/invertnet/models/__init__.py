@@ -1,14 +1,17 @@
-"""Models built from invertible layers: flows as distributions, i-ResNet and MintNet flows, invertible classifiers."""
+"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers and generative networks."""
 
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
+from invertnet.models.generators import DCGANGenerator as DCGANGenerator
+from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
 
 __all__ = [
+    "DCGANGenerator",
     "FlowDistribution",
     "InvertibleClassifier",
     "dense_iresnet_flow",
@@ -16,4 +19,5 @@ __all__ = [
     "mintnet_flow",
     "multiscale_iresnet_flow",
     "standard_normal",
+    "TransposedConvGenerator",
 ]

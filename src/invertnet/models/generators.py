@@ -1,0 +1,173 @@
+r"""Expansive transposed-convolution generators G: latent z -> image (seed 003, Eq. 2, sections 4.2-4.3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DCGANGenerator", "TransposedConvGenerator"]
+
+Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh"]
+WeightLaw = Literal["gaussian", "uniform", "sign"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"generator: activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]()
+
+
+class TransposedConvGenerator(nn.Module):
+    r"""G(z) = h(W_d ... h(W_1 z)): transposed convolutions, each followed by the activation h (seed 003, Eq. 2).
+
+    Shapes: z (B, C_0, H_0, W_0) -> (B, C_d, H_d, W_d), with H_i = (H_{i-1} - 1) s + k. The theory setting
+    of Theorem 1 is stride = kernel size (the default), so the filters of different input pixels never
+    overlap, and weights i.i.d. N(0, 1 / (C_i l)) with C_i the output channels of layer i and l = k^2 the
+    filter size. ``weights`` draws them from that law (``"gaussian"``), from U[0, 1] (``"uniform"``, the
+    counter-example of Fig. 4d, many-to-one) or as +-1 / sqrt(C_i l) (``"sign"``, Conjecture 3). The weights
+    are fixed (buffers, not parameters): the generator is the object of study, and recovery optimises z.
+
+    Arguments:
+        latent_shape: (C_0, H_0, W_0) of one latent code, e.g. (10, 1, 1).
+        channels: Output channels C_1, ..., C_d of the d layers.
+        kernel_size: Filter size k.
+        stride: Stride s (default k, the theory setting).
+        activation: ``"relu"`` (the theory), ``"leaky_relu"``, ``"sigmoid"`` or ``"tanh"``, after every layer.
+        weights: The weight law.
+        generator: Random number generator for the weights (default: torch's global one).
+
+    Example:
+        >>> G = TransposedConvGenerator((10, 1, 1), channels=(16, 1), kernel_size=4)
+        >>> G(torch.randn(3, 10, 1, 1)).shape
+        torch.Size([3, 1, 16, 16])
+    """
+
+    def __init__(
+        self,
+        latent_shape: Sequence[int],
+        channels: Sequence[int],
+        kernel_size: int,
+        stride: int | None = None,
+        activation: Activation = "relu",
+        weights: WeightLaw = "gaussian",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.latent_shape = tuple(int(size) for size in latent_shape)
+        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
+            raise ValueError(f"TransposedConvGenerator: latent_shape must be (C, H, W), got {latent_shape}")
+        if not channels or min(channels) < 1 or kernel_size < 1:
+            raise ValueError("TransposedConvGenerator: need at least one layer, positive channels and kernel_size")
+        if weights not in ("gaussian", "uniform", "sign"):
+            raise ValueError(f"TransposedConvGenerator: weights must be gaussian, uniform or sign, got {weights!r}")
+        self.kernel_size, self.stride = kernel_size, kernel_size if stride is None else stride
+        self.activation_name, self.weight_law = activation, weights
+        self.activation = _activation(activation)
+        inputs = [self.latent_shape[0], *channels[:-1]]
+        for index, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True)):
+            self.register_buffer(f"weight{index}", self._draw(c_in, int(c_out), generator))
+        self.n_layers = len(channels)
+
+    def _draw(self, c_in: int, c_out: int, generator: torch.Generator | None) -> Tensor:
+        shape = (c_in, c_out, self.kernel_size, self.kernel_size)  # conv_transpose2d layout
+        scale = 1.0 / math.sqrt(c_out * self.kernel_size**2)
+        if self.weight_law == "uniform":
+            return torch.rand(shape, generator=generator)
+        if self.weight_law == "sign":
+            return scale * (2.0 * torch.randint(0, 2, shape, generator=generator) - 1.0)
+        return scale * torch.randn(shape, generator=generator)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C_d, H_d, W_d) of one output image."""
+        _, height, width = self.latent_shape
+        for _ in range(self.n_layers):
+            height = (height - 1) * self.stride + self.kernel_size
+            width = (width - 1) * self.stride + self.kernel_size
+        return int(getattr(self, f"weight{self.n_layers - 1}").shape[1]), height, width
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() != 4 or tuple(z.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"TransposedConvGenerator: expected latents of shape (B, {', '.join(map(str, self.latent_shape))}), "
+                f"got {tuple(z.shape)}"
+            )
+        x = z
+        for index in range(self.n_layers):
+            weight = getattr(self, f"weight{index}").to(z.dtype)
+            x = self.activation(nn.functional.conv_transpose2d(x, weight, stride=self.stride))
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent_shape={self.latent_shape}, output_shape={self.output_shape}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, activation={self.activation_name!r}, weights={self.weight_law!r}"
+        )
+
+
+class DCGANGenerator(nn.Module):
+    r"""The conditional DCGAN generator of seed 003, 4.3: transposed convolutions with batch norm and leaky ReLU,
+    tanh output.
+
+    z (B, latent_dim) and labels (B,) -> images (B, C, H, W) in [-1, 1]. The label enters as a one-hot vector
+    concatenated to z; a 4x4 projection is followed by ``n_layers - 1`` stride-2 transposed convolutions, each
+    doubling the resolution and halving the width, the last one with tanh. H = W = 4 * 2^(n_layers - 1)
+    (8 for digits with 2 layers, 32 for MNIST with 4, 64 for CelebA with 5).
+
+    Arguments:
+        latent_dim: Dimension of z (the seed uses 10 so that the network is expansive).
+        n_classes: Number of labels (0 for an unconditional generator).
+        channels: Channels C of the images.
+        n_layers: Number of transposed convolutions.
+        width: Channels of the first feature map.
+
+    Example:
+        >>> G = DCGANGenerator(10, n_classes=10, channels=1, n_layers=2, width=32)
+        >>> G(torch.randn(3, 10), torch.tensor([0, 1, 2])).shape
+        torch.Size([3, 1, 8, 8])
+    """
+
+    def __init__(self, latent_dim: int, n_classes: int, channels: int = 1, n_layers: int = 4, width: int = 128) -> None:
+        super().__init__()
+        if latent_dim < 1 or n_classes < 0 or n_layers < 1 or width < 2 ** (n_layers - 1):
+            raise ValueError(
+                f"DCGANGenerator: need latent_dim >= 1, n_classes >= 0, n_layers >= 1 and width >= 2^(n_layers-1); "
+                f"got {latent_dim}, {n_classes}, {n_layers}, {width}"
+            )
+        self.latent_dim, self.n_classes = latent_dim, n_classes
+        self.image_shape = (channels, 4 * 2 ** (n_layers - 1), 4 * 2 ** (n_layers - 1))
+        layers: list[nn.Module] = []
+        c_in, c_out = latent_dim + n_classes, width
+        for index in range(n_layers):
+            last = index == n_layers - 1
+            if index == 0:
+                conv = nn.ConvTranspose2d(c_in, channels if last else c_out, 4, stride=1, padding=0, bias=last)
+            else:
+                conv = nn.ConvTranspose2d(c_in, channels if last else c_out, 4, stride=2, padding=1, bias=last)
+            layers.append(conv)
+            if last:
+                layers.append(nn.Tanh())
+            else:
+                layers += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c_in, c_out = c_out, max(c_out // 2, 1)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"DCGANGenerator: expected z of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        if self.n_classes:
+            if labels is None or labels.shape != (z.shape[0],):
+                raise ValueError("DCGANGenerator: a conditional generator needs labels of shape (B,)")
+            z = torch.cat([z, nn.functional.one_hot(labels, self.n_classes).to(z.dtype)], dim=1)
+        return self.net(z[:, :, None, None])

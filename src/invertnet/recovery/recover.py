@@ -1,0 +1,223 @@
+r"""Recover latent codes from partial measurements y = A G(z) by first-order descent (seed 003, Eq. 3).
+
+.. math:: \hat z = \arg\min_z J(z), \qquad J(z) = \tfrac12 \| A (G(z) - y) \|^2
+
+Many problems (and random restarts of each) are solved as one batch: each latent has its own optimiser state
+and stops when its relative residual |A (G(z) - y)| / |A y| reaches ``rtol``. Gradient descent adapts one step
+size per latent (accepted steps grow it 1.2x; a step that increases J is undone and the step halved), so no
+learning rate needs tuning; Adam uses the seed's learning rate 0.1 by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from invertnet.recovery.masks import Mask
+
+__all__ = ["RecoveryResult", "recover"]
+
+Generator = Callable[..., Tensor]
+
+
+@dataclass
+class RecoveryResult:
+    """Record of a batched latent recovery.
+
+    Attributes:
+        z: Best latent code per problem (lowest J over restarts), shape (B, *latent_shape).
+        completed: G(z), the completed images, shape (B, *image_shape).
+        loss: J(z) per problem, shape (B,).
+        relative_residual: |A (G(z) - y)| / |A y| per problem, shape (B,).
+        converged: relative_residual <= rtol, shape (B,).
+        iterations: Generator evaluations performed (one per iteration, for the whole batch).
+        loss_history: J of every restart at every iteration, shape (iterations, restarts, B).
+        relative_error: |z - z*| / |z*| when the truth z* was given, else ``None``.
+        non_unique: True where a second latent code, differing from the returned one by more than the
+            uniqueness tolerance, also reproduces the measurements (another converged restart, or the given
+            truth): the measurements do not determine z (seed 003, Fig. 4d), shape (B,).
+    """
+
+    z: Tensor
+    completed: Tensor
+    loss: Tensor
+    relative_residual: Tensor
+    converged: Tensor
+    iterations: int
+    loss_history: Tensor
+    relative_error: Tensor | None
+    non_unique: Tensor
+
+    def summary(self) -> str:
+        """One line: convergence, residuals, latent errors and uniqueness."""
+        parts = [
+            f"{int(self.converged.sum())}/{self.converged.numel()} problems converged in {self.iterations} iterations",
+            f"max relative residual {self.relative_residual.max().item():.2e}",
+        ]
+        if self.relative_error is not None:
+            parts.append(f"max relative latent error {self.relative_error.max().item():.2e}")
+        if bool(self.non_unique.any()):
+            parts.append(f"recovery NOT unique for {int(self.non_unique.sum())} problems")
+        return ", ".join(parts)
+
+
+def _relative_distance(a: Tensor, b: Tensor) -> Tensor:
+    """|a - b| / max(|a|, |b|) per row of flattened tensors."""
+    scale = torch.maximum(a.flatten(1).norm(dim=1), b.flatten(1).norm(dim=1)).clamp_min(1e-30)
+    return (a - b).flatten(1).norm(dim=1) / scale
+
+
+class _Adam:
+    def __init__(self, z: Tensor, lr: float) -> None:
+        self.lr, self.m, self.v, self.t = lr, torch.zeros_like(z), torch.zeros_like(z), 0
+
+    def step(self, z: Tensor, loss: Tensor, gradient: Tensor, active: Tensor) -> Tensor:
+        self.t += 1
+        self.m.lerp_(gradient, 0.1)
+        self.v.lerp_(gradient.square(), 0.001)
+        update = self.lr * (self.m / (1 - 0.9**self.t)) / ((self.v / (1 - 0.999**self.t)).sqrt() + 1e-12)
+        return torch.where(active, z - update, z)
+
+
+class _AdaptiveDescent:
+    """Gradient descent with one step size per latent: grow on a decrease of J, undo and halve on an increase."""
+
+    def __init__(self, z: Tensor, lr: float) -> None:
+        shape = (z.shape[0],) + (1,) * (z.dim() - 1)
+        self.eta = torch.full(shape, lr, dtype=z.dtype, device=z.device)
+        self.accepted_z, self.accepted_loss = z.clone(), torch.full((z.shape[0],), math.inf, dtype=z.dtype)
+        self.accepted_gradient = torch.zeros_like(z)
+
+    def step(self, z: Tensor, loss: Tensor, gradient: Tensor, active: Tensor) -> Tensor:
+        better = (loss <= self.accepted_loss.to(loss.device)).view_as(self.eta)
+        self.accepted_z = torch.where(better, z, self.accepted_z)
+        self.accepted_gradient = torch.where(better, gradient, self.accepted_gradient)
+        self.accepted_loss = torch.where(better.flatten(), loss, self.accepted_loss.to(loss.device))
+        self.eta = torch.where(better, 1.2 * self.eta, 0.5 * self.eta)
+        proposal = self.accepted_z - self.eta * self.accepted_gradient
+        return torch.where(active, proposal, z)
+
+
+def recover(
+    generator: Generator,
+    y: Tensor,
+    mask: Mask,
+    *,
+    latent_shape: tuple[int, ...] | None = None,
+    z_true: Tensor | None = None,
+    condition: Tensor | None = None,
+    method: Literal["adam", "gd"] = "adam",
+    lr: float | None = None,
+    max_iter: int = 3000,
+    rtol: float = 1e-7,
+    restarts: int = 1,
+    init_std: float = 1.0,
+    uniqueness_tol: float = 1e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> RecoveryResult:
+    r"""Recover z from y = A G(z) for a batch of problems (seed 003, Eq. 3; Theorems 1 and 4).
+
+    Arguments:
+        generator: G, mapping latents (N, *latent_shape) to images (N, C, H, W); called as
+            ``generator(z, condition)`` when ``condition`` is given (e.g. the labels of a conditional GAN).
+            Put modules with batch norm in eval mode.
+        y: Images (B, C, H, W) whose observed pixels are the measurements; unobserved values are ignored.
+        mask: The sampling operator A (:class:`~invertnet.recovery.Mask`), shared or one per problem.
+        latent_shape: Shape of one latent (default: ``generator.latent_shape``).
+        z_true: The true codes (B, *latent_shape), to report ``relative_error`` and detect non-uniqueness.
+        condition: Per-problem conditioning (B, ...) passed to the generator.
+        method: ``"adam"`` (lr 0.1, the seed's setting) or ``"gd"`` (adaptive step, starting at ``lr`` or 0.1).
+        max_iter: Iteration budget.
+        rtol: Stop a latent when |A (G(z) - y)| <= rtol |A y|.
+        restarts: Random initialisations per problem, z_0 ~ N(0, init_std^2); the best is returned, and
+            distinct converged restarts reveal non-uniqueness.
+        uniqueness_tol: Relative distance above which two codes count as distinct.
+        seed: Seed of the initialisations.
+        progress: Show a progress bar.
+
+    Example:
+        >>> from invertnet.models import TransposedConvGenerator
+        >>> from invertnet.recovery import make_mask
+        >>> G = TransposedConvGenerator((4, 1, 1), (16, 1), kernel_size=4).double()
+        >>> z = torch.randn(2, 4, 1, 1, dtype=torch.float64)
+        >>> result = recover(G, G(z), make_mask("uniform", (16, 16), 0.5), z_true=z, restarts=2)
+        >>> bool(result.converged.all()), bool(result.relative_error.max() < 1e-4)
+        (True, True)
+    """
+    latent_shape = tuple(latent_shape or getattr(generator, "latent_shape", ()))
+    if not latent_shape:
+        raise ValueError("recover: pass latent_shape for a generator without a latent_shape attribute")
+    if y.dim() != 4:
+        raise ValueError(f"recover: y must be images of shape (B, C, H, W), got {tuple(y.shape)}")
+    if method not in ("adam", "gd"):
+        raise ValueError(f"recover: method must be 'adam' or 'gd', got {method!r}")
+    if restarts < 1 or max_iter < 1:
+        raise ValueError(f"recover: restarts and max_iter must be positive, got {restarts}, {max_iter}")
+    if not torch.isfinite(y).all():
+        raise ValueError("recover: the measurements y contain NaN or infinite values")
+    batch = y.shape[0]
+    if z_true is not None and tuple(z_true.shape) != (batch, *latent_shape):
+        raise ValueError(f"recover: z_true must have shape {(batch, *latent_shape)}, got {tuple(z_true.shape)}")
+    stacked = mask.repeat(restarts)
+    target = stacked(y.repeat(restarts, 1, 1, 1))
+    scale = target.flatten(1).norm(dim=1).clamp_min(1e-30)
+    repeated_condition = None if condition is None else condition.repeat(restarts, *[1] * (condition.dim() - 1))
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    z = (init_std * torch.randn((restarts * batch, *latent_shape), generator=rng, dtype=y.dtype)).to(y.device)
+    optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
+    active_shape = (-1,) + (1,) * len(latent_shape)
+
+    def evaluate(codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        codes = codes.detach().requires_grad_(True)
+        image = generator(codes) if repeated_condition is None else generator(codes, repeated_condition)
+        residual = stacked(image) - target
+        loss = 0.5 * residual.flatten(1).square().sum(dim=1)
+        (gradient,) = torch.autograd.grad(loss.sum(), codes)
+        return loss.detach(), gradient, residual.detach().flatten(1).norm(dim=1) / scale
+
+    history: list[Tensor] = []
+    with tqdm(total=max_iter, disable=not progress, desc="recover", unit="it") as bar:
+        for iteration in range(1, max_iter + 1):
+            loss, gradient, relative = evaluate(z)
+            history.append(loss)
+            if not torch.isfinite(loss).all():
+                raise FloatingPointError(f"recover: J became non-finite at iteration {iteration}; lower lr")
+            active = relative > rtol
+            bar.update(1)
+            if not bool(active.any()) or iteration == max_iter:
+                break
+            z = optimiser.step(z, loss, gradient, active.view(active_shape)).detach()
+    loss_all, relative_all = loss.view(restarts, batch), relative.view(restarts, batch)
+    codes = z.view(restarts, batch, *latent_shape)
+    best = loss_all.argmin(dim=0)
+    columns = torch.arange(batch, device=y.device)
+    z_best = codes[best, columns]
+    converged = relative_all[best, columns] <= rtol
+    non_unique = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    for restart in range(restarts):  # another converged restart far from the best code
+        far = _relative_distance(codes[restart], z_best) > uniqueness_tol
+        non_unique |= converged & (relative_all[restart] <= rtol) & far
+    relative_error = None
+    if z_true is not None:
+        relative_error = (z_best - z_true).flatten(1).norm(dim=1) / z_true.flatten(1).norm(dim=1).clamp_min(1e-30)
+        non_unique |= converged & (_relative_distance(z_best, z_true) > uniqueness_tol)
+    with torch.no_grad():
+        completed = generator(z_best) if condition is None else generator(z_best, condition)
+    return RecoveryResult(
+        z=z_best,
+        completed=completed,
+        loss=loss_all[best, columns],
+        relative_residual=relative_all[best, columns],
+        converged=converged,
+        iterations=iteration,
+        loss_history=torch.stack(history).view(len(history), restarts, batch).cpu(),
+        relative_error=relative_error,
+        non_unique=non_unique,
+    )

@@ -1,0 +1,186 @@
+r"""The experiments of seed 003: loss landscapes over a 2-D latent space (Fig. 4) and the phase transition of
+exact recovery in the sampling rate (the discussion after Theorem 4)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from invertnet.models.generators import TransposedConvGenerator  # noqa: E402
+from invertnet.recovery.masks import MASK_KINDS, Mask, make_mask  # noqa: E402
+from invertnet.recovery.recover import recover  # noqa: E402
+
+__all__ = [
+    "Landscape",
+    "PhaseTransitionRow",
+    "loss_landscape",
+    "phase_transition",
+    "plot_landscapes",
+    "plot_phase_transition",
+    "write_phase_transition_csv",
+]
+
+
+@dataclass
+class Landscape:
+    """J(z) on a grid: ``loss[i, j]`` at z = (axis[j], axis[i]) + centre offsets, ``truth`` the true code."""
+
+    axis_x: Tensor
+    axis_y: Tensor
+    loss: Tensor
+    truth: Tensor
+    title: str
+
+
+@torch.no_grad()
+def loss_landscape(
+    generator: Callable[[Tensor], Tensor],
+    z_true: Tensor,
+    mask: Mask,
+    extent: float = 3.0,
+    resolution: int = 101,
+    title: str = "",
+) -> Landscape:
+    r"""J(z) = 1/2 |A (G(z) - G(z*))|^2 on a ``resolution`` x ``resolution`` grid of half-width ``extent``
+    around the origin, for a generator with a 2-D latent space (seed 003, Fig. 4).
+
+    Arguments:
+        generator: G with latents of shape (N, 2, 1, 1) (or any shape with 2 entries).
+        z_true: The true code, 2 entries.
+        mask: The sampling operator, one shared pattern.
+    """
+    if z_true.numel() != 2:
+        raise ValueError(f"loss_landscape: needs a 2-D latent space, got a code with {z_true.numel()} entries")
+    shape = tuple(z_true.shape[1:]) if z_true.dim() > 1 and z_true.shape[0] == 1 else tuple(z_true.shape)
+    axis = torch.linspace(-extent, extent, resolution, dtype=z_true.dtype)
+    grid_y, grid_x = torch.meshgrid(axis, axis, indexing="ij")
+    codes = torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).view(-1, *shape)
+    target = mask(generator(z_true.reshape(1, *shape)))
+    losses = [0.5 * (mask(generator(chunk)) - target).flatten(1).square().sum(1) for chunk in codes.split(4096)]
+    return Landscape(axis, axis, torch.cat(losses).view(resolution, resolution), z_true.flatten(), title)
+
+
+def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:
+    """Save the landscapes side by side as log10(J) heat maps with the true code marked (Fig. 4 a-d)."""
+    figure, axes = plt.subplots(1, len(landscapes), figsize=(4 * len(landscapes), 4), squeeze=False)
+    for axis, landscape in zip(axes[0], landscapes, strict=True):
+        extent = (
+            landscape.axis_x[0].item(),
+            landscape.axis_x[-1].item(),
+            landscape.axis_y[0].item(),
+            landscape.axis_y[-1].item(),
+        )
+        image = axis.imshow(torch.log10(landscape.loss + 1e-12).numpy(), origin="lower", extent=extent, cmap="viridis")
+        axis.plot(*landscape.truth.tolist(), "r*", markersize=12, label="z*")
+        axis.set(title=landscape.title, xlabel="z1", ylabel="z2")
+        figure.colorbar(image, ax=axis, fraction=0.046, label="log10 J(z)")
+    axes[0][0].legend(loc="upper left")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class PhaseTransitionRow:
+    """Exact-recovery counts for one mask kind at one requested sampling rate (``observed_rate``: the fraction
+    the pattern really observes; a border cannot be thinner than one pixel)."""
+
+    mask: str
+    rate: float
+    observed_rate: float
+    successes: int
+    trials: int
+
+    @property
+    def probability(self) -> float:
+        return self.successes / self.trials
+
+
+def phase_transition(
+    rates: Sequence[float],
+    kinds: Sequence[str] = MASK_KINDS,
+    n_networks: int = 10,
+    n_codes: int = 10,
+    make_generator: Callable[[torch.Generator], TransposedConvGenerator] | None = None,
+    success_tol: float = 1e-3,
+    max_iter: int = 2000,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[PhaseTransitionRow]:
+    r"""Probability of exact recovery (relative latent error < ``success_tol``) against the sampling rate.
+
+    For every mask kind and rate, ``n_networks`` random generators each recover ``n_codes`` random codes
+    (uniform masks: a fresh pattern per code), by gradient descent with the adaptive step, in float64.
+
+    Arguments:
+        rates: Sampling rates r in (0, 1].
+        kinds: Mask kinds (:data:`~invertnet.recovery.MASK_KINDS`).
+        n_networks, n_codes: Trials = n_networks * n_codes per (kind, rate).
+        make_generator: Builds a random generator from a seeded RNG (default: the 2-layer ReLU network of
+            Theorem 1, latent (10, 1, 1), channels (16, 1), kernel = stride = 4: 16x16 images).
+        success_tol: Relative latent error counted as exact recovery.
+    """
+    if make_generator is None:
+
+        def make_generator(rng: torch.Generator) -> TransposedConvGenerator:
+            return TransposedConvGenerator((10, 1, 1), (16, 1), kernel_size=4, generator=rng)
+
+    rows = []
+    settings = [(kind, rate) for kind in kinds for rate in rates]
+    for kind, rate in tqdm(settings, disable=not progress, desc="phase transition", unit="setting"):
+        successes = 0
+        for network in range(n_networks):
+            rng = torch.Generator().manual_seed(seed + 1000 * network)
+            generator = make_generator(rng).double()
+            z_true = torch.randn(n_codes, *generator.latent_shape, generator=rng, dtype=torch.float64)
+            size = generator.output_shape[1:]
+            mask = make_mask(kind, size, rate, batch=n_codes if kind == "uniform" else None, generator=rng)  # type: ignore[arg-type]
+            result = recover(
+                generator, generator(z_true), mask, z_true=z_true, method="gd", max_iter=max_iter, seed=network
+            )
+            assert result.relative_error is not None
+            successes += int((result.relative_error < success_tol).sum())
+        rows.append(PhaseTransitionRow(kind, float(rate), mask.rate, successes, n_networks * n_codes))
+    return rows
+
+
+def write_phase_transition_csv(rows: Sequence[PhaseTransitionRow], path: str | Path) -> Path:
+    """Write ``mask,rate,observed_rate,successes,trials,probability`` rows."""
+    path = Path(path)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["mask", "rate", "observed_rate", "successes", "trials", "probability"])
+        for row in rows:
+            writer.writerow(
+                [row.mask, row.rate, f"{row.observed_rate:.4f}", row.successes, row.trials, f"{row.probability:.4f}"]
+            )
+    return path
+
+
+def plot_phase_transition(rows: Sequence[PhaseTransitionRow], path: str | Path) -> Path:
+    """Save probability of exact recovery against the sampling rate, one curve per mask kind."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for kind in dict.fromkeys(row.mask for row in rows):
+        mine = sorted((row for row in rows if row.mask == kind), key=lambda row: row.rate)
+        axis.plot([row.observed_rate for row in mine], [row.probability for row in mine], marker="o", label=kind)
+    axis.set(
+        xlabel="observed fraction of pixels", ylabel="P(exact recovery)", ylim=(-0.02, 1.02), title="phase transition"
+    )
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

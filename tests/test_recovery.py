@@ -1,0 +1,149 @@
+"""Latent recovery from partial measurements (seed 003): generators, masks, recover, landscapes, phase transition."""
+
+import math
+
+import pytest
+import torch
+
+from invertnet.models import DCGANGenerator, TransposedConvGenerator
+from invertnet.recovery import (
+    MASK_KINDS,
+    Mask,
+    loss_landscape,
+    make_mask,
+    phase_transition,
+    plot_landscapes,
+    plot_phase_transition,
+    recover,
+    write_phase_transition_csv,
+)
+
+
+def _theorem_generator(seed: int, **options) -> TransposedConvGenerator:
+    """The expansive 2-layer ReLU network of Theorem 1: latent 10 -> 16 x 4x4 -> 1 x 16x16."""
+    rng = torch.Generator().manual_seed(seed)
+    return TransposedConvGenerator((10, 1, 1), (16, 1), kernel_size=4, generator=rng, **options).double()
+
+
+def test_generator_shapes_and_weight_laws():
+    generator = TransposedConvGenerator((3, 2, 2), (64, 8), kernel_size=3, stride=2)
+    assert generator.output_shape == (8, 11, 11)
+    assert generator(torch.randn(5, 3, 2, 2)).shape == (5, 8, 11, 11)
+    gaussian = TransposedConvGenerator((50, 1, 1), (400, 1), kernel_size=4)
+    assert gaussian.weight0.std().item() == pytest.approx(1 / math.sqrt(400 * 16), rel=0.05)  # N(0, 1/(C_1 l))
+    uniform = TransposedConvGenerator((4, 1, 1), (8,), kernel_size=2, weights="uniform")
+    assert uniform.weight0.min() >= 0 and uniform.weight0.max() <= 1
+    sign = TransposedConvGenerator((4, 1, 1), (8,), kernel_size=2, weights="sign")
+    assert torch.allclose(sign.weight0.abs(), torch.full_like(sign.weight0, 1 / math.sqrt(8 * 4)))
+    with pytest.raises(ValueError, match="latents of shape"):
+        generator(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="activation"):
+        TransposedConvGenerator((1, 1, 1), (2,), 2, activation="swish")
+
+
+def test_masks_observe_the_requested_pixels():
+    for kind in MASK_KINDS:
+        mask = make_mask(kind, (16, 16), 0.5)
+        assert mask.rate == pytest.approx(0.5, abs=0.07), kind
+    assert make_mask("left", (4, 4), 0.5).keep[:, :2].all() and not make_mask("left", (4, 4), 0.5).keep[:, 2:].any()
+    assert not make_mask("bottom", (4, 4), 0.25).keep[:3].any()
+    border = make_mask("border", (8, 8), 0.4).keep
+    assert border[0].all() and border[:, -1].all() and not border[3:5, 3:5].any()
+    batch = make_mask("uniform", (8, 8), 0.5, batch=4, generator=torch.Generator().manual_seed(0))
+    assert batch.keep.shape == (4, 8, 8) and not torch.equal(batch.keep[0], batch.keep[1])
+    image = torch.ones(4, 2, 8, 8)
+    assert torch.equal(batch(image)[:, 0], batch.keep.float()) and torch.equal(batch(image)[:, 1], batch.keep.float())
+    with pytest.raises(ValueError, match="rate"):
+        make_mask("uniform", (4, 4), 0.0)
+    with pytest.raises(ValueError, match="kind"):
+        make_mask("diagonal", (4, 4))
+    with pytest.raises(ValueError, match="at least one pixel"):
+        Mask(torch.zeros(4, 4, dtype=torch.bool))
+
+
+def test_theorem_generator_recovers_codes_from_half_the_pixels():
+    """Seed 003, Theorems 1 and 4: 100 trials (10 networks x 10 codes), 50% uniform samples."""
+    recovered = 0
+    for network in range(10):
+        generator = _theorem_generator(network)
+        rng = torch.Generator().manual_seed(100 + network)
+        z_true = torch.randn(10, 10, 1, 1, generator=rng, dtype=torch.float64)
+        mask = make_mask("uniform", (16, 16), 0.5, batch=10, generator=rng)
+        result = recover(generator, generator(z_true), mask, z_true=z_true)
+        recovered += int((result.relative_error < 1e-4).sum())
+        assert not result.non_unique.any()
+    assert recovered >= 95
+
+
+def test_gradient_descent_with_adaptive_step_recovers_too():
+    generator = _theorem_generator(0)
+    z_true = torch.randn(6, 10, 1, 1, dtype=torch.float64)
+    mask = make_mask("top", (16, 16), 0.5)
+    result = recover(generator, generator(z_true), mask, z_true=z_true, method="gd", max_iter=2000)
+    assert result.converged.all() and result.relative_error.max() < 1e-4
+    assert result.iterations < 2000 and result.loss_history.shape == (result.iterations, 1, 6)
+    assert torch.allclose(result.completed, generator(z_true), atol=1e-5)  # the completed image, unobserved half too
+
+
+def test_uniform_weights_give_a_flat_minimum_and_the_result_says_so():
+    """Fig. 4d: with U[0, 1] weights every code in the negative quadrant maps to the same (zero) image."""
+    rng = torch.Generator().manual_seed(3)
+    generator = TransposedConvGenerator((2, 1, 1), (16, 1), 5, 3, weights="uniform", generator=rng).double()
+    z_true = -torch.rand(4, 2, 1, 1, generator=rng, dtype=torch.float64) - 0.1
+    mask = make_mask("uniform", generator.output_shape[1:], 0.5, generator=rng)
+    result = recover(generator, generator(z_true), mask, z_true=z_true, restarts=8, init_std=2.0)
+    assert result.converged.all() and result.non_unique.all()
+    assert torch.allclose(generator(result.z), generator(z_true))  # the same output from a distinct code
+    assert (result.relative_error > 1e-3).any()
+    assert "NOT unique" in result.summary()
+
+
+def test_conditional_dcgan_generator_recovery_runs_with_labels():
+    generator = DCGANGenerator(10, n_classes=10, channels=1, n_layers=2, width=16).double().eval()
+    labels = torch.tensor([3, 7])
+    z_true = torch.randn(2, 10, dtype=torch.float64)
+    y = generator(z_true, labels)
+    assert y.shape == (2, 1, 8, 8) and y.abs().max() <= 1
+    result = recover(generator, y, make_mask("uniform", (8, 8), 0.8), latent_shape=(10,), condition=labels, max_iter=50)
+    assert result.z.shape == (2, 10) and result.loss_history.shape[0] == result.iterations
+    with pytest.raises(ValueError, match="labels"):
+        generator(z_true)
+
+
+def test_recover_rejects_bad_inputs():
+    generator = _theorem_generator(0)
+    y = generator(torch.randn(2, 10, 1, 1, dtype=torch.float64))
+    mask = make_mask("uniform", (16, 16), 0.5)
+    bad = y.clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        recover(generator, bad, mask)
+    with pytest.raises(ValueError, match="z_true must have shape"):
+        recover(generator, y, mask, z_true=torch.zeros(3, 10, 1, 1))
+    with pytest.raises(ValueError, match="method"):
+        recover(generator, y, mask, method="lbfgs")
+    with pytest.raises(ValueError, match="pattern of size"):
+        recover(generator, y, make_mask("uniform", (8, 8), 0.5))
+
+
+def test_landscape_has_its_minimum_at_the_truth(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    generator = TransposedConvGenerator((2, 1, 1), (16, 1), 5, 3, generator=rng).double()
+    z_true = torch.tensor([0.8, -0.6], dtype=torch.float64).view(1, 2, 1, 1)
+    mask = make_mask("uniform", generator.output_shape[1:], 0.5, generator=rng)
+    landscape = loss_landscape(generator, z_true, mask, extent=2.0, resolution=41)
+    row, column = divmod(int(landscape.loss.argmin()), 41)
+    assert landscape.loss.shape == (41, 41)
+    assert abs(landscape.axis_x[column] - 0.8) <= 0.1 and abs(landscape.axis_y[row] + 0.6) <= 0.1
+    assert plot_landscapes([landscape], tmp_path / "landscape.png").stat().st_size > 0
+
+
+def test_phase_transition_success_grows_with_the_rate(tmp_path):
+    rows = phase_transition([0.05, 0.5], kinds=("uniform", "top"), n_networks=2, n_codes=5, max_iter=1500)
+    by_setting = {(row.mask, row.rate): row.probability for row in rows}
+    for kind in ("uniform", "top"):
+        assert by_setting[(kind, 0.5)] > by_setting[(kind, 0.05)]
+    assert by_setting[("uniform", 0.5)] == 1.0
+    csv_path = write_phase_transition_csv(rows, tmp_path / "phase.csv")
+    assert csv_path.read_text().splitlines()[0] == "mask,rate,observed_rate,successes,trials,probability"
+    assert plot_phase_transition(rows, tmp_path / "phase.png").stat().st_size > 0

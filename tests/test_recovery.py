@@ -1,5 +1,6 @@
 """Latent recovery from partial measurements (seed 003): generators, masks, recover, landscapes, phase transition."""
 
+import json
 import math
 
 import pytest
@@ -147,3 +148,71 @@ def test_phase_transition_success_grows_with_the_rate(tmp_path):
     csv_path = write_phase_transition_csv(rows, tmp_path / "phase.csv")
     assert csv_path.read_text().splitlines()[0] == "mask,rate,observed_rate,successes,trials,probability"
     assert plot_phase_transition(rows, tmp_path / "phase.png").stat().st_size > 0
+
+
+def test_recover_command_completes_a_saved_generators_image(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from invertnet.cli import main
+    from invertnet.models import save_generator
+
+    generator = _theorem_generator(4).float()
+    save_generator(generator, tmp_path / "generator.safetensors")
+    z_true = torch.randn(1, 10, 1, 1)
+    save_file({"image": generator(z_true)[0].contiguous()}, str(tmp_path / "image.safetensors"))
+    mask = torch.zeros(16, 16, dtype=torch.uint8)
+    mask[:, ::2] = 1  # every other column: the user's own pattern
+    save_file({"mask": mask}, str(tmp_path / "mask.safetensors"))
+    runner = CliRunner()
+    arguments = ["recover", str(tmp_path / "generator.safetensors"), str(tmp_path / "image.safetensors")]
+    result = runner.invoke(
+        main, [*arguments, "--mask-file", str(tmp_path / "mask.safetensors"), "--output", str(tmp_path / "done.png")]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["converged"] and record["observed_rate"] == 0.5 and (tmp_path / "done.png").stat().st_size > 0
+    saved = load_file(str(tmp_path / "done.safetensors"))
+    assert (saved["z"].double() - z_true.double()).abs().max() < 1e-3
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    broken = runner.invoke(main, ["recover", str(tmp_path / "broken.safetensors"), str(tmp_path / "image.safetensors")])
+    assert broken.exit_code != 0 and "not a readable safetensors file" in broken.output
+    missing = runner.invoke(main, [*arguments[:2], str(tmp_path / "nothing.png")])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_recover_study_command_writes_figures_and_csv(tmp_path):
+    from click.testing import CliRunner
+
+    from invertnet.cli import main
+
+    runner = CliRunner()
+    landscape = runner.invoke(main, ["recover-study", "landscape", "--output-dir", str(tmp_path)])
+    assert landscape.exit_code == 0, landscape.output
+    zero_loss = json.loads(landscape.output)["fraction_of_grid_with_zero_loss"]
+    assert zero_loss["(d) relu, uniform weights"] > 0.1 and zero_loss["(a) relu, gaussian weights"] == 0.0
+    options = ["--rates", "0.1,0.5", "--kinds", "uniform", "--networks", "1", "--codes", "3", "--quiet"]
+    phase = runner.invoke(main, ["recover-study", "phase-transition", "--output-dir", str(tmp_path), *options])
+    assert phase.exit_code == 0, phase.output
+    assert (tmp_path / "phase_transition.csv").is_file() and (tmp_path / "phase_transition.png").is_file()
+    bad = runner.invoke(
+        main, ["recover-study", "phase-transition", "--kinds", "diagonal", "--output-dir", str(tmp_path)]
+    )
+    assert bad.exit_code != 0 and "kind must be one of" in bad.output
+
+
+def test_png_images_and_masks_are_read_with_their_value_range(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from invertnet.recovery.commands import read_image, read_mask
+
+    pixels = torch.linspace(0, 1, 16).view(4, 4)
+    plt.imsave(str(tmp_path / "image.png"), pixels.numpy(), cmap="gray", vmin=0, vmax=1)
+    image = read_image(tmp_path / "image.png", value_range=(-1.0, 1.0))
+    assert image.shape == (3, 4, 4)  # RGB from the PNG, alpha dropped
+    assert torch.allclose(image[0], 2 * pixels.double() - 1, atol=0.01)
+    mask = read_mask(tmp_path / "image.png")
+    assert mask.keep.shape == (4, 4) and mask.keep.sum() == 15  # every pixel but the black one
+    (tmp_path / "image.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=".png or .safetensors"):
+        read_image(tmp_path / "image.jpg")

@@ -1,4 +1,5 @@
-"""The ``invertnet`` command line: train, evaluate, sample and invert flows; list configs; the i-ResNet demo."""
+"""The ``invertnet`` command line: train, evaluate, sample and invert models; list configs; recover latent codes;
+the i-ResNet demo."""
 
 from __future__ import annotations
 
@@ -115,6 +116,88 @@ def sample(run_dir: Path, count: int, output: Path | None) -> None:
     output = output or Path(run_dir) / "samples.safetensors"
     save_file({"samples": samples.contiguous()}, str(output))
     click.echo(f"{count} samples of shape {tuple(samples.shape[1:])} written to {output}")
+
+
+@main.command()
+@click.argument("generator", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), default=Path("completed.png"), show_default=True)
+@click.option(
+    "--mask",
+    "mask_kind",
+    default="uniform",
+    show_default=True,
+    type=click.Choice(["uniform", "top", "bottom", "left", "right", "border"]),
+)
+@click.option("--rate", default=0.5, show_default=True, help="Fraction of pixels observed.")
+@click.option("--mask-file", type=click.Path(path_type=Path), default=None, help="Own pattern (.png or .safetensors).")
+@click.option("--label", type=int, default=None, help="Class label for a conditional generator.")
+@click.option("--png-range", default="0,1", show_default=True, help="Generator values of PNG black and white.")
+@click.option("--method", default="adam", show_default=True, type=click.Choice(["adam", "gd"]))
+@click.option("--restarts", default=4, show_default=True)
+@click.option("--max-iter", default=3000, show_default=True)
+def recover(
+    generator: Path,
+    image: Path,
+    output: Path,
+    mask_kind: str,
+    rate: float,
+    mask_file: Path | None,
+    label: int | None,
+    png_range: str,
+    method: str,
+    restarts: int,
+    max_iter: int,
+) -> None:
+    """Recover a saved GENERATOR's latent code from the observed pixels of IMAGE; write the completed image."""
+    from invertnet.recovery.commands import recover_file
+
+    try:
+        low, high = (float(value) for value in png_range.split(","))
+        record = recover_file(
+            generator,
+            image,
+            output,
+            mask_kind=mask_kind,
+            rate=rate,
+            mask_path=mask_file,
+            label=label,
+            value_range=(low, high),
+            method=method,
+            restarts=restarts,
+            max_iter=max_iter,
+        )
+    except ValueError as error:
+        _fail(error)
+    _echo_json(record)
+
+
+@main.command("recover-study")
+@click.argument("experiment", type=click.Choice(["landscape", "phase-transition"]))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("recovery-study"), show_default=True)
+@click.option("--rates", default="0.02,0.05,0.1,0.15,0.2,0.3,0.5,0.7", show_default=True)
+@click.option("--kinds", default="uniform,top,bottom,left,right,border", show_default=True)
+@click.option("--networks", default=10, show_default=True, help="Random generators per setting.")
+@click.option("--codes", default=10, show_default=True, help="Random codes per generator.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def recover_study(
+    experiment: str, output_dir: Path, rates: str, kinds: str, networks: int, codes: int, seed: int, quiet: bool
+) -> None:
+    """The seed 003 experiments: loss landscapes (Fig. 4) or the phase transition in the sampling rate."""
+    from invertnet.recovery.commands import study_landscapes, study_phase_transition
+
+    try:
+        if experiment == "landscape":
+            record = study_landscapes(output_dir, seed=seed)
+        else:
+            rate_values = [float(value) for value in rates.split(",")]
+            record = study_phase_transition(
+                output_dir, rate_values, kinds.split(","), networks, codes, seed=seed, progress=not quiet
+            )
+    except ValueError as error:
+        _fail(error)
+    _echo_json(record)
 
 
 @main.command()

@@ -6,6 +6,8 @@ from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
 from invertnet.models.generators import DCGANGenerator as DCGANGenerator
 from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
+from invertnet.models.generators import load_generator as load_generator
+from invertnet.models.generators import save_generator as save_generator
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
@@ -20,4 +22,6 @@ __all__ = [
     "multiscale_iresnet_flow",
     "standard_normal",
     "TransposedConvGenerator",
+    "load_generator",
+    "save_generator",
 ]

@@ -2,14 +2,18 @@ r"""Expansive transposed-convolution generators G: latent z -> image (seed 003, 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["DCGANGenerator", "TransposedConvGenerator"]
+__all__ = ["DCGANGenerator", "TransposedConvGenerator", "load_generator", "save_generator"]
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh"]
 WeightLaw = Literal["gaussian", "uniform", "sign"]
@@ -73,6 +77,15 @@ class TransposedConvGenerator(nn.Module):
             raise ValueError(f"TransposedConvGenerator: weights must be gaussian, uniform or sign, got {weights!r}")
         self.kernel_size, self.stride = kernel_size, kernel_size if stride is None else stride
         self.activation_name, self.weight_law = activation, weights
+        self.architecture = {
+            "kind": "transposed_conv",
+            "latent_shape": list(self.latent_shape),
+            "channels": [int(c) for c in channels],
+            "kernel_size": kernel_size,
+            "stride": self.stride,
+            "activation": activation,
+            "weights": weights,
+        }
         self.activation = _activation(activation)
         inputs = [self.latent_shape[0], *channels[:-1]]
         for index, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True)):
@@ -146,7 +159,16 @@ class DCGANGenerator(nn.Module):
                 f"got {latent_dim}, {n_classes}, {n_layers}, {width}"
             )
         self.latent_dim, self.n_classes = latent_dim, n_classes
+        self.latent_shape = (latent_dim,)
         self.image_shape = (channels, 4 * 2 ** (n_layers - 1), 4 * 2 ** (n_layers - 1))
+        self.architecture = {
+            "kind": "dcgan",
+            "latent_dim": latent_dim,
+            "n_classes": n_classes,
+            "channels": channels,
+            "n_layers": n_layers,
+            "width": width,
+        }
         layers: list[nn.Module] = []
         c_in, c_out = latent_dim + n_classes, width
         for index in range(n_layers):
@@ -171,3 +193,38 @@ class DCGANGenerator(nn.Module):
                 raise ValueError("DCGANGenerator: a conditional generator needs labels of shape (B,)")
             z = torch.cat([z, nn.functional.one_hot(labels, self.n_classes).to(z.dtype)], dim=1)
         return self.net(z[:, :, None, None])
+
+
+def save_generator(generator: TransposedConvGenerator | DCGANGenerator, path: str | Path) -> Path:
+    """Write the generator's weights and architecture to one safetensors file (architecture as JSON metadata)."""
+    path = Path(path)
+    tensors = {name: value.detach().contiguous().cpu() for name, value in generator.state_dict().items()}
+    save_file(tensors, str(path), metadata={"invertnet_generator": json.dumps(generator.architecture)})
+    return path
+
+
+def load_generator(path: str | Path) -> TransposedConvGenerator | DCGANGenerator:
+    """Rebuild a generator written by :func:`save_generator` (in eval mode); a missing, corrupt or foreign file
+    is refused with a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"load_generator: {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"load_generator: {path} is not a readable safetensors file ({error})") from error
+    if "invertnet_generator" not in metadata:
+        raise ValueError(f"load_generator: {path} holds no invertnet generator (no 'invertnet_generator' metadata)")
+    architecture: dict[str, Any] = json.loads(metadata["invertnet_generator"])
+    kind = architecture.pop("kind")
+    generator: TransposedConvGenerator | DCGANGenerator
+    if kind == "transposed_conv":
+        generator = TransposedConvGenerator(**architecture)
+    elif kind == "dcgan":
+        generator = DCGANGenerator(**architecture)
+    else:
+        raise ValueError(f"load_generator: {path}: unknown generator kind {kind!r}")
+    generator.load_state_dict(tensors)
+    return generator.eval()

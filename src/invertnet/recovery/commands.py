@@ -31,6 +31,19 @@ from invertnet.recovery.studies import (  # noqa: E402
 __all__ = ["read_image", "read_mask", "recover_file", "study_landscapes", "study_phase_transition"]
 
 
+def _named_tensor(path: Path, name: str, where: str) -> Tensor:
+    """The tensor ``name`` of a safetensors file, or a ``ValueError`` naming the file and the problem."""
+    if not path.is_file():
+        raise ValueError(f"{where}: {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{where}: {path} is not a readable safetensors file ({error})") from error
+    if name not in tensors:
+        raise ValueError(f"{where}: {path} has no tensor named {name!r} (found {sorted(tensors)})")
+    return tensors[name]
+
+
 def read_image(path: str | Path, value_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """An image as a (C, H, W) float64 tensor: from a ``.png`` (values in [0, 1] mapped linearly to
     ``value_range``) or from a ``.safetensors`` file holding a tensor named ``image`` (values as stored)."""
@@ -38,13 +51,7 @@ def read_image(path: str | Path, value_range: tuple[float, float] = (0.0, 1.0)) 
     if not path.is_file():
         raise ValueError(f"read_image: {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"read_image: {path} is not a readable safetensors file ({error})") from error
-        if "image" not in tensors:
-            raise ValueError(f"read_image: {path} has no tensor named 'image' (found {sorted(tensors)})")
-        image = tensors["image"].double()
+        image = _named_tensor(path, "image", "read_image").double()
     elif path.suffix == ".png":
         pixels = torch.from_numpy(matplotlib.image.imread(str(path))).double()
         pixels = pixels[..., :3] if pixels.dim() == 3 else pixels  # drop alpha
@@ -59,16 +66,7 @@ def read_image(path: str | Path, value_range: tuple[float, float] = (0.0, 1.0)) 
 def read_mask(path: str | Path) -> Mask:
     """A user's sampling pattern: a ``.png`` (non-zero pixels observed) or a ``.safetensors`` tensor ``mask``."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"read_mask: {path} is not a readable safetensors file ({error})") from error
-        if "mask" not in tensors:
-            raise ValueError(f"read_mask: {path} has no tensor named 'mask'")
-        keep = tensors["mask"]
-    else:
-        keep = read_image(path)
+    keep = _named_tensor(path, "mask", "read_mask") if path.suffix == ".safetensors" else read_image(path)
     while keep.dim() > 2:
         keep = keep.amax(dim=0)
     return Mask(keep != 0)

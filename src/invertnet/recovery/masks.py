@@ -59,6 +59,10 @@ class Mask:
         """A x: the image with unobserved pixels set to zero, shape of x."""
         return x * self.weights(x)
 
+    def select(self, index: Tensor) -> Mask:
+        """The mask of the problems ``index`` of the batch (itself when the pattern is shared)."""
+        return self if self.keep.dim() == 2 else Mask(self.keep[index.to(self.keep.device)])
+
     def repeat(self, times: int) -> Mask:
         """The mask of ``times`` stacked copies of the batch (for restarts), problem-major within each copy."""
         return self if self.keep.dim() == 2 else Mask(self.keep.repeat(times, 1, 1))

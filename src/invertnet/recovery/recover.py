@@ -3,7 +3,8 @@ r"""Recover latent codes from partial measurements y = A G(z) by first-order des
 .. math:: \hat z = \arg\min_z J(z), \qquad J(z) = \tfrac12 \| A (G(z) - y) \|^2
 
 Many problems (and random restarts of each) are solved as one batch: each latent has its own optimiser state
-and stops when its relative residual |A (G(z) - y)| / |A y| reaches ``rtol``. Gradient descent adapts one step
+and stops when its relative residual |A (G(z) - y)| / |A y| reaches ``rtol`` or when it stalls; only the
+latents still running are evaluated, so a batch costs what its running problems cost. Gradient descent adapts one step
 size per latent (accepted steps grow it 1.2x; a step that increases J is undone and the step halved), so no
 learning rate needs tuning; Adam uses the seed's learning rate 0.1 by default.
 """
@@ -24,6 +25,9 @@ from invertnet.recovery.masks import Mask
 __all__ = ["RecoveryResult", "recover"]
 
 Generator = Callable[..., Tensor]
+
+#: Relative decrease of a latent's best J that counts as progress for the stall test.
+STALL_IMPROVEMENT = 1e-3
 
 
 @dataclass
@@ -119,6 +123,7 @@ def recover(
     restarts: int = 1,
     init_std: float = 1.0,
     uniqueness_tol: float = 1e-3,
+    patience: int = 300,
     seed: int = 0,
     progress: bool = False,
 ) -> RecoveryResult:
@@ -139,6 +144,8 @@ def recover(
         restarts: Random initialisations per problem, z_0 ~ N(0, init_std^2); the best is returned, and
             distinct converged restarts reveal non-uniqueness.
         uniqueness_tol: Relative distance above which two codes count as distinct.
+        patience: A latent whose best J has not improved by 0.1% for this many iterations is stalled: it stops
+            (not converged) so that the batch is not held up, e.g. by codes stuck where every ReLU is off.
         seed: Seed of the initialisations.
         progress: Show a progress bar.
 
@@ -174,22 +181,34 @@ def recover(
     optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
     active_shape = (-1,) + (1,) * len(latent_shape)
 
-    def evaluate(codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        codes = codes.detach().requires_grad_(True)
-        image = generator(codes) if repeated_condition is None else generator(codes, repeated_condition)
-        residual = stacked(image) - target
+    def evaluate(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """J, its gradient and the relative residual of the latents ``index`` (only those are computed)."""
+        codes = z[index].detach().requires_grad_(True)
+        image = generator(codes) if repeated_condition is None else generator(codes, repeated_condition[index])
+        residual = stacked.select(index)(image) - target[index]
         loss = 0.5 * residual.flatten(1).square().sum(dim=1)
         (gradient,) = torch.autograd.grad(loss.sum(), codes)
-        return loss.detach(), gradient, residual.detach().flatten(1).norm(dim=1) / scale
+        return loss.detach(), gradient, residual.detach().flatten(1).norm(dim=1) / scale[index]
 
+    total = restarts * batch
+    loss = torch.full((total,), math.inf, dtype=y.dtype, device=y.device)
+    relative = torch.full_like(loss, math.inf)
+    gradient = torch.zeros_like(z)
+    best_loss, last_improvement = torch.full_like(loss, math.inf), torch.zeros(total, dtype=torch.long)
+    active = torch.ones(total, dtype=torch.bool, device=y.device)
     history: list[Tensor] = []
     with tqdm(total=max_iter, disable=not progress, desc="recover", unit="it") as bar:
         for iteration in range(1, max_iter + 1):
-            loss, gradient, relative = evaluate(z)
-            history.append(loss)
-            if not torch.isfinite(loss).all():
+            index = active.nonzero().squeeze(1)
+            loss[index], gradient[index], relative[index] = evaluate(index)
+            history.append(loss.clone())
+            if not torch.isfinite(loss[index]).all():
                 raise FloatingPointError(f"recover: J became non-finite at iteration {iteration}; lower lr")
-            active = relative > rtol
+            improved = loss < (1 - STALL_IMPROVEMENT) * best_loss
+            best_loss = torch.minimum(best_loss, loss)
+            last_improvement[improved.cpu()] = iteration
+            stalled = (iteration - last_improvement >= patience).to(y.device)
+            active = (relative > rtol) & ~stalled
             bar.update(1)
             if not bool(active.any()) or iteration == max_iter:
                 break

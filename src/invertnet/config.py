@@ -33,19 +33,24 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     """The model: flows ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2), ``mintnet`` (seed 000, 5.2); the
-    classifier ``mintnet_classifier`` (seed 000, 5.1), trained with cross-entropy on labelled images."""
+    classifier ``mintnet_classifier`` (seed 000, 5.1), trained with cross-entropy on labelled images; the
+    conditional GAN ``dcgan`` (seed 003, 4.3), whose generator latent recovery works on."""
 
-    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier"]
+    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier", "dcgan"]
     n_blocks: int = Field(
         4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet*: grouped layers in all"
     )
     hidden: int = Field(32, gt=0, description="dense, multiscale: hidden width")
-    n_layers: int = Field(3, gt=0, description="dense: linear layers per residual branch")
+    n_layers: int = Field(
+        3, gt=0, description="dense: linear layers per residual branch; dcgan: transposed convolutions"
+    )
     n_scales: int = Field(2, gt=0, description="multiscale, mintnet*: scales, one squeeze between two")
     hidden_factor: int = Field(8, gt=0, description="mintnet*: copies of each channel in the hidden layers")
     kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
+    latent_dim: int = Field(10, gt=0, description="dcgan: latent dimension (small keeps G expansive)")
+    width: int = Field(64, gt=0, description="dcgan: channels of the first feature map")
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
     kernel_sizes: list[int] = [3, 1, 3]
     coeff: float = Field(0.97, gt=0)
@@ -61,6 +66,7 @@ class TrainSettings(_Strict):
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamax", "amsgrad"] = "adam"
+    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the optimiser")
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_size: int = Field(1000, gt=0)
     gamma: float = Field(0.5, gt=0)

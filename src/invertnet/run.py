@@ -1,6 +1,7 @@
 r"""Runs: build data and model from a :class:`~invertnet.config.RunConfig`, train, evaluate, sample, invert.
 
-A run trains a flow (density estimation) or, for the classifier model kinds, an invertible classifier. A run
+A run trains a flow (density estimation), an invertible classifier (``*_classifier`` kinds) or a conditional
+GAN whose generator latent recovery inverts (``dcgan``). A run
 folder holds ``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json``
 and, for flows, figures (``samples.png``; for 2-D data also ``density.png``, like thesis Fig. 5.2).
 """
@@ -39,7 +40,16 @@ from invertnet.models import (  # noqa: E402
     mintnet_flow,
     multiscale_iresnet_flow,
 )
-from invertnet.training import CrossEntropy, TrainConfig, Trainer, latest_checkpoint, load_checkpoint  # noqa: E402
+from invertnet.recovery.gan_runs import build_gan, finish_gan, gan_images, recovery_check  # noqa: E402
+from invertnet.training import (  # noqa: E402
+    AdversarialLoss,
+    ConditionalGAN,
+    CrossEntropy,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from invertnet.training.distributed import is_main_process  # noqa: E402
 from invertnet.training.objectives import bits_per_sample, mean_and_standard_error  # noqa: E402
 
@@ -73,6 +83,11 @@ def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
 def is_classifier(config: RunConfig) -> bool:
     """Whether the config trains a classifier (a ``*_classifier`` model kind) rather than a flow."""
     return config.model.kind.endswith("_classifier")
+
+
+def is_gan(config: RunConfig) -> bool:
+    """Whether the config trains a conditional GAN (``dcgan``)."""
+    return config.model.kind == "dcgan"
 
 
 def load_labelled_data(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -253,7 +268,9 @@ def _feature_reconstruction(model: InvertibleClassifier, x: Tensor) -> dict[str,
 def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any, levels: int | None) -> dict:
     model.eval()
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
-    if isinstance(model, InvertibleClassifier):
+    if isinstance(model, ConditionalGAN):
+        summary = finish_gan(model, run_dir, test)
+    elif isinstance(model, InvertibleClassifier):
         summary["test"] = CrossEntropy(model).evaluate(test)
         summary["reconstruction"] = _feature_reconstruction(model, test[0][:256])
     else:
@@ -266,7 +283,13 @@ def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any,
 
 
 def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
-    """``(model, train, test, levels)``: data are tensors for flows and ``(x, y)`` pairs for classifiers."""
+    """``(model, train, test, levels)``: data are tensors for flows and ``(x, y)`` pairs for classifiers and GANs."""
+    if is_gan(config):
+        train, test = load_labelled_data(config)
+        n_classes = int(max(train[1].max(), test[1].max())) + 1
+        gan = build_gan(config, train[0].shape[1], n_classes)
+        size = gan.generator.image_shape[-1]
+        return gan, gan_images(train, size), gan_images(test, size), None
     if is_classifier(config):
         train, test = load_labelled_data(config)
         n_classes = int(max(train[1].max(), test[1].max())) + 1
@@ -296,7 +319,11 @@ def train_run(
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
-    objective = CrossEntropy(model) if isinstance(model, InvertibleClassifier) else None
+    objective: Any = None
+    if isinstance(model, InvertibleClassifier):
+        objective = CrossEntropy(model)
+    elif isinstance(model, ConditionalGAN):
+        objective = AdversarialLoss(model)
     settings = TrainConfig(**config.train.model_dump())
     trainer = Trainer(model, train, settings, run_dir, test_data=None, progress=progress, objective=objective)
     if resume:
@@ -338,14 +365,20 @@ def evaluate_run(run_dir: str | Path) -> dict:
 def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:
     """Draw n samples from a trained flow run."""
     model = open_run(run_dir)[1]
+    if isinstance(model, ConditionalGAN):
+        with torch.no_grad():
+            return model.sample(torch.arange(n) % max(model.generator.n_classes, 1))
     if not isinstance(model, FlowDistribution):
         raise ValueError(f"{run_dir} trained a classifier, which has no samples; use evaluate or invert")
     return model.sample((n,))
 
 
 def invert_run(run_dir: str | Path) -> dict:
-    """Reconstruction error of test data through the inverse of a trained run (classifiers: of the features)."""
+    """Reconstruction error of test data through the inverse of a trained run (classifiers: of the features;
+    GANs: latent recovery of generated images from half their pixels)."""
     _, model, test, _ = open_run(run_dir)
+    if isinstance(model, ConditionalGAN):
+        return recovery_check(model.generator)
     if isinstance(model, InvertibleClassifier):
         return _feature_reconstruction(model, test[0][:256])
     return _reconstruction(model, test[:256])

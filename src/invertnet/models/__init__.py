@@ -4,6 +4,7 @@ from invertnet.models.classifiers import InvertibleClassifier as InvertibleClass
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
+from invertnet.models.generators import DCGANDiscriminator as DCGANDiscriminator
 from invertnet.models.generators import DCGANGenerator as DCGANGenerator
 from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
 from invertnet.models.generators import load_generator as load_generator
@@ -13,6 +14,7 @@ from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
 
 __all__ = [
+    "DCGANDiscriminator",
     "DCGANGenerator",
     "FlowDistribution",
     "InvertibleClassifier",

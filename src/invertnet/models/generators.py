@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["DCGANGenerator", "TransposedConvGenerator", "load_generator", "save_generator"]
+__all__ = ["DCGANDiscriminator", "DCGANGenerator", "TransposedConvGenerator", "load_generator", "save_generator"]
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh"]
 WeightLaw = Literal["gaussian", "uniform", "sign"]
@@ -193,6 +193,50 @@ class DCGANGenerator(nn.Module):
                 raise ValueError("DCGANGenerator: a conditional generator needs labels of shape (B,)")
             z = torch.cat([z, nn.functional.one_hot(labels, self.n_classes).to(z.dtype)], dim=1)
         return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    r"""The conditional DCGAN discriminator of seed 003, 4.3: the mirror image of :class:`DCGANGenerator`.
+
+    Images (B, C, H, W) and labels (B,) -> logits (B,) of "real". The label enters as one constant channel per
+    class; ``n_layers - 1`` stride-2 convolutions halve the resolution (batch norm from the second, leaky ReLU),
+    and a final 4x4 convolution gives the logit (the seed ends in a sigmoid; the loss takes logits instead,
+    which is the same model and numerically safer).
+
+    Example:
+        >>> D = DCGANDiscriminator(n_classes=10, channels=1, n_layers=2, width=32)
+        >>> D(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, n_classes: int, channels: int = 1, n_layers: int = 4, width: int = 128) -> None:
+        super().__init__()
+        if n_classes < 0 or n_layers < 1 or width < 2 ** (n_layers - 1):
+            raise ValueError("DCGANDiscriminator: need n_classes >= 0, n_layers >= 1, width >= 2^(n_layers-1)")
+        self.n_classes = n_classes
+        self.image_shape = (channels, 4 * 2 ** (n_layers - 1), 4 * 2 ** (n_layers - 1))
+        layers: list[nn.Module] = []
+        c_in, c_out = channels + n_classes, width // 2 ** (n_layers - 2) if n_layers > 1 else width
+        for index in range(n_layers - 1):
+            layers.append(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=index == 0))
+            if index > 0:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.LeakyReLU(0.2))
+            c_in, c_out = c_out, 2 * c_out
+        layers.append(nn.Conv2d(c_in, 1, 4, stride=1, padding=0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"DCGANDiscriminator: expected images of shape (B, {self.image_shape}), got {tuple(x.shape)}"
+            )
+        if self.n_classes:
+            if labels is None:
+                raise ValueError("DCGANDiscriminator: a conditional discriminator needs labels of shape (B,)")
+            planes = nn.functional.one_hot(labels, self.n_classes).to(x.dtype)[:, :, None, None]
+            x = torch.cat([x, planes.expand(-1, -1, *x.shape[2:])], dim=1)
+        return self.net(x).flatten()
 
 
 def save_generator(generator: TransposedConvGenerator | DCGANGenerator, path: str | Path) -> Path:

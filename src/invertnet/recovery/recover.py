@@ -124,7 +124,7 @@ def recover(
     init_std: float = 1.0,
     uniqueness_tol: float = 1e-3,
     patience: int = 300,
-    seed: int = 0,
+    seed: int | None = None,
     progress: bool = False,
 ) -> RecoveryResult:
     r"""Recover z from y = A G(z) for a batch of problems (seed 003, Eq. 3; Theorems 1 and 4).
@@ -146,7 +146,8 @@ def recover(
         uniqueness_tol: Relative distance above which two codes count as distinct.
         patience: A latent whose best J has not improved by 0.1% for this many iterations is stalled: it stops
             (not converged) so that the batch is not held up, e.g. by codes stuck where every ReLU is off.
-        seed: Seed of the initialisations.
+        seed: Seed of the initialisations (``None``: torch's global random number generator). Do not reuse
+            the seed that drew the true codes: the initialisation would start at the answer.
         progress: Show a progress bar.
 
     Example:
@@ -176,7 +177,7 @@ def recover(
     target = stacked(y.repeat(restarts, 1, 1, 1))
     scale = target.flatten(1).norm(dim=1).clamp_min(1e-30)
     repeated_condition = None if condition is None else condition.repeat(restarts, *[1] * (condition.dim() - 1))
-    rng = torch.Generator(device="cpu").manual_seed(seed)
+    rng = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     z = (init_std * torch.randn((restarts * batch, *latent_shape), generator=rng, dtype=y.dtype)).to(y.device)
     optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
     active_shape = (-1,) + (1,) * len(latent_shape)

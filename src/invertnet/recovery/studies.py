@@ -148,7 +148,13 @@ def phase_transition(
             size = generator.output_shape[1:]
             mask = make_mask(kind, size, rate, batch=n_codes if kind == "uniform" else None, generator=rng)  # type: ignore[arg-type]
             result = recover(
-                generator, generator(z_true), mask, z_true=z_true, method="gd", max_iter=max_iter, seed=network
+                generator,
+                generator(z_true),
+                mask,
+                z_true=z_true,
+                method="gd",
+                max_iter=max_iter,
+                seed=seed + 1000 * network + 1,
             )
             assert result.relative_error is not None
             successes += int((result.relative_error < success_tol).sum())

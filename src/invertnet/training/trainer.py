@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from invertnet.models.flows import FlowDistribution
 from invertnet.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from invertnet.training.distributed import rank_and_world_size
-from invertnet.training.objectives import Batch, BitsPerDim, CrossEntropy
+from invertnet.training.objectives import AdversarialLoss, Batch, BitsPerDim, CrossEntropy
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -37,6 +37,7 @@ class TrainConfig:
         batch_size: Samples per step.
         lr: Learning rate.
         optimizer: ``"adam"``, ``"adamax"`` or ``"amsgrad"``.
+        beta1: First-moment decay of the optimiser (0.9; DCGAN training uses 0.5).
         schedule: ``"constant"``, ``"cosine"`` (to 0 over ``steps``) or ``"step"`` (x ``gamma`` every
             ``step_size`` steps, or at each of the ``milestones`` when given).
         step_size, gamma, milestones: Parameters of the step schedule.
@@ -51,6 +52,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
+    beta1: float = 0.9
     schedule: str = "constant"
     step_size: int = 1000
     gamma: float = 0.5
@@ -72,15 +74,16 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if sorted(set(self.milestones)) != list(self.milestones) or any(step < 1 for step in self.milestones):
             raise ValueError(f"TrainConfig.milestones must be increasing positive steps, got {self.milestones}")
-        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
-            raise ValueError("TrainConfig: need lr > 0, 0 <= ema_decay < 1 and grad_clip >= 0")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0 or not 0 <= self.beta1 < 1:
+            raise ValueError("TrainConfig: need lr > 0, 0 <= ema_decay < 1, grad_clip >= 0 and 0 <= beta1 < 1")
 
 
 def _optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    betas = (config.beta1, 0.999)
     if config.optimizer == "adamax":
-        return torch.optim.Adamax(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adamax(parameters, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
     amsgrad = config.optimizer == "amsgrad"
-    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, amsgrad=amsgrad)
+    return torch.optim.Adam(parameters, lr=config.lr, betas=betas, weight_decay=config.weight_decay, amsgrad=amsgrad)
 
 
 def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -127,7 +130,7 @@ class Trainer:
         run_dir: str | Path,
         test_data: Batch | None = None,
         progress: bool = True,
-        objective: BitsPerDim | CrossEntropy | None = None,
+        objective: BitsPerDim | CrossEntropy | AdversarialLoss | None = None,
     ) -> None:
         if _size(train_data) < config.batch_size:
             raise ValueError(

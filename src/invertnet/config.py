@@ -21,12 +21,23 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """The data set: ``digits`` (shipped), a toy density, or ``mnist`` / ``cifar10`` from ``root``."""
+    """The data set: ``digits`` (shipped), a toy density, or ``mnist`` / ``cifar10`` / ``image_folder`` (e.g.
+    CelebA, as 1-channel grey images of ``image_size``) from ``root``."""
 
     name: Literal[
-        "digits", "mnist", "cifar10", "two_moons", "eight_gaussians", "checkerboard", "rings", "pinwheel", "two_spirals"
+        "digits",
+        "mnist",
+        "cifar10",
+        "image_folder",
+        "two_moons",
+        "eight_gaussians",
+        "checkerboard",
+        "rings",
+        "pinwheel",
+        "two_spirals",
     ]
     root: str | None = None
+    image_size: int = Field(64, gt=0, description="image_folder: side of the square grey images")
     n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
     n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
 

@@ -23,7 +23,15 @@ from torch import Tensor  # noqa: E402
 
 from invertnet.config import RunConfig  # noqa: E402
 from invertnet.core import InvertibleSequential  # noqa: E402
-from invertnet.data import DIGITS_LEVELS, load_cifar10, load_digits, load_mnist, sample_toy  # noqa: E402
+from invertnet.data import (  # noqa: E402
+    DIGITS_LEVELS,
+    TOY_DENSITIES,
+    load_cifar10,
+    load_digits,
+    load_image_folder,
+    load_mnist,
+    sample_toy,
+)
 from invertnet.layers import InvertibleResidual, UniformDequantization, refine_spectral_norms  # noqa: E402
 from invertnet.logdet import (  # noqa: E402
     ExactLogDet,
@@ -67,17 +75,33 @@ __all__ = [
 ]
 
 
-def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
-    """``(train, test, levels)``: levels is K for discrete image data, ``None`` for continuous toy data."""
+def _images(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], int]:
+    """``((x, y) train, (x, y) test, K)`` for the image data sets, images as levels 0..K-1."""
     data = config.data
     if data.name == "digits":
-        return load_digits("train")[0], load_digits("test")[0], DIGITS_LEVELS
-    if data.name in ("mnist", "cifar10"):
-        if data.root is None:
-            raise ValueError(f"data.root: the folder holding the {data.name} files is required")
-        loader = load_mnist if data.name == "mnist" else load_cifar10
-        return loader(data.root, "train")[0], loader(data.root, "test")[0], 256
-    return sample_toy(data.name, data.n_train, seed=0), sample_toy(data.name, data.n_test, seed=1), None
+        return load_digits("train"), load_digits("test"), DIGITS_LEVELS
+    if data.root is None:
+        raise ValueError(f"data.root: the folder holding the {data.name} files is required")
+    if data.name == "image_folder":
+        return (
+            load_image_folder(data.root, "train", data.image_size),
+            load_image_folder(data.root, "test", data.image_size),
+            256,
+        )
+    loader = load_mnist if data.name == "mnist" else load_cifar10
+    return loader(data.root, "train"), loader(data.root, "test"), 256
+
+
+def load_data(config: RunConfig) -> tuple[Tensor, Tensor, int | None]:
+    """``(train, test, levels)``: levels is K for discrete image data, ``None`` for continuous toy data."""
+    if config.data.name in TOY_DENSITIES:
+        return (
+            sample_toy(config.data.name, config.data.n_train, seed=0),
+            sample_toy(config.data.name, config.data.n_test, seed=1),
+            None,
+        )
+    train, test, levels = _images(config)
+    return train[0], test[0], levels
 
 
 def is_classifier(config: RunConfig) -> bool:
@@ -91,18 +115,10 @@ def is_gan(config: RunConfig) -> bool:
 
 
 def load_labelled_data(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``((x_train, y_train), (x_test, y_test))`` for classification, images scaled to [-0.5, 0.5]."""
-    if config.data.name not in ("digits", "mnist", "cifar10"):
-        raise ValueError(
-            f"data.name: classification needs labelled images (digits, mnist, cifar10), got {config.data.name!r}"
-        )
-    if config.data.name == "digits":
-        train, test, levels = load_digits("train"), load_digits("test"), DIGITS_LEVELS
-    else:
-        if config.data.root is None:
-            raise ValueError(f"data.root: the folder holding the {config.data.name} files is required")
-        loader = load_mnist if config.data.name == "mnist" else load_cifar10
-        train, test, levels = loader(config.data.root, "train"), loader(config.data.root, "test"), 256
+    """``((x_train, y_train), (x_test, y_test))`` for classifiers and GANs, images scaled to [-0.5, 0.5]."""
+    if config.data.name in TOY_DENSITIES:
+        raise ValueError(f"data.name: this model needs labelled images, not the toy density {config.data.name!r}")
+    train, test, levels = _images(config)
     return tuple((x / (levels - 1) - 0.5, y) for x, y in (train, test))  # type: ignore[return-value]
 
 

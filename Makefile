@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/iresnet_block.py
 	$(BIN)/python benchmarks/digits_density.py
 	$(BIN)/python benchmarks/mintnet_layer.py
+	$(BIN)/python benchmarks/recovery.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

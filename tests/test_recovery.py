@@ -190,7 +190,7 @@ def test_recover_study_command_writes_figures_and_csv(tmp_path):
     landscape = runner.invoke(main, ["recover-study", "landscape", "--output-dir", str(tmp_path)])
     assert landscape.exit_code == 0, landscape.output
     zero_loss = json.loads(landscape.output)["fraction_of_grid_with_zero_loss"]
-    assert zero_loss["(d) relu, uniform weights"] > 0.1 and zero_loss["(a) relu, gaussian weights"] == 0.0
+    assert zero_loss["(d) relu, uniform weights"] > 0.1 and zero_loss["(a) relu, gaussian weights"] < 1e-3  # z* alone
     options = ["--rates", "0.1,0.5", "--kinds", "uniform", "--networks", "1", "--codes", "3", "--quiet"]
     phase = runner.invoke(main, ["recover-study", "phase-transition", "--output-dir", str(tmp_path), *options])
     assert phase.exit_code == 0, phase.output

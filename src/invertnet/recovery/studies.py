@@ -33,7 +33,7 @@ __all__ = [
 
 @dataclass
 class Landscape:
-    """J(z) on a grid: ``loss[i, j]`` at z = (axis[j], axis[i]) + centre offsets, ``truth`` the true code."""
+    """J(z) on a grid: ``loss[i, j]`` at z = (axis_x[j], axis_y[i]); ``truth`` the true code (the centre)."""
 
     axis_x: Tensor
     axis_y: Tensor
@@ -52,7 +52,7 @@ def loss_landscape(
     title: str = "",
 ) -> Landscape:
     r"""J(z) = 1/2 |A (G(z) - G(z*))|^2 on a ``resolution`` x ``resolution`` grid of half-width ``extent``
-    around the origin, for a generator with a 2-D latent space (seed 003, Fig. 4).
+    centred at z*, for a generator with a 2-D latent space (seed 003, Fig. 4).
 
     Arguments:
         generator: G with latents of shape (N, 2, 1, 1) (or any shape with 2 entries).
@@ -62,12 +62,14 @@ def loss_landscape(
     if z_true.numel() != 2:
         raise ValueError(f"loss_landscape: needs a 2-D latent space, got a code with {z_true.numel()} entries")
     shape = tuple(z_true.shape[1:]) if z_true.dim() > 1 and z_true.shape[0] == 1 else tuple(z_true.shape)
-    axis = torch.linspace(-extent, extent, resolution, dtype=z_true.dtype)
-    grid_y, grid_x = torch.meshgrid(axis, axis, indexing="ij")
+    offsets = torch.linspace(-extent, extent, resolution, dtype=z_true.dtype)
+    centre = z_true.flatten()
+    axis_x, axis_y = centre[0] + offsets, centre[1] + offsets
+    grid_y, grid_x = torch.meshgrid(axis_y, axis_x, indexing="ij")
     codes = torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).view(-1, *shape)
     target = mask(generator(z_true.reshape(1, *shape)))
     losses = [0.5 * (mask(generator(chunk)) - target).flatten(1).square().sum(1) for chunk in codes.split(4096)]
-    return Landscape(axis, axis, torch.cat(losses).view(resolution, resolution), z_true.flatten(), title)
+    return Landscape(axis_x, axis_y, torch.cat(losses).view(resolution, resolution), centre, title)
 
 
 def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:

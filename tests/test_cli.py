@@ -67,6 +67,14 @@ def test_evaluate_invert_and_sample_a_trained_run(trained_run):
     assert sampled.exit_code == 0 and (run_dir / "samples.safetensors").is_file()
 
 
+def test_certify_a_trained_run(trained_run):
+    run_dir, _ = trained_run
+    result = CliRunner().invoke(main, ["certify", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "certified: all 1 residual blocks have Lip(g) < 1" in result.output
+    assert (run_dir / "certificate.png").stat().st_size > 0
+
+
 def test_resume_continues_a_run(trained_run, tmp_path):
     run_dir, _ = trained_run
     more = [arg if arg != "train.steps=4" else "train.steps=6" for arg in TINY_TOY]

@@ -104,6 +104,21 @@ def invert(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+def certify(run_dir: Path) -> None:
+    """Certify Lip(g) < 1 for every residual block of a trained run; prints the table, saves certificate.png.
+
+    Exits with status 1 when a residual block is not certified."""
+    from invertnet.run import certify_run
+
+    certificate, figure = _on_run(certify_run, run_dir)
+    click.echo(certificate.table())
+    click.echo(f"figure: {figure}")
+    if certificate.blocks and not certificate.certified:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:

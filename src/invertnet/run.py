@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from invertnet.analysis import Certificate, certify, plot_certificate  # noqa: E402
 from invertnet.config import RunConfig  # noqa: E402
 from invertnet.core import InvertibleSequential  # noqa: E402
 from invertnet.data import (  # noqa: E402
@@ -63,6 +64,7 @@ from invertnet.training.objectives import bits_per_sample, mean_and_standard_err
 
 __all__ = [
     "build_classifier",
+    "certify_run",
     "build_flow",
     "evaluate_run",
     "invert_run",
@@ -376,6 +378,18 @@ def evaluate_run(run_dir: str | Path) -> dict:
     and the reconstruction error through the inverse, of a trained run."""
     config, model, test, levels = open_run(run_dir)
     return _finish(model, config, Path(run_dir), test, levels)
+
+
+def certify_run(run_dir: str | Path) -> tuple[Certificate, Path]:
+    """Certify every residual block of a trained run (thesis Remark 4.9) on a batch of its test data; saves
+    ``certificate.png`` (per-layer largest singular values, thesis Fig. 4.2) in the run folder."""
+    _, model, test, _ = open_run(run_dir)
+    if isinstance(model, ConditionalGAN):
+        raise ValueError(f"{run_dir} trained a GAN, which has no residual blocks to certify")
+    body = model.transform if isinstance(model, FlowDistribution) else model
+    x = test[0][:16] if isinstance(test, tuple) else test[:16]
+    certificate = certify(body, x)
+    return certificate, plot_certificate(certificate, Path(run_dir) / "certificate.png")
 
 
 def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:

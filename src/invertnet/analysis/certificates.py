@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import torch
-from torch import Tensor, nn
+from torch import Tensor, nn  # noqa: E402
 
 from invertnet.analysis.spectral import conv_norm_bounds
 from invertnet.layers.activations import ELU, LipSwish, Softplus
 from invertnet.layers.residual import InvertibleResidual
 
-__all__ = ["BlockCertificate", "Certificate", "LayerNorm", "certify"]
+__all__ = ["BlockCertificate", "Certificate", "LayerNorm", "certify", "plot_certificate"]
 
 #: Activations whose Lipschitz constant is at most 1.
 ONE_LIPSCHITZ = (ELU, Softplus, LipSwish, nn.ELU, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Softplus, nn.Identity)
@@ -220,3 +225,31 @@ def certify(model: nn.Module, x: Tensor, *, rtol: float = 1e-8) -> Certificate:
         log_det_lower = sum(block.dimension * math.log1p(-block.lipschitz_upper) for block in certificates)  # type: ignore[operator]
         log_det_upper = sum(block.dimension * math.log1p(block.lipschitz_upper) for block in certificates)  # type: ignore[arg-type]
     return Certificate(certificates, log_det_lower, log_det_upper)
+
+
+def plot_certificate(certificate: Certificate, path: str | Path) -> Path:
+    """Save the largest singular value of every linear layer, block by block (thesis Fig. 4.2), with each
+    block's bound on Lip(g); bars above 1 are the ones that break the certificate."""
+    figure, (layers_axis, blocks_axis) = plt.subplots(1, 2, figsize=(12, 4))
+    position, ticks = 0, []
+    for block in certificate.blocks:
+        uppers = [layer.upper for layer in block.layers]
+        layers_axis.bar(range(position, position + len(uppers)), uppers, label=block.name)
+        ticks.append(position + (len(uppers) - 1) / 2)
+        position += len(uppers) + 1
+    layers_axis.axhline(1.0, color="red", linestyle="--", linewidth=1)
+    layers_axis.set(title="largest singular value per layer", xlabel="layer (grouped by block)", ylabel="sigma_max")
+    names = [block.name for block in certificate.blocks]
+    bounds = [
+        block.lipschitz_upper if block.lipschitz_upper is not None else float("nan") for block in certificate.blocks
+    ]
+    colours = ["tab:green" if block.certified else "tab:red" for block in certificate.blocks]
+    blocks_axis.bar(range(len(bounds)), bounds, color=colours)
+    blocks_axis.axhline(1.0, color="red", linestyle="--", linewidth=1)
+    blocks_axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    blocks_axis.set(title="bound on Lip(g) per residual block", ylabel="product of layer norms (Eq. 4.6)")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

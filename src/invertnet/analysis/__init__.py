@@ -1,10 +1,14 @@
-"""Analysis of trained networks: certificates of invertibility and exact singular values of convolutions."""
+"""Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages."""
 
 from invertnet.analysis.certificates import BlockCertificate as BlockCertificate
 from invertnet.analysis.certificates import Certificate as Certificate
 from invertnet.analysis.certificates import LayerNorm as LayerNorm
 from invertnet.analysis.certificates import certify as certify
 from invertnet.analysis.certificates import plot_certificate as plot_certificate
+from invertnet.analysis.preimages import PreimageResult as PreimageResult
+from invertnet.analysis.preimages import is_omnidirectional as is_omnidirectional
+from invertnet.analysis.preimages import relu_mlp_preimages as relu_mlp_preimages
+from invertnet.analysis.preimages import relu_preimage as relu_preimage
 from invertnet.analysis.spectral import ConvNormBounds as ConvNormBounds
 from invertnet.analysis.spectral import conv_norm_bounds as conv_norm_bounds
 from invertnet.analysis.spectral import conv_singular_values as conv_singular_values
@@ -14,8 +18,12 @@ __all__ = [
     "Certificate",
     "ConvNormBounds",
     "LayerNorm",
+    "PreimageResult",
     "certify",
     "conv_norm_bounds",
     "conv_singular_values",
+    "is_omnidirectional",
     "plot_certificate",
+    "relu_mlp_preimages",
+    "relu_preimage",
 ]

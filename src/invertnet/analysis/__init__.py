@@ -1,4 +1,5 @@
-"""Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages."""
+"""Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages,
+inverse stability."""
 
 from invertnet.analysis.certificates import BlockCertificate as BlockCertificate
 from invertnet.analysis.certificates import Certificate as Certificate
@@ -12,18 +13,26 @@ from invertnet.analysis.preimages import relu_preimage as relu_preimage
 from invertnet.analysis.spectral import ConvNormBounds as ConvNormBounds
 from invertnet.analysis.spectral import conv_norm_bounds as conv_norm_bounds
 from invertnet.analysis.spectral import conv_singular_values as conv_singular_values
+from invertnet.analysis.stability import LayerSpectrum as LayerSpectrum
+from invertnet.analysis.stability import layer_spectra as layer_spectra
+from invertnet.analysis.stability import lemma_3_5_bounds as lemma_3_5_bounds
+from invertnet.analysis.stability import plot_layer_spectra as plot_layer_spectra
 
 __all__ = [
     "BlockCertificate",
     "Certificate",
     "ConvNormBounds",
     "LayerNorm",
+    "LayerSpectrum",
     "PreimageResult",
     "certify",
     "conv_norm_bounds",
     "conv_singular_values",
     "is_omnidirectional",
+    "layer_spectra",
+    "lemma_3_5_bounds",
     "plot_certificate",
+    "plot_layer_spectra",
     "relu_mlp_preimages",
     "relu_preimage",
 ]

@@ -1,0 +1,106 @@
+r"""Inverse stability of networks at given inputs (thesis 3.4): singular values of the Jacobians of every
+layer prefix, their condition numbers and ranks, and the bounds of Lemma 3.5 on what ReLU can do to them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+__all__ = ["LayerSpectrum", "layer_spectra", "lemma_3_5_bounds", "plot_layer_spectra"]
+
+
+@dataclass
+class LayerSpectrum:
+    """Singular values of the Jacobian of the network prefix ending at one layer, at one input.
+
+    Attributes:
+        name: The layer's name in the model.
+        singular_values: Descending, float64.
+        rank: Number of singular values above ``rtol * largest``.
+        condition_number: largest / smallest of the non-zero singular values (inf when the rank is 0).
+    """
+
+    name: str
+    singular_values: Tensor
+    rank: int
+    condition_number: float
+
+
+def layer_spectra(
+    model: nn.Sequential,
+    x: Tensor,
+    *,
+    window: tuple[slice, slice] | None = None,
+    rtol: float = 1e-10,
+) -> list[LayerSpectrum]:
+    r"""Spectra of the Jacobians d model[:l+1](x) / dx for every layer l of a sequential MLP or CNN, in float64.
+
+    Arguments:
+        model: An ``nn.Sequential`` (e.g. Linear/Conv2d with activations).
+        x: One input sample, without batch dimension.
+        window: For images, (rows, columns) slices of the input: only those input pixels (all channels) are
+            differentiated, giving the Jacobian's columns for that window (large images stay tractable).
+        rtol: Relative threshold below which a singular value counts as zero.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+        >>> [spectrum.rank for spectrum in layer_spectra(net, torch.randn(3, dtype=torch.float64))] <= [3, 3, 2]
+        True
+    """
+    model = model.double()
+    x = x.detach().double()
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if window is None:
+        mask[...] = True
+    else:
+        mask[..., window[0], window[1]] = True
+    columns = mask.flatten().nonzero().squeeze(1)
+    spectra = []
+    for depth, (name, _) in enumerate(model.named_children(), start=1):
+        prefix = model[:depth]
+
+        def restricted(values: Tensor, prefix: nn.Sequential = prefix) -> Tensor:
+            full = x.flatten().index_put((columns,), values)
+            return prefix(full.view(1, *x.shape)).flatten()
+
+        with torch.no_grad():
+            jacobian = torch.autograd.functional.jacobian(restricted, x.flatten()[columns])
+        values = torch.linalg.svdvals(jacobian)
+        nonzero = values[values > rtol * values.max()] if values.numel() and values.max() > 0 else values[:0]
+        condition = (nonzero[0] / nonzero[-1]).item() if nonzero.numel() else float("inf")
+        spectra.append(LayerSpectrum(name, values, int(nonzero.numel()), condition))
+    return spectra
+
+
+def lemma_3_5_bounds(A: Tensor, removed: Sequence[int]) -> tuple[float, float | None]:
+    r"""Thesis Lemma 3.5: upper bounds on the largest and the smallest non-zero singular value of D_I A,
+    where D_I zeroes the rows ``removed`` (the effect of ReLU): sigma_1(A), and sigma_k(A) with k = N - |I|,
+    N the number of non-zero singular values of A (``None`` when |I| >= N: the lemma gives no bound)."""
+    values = torch.linalg.svdvals(A.double())
+    values = values[values > 1e-12 * values.max()]
+    k = len(values) - len(set(removed))
+    return values[0].item(), values[k - 1].item() if k >= 1 else None
+
+
+def plot_layer_spectra(spectra: Sequence[LayerSpectrum], path: str | Path, title: str = "") -> Path:
+    """Save the singular values of every prefix Jacobian on a log scale (thesis Fig. 3.4)."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for spectrum in spectra:
+        values = spectrum.singular_values.clamp_min(1e-16)
+        label = f"{spectrum.name} (rank {spectrum.rank}, cond {spectrum.condition_number:.1e})"
+        axis.semilogy(range(1, len(values) + 1), values.numpy(), marker=".", label=label)
+    axis.set(xlabel="index", ylabel="singular value", title=title or "singular values of prefix Jacobians")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

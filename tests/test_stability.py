@@ -1,0 +1,66 @@
+"""Inverse stability (thesis 3.4): prefix Jacobian spectra against numpy, and Lemma 3.5."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from invertnet.analysis import layer_spectra, lemma_3_5_bounds, plot_layer_spectra
+
+
+def test_spectra_match_numpy_svd_of_the_autograd_jacobian(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, dtype=torch.float64)
+    spectra = layer_spectra(net, x)
+    assert [spectrum.name for spectrum in spectra] == ["0", "1", "2"]
+    for depth, spectrum in enumerate(spectra, start=1):
+        prefix = net[:depth]
+        jacobian = torch.autograd.functional.jacobian(lambda v, prefix=prefix: prefix(v[None])[0], x).numpy()
+        expected = np.linalg.svd(jacobian, compute_uv=False)
+        np.testing.assert_allclose(spectrum.singular_values.numpy(), expected, rtol=1e-10, atol=1e-12)
+    active = int((net[0](x) > 0).sum())
+    assert spectra[1].rank == min(active, 4)  # ReLU removes the rows of inactive units
+    assert spectra[0].condition_number == pytest.approx(expected_condition(net[0].weight))
+    assert plot_layer_spectra(spectra, tmp_path / "spectra.png").stat().st_size > 0
+
+
+def expected_condition(weight: torch.Tensor) -> float:
+    values = torch.linalg.svdvals(weight.detach())
+    return (values[0] / values[-1]).item()
+
+
+def test_window_restricts_the_jacobian_to_the_chosen_pixels():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ELU()).double()
+    x = torch.randn(1, 6, 6, dtype=torch.float64)
+    window = (slice(1, 3), slice(2, 5))
+    spectrum = layer_spectra(net, x, window=window)[-1]  # the whole network
+    full = torch.autograd.functional.jacobian(lambda v: net(v[None])[0].flatten(), x)  # (72, 1, 6, 6)
+    columns = full[:, 0, 1:3, 2:5].reshape(72, -1)
+    torch.testing.assert_close(spectrum.singular_values, torch.linalg.svdvals(columns))
+    assert len(spectrum.singular_values) == 6
+
+
+def test_lemma_3_5_upper_bounds_hold_on_random_matrices_and_index_sets():
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        m, n = int(torch.randint(2, 9, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
+        A = torch.randn(m, n, generator=generator, dtype=torch.float64)
+        removed = sorted(
+            set(
+                torch.randint(
+                    0, m, (int(torch.randint(0, m, (1,), generator=generator)),), generator=generator
+                ).tolist()
+            )
+        )
+        D = torch.ones(m, dtype=torch.float64)
+        D[removed] = 0
+        values = torch.linalg.svdvals(D[:, None] * A)
+        nonzero = values[values > 1e-10]
+        largest_bound, smallest_bound = lemma_3_5_bounds(A, removed)
+        if nonzero.numel():
+            assert nonzero[0] <= largest_bound * (1 + 1e-12)
+            if smallest_bound is not None:
+                assert nonzero[-1] <= smallest_bound * (1 + 1e-12)
+                checked += 1
+    assert checked > 100

@@ -64,3 +64,34 @@ def test_lemma_3_5_upper_bounds_hold_on_random_matrices_and_index_sets():
                 assert nonzero[-1] <= smallest_bound * (1 + 1e-12)
                 checked += 1
     assert checked > 100
+
+
+def test_two_circles_study_links_preimages_and_conditioning(tmp_path):
+    from invertnet.analysis.experiments import two_circles_study
+
+    record = two_circles_study(tmp_path, resolution=12, steps=300)
+    assert (tmp_path / "two_circles.png").stat().st_size > 0
+    assert sum(record["preimage_fractions"].values()) == pytest.approx(1.0)
+    assert record["preimage_fractions"]["point"] > 0  # where 2 units are active the 2-D input is determined
+
+
+def test_vanilla_blocks_fail_the_certificate_and_i_resnet_blocks_invert():
+    from invertnet.analysis.experiments import vanilla_vs_iresnet
+
+    report = vanilla_vs_iresnet(steps=150, n_blocks=2, width=64)
+    assert report["i-resnet"]["certified"] and report["i-resnet"]["inverse_status"] == "success"
+    assert report["i-resnet"]["reconstruction_max_abs_error"] < 1e-3
+    assert max(report["i-resnet"]["lipschitz_bounds"]) <= 0.81 * (1 + 1e-4)  # two layers, coeff 0.9 each
+    assert not report["vanilla"]["certified"] and max(report["vanilla"]["lipschitz_bounds"]) > 1
+
+
+def test_stability_command_writes_the_two_circles_figure(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from invertnet.cli import main
+
+    result = CliRunner().invoke(main, ["stability", "two-circles", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["train_accuracy"] > 0.9 and (tmp_path / "two_circles.png").is_file()

@@ -216,6 +216,24 @@ def recover_study(
 
 
 @main.command()
+@click.argument("experiment", type=click.Choice(["two-circles", "vanilla-vs-iresnet"]))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stability"), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def stability(experiment: str, output_dir: Path, seed: int) -> None:
+    """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), or vanilla
+    ResNets against i-ResNets (seed 001 appendix B: certificates and reconstruction through the inverse)."""
+    from invertnet.analysis.experiments import two_circles_study, vanilla_vs_iresnet
+
+    if experiment == "two-circles":
+        record = two_circles_study(output_dir, seed=seed)
+    else:
+        record = vanilla_vs_iresnet(seed=seed)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "vanilla_vs_iresnet.json").write_text(json.dumps(record, indent=2))
+    _echo_json(record)
+
+
+@main.command()
 @click.option("--seed", default=0, show_default=True, help="Seed of torch's RNG.")
 @click.option("--probes", default=200, show_default=True, help="Monte-Carlo probes per log-det estimator.")
 def demo(seed: int, probes: int) -> None:

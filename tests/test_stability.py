@@ -95,3 +95,12 @@ def test_stability_command_writes_the_two_circles_figure(tmp_path):
     result = CliRunner().invoke(main, ["stability", "two-circles", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["train_accuracy"] > 0.9 and (tmp_path / "two_circles.png").is_file()
+
+
+def test_cnn_spectra_study_shows_relu_removing_directions(tmp_path):
+    from invertnet.analysis.experiments import cnn_spectra_study
+
+    record = cnn_spectra_study(tmp_path, steps=50)
+    ranks = [layer["rank"] for layer in record["layers"]]
+    assert ranks[0] == 64 and ranks[-1] == 10 and (tmp_path / "layer_spectra.png").is_file()
+    assert all(later <= earlier for earlier, later in zip(ranks, ranks[1:], strict=False))  # rank never grows

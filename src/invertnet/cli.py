@@ -216,16 +216,19 @@ def recover_study(
 
 
 @main.command()
-@click.argument("experiment", type=click.Choice(["two-circles", "vanilla-vs-iresnet"]))
+@click.argument("experiment", type=click.Choice(["two-circles", "layer-spectra", "vanilla-vs-iresnet"]))
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stability"), show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def stability(experiment: str, output_dir: Path, seed: int) -> None:
-    """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), or vanilla
-    ResNets against i-ResNets (seed 001 appendix B: certificates and reconstruction through the inverse)."""
-    from invertnet.analysis.experiments import two_circles_study, vanilla_vs_iresnet
+    """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), singular
+    values of a ReLU CNN's prefix Jacobians (Fig. 3.4), or vanilla ResNets against i-ResNets (seed 001
+    appendix B: certificates and reconstruction through the inverse)."""
+    from invertnet.analysis.experiments import cnn_spectra_study, two_circles_study, vanilla_vs_iresnet
 
     if experiment == "two-circles":
         record = two_circles_study(output_dir, seed=seed)
+    elif experiment == "layer-spectra":
+        record = cnn_spectra_study(output_dir, seed=seed)
     else:
         record = vanilla_vs_iresnet(seed=seed)
         output_dir.mkdir(parents=True, exist_ok=True)

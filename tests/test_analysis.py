@@ -126,3 +126,19 @@ def test_unknown_modules_are_reported_not_guessed():
     mlp = InvertibleResidual(LipschitzMLP(3, 8, coeff=0.5))
     assert certify(mlp, torch.randn(2, 3)).certified
     assert "no residual blocks" in certify(nn.Linear(2, 2), torch.randn(1, 2)).verdict
+
+
+def test_certify_respects_same_padding_and_leaves_the_model_untouched():
+    branch = nn.Sequential(nn.Conv2d(2, 2, 3, padding="same"), nn.ELU(), nn.Conv2d(2, 2, 3, padding="same")).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    block = InvertibleResidual(branch)
+    certificate = certify(block, x)
+    exact = 1.0
+    for layer in (branch[0], branch[2]):
+        exact *= torch.linalg.matrix_norm(conv_matrix(layer.weight, (2, 6, 6), 1, 1), ord=2).item()
+    assert certificate.blocks[0].lipschitz_upper == pytest.approx(exact, rel=1e-10)
+    flow, x = _trained_flow()
+    flow.train()
+    before = {name: value.clone() for name, value in flow.state_dict().items()}
+    certify(flow, x)
+    assert flow.training and all(torch.equal(before[name], value) for name, value in flow.state_dict().items())

@@ -93,3 +93,9 @@ def test_layer_by_layer_through_a_relu_mlp():
     assert len(results) == 2
     assert results[1].kind == "unbounded"  # 1 output for 16 inputs cannot determine them
     assert results[0].kind in ("point", "polytope", "unbounded")
+
+
+def test_layers_without_bias_are_handled():
+    torch.manual_seed(1)
+    results = relu_mlp_preimages([nn.Linear(2, 4, bias=False).double()], torch.randn(2, dtype=torch.float64))
+    assert results[0].kind in ("point", "polytope", "unbounded")

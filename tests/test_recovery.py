@@ -78,9 +78,10 @@ def test_theorem_generator_recovers_codes_from_half_the_pixels():
 
 def test_gradient_descent_with_adaptive_step_recovers_too():
     generator = _theorem_generator(0)
-    z_true = torch.randn(6, 10, 1, 1, dtype=torch.float64)
+    z_true = torch.randn(6, 10, 1, 1, dtype=torch.float64, requires_grad=True)
     mask = make_mask("top", (16, 16), 0.5)
-    result = recover(generator, generator(z_true), mask, z_true=z_true, method="gd", max_iter=2000)
+    result = recover(generator, generator(z_true), mask, z_true=z_true.detach(), method="gd", max_iter=2000)
+    assert not result.relative_residual.requires_grad  # measurements carrying a graph are detached
     assert result.converged.all() and result.relative_error.max() < 1e-4
     assert result.iterations < 2000 and result.loss_history.shape == (result.iterations, 1, 6)
     assert torch.allclose(result.completed, generator(z_true), atol=1e-5)  # the completed image, unobserved half too

@@ -104,3 +104,10 @@ def test_cnn_spectra_study_shows_relu_removing_directions(tmp_path):
     ranks = [layer["rank"] for layer in record["layers"]]
     assert ranks[0] == 64 and ranks[-1] == 10 and (tmp_path / "layer_spectra.png").is_file()
     assert all(later <= earlier for earlier, later in zip(ranks, ranks[1:], strict=False))  # rank never grows
+
+
+def test_spectra_leave_the_callers_model_alone_and_edge_cases():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.ReLU()).train()
+    layer_spectra(net, torch.randn(3))
+    assert net[0].weight.dtype == torch.float32 and net.training  # a float64 eval copy was analysed
+    assert lemma_3_5_bounds(torch.zeros(3, 2), [0]) == (0.0, None)

@@ -136,6 +136,29 @@ class Certificate:
         return "\n".join(lines)
 
 
+def _certify_block(
+    name: str, block: InvertibleResidual, shapes: dict[nn.Module, tuple[int, ...]], rtol: float
+) -> BlockCertificate:
+    if block not in shapes:
+        raise ValueError(f"certify: block {name!r} was not reached by the example input")
+    certificate = BlockCertificate(name=name, dimension=math.prod(shapes[block]))
+    lower = upper = 1.0
+    for layer_name, layer in block.g.named_modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            try:
+                low, high = _layer_bounds(layer, shapes[layer], rtol)
+            except ValueError as error:
+                certificate.reason = f"layer {layer_name!r}: {error}"
+                return certificate
+            certificate.layers.append(LayerNorm(layer_name, low, high))
+            lower, upper = lower * low, upper * high
+        elif not list(layer.children()) and not isinstance(layer, ONE_LIPSCHITZ):
+            certificate.reason = f"layer {layer_name!r} ({type(layer).__name__}) has no known Lipschitz bound"
+            return certificate
+    certificate.lipschitz_lower, certificate.lipschitz_upper = lower, upper
+    return certificate
+
+
 def _effective_weight(layer: nn.Module) -> Tensor:
     """The weight the layer applies: spectrally normalised layers scale theirs (Eq. 4.9)."""
     normalized = getattr(layer, "normalized_weight", None)
@@ -155,7 +178,11 @@ def _layer_bounds(layer: nn.Module, input_shape: tuple[int, ...], rtol: float) -
             or layer.stride[0] != layer.stride[1]
         ):
             raise ValueError("only ungrouped, undilated, zero-padded convolutions with equal strides are supported")
-        padding = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
+        padding = layer.padding
+        if isinstance(padding, str):  # "valid" or "same" (stride 1, odd kernels pad (k - 1) / 2)
+            if padding == "same" and any(k % 2 == 0 for k in layer.kernel_size):
+                raise ValueError("padding='same' with an even kernel pads asymmetrically; not supported")
+            padding = (0, 0) if padding == "valid" else tuple((k - 1) // 2 for k in layer.kernel_size)
         if padding[0] != padding[1]:
             raise ValueError("only equal padding in both directions is supported")
         bounds = conv_norm_bounds(weight, input_shape, layer.stride[0], padding[0], rtol=rtol)
@@ -191,35 +218,15 @@ def certify(model: nn.Module, x: Tensor, *, rtol: float = 1e-8) -> Certificate:
     watched = (nn.Linear, nn.Conv2d, InvertibleResidual)
     hooks = [module.register_forward_pre_hook(record) for module in model.modules() if isinstance(module, watched)]
     modes = {module: module.training for module in model.modules()}
-    model.eval()
+    model.eval()  # no power-iteration updates: the bounds are for the weights model(x) used
     try:
         model(x)
+        certificates = [_certify_block(name, block, shapes, rtol) for name, block in blocks]
     finally:
         for hook in hooks:
             hook.remove()
         for module, mode in modes.items():
             module.training = mode
-    certificates = []
-    for name, block in blocks:
-        if block not in shapes:
-            raise ValueError(f"certify: block {name!r} was not reached by the example input")
-        certificate = BlockCertificate(name=name, dimension=math.prod(shapes[block]))
-        lower = upper = 1.0
-        for layer_name, layer in block.g.named_modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                try:
-                    low, high = _layer_bounds(layer, shapes[layer], rtol)
-                except ValueError as error:
-                    certificate.reason = f"layer {layer_name!r}: {error}"
-                    break
-                certificate.layers.append(LayerNorm(layer_name, low, high))
-                lower, upper = lower * low, upper * high
-            elif not list(layer.children()) and not isinstance(layer, ONE_LIPSCHITZ):
-                certificate.reason = f"layer {layer_name!r} ({type(layer).__name__}) has no known Lipschitz bound"
-                break
-        else:
-            certificate.lipschitz_lower, certificate.lipschitz_upper = lower, upper
-        certificates.append(certificate)
     log_det_lower = log_det_upper = None
     if certificates and all(block.certified for block in certificates):
         log_det_lower = sum(block.dimension * math.log1p(-block.lipschitz_upper) for block in certificates)  # type: ignore[operator]
@@ -231,11 +238,10 @@ def plot_certificate(certificate: Certificate, path: str | Path) -> Path:
     """Save the largest singular value of every linear layer, block by block (thesis Fig. 4.2), with each
     block's bound on Lip(g); bars above 1 are the ones that break the certificate."""
     figure, (layers_axis, blocks_axis) = plt.subplots(1, 2, figsize=(12, 4))
-    position, ticks = 0, []
+    position = 0
     for block in certificate.blocks:
         uppers = [layer.upper for layer in block.layers]
         layers_axis.bar(range(position, position + len(uppers)), uppers, label=block.name)
-        ticks.append(position + (len(uppers) - 1) / 2)
         position += len(uppers) + 1
     layers_axis.axhline(1.0, color="red", linestyle="--", linewidth=1)
     layers_axis.set(title="largest singular value per layer", xlabel="layer (grouped by block)", ylabel="sigma_max")

@@ -165,7 +165,8 @@ def relu_mlp_preimages(layers: Sequence[nn.Linear], x: Tensor, *, tol: float = 1
     results = []
     h = x.detach().double()
     for layer in layers:
-        weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+        weight = layer.weight.detach().double()
+        bias = layer.bias.detach().double() if layer.bias is not None else weight.new_zeros(weight.shape[0])
         h = torch.relu(weight @ h + bias)
         results.append(relu_preimage(weight, bias, h, tol=tol))
     return results

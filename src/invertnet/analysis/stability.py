@@ -3,6 +3,7 @@ layer prefix, their condition numbers and ranks, and the bounds of Lemma 3.5 on 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ def layer_spectra(
     window: tuple[slice, slice] | None = None,
     rtol: float = 1e-10,
 ) -> list[LayerSpectrum]:
-    r"""Spectra of the Jacobians d model[:l+1](x) / dx for every layer l of a sequential MLP or CNN, in float64.
+    r"""Spectra of the Jacobians d model[:l+1](x) / dx for every layer l of a sequential MLP or CNN, computed on
+    a float64 copy in eval mode.
 
     Arguments:
         model: An ``nn.Sequential`` (e.g. Linear/Conv2d with activations).
@@ -55,7 +57,7 @@ def layer_spectra(
         >>> [spectrum.rank for spectrum in layer_spectra(net, torch.randn(3, dtype=torch.float64))] <= [3, 3, 2]
         True
     """
-    model = model.double()
+    model = copy.deepcopy(model).double().eval()  # the caller's model keeps its dtype and mode
     x = x.detach().double()
     mask = torch.zeros_like(x, dtype=torch.bool)
     if window is None:
@@ -71,8 +73,7 @@ def layer_spectra(
             full = x.flatten().index_put((columns,), values)
             return prefix(full.view(1, *x.shape)).flatten()
 
-        with torch.no_grad():
-            jacobian = torch.autograd.functional.jacobian(restricted, x.flatten()[columns])
+        jacobian = torch.autograd.functional.jacobian(restricted, x.flatten()[columns]).detach()
         values = torch.linalg.svdvals(jacobian)
         nonzero = values[values > rtol * values.max()] if values.numel() and values.max() > 0 else values[:0]
         condition = (nonzero[0] / nonzero[-1]).item() if nonzero.numel() else float("inf")
@@ -86,6 +87,8 @@ def lemma_3_5_bounds(A: Tensor, removed: Sequence[int]) -> tuple[float, float | 
     N the number of non-zero singular values of A (``None`` when |I| >= N: the lemma gives no bound)."""
     values = torch.linalg.svdvals(A.double())
     values = values[values > 1e-12 * values.max()]
+    if not values.numel():
+        return 0.0, None  # A = 0: D_I A has no non-zero singular value
     k = len(values) - len(set(removed))
     return values[0].item(), values[k - 1].item() if k >= 1 else None
 

@@ -284,6 +284,8 @@ class MintLayer(InvertibleModule):
         max_iter: int | None = None,
         strict: bool = True,
     ) -> Tensor:
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else rtol
         result = self.inverse_result(y, atol=atol, rtol=rtol, max_iter=max_iter)
         if strict:
             result.raise_if_failed()

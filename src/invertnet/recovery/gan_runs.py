@@ -25,8 +25,8 @@ __all__ = ["build_gan", "finish_gan", "gan_images", "recovery_check"]
 
 
 def gan_images(data: tuple[Tensor, Tensor], image_size: int) -> tuple[Tensor, Tensor]:
-    """Images in [-0.5, 0.5] (as loaded for classifiers) mapped to tanh's [-1, 1] and zero-padded (background)
-    to the generator's size, e.g. MNIST 28x28 -> 32x32 as in the seed."""
+    """Images in [-0.5, 0.5] (as loaded for classifiers) mapped to tanh's [-1, 1] and padded with -1 (black
+    background) to the generator's size, e.g. MNIST 28x28 -> 32x32 as in the seed."""
     images, labels = data
     missing = image_size - images.shape[-1]
     if missing < 0 or image_size - images.shape[-2] != missing:
@@ -48,14 +48,15 @@ def build_gan(config: RunConfig, channels: int, n_classes: int) -> ConditionalGA
 def recovery_check(generator: DCGANGenerator, n: int = 64, rate: float = 0.5, seed: int = 0) -> dict[str, Any]:
     """Seed 003, 4.3: recover the codes of ``n`` generated images from a fraction ``rate`` of their pixels
     (uniform and top-half masks), with 4 restarts. Reported per mask: exact recovery (relative latent error
-    < 1e-3), images completed (G(z) within 1e-3 of the true image on every pixel, observed or not),
+    < 1e-3), images completed (|G(z) - G(z*)| < 1e-3 |G(z*)| over all pixels, observed or not),
     measurements fitted (the optimisation converged) and non-unique (a distinct code fits too: the generator is
     many-to-one there, e.g. mode collapse). The generator is converted
     to float64 and eval mode in place (pass a copy to keep the original)."""
     generator = generator.double().eval()
+    device = next(generator.parameters()).device
     rng = torch.Generator().manual_seed(seed)
-    z_true = torch.randn(n, generator.latent_dim, generator=rng, dtype=torch.float64)
-    labels = torch.randint(0, max(generator.n_classes, 1), (n,), generator=rng)
+    z_true = torch.randn(n, generator.latent_dim, generator=rng, dtype=torch.float64).to(device)
+    labels = torch.randint(0, max(generator.n_classes, 1), (n,), generator=rng).to(device)
     condition = labels if generator.n_classes else None
     with torch.no_grad():
         images = generator(z_true, condition) if condition is not None else generator(z_true)
@@ -80,7 +81,8 @@ def recovery_check(generator: DCGANGenerator, n: int = 64, rate: float = 0.5, se
 
 @torch.no_grad()
 def _sample_grid(gan: ConditionalGAN, path: Path, n_classes: int) -> None:
-    labels = torch.arange(max(n_classes, 1)).repeat_interleave(8)
+    device = next(gan.parameters()).device
+    labels = torch.arange(max(n_classes, 1), device=device).repeat_interleave(8)
     images = gan.sample(labels).cpu()
     figure, axes = plt.subplots(max(n_classes, 1), 8, figsize=(8, max(n_classes, 1)))
     for axis, image in zip(axes.flat, images, strict=True):

@@ -170,6 +170,7 @@ def recover(
         raise ValueError(f"recover: restarts and max_iter must be positive, got {restarts}, {max_iter}")
     if not torch.isfinite(y).all():
         raise ValueError("recover: the measurements y contain NaN or infinite values")
+    y = y.detach()
     batch = y.shape[0]
     if z_true is not None and tuple(z_true.shape) != (batch, *latent_shape):
         raise ValueError(f"recover: z_true must have shape {(batch, *latent_shape)}, got {tuple(z_true.shape)}")
@@ -214,6 +215,11 @@ def recover(
             if not bool(active.any()) or iteration == max_iter:
                 break
             z = optimiser.step(z, loss, gradient, active.view(active_shape)).detach()
+    if isinstance(optimiser, _AdaptiveDescent):  # a rejected last step must not replace the best accepted code
+        better = optimiser.accepted_loss.to(loss.device) < loss
+        z = torch.where(better.view(active_shape), optimiser.accepted_z, z)
+        loss = torch.where(better, optimiser.accepted_loss.to(loss.device), loss)
+        relative = torch.where(better, (2 * loss).sqrt() / scale, relative)  # |A(G(z) - y)| = sqrt(2 J)
     loss_all, relative_all = loss.view(restarts, batch), relative.view(restarts, batch)
     codes = z.view(restarts, batch, *latent_shape)
     best = loss_all.argmin(dim=0)

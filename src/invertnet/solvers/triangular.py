@@ -23,13 +23,14 @@ max_p |r_p(x) - y_p| and a :class:`~invertnet.SolverStatus`, and never fail sile
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from invertnet.core import ConvergenceError, InverseResult, SolverStatus
-from invertnet.solvers.fixed_point import default_tolerances
+from invertnet.core import InverseResult, SolverStatus
+from invertnet.solvers.fixed_point import default_tolerances, fixed_point
 
 __all__ = ["MapAndDiagonal", "attach_triangular_inverse_gradient", "sequential_solve", "triangular_newton"]
 
@@ -258,9 +259,10 @@ def attach_triangular_inverse_gradient(
     With J = J_r(x*) = D + N (D its diagonal, N strictly triangular), backpropagating a cotangent u needs
     v = J^{-T} u (seed 002, Proposition 1: solve, never invert). The Jacobi iteration
     v <- v + D^{-1}(u - J^T v) has the nilpotent error map -D^{-1} N^T, so it is exact after at most n steps
-    and in practice stops far earlier at the per-sample tolerance |u - J^T v|_max <= atol + rtol |u|_max.
-    Each step is one vector-Jacobian product of r; memory does not depend on the forward solve's iterations.
-    A backward solve that does not converge raises :class:`~invertnet.ConvergenceError`.
+    and in practice stops far earlier, at the per-sample tolerance |D^{-1}(u - J^T v)|_max <= atol + rtol
+    |D^{-1} u|_max of :func:`~invertnet.solvers.fixed_point`. Each step is one vector-Jacobian product of r;
+    memory does not depend on the forward solve's iterations. A backward solve that does not converge raises
+    :class:`~invertnet.ConvergenceError`.
 
     Arguments:
         x_star: The solution with shape (B, ...).
@@ -282,21 +284,18 @@ def attach_triangular_inverse_gradient(
     def backward_hook(cotangent: Tensor | None) -> Tensor | None:
         if cotangent is None:
             return None
-        tolerance = atol + rtol * _per_sample_max(cotangent.abs())
-        v = cotangent / diagonal
-        history: list[float] = []
-        for _ in range(max_iter):
+
+        def jacobi_step(v: Tensor) -> Tensor:
             with torch.enable_grad():
                 (transposed,) = torch.autograd.grad(value, x_leaf, v, retain_graph=True)
-            gap = cotangent - transposed
-            worst = _per_sample_max(gap.abs())
-            history.append(worst.max().item())
-            if bool((worst <= tolerance).all()):
-                return v
-            v = v + gap / diagonal
-        raise ConvergenceError(
-            InverseResult(v, worst <= tolerance, max_iter, worst, None, SolverStatus.MAX_ITER, history)
+            return v + (cotangent - transposed) / diagonal
+
+        start = cotangent / diagonal
+        reference = _per_sample_max(start.abs())
+        result = fixed_point(
+            jacobi_step, start, atol=atol, rtol=rtol, max_iter=max_iter, reference=reference, norm=math.inf
         )
+        return result.value
 
     image.register_hook(backward_hook)
     return x_star + (image - image.detach())

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from invertnet.layers.spectral import conv2d_adjoint
+
 __all__ = ["EXACT_MATRIX_ENTRIES", "ConvNormBounds", "conv_matrix", "conv_norm_bounds", "conv_singular_values"]
 
 #: Convolutions whose operator matrix has at most this many entries get their exact norm from an SVD.
@@ -122,11 +124,7 @@ def conv_norm_bounds(
         v = v / v.norm()
         u = F.conv2d(v, weight, stride=stride, padding=padding)
         previous, estimate = estimate, u.norm().item()
-        reached = [
-            (size - 1) * stride - 2 * padding + k for size, k in zip(u.shape[-2:], weight.shape[-2:], strict=True)
-        ]
-        extra = (height - reached[0], width - reached[1])  # rows and columns the stride skipped
-        v = F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=extra)  # the adjoint
+        v = conv2d_adjoint(u, weight, (stride, stride), (padding, padding), (height, width))
         if iteration > 1 and abs(estimate - previous) <= rtol * estimate:
             converged = True
             break

@@ -257,6 +257,18 @@ def _channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def conv2d_adjoint(
+    u: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int], input_size: tuple[int, int]
+) -> Tensor:
+    """The adjoint of ``F.conv2d(., weight, stride=stride, padding=padding)`` on inputs of ``input_size`` (H, W):
+    the transposed convolution, with the output padding that restores the rows and columns a stride skipped."""
+    output_padding = tuple(
+        size - ((out - 1) * s - 2 * p + k)
+        for size, out, s, p, k in zip(input_size, u.shape[-2:], stride, padding, weight.shape[-2:], strict=True)
+    )
+    return F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=output_padding)
+
+
 class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
     r"""2-D convolution whose *operator* norm, on the actual input size, is normalised by Eq. 4.9.
 
@@ -293,15 +305,7 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
         return F.conv2d(_channels_last(v), weight, stride=self.stride, padding=self.padding)
 
     def adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
-        height, width = self.v.shape[-2:]
-        (k_h, k_w), (s_h, s_w), (p_h, p_w) = self.kernel_size, self.stride, self.padding
-        output_padding = (
-            height - ((u.shape[-2] - 1) * s_h - 2 * p_h + k_h),
-            width - ((u.shape[-1] - 1) * s_w - 2 * p_w + k_w),
-        )
-        return F.conv_transpose2d(
-            _channels_last(u), weight, stride=self.stride, padding=self.padding, output_padding=output_padding
-        )
+        return conv2d_adjoint(_channels_last(u), weight, self.stride, self.padding, tuple(self.v.shape[-2:]))
 
     def _input_vector_shape(self, x: Tensor) -> tuple[int, ...]:
         if x.dim() != 4:

@@ -16,3 +16,11 @@ def test_injective_padding_refuses_points_off_its_range():
     assert pad.inverse(y).shape == (3, 1, 2, 2)
     with pytest.raises(ValueError, match="range_tolerance=1.0e-04"):
         InjectivePad(2, range_tolerance=1e-4).inverse(y)
+
+
+def test_actnorm_leaves_constant_padded_channels_unscaled():
+    from invertnet.layers import ActNorm
+
+    layer = ActNorm(3)
+    layer(InjectivePad(1)(torch.randn(16, 2, 4, 4)))  # data-dependent initialisation
+    assert layer.log_scale[2].item() == 0.0 and layer.log_scale[:2].abs().max() < 1.0

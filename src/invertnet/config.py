@@ -44,10 +44,11 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     """The model: flows ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2), ``mintnet`` (seed 000, 5.2); the
-    classifier ``mintnet_classifier`` (seed 000, 5.1), trained with cross-entropy on labelled images; the
+    classifiers ``mintnet_classifier`` (seed 000, 5.1) and ``iresnet_classifier`` (thesis A.1), trained with
+    cross-entropy on labelled images; the
     conditional GAN ``dcgan`` (seed 003, 4.3), whose generator latent recovery works on."""
 
-    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier", "dcgan"]
+    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier", "iresnet_classifier", "dcgan"]
     n_blocks: int = Field(
         4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet*: grouped layers in all"
     )
@@ -60,6 +61,9 @@ class ModelConfig(_Strict):
     kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
+    variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
+        "iresnet", description="iresnet_classifier: Lipschitz-constrained, or the vanilla / batch-norm baselines"
+    )
     latent_dim: int = Field(10, gt=0, description="dcgan: latent dimension (small keeps G expansive)")
     width: int = Field(64, gt=0, description="dcgan: channels of the first feature map")
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")

@@ -8,6 +8,7 @@ and, for flows, figures (``samples.png``; for 2-D data also ``density.png``, lik
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from invertnet.data import (  # noqa: E402
     load_mnist,
     sample_toy,
 )
-from invertnet.layers import InvertibleResidual, UniformDequantization, refine_spectral_norms  # noqa: E402
+from invertnet.layers import InjectivePad, InvertibleResidual, UniformDequantization, refine_spectral_norms  # noqa: E402
 from invertnet.logdet import (  # noqa: E402
     ExactLogDet,
     PowerSeriesLogDet,
@@ -45,6 +46,7 @@ from invertnet.models import (  # noqa: E402
     FlowDistribution,
     InvertibleClassifier,
     dense_iresnet_flow,
+    iresnet_classifier,
     mintnet_classifier,
     mintnet_flow,
     multiscale_iresnet_flow,
@@ -133,8 +135,21 @@ def _check_monotone(config: RunConfig) -> None:
 
 
 def build_classifier(config: RunConfig, event_shape: tuple[int, ...], n_classes: int) -> InvertibleClassifier:
-    """The invertible classifier the config describes (``mintnet_classifier``: seed 000, 5.1)."""
+    """The invertible classifier the config describes: ``mintnet_classifier`` (seed 000, 5.1) or
+    ``iresnet_classifier`` (thesis A.1; ``n_blocks`` per stage, ``n_scales`` stages)."""
     model = config.model
+    if model.kind == "iresnet_classifier":
+        return iresnet_classifier(
+            event_shape,
+            n_classes,
+            model.n_blocks,
+            model.hidden,
+            model.n_scales,
+            model.kernel_sizes,
+            model.coeff,
+            model.pad_channels,
+            model.variant,
+        )
     _check_monotone(config)
     return mintnet_classifier(
         event_shape,
@@ -284,9 +299,17 @@ def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Te
 
 @torch.no_grad()
 def _feature_reconstruction(model: InvertibleClassifier, x: Tensor) -> dict[str, Any]:
-    """Max-abs error of x -> features -> x through the inverse of the classifier's invertible body."""
-    result = model.body.inverse_result(model.features(x))
-    return {"max_abs_error": (result.value - x).abs().max().item(), "status": result.status.name.lower()}
+    """Max-abs error of x -> features -> x through the inverse of the classifier's invertible body, computed on
+    a float64 copy (so the error measures invertibility, not float32 rounding), with the solver's record. A
+    leading zero padding is applied, not inverted, so a failing inverse is reported rather than refused."""
+    parts = list(copy.deepcopy(model.body).double().eval())
+    x = x.double()
+    if parts and isinstance(parts[0], InjectivePad):
+        x, parts = parts[0](x), parts[1:]
+    body = InvertibleSequential(*parts)
+    result = body.inverse_result(body(x))
+    error = (result.value - x).abs().max().item()
+    return {"max_abs_error": error, "status": result.status.name.lower(), "iterations": result.iterations}
 
 
 def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any, levels: int | None) -> dict:

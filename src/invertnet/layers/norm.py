@@ -21,7 +21,8 @@ class ActNorm(InvertibleModule):
 
     Arguments:
         channels: Number of channels C of inputs with shape (B, C, ...).
-        eps: Floor on the initial standard deviation.
+        eps: Channels whose initial standard deviation is at most ``eps`` (constant channels, such as zero
+            padding) start with scale 1 instead of 1 / std.
 
     Example:
         >>> layer = ActNorm(3)
@@ -51,8 +52,11 @@ class ActNorm(InvertibleModule):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         per_channel = x.transpose(0, 1).flatten(1)
+        std = per_channel.std(dim=1, unbiased=False)
         self.loc.copy_(per_channel.mean(dim=1))
-        self.log_scale.copy_(per_channel.std(dim=1, unbiased=False).clamp_min(self.eps).log())
+        # constant channels (e.g. injective zero padding) keep scale 1: a 1/eps scale would turn every later
+        # change of their values into a huge output
+        self.log_scale.copy_(torch.where(std > self.eps, std, torch.ones_like(std)).log())
         self.initialized.fill_(True)
 
     def _log_det(self, x: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """Models: flows as distributions (i-ResNet, MintNet), invertible classifiers and generative networks."""
 
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
+from invertnet.models.classifiers import iresnet_classifier as iresnet_classifier
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
@@ -19,6 +20,7 @@ __all__ = [
     "FlowDistribution",
     "InvertibleClassifier",
     "dense_iresnet_flow",
+    "iresnet_classifier",
     "mintnet_classifier",
     "mintnet_flow",
     "multiscale_iresnet_flow",

@@ -8,12 +8,14 @@ from typing import Literal
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, InvertibleSequential
+from invertnet.layers.lipschitz_nets import LipschitzConvNet
 from invertnet.layers.masked import MintLayer
-from invertnet.layers.norm import InvertibleBatchNorm
+from invertnet.layers.norm import ActNorm, InvertibleBatchNorm
+from invertnet.layers.residual import InvertibleResidual
 from invertnet.layers.shape import InjectivePad, Squeeze
 from invertnet.models.mintnet_flows import squeeze_positions
 
-__all__ = ["InvertibleClassifier", "mintnet_classifier"]
+__all__ = ["InvertibleClassifier", "iresnet_classifier", "mintnet_classifier"]
 
 
 class InvertibleClassifier(nn.Module):
@@ -26,6 +28,7 @@ class InvertibleClassifier(nn.Module):
         body: The invertible feature extractor, (B, C, H, W) -> (B, C', H', W').
         features: C', the channels of the body's output.
         n_classes: Number of classes.
+        normalize_head: Apply batch norm and ELU to the features before pooling (thesis A.1).
 
     Example:
         >>> model = mintnet_classifier((1, 8, 8), n_classes=3, n_blocks=2, n_squeezes=1, pad_channels=2).eval()
@@ -33,11 +36,12 @@ class InvertibleClassifier(nn.Module):
         torch.Size([5, 3])
     """
 
-    def __init__(self, body: InvertibleModule, features: int, n_classes: int) -> None:
+    def __init__(self, body: InvertibleModule, features: int, n_classes: int, normalize_head: bool = False) -> None:
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"InvertibleClassifier: need at least 2 classes, got {n_classes}")
         self.body = body
+        self.prelude = nn.Sequential(nn.BatchNorm2d(features), nn.ELU()) if normalize_head else nn.Identity()
         self.head = nn.Linear(features, n_classes)
 
     def features(self, x: Tensor) -> Tensor:
@@ -49,7 +53,7 @@ class InvertibleClassifier(nn.Module):
         return self.body.inverse(z, **options)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.prelude(self.features(x)).mean(dim=(2, 3)))
 
 
 def mintnet_classifier(
@@ -97,3 +101,65 @@ def mintnet_classifier(
                 MintLayer(channels, hidden_factor, kernel_size, direction, activation),
             ]
     return InvertibleClassifier(InvertibleSequential(*parts), channels, n_classes)
+
+
+def _plain_branch(channels: int, hidden: int, kernel_sizes: Sequence[int], batch_norm: bool) -> nn.Sequential:
+    """The unconstrained pre-activation bottleneck of the baselines (batch norm before every ELU if asked)."""
+    sizes = [channels] + [hidden] * (len(kernel_sizes) - 1) + [channels]
+    layers: list[nn.Module] = []
+    for index, kernel in enumerate(kernel_sizes):
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(sizes[index]))
+        layers += [nn.ELU(), nn.Conv2d(sizes[index], sizes[index + 1], kernel, padding=kernel // 2)]
+    return nn.Sequential(*layers)
+
+
+def iresnet_classifier(
+    input_shape: Sequence[int] = (3, 32, 32),
+    n_classes: int = 10,
+    n_blocks: int = 13,
+    hidden_channels: int = 32,
+    n_stages: int = 3,
+    kernel_sizes: Sequence[int] = (3, 1, 3),
+    coeff: float = 0.9,
+    pad_channels: int = 16,
+    variant: Literal["iresnet", "vanilla", "batchnorm"] = "iresnet",
+) -> InvertibleClassifier:
+    r"""The i-ResNet classifier of thesis A.1 and its baselines.
+
+    Zero padding to ``pad_channels`` channels, then ``n_stages`` stages of ``n_blocks`` pre-activation
+    bottleneck blocks x + g(x) (convolutions 3x3-1x1-3x3 with ELU), ActNorm before every block, a squeeze
+    between stages, and batch norm, ELU, average pooling and a linear read-out (the thesis' CIFAR model: 3
+    stages of 13 blocks, 16 padded channels, an 8x8x256 output). ``variant``: ``"iresnet"`` (spectrally
+    normalised branches with Lipschitz coefficient ``coeff``, invertible by Theorem 4.1), ``"vanilla"`` (the
+    same network without the constraint) or ``"batchnorm"`` (vanilla with batch norm before every ELU): the
+    baselines keep the fixed-point inverse, which is only guaranteed to work for the i-ResNet.
+
+    Example:
+        >>> model = iresnet_classifier((1, 8, 8), 3, n_blocks=1, hidden_channels=4, n_stages=2, pad_channels=2)
+        >>> model(torch.randn(5, 1, 8, 8)).shape
+        torch.Size([5, 3])
+    """
+    channels, height, width = (int(size) for size in input_shape)
+    if variant not in ("iresnet", "vanilla", "batchnorm"):
+        raise ValueError(f"iresnet_classifier: variant must be iresnet, vanilla or batchnorm, got {variant!r}")
+    if channels > pad_channels:
+        raise ValueError(f"iresnet_classifier: {channels} input channels exceed pad_channels={pad_channels}")
+    factor = 2 ** (n_stages - 1)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"iresnet_classifier: {n_stages} stages need H and W divisible by {factor}, got {height}x{width}"
+        )
+    parts: list[InvertibleModule] = [InjectivePad(pad_channels - channels)] if pad_channels > channels else []
+    channels = pad_channels
+    for stage in range(n_stages):
+        if stage:
+            parts.append(Squeeze())
+            channels *= 4
+        for _ in range(n_blocks):
+            if variant == "iresnet":
+                branch: nn.Module = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff=coeff)
+            else:
+                branch = _plain_branch(channels, hidden_channels, kernel_sizes, batch_norm=variant == "batchnorm")
+            parts += [ActNorm(channels), InvertibleResidual(branch)]
+    return InvertibleClassifier(InvertibleSequential(*parts), channels, n_classes, normalize_head=True)

@@ -119,6 +119,16 @@ def certify(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-n", "count", default=8, show_default=True, help="Number of metameric samples.")
+def metameric(run_dir: Path, count: int) -> None:
+    """Metameric samples of a trained fully invertible classifier (thesis Def. 6.8); writes metameric.png."""
+    from invertnet.run import metameric_run
+
+    _echo_json(_on_run(metameric_run, run_dir, count))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:

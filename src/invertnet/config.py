@@ -44,11 +44,19 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     """The model: flows ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2), ``mintnet`` (seed 000, 5.2); the
-    classifiers ``mintnet_classifier`` (seed 000, 5.1) and ``iresnet_classifier`` (thesis A.1), trained with
-    cross-entropy on labelled images; the
+    classifiers ``mintnet_classifier`` (seed 000, 5.1), ``iresnet_classifier`` (thesis A.1) and
+    ``fully_invertible_classifier`` (thesis Def. 6.7), trained with cross-entropy on labelled images; the
     conditional GAN ``dcgan`` (seed 003, 4.3), whose generator latent recovery works on."""
 
-    kind: Literal["dense", "multiscale", "mintnet", "mintnet_classifier", "iresnet_classifier", "dcgan"]
+    kind: Literal[
+        "dense",
+        "multiscale",
+        "mintnet",
+        "mintnet_classifier",
+        "iresnet_classifier",
+        "fully_invertible_classifier",
+        "dcgan",
+    ]
     n_blocks: int = Field(
         4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet*: grouped layers in all"
     )

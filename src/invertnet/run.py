@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from invertnet.analysis import Certificate, certify, plot_certificate  # noqa: E402
+from invertnet.analysis import Certificate, certify, metameric_sample, plot_certificate  # noqa: E402
 from invertnet.config import RunConfig  # noqa: E402
 from invertnet.core import InvertibleSequential  # noqa: E402
 from invertnet.data import (  # noqa: E402
@@ -44,8 +44,10 @@ from invertnet.logdet import (  # noqa: E402
 )
 from invertnet.models import (  # noqa: E402
     FlowDistribution,
+    FullyInvertibleClassifier,
     InvertibleClassifier,
     dense_iresnet_flow,
+    fully_invertible_classifier,
     iresnet_classifier,
     mintnet_classifier,
     mintnet_flow,
@@ -73,6 +75,7 @@ __all__ = [
     "is_classifier",
     "load_data",
     "load_labelled_data",
+    "metameric_run",
     "open_run",
     "sample_run",
     "train_run",
@@ -138,6 +141,10 @@ def build_classifier(config: RunConfig, event_shape: tuple[int, ...], n_classes:
     """The invertible classifier the config describes: ``mintnet_classifier`` (seed 000, 5.1) or
     ``iresnet_classifier`` (thesis A.1; ``n_blocks`` per stage, ``n_scales`` stages)."""
     model = config.model
+    if model.kind == "fully_invertible_classifier":
+        return fully_invertible_classifier(
+            event_shape, n_classes, model.n_blocks, model.hidden, model.n_scales, model.coeff
+        )
     if model.kind == "iresnet_classifier":
         return iresnet_classifier(
             event_shape,
@@ -419,6 +426,42 @@ def certify_run(run_dir: str | Path) -> tuple[Certificate, Path]:
     x = test[0][:16] if isinstance(test, tuple) else test[:16]
     certificate = certify(body, x)
     return certificate, plot_certificate(certificate, Path(run_dir) / "certificate.png")
+
+
+@torch.no_grad()
+def metameric_run(run_dir: str | Path, n: int = 8) -> dict[str, Any]:
+    """Metameric samples (thesis Def. 6.8) of a trained fully invertible classifier: the logits of n test images
+    with the nuisance variables of n others of different classes; saves ``metameric.png`` (rows: inputs,
+    references, metameric samples) and reports how exactly logits and nuisances were kept."""
+    _, model, test, _ = open_run(run_dir)
+    if not isinstance(model, FullyInvertibleClassifier):
+        raise ValueError(f"{run_dir} did not train a fully_invertible_classifier; metameric sampling needs one")
+    model = copy.deepcopy(model).double()  # float64: the logits are kept to the inverse's 1e-12 residual
+    images, labels = test
+    images = images.double()
+    x = images[:n]
+    partner = [int(((labels != labels[i]).nonzero()[i % 5 + 1]).item()) for i in range(len(x))]
+    reference = images[partner]
+    x_met = metameric_sample(model, x, reference)
+    semantic, _ = model.split(model.features(x_met))
+    _, nuisance = model.split(model.features(x_met))
+    grid = torch.cat([x, reference, x_met])
+    figure, axes = plt.subplots(3, len(x), figsize=(len(x), 3.3), squeeze=False)
+    for axis, image in zip(axes.flat, grid, strict=True):
+        axis.imshow(image[0].numpy(), cmap="gray")
+        axis.axis("off")
+    for row, title in enumerate(("logits from", "nuisance from", "metameric")):
+        axes[row][0].set_title(title, fontsize=7, loc="left")
+    path = Path(run_dir) / "metameric.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return {
+        "figure": str(path),
+        "max_logit_difference": (semantic - model(x)).abs().max().item(),
+        "max_nuisance_difference": (nuisance - model.split(model.features(reference))[1]).abs().max().item(),
+        "predicted": model(x_met).argmax(1).tolist(),
+        "reference_labels": labels[partner].tolist(),
+    }
 
 
 def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:

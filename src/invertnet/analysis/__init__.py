@@ -6,6 +6,7 @@ from invertnet.analysis.certificates import Certificate as Certificate
 from invertnet.analysis.certificates import LayerNorm as LayerNorm
 from invertnet.analysis.certificates import certify as certify
 from invertnet.analysis.certificates import plot_certificate as plot_certificate
+from invertnet.analysis.invariance import metameric_sample as metameric_sample
 from invertnet.analysis.preimages import PreimageResult as PreimageResult
 from invertnet.analysis.preimages import is_omnidirectional as is_omnidirectional
 from invertnet.analysis.preimages import relu_mlp_preimages as relu_mlp_preimages
@@ -31,6 +32,7 @@ __all__ = [
     "is_omnidirectional",
     "layer_spectra",
     "lemma_3_5_bounds",
+    "metameric_sample",
     "plot_certificate",
     "plot_layer_spectra",
     "relu_mlp_preimages",

@@ -1,6 +1,8 @@
 """Models: flows as distributions (i-ResNet, MintNet), invertible classifiers and generative networks."""
 
+from invertnet.models.classifiers import FullyInvertibleClassifier as FullyInvertibleClassifier
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
+from invertnet.models.classifiers import fully_invertible_classifier as fully_invertible_classifier
 from invertnet.models.classifiers import iresnet_classifier as iresnet_classifier
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
@@ -18,8 +20,10 @@ __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
     "FlowDistribution",
+    "FullyInvertibleClassifier",
     "InvertibleClassifier",
     "dense_iresnet_flow",
+    "fully_invertible_classifier",
     "iresnet_classifier",
     "mintnet_classifier",
     "mintnet_flow",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, InvertibleSequential
@@ -15,7 +16,13 @@ from invertnet.layers.residual import InvertibleResidual
 from invertnet.layers.shape import InjectivePad, Squeeze
 from invertnet.models.mintnet_flows import squeeze_positions
 
-__all__ = ["InvertibleClassifier", "iresnet_classifier", "mintnet_classifier"]
+__all__ = [
+    "FullyInvertibleClassifier",
+    "InvertibleClassifier",
+    "fully_invertible_classifier",
+    "iresnet_classifier",
+    "mintnet_classifier",
+]
 
 
 class InvertibleClassifier(nn.Module):
@@ -163,3 +170,56 @@ def iresnet_classifier(
                 branch = _plain_branch(channels, hidden_channels, kernel_sizes, batch_norm=variant == "batchnorm")
             parts += [ActNorm(channels), InvertibleResidual(branch)]
     return InvertibleClassifier(InvertibleSequential(*parts), channels, n_classes, normalize_head=True)
+
+
+class FullyInvertibleClassifier(InvertibleClassifier):
+    r"""A bijective classifier with simplified read-out (thesis Definition 6.7): the logits are the first C
+    entries of z = F(x), the remaining d - C entries are the nuisance variables z_n.
+
+    Arguments:
+        body: The bijection F, (B, ...) -> (B, ...) with at least ``n_classes`` entries per sample.
+        n_classes: Number of classes C.
+    """
+
+    def __init__(self, body: InvertibleModule, n_classes: int) -> None:
+        nn.Module.__init__(self)
+        if n_classes < 2:
+            raise ValueError(f"FullyInvertibleClassifier: need at least 2 classes, got {n_classes}")
+        self.body, self.n_classes = body, n_classes
+
+    def split(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_s, z_n): the logits (B, C) and the nuisance variables (B, d - C) of features z."""
+        flat = z.flatten(1)
+        if flat.shape[1] < self.n_classes:
+            raise ValueError(f"FullyInvertibleClassifier: {flat.shape[1]} features for {self.n_classes} classes")
+        return flat[:, : self.n_classes], flat[:, self.n_classes :]
+
+    def merge(self, semantic: Tensor, nuisance: Tensor, like: Tensor) -> Tensor:
+        """Features with the given logits and nuisance variables, shaped like ``like``."""
+        return torch.cat([semantic, nuisance], dim=1).view_as(like)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.split(self.features(x))[0]
+
+
+def fully_invertible_classifier(
+    input_shape: Sequence[int] = (1, 8, 8),
+    n_classes: int = 10,
+    n_blocks: int = 4,
+    hidden_channels: int = 32,
+    n_stages: int = 2,
+    coeff: float = 0.9,
+) -> FullyInvertibleClassifier:
+    """An i-ResNet bijection (ActNorm and x + g(x) blocks, squeezes between stages, no padding) read out by its
+    first ``n_classes`` outputs (thesis Definition 6.7)."""
+    channels, height, width = (int(size) for size in input_shape)
+    if channels * height * width < n_classes:
+        raise ValueError(f"fully_invertible_classifier: {channels * height * width} dimensions for {n_classes} classes")
+    parts: list[InvertibleModule] = []
+    for stage in range(n_stages):
+        if stage:
+            parts.append(Squeeze())
+            channels *= 4
+        for _ in range(n_blocks):
+            parts += [ActNorm(channels), InvertibleResidual(LipschitzConvNet(channels, hidden_channels, coeff=coeff))]
+    return FullyInvertibleClassifier(InvertibleSequential(*parts), n_classes)

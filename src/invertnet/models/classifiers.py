@@ -2,7 +2,7 @@ r"""Invertible classifiers: an invertible feature extractor with a pooling read-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -121,6 +121,21 @@ def _plain_branch(channels: int, hidden: int, kernel_sizes: Sequence[int], batch
     return nn.Sequential(*layers)
 
 
+def _residual_stages(
+    channels: int, n_stages: int, n_blocks: int, branch: Callable[[int], nn.Module]
+) -> tuple[list[InvertibleModule], int]:
+    """``n_stages`` stages of ``n_blocks`` [ActNorm, x + branch(x)] blocks with a squeeze between stages; returns
+    the parts and the final number of channels."""
+    parts: list[InvertibleModule] = []
+    for stage in range(n_stages):
+        if stage:
+            parts.append(Squeeze())
+            channels *= 4
+        for _ in range(n_blocks):
+            parts += [ActNorm(channels), InvertibleResidual(branch(channels))]
+    return parts, channels
+
+
 def iresnet_classifier(
     input_shape: Sequence[int] = (3, 32, 32),
     n_classes: int = 10,
@@ -157,19 +172,15 @@ def iresnet_classifier(
         raise ValueError(
             f"iresnet_classifier: {n_stages} stages need H and W divisible by {factor}, got {height}x{width}"
         )
+
+    def branch(width: int) -> nn.Module:
+        if variant == "iresnet":
+            return LipschitzConvNet(width, hidden_channels, kernel_sizes, coeff=coeff)
+        return _plain_branch(width, hidden_channels, kernel_sizes, batch_norm=variant == "batchnorm")
+
     parts: list[InvertibleModule] = [InjectivePad(pad_channels - channels)] if pad_channels > channels else []
-    channels = pad_channels
-    for stage in range(n_stages):
-        if stage:
-            parts.append(Squeeze())
-            channels *= 4
-        for _ in range(n_blocks):
-            if variant == "iresnet":
-                branch: nn.Module = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff=coeff)
-            else:
-                branch = _plain_branch(channels, hidden_channels, kernel_sizes, batch_norm=variant == "batchnorm")
-            parts += [ActNorm(channels), InvertibleResidual(branch)]
-    return InvertibleClassifier(InvertibleSequential(*parts), channels, n_classes, normalize_head=True)
+    stages, channels = _residual_stages(pad_channels, n_stages, n_blocks, branch)
+    return InvertibleClassifier(InvertibleSequential(*parts, *stages), channels, n_classes, normalize_head=True)
 
 
 class FullyInvertibleClassifier(InvertibleClassifier):
@@ -215,11 +226,7 @@ def fully_invertible_classifier(
     channels, height, width = (int(size) for size in input_shape)
     if channels * height * width < n_classes:
         raise ValueError(f"fully_invertible_classifier: {channels * height * width} dimensions for {n_classes} classes")
-    parts: list[InvertibleModule] = []
-    for stage in range(n_stages):
-        if stage:
-            parts.append(Squeeze())
-            channels *= 4
-        for _ in range(n_blocks):
-            parts += [ActNorm(channels), InvertibleResidual(LipschitzConvNet(channels, hidden_channels, coeff=coeff))]
-    return FullyInvertibleClassifier(InvertibleSequential(*parts), n_classes)
+    stages, _ = _residual_stages(
+        channels, n_stages, n_blocks, lambda width: LipschitzConvNet(width, hidden_channels, coeff=coeff)
+    )
+    return FullyInvertibleClassifier(InvertibleSequential(*stages), n_classes)

@@ -39,3 +39,31 @@ def test_metameric_command_on_a_trained_run(tmp_path):
     assert (tmp_path / "metameric.png").is_file()
     other = CliRunner().invoke(main, ["metameric", str(tmp_path / "nothing")])
     assert other.exit_code != 0
+
+
+def test_each_sphere_attack_succeeds_on_the_sphere_the_thesis_says_and_fails_on_the_other(tmp_path):
+    from invertnet.analysis.experiments import spheres_study
+    from invertnet.analysis.spheres import (
+        MisalignedSphereClassifier,
+        invariance_attack,
+        perturbation_attack,
+        sample_spheres,
+    )
+
+    radii = (1.0, 1.3)
+    generator = torch.Generator().manual_seed(0)
+    x_train, y_train = sample_spheres(1000, 100, radii, generator)
+    classifier = MisalignedSphereClassifier(5).fit(x_train, y_train)
+    x, y = sample_spheres(400, 100, radii, generator)
+    assert (classifier(x) == y).all() and radii[0] < classifier.bias < radii[1]
+    perturbed = perturbation_attack(classifier, x, radii)
+    assert perturbed.success[y > 0].all() and not perturbed.success[y < 0].any()
+    torch.testing.assert_close(perturbed.x.norm(dim=1), x.norm(dim=1))  # stays on its own sphere
+    assert (classifier(perturbed.x[y > 0]) < 0).all()  # and the decision flipped
+    invariant = invariance_attack(classifier, x, radii)
+    assert invariant.success[y < 0].all() and not invariant.success[y > 0].any()
+    assert torch.allclose(invariant.x[y < 0].norm(dim=1), torch.full((int((y < 0).sum()),), 1.3, dtype=torch.float64))
+    assert (classifier(invariant.x) == classifier(x)).all()  # the classifier does not notice
+    report = spheres_study(tmp_path, d=100, n_unused=5)
+    assert report["perturbation_success_outer"] == 1.0 and report["invariance_success_inner"] == 1.0
+    assert (tmp_path / "spheres.png").is_file()

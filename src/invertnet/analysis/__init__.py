@@ -1,5 +1,5 @@
 """Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages,
-inverse stability."""
+inverse stability, invariance (metameric sampling; the adversarial spheres in ``analysis.spheres``)."""
 
 from invertnet.analysis.certificates import BlockCertificate as BlockCertificate
 from invertnet.analysis.certificates import Certificate as Certificate

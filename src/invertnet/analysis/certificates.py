@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn  # noqa: E402
 
 from invertnet.analysis.spectral import conv_norm_bounds
+from invertnet.figures import save_figure  # noqa: E402
 from invertnet.layers.activations import ELU, LipSwish, Softplus
 from invertnet.layers.residual import InvertibleResidual
 
@@ -254,8 +255,4 @@ def plot_certificate(certificate: Certificate, path: str | Path) -> Path:
     blocks_axis.axhline(1.0, color="red", linestyle="--", linewidth=1)
     blocks_axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     blocks_axis.set(title="bound on Lip(g) per residual block", ylabel="product of layer norms (Eq. 4.6)")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

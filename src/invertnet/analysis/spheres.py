@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from invertnet.figures import save_figure  # noqa: E402
+
 __all__ = [
     "AttackResult",
     "MisalignedSphereClassifier",
@@ -130,8 +132,4 @@ def plot_sphere_attacks(curves: dict[str, tuple[Tensor, Tensor]], path: str | Pa
         axis.plot(budgets.numpy(), accuracy.numpy(), label=label)
     axis.set(xlabel="l2 bound on the perturbation", ylabel="accuracy", ylim=(-0.02, 1.02), title="adversarial spheres")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from invertnet.figures import save_figure  # noqa: E402
+
 __all__ = ["LayerSpectrum", "layer_spectra", "lemma_3_5_bounds", "plot_layer_spectra"]
 
 
@@ -102,8 +104,4 @@ def plot_layer_spectra(spectra: Sequence[LayerSpectrum], path: str | Path, title
         axis.semilogy(range(1, len(values) + 1), values.numpy(), marker=".", label=label)
     axis.set(xlabel="index", ylabel="singular value", title=title or "singular values of prefix Jacobians")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from invertnet.figures import save_figure  # noqa: E402
 from invertnet.models.generators import TransposedConvGenerator  # noqa: E402
 from invertnet.recovery.masks import MASK_KINDS, Mask, make_mask  # noqa: E402
 from invertnet.recovery.recover import recover  # noqa: E402
@@ -87,11 +88,7 @@ def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:
         axis.set(title=landscape.title, xlabel="z1", ylabel="z2")
         figure.colorbar(image, ax=axis, fraction=0.046, label="log10 J(z)")
     axes[0][0].legend(loc="upper left")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 @dataclass
@@ -187,8 +184,4 @@ def plot_phase_transition(rows: Sequence[PhaseTransitionRow], path: str | Path) 
         xlabel="observed fraction of pixels", ylabel="P(exact recovery)", ylim=(-0.02, 1.02), title="phase transition"
     )
     axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -67,3 +67,35 @@ def test_each_sphere_attack_succeeds_on_the_sphere_the_thesis_says_and_fails_on_
     report = spheres_study(tmp_path, d=100, n_unused=5)
     assert report["perturbation_success_outer"] == 1.0 and report["invariance_success_inner"] == 1.0
     assert (tmp_path / "spheres.png").is_file()
+
+
+def test_independence_cross_entropy_trains_both_players_with_their_own_gradients(tmp_path):
+    from invertnet.analysis import IndependenceCrossEntropy
+    from invertnet.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = fully_invertible_classifier((1, 4, 4), n_classes=2, n_blocks=1, hidden_channels=8).double()
+    objective = IndependenceCrossEntropy(model, nuisance_features=14, hidden=16).double()
+    x = torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    y = (x[:, 0, 0, 0] > 0).long()
+    with torch.no_grad():
+        objective((x, y))  # ActNorm initialisation
+    objective.eval()  # frozen power iterations: the same map in every call below
+    objective((x, y)).backward()
+    combined = {name: p.grad.clone() for name, p in objective.named_parameters()}
+    parts = objective.losses(x, y)
+    for prefix, loss in (("nuisance_classifier", parts[1]), ("classifier", parts[0] - parts[2])):
+        objective.zero_grad()
+        loss.backward(retain_graph=True)
+        for name, parameter in objective.named_parameters():
+            if name.startswith(prefix + "."):
+                torch.testing.assert_close(combined[name], parameter.grad, atol=1e-12, rtol=0)
+    trainer = Trainer(
+        objective, (x, y), TrainConfig(steps=60, batch_size=32, lr=1e-2), tmp_path, (x, y), False, objective
+    )
+    before = trainer.evaluate((x, y))
+    metrics = trainer.fit()
+    assert metrics["cross_entropy"] < before["cross_entropy"]  # the logits learn while the adversary plays
+    assert set(metrics) == {"accuracy", "cross_entropy", "nuisance_accuracy", "nuisance_cross_entropy"}
+    with pytest.raises(ValueError, match="exactly one"):
+        IndependenceCrossEntropy(model)

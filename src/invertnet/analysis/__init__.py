@@ -6,6 +6,7 @@ from invertnet.analysis.certificates import Certificate as Certificate
 from invertnet.analysis.certificates import LayerNorm as LayerNorm
 from invertnet.analysis.certificates import certify as certify
 from invertnet.analysis.certificates import plot_certificate as plot_certificate
+from invertnet.analysis.invariance import IndependenceCrossEntropy as IndependenceCrossEntropy
 from invertnet.analysis.invariance import metameric_sample as metameric_sample
 from invertnet.analysis.preimages import PreimageResult as PreimageResult
 from invertnet.analysis.preimages import is_omnidirectional as is_omnidirectional
@@ -21,6 +22,7 @@ from invertnet.analysis.stability import plot_layer_spectra as plot_layer_spectr
 
 __all__ = [
     "BlockCertificate",
+    "IndependenceCrossEntropy",
     "Certificate",
     "ConvNormBounds",
     "LayerNorm",

@@ -111,3 +111,13 @@ def test_spectra_leave_the_callers_model_alone_and_edge_cases():
     layer_spectra(net, torch.randn(3))
     assert net[0].weight.dtype == torch.float32 and net.training  # a float64 eval copy was analysed
     assert lemma_3_5_bounds(torch.zeros(3, 2), [0]) == (0.0, None)
+
+
+def test_reconstruction_error_falls_with_iterations_and_faster_for_smaller_c(tmp_path):
+    from invertnet.analysis.experiments import reconstruction_study
+
+    record = reconstruction_study(tmp_path, coefficients=(0.5, 0.9), budgets=(1, 4, 40), steps=20)
+    for curve in record["errors"].values():
+        assert curve[0] > curve[1] > curve[2] and curve[2] < 1e-6
+    assert record["errors"]["c=0.5"][1] < record["errors"]["c=0.9"][1]
+    assert (tmp_path / "reconstruction.png").is_file()

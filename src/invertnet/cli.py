@@ -226,23 +226,29 @@ def recover_study(
 
 
 @main.command()
-@click.argument("experiment", type=click.Choice(["two-circles", "layer-spectra", "vanilla-vs-iresnet", "spheres"]))
+@click.argument(
+    "experiment",
+    type=click.Choice(["two-circles", "layer-spectra", "vanilla-vs-iresnet", "reconstruction", "spheres"]),
+)
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stability"), show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def stability(experiment: str, output_dir: Path, seed: int) -> None:
     """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), singular
     values of a ReLU CNN's prefix Jacobians (Fig. 3.4), vanilla ResNets against i-ResNets (seed 001
-    appendix B: certificates and reconstruction through the inverse), or the adversarial spheres (Fig. 6.3)."""
-    from invertnet.analysis.experiments import cnn_spectra_study, spheres_study, two_circles_study, vanilla_vs_iresnet
+    appendix B: certificates and reconstruction through the inverse), reconstruction error against fixed-point
+    iterations for several Lipschitz coefficients (Fig. 4.4), or the adversarial spheres (Fig. 6.3)."""
+    from invertnet.analysis import experiments
 
-    if experiment == "spheres":
-        record = spheres_study(output_dir, seed=seed)
+    if experiment == "reconstruction":
+        record = experiments.reconstruction_study(output_dir, seed=seed)
+    elif experiment == "spheres":
+        record = experiments.spheres_study(output_dir, seed=seed)
     elif experiment == "two-circles":
-        record = two_circles_study(output_dir, seed=seed)
+        record = experiments.two_circles_study(output_dir, seed=seed)
     elif experiment == "layer-spectra":
-        record = cnn_spectra_study(output_dir, seed=seed)
+        record = experiments.cnn_spectra_study(output_dir, seed=seed)
     else:
-        record = vanilla_vs_iresnet(seed=seed)
+        record = experiments.vanilla_vs_iresnet(seed=seed)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "vanilla_vs_iresnet.json").write_text(json.dumps(record, indent=2))
     _echo_json(record)

@@ -155,3 +155,17 @@ def test_trainer_trains_a_classifier_on_labelled_batches(tmp_path):
     assert after["cross_entropy"] < before and after["accuracy"] > 0.8
     with pytest.raises(TypeError, match="pass an objective"):
         Trainer(model, (images, labels), config, tmp_path)
+
+
+def test_random_shift_translates_each_image_within_the_bound():
+    from invertnet.training.objectives import random_shift
+
+    torch.manual_seed(0)
+    image = torch.zeros(1, 1, 8, 8)
+    image[0, 0, 3, 4] = 1.0
+    shifted = random_shift(image.repeat(200, 1, 1, 1), 2, fill=0.0)
+    positions = shifted[:, 0].flatten(1).argmax(dim=1)
+    rows, columns = positions // 8, positions % 8
+    assert (shifted.sum(dim=(1, 2, 3)) == 1).all()  # a translation, nothing lost at this distance from the border
+    assert rows.min() == 1 and rows.max() == 5 and columns.min() == 2 and columns.max() == 6
+    assert torch.equal(random_shift(image, 0, 0.0), image)

@@ -38,6 +38,7 @@ class DataConfig(_Strict):
     ]
     root: str | None = None
     image_size: int = Field(64, gt=0, description="image_folder: side of the square grey images")
+    augment_shift: int = Field(0, ge=0, description="classifiers: random translations of up to this many pixels")
     n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
     n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
 

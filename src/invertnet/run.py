@@ -375,7 +375,7 @@ def train_run(
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
     objective: Any = None
     if isinstance(model, InvertibleClassifier):
-        objective = CrossEntropy(model)
+        objective = CrossEntropy(model, max_shift=config.data.augment_shift)
     elif isinstance(model, ConditionalGAN):
         objective = AdversarialLoss(model)
     settings = TrainConfig(**config.train.model_dump())

@@ -59,21 +59,36 @@ class BitsPerDim(nn.Module):
         return mean_and_standard_error(bits_per_sample(self.flow, data, batch_size))
 
 
+def random_shift(images: Tensor, max_shift: int, fill: float) -> Tensor:
+    """Each image (B, C, H, W) translated by its own random offsets in [-max_shift, max_shift] pixels, the
+    uncovered border filled with ``fill`` (thesis A.1: shifts of up to two pixels for MNIST)."""
+    if max_shift <= 0:
+        return images
+    padded = F.pad(images, (max_shift,) * 4, value=fill)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2))
+    height, width = images.shape[-2:]
+    return torch.stack([padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
 class CrossEntropy(nn.Module):
     r"""Classification: the batch's mean cross-entropy of ``classifier(x)`` against labels y.
 
     Arguments:
         classifier: A module mapping (B, ...) inputs to (B, n_classes) logits; batches are ``(x, y)``.
+        max_shift: Data augmentation in training mode: random translations of up to this many pixels
+            (thesis A.1), the border filled with the batch's smallest value (the background).
     """
 
     name = "cross_entropy"
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, max_shift: int = 0) -> None:
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.max_shift = classifier, max_shift
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
+        if self.training and self.max_shift:
+            x = random_shift(x, self.max_shift, x.min().item())
         return F.cross_entropy(self.classifier(x), y)
 
     @torch.no_grad()

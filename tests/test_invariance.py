@@ -99,3 +99,20 @@ def test_independence_cross_entropy_trains_both_players_with_their_own_gradients
     assert set(metrics) == {"accuracy", "cross_entropy", "nuisance_accuracy", "nuisance_cross_entropy"}
     with pytest.raises(ValueError, match="exactly one"):
         IndependenceCrossEntropy(model)
+
+
+def test_independence_cross_entropy_through_invertnet_train(tmp_path):
+    options = ["--set", "model.independence=true", "--set", "train.steps=3", "--set", "model.n_blocks=1", "--quiet"]
+    runner = CliRunner()
+    trained = runner.invoke(
+        main, ["train", "--config", "fully_invertible_classifier_digits", *options, "--run-dir", str(tmp_path)]
+    )
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.output)
+    assert {"accuracy", "nuisance_accuracy"} <= set(summary["test"]) and summary["reconstruction"][
+        "status"
+    ] == "success"
+    metameric = runner.invoke(main, ["metameric", str(tmp_path), "-n", "3"])
+    assert metameric.exit_code == 0 and json.loads(metameric.output)["max_logit_difference"] < 1e-5
+    wrong = runner.invoke(main, ["train", "--config", "iresnet_classifier_digits", "--set", "model.independence=true"])
+    assert wrong.exit_code != 0 and "model.independence needs" in wrong.output

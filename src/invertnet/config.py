@@ -70,6 +70,9 @@ class ModelConfig(_Strict):
     kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
+    independence: bool = Field(
+        False, description="fully_invertible_classifier: train with the independence cross-entropy (Def. 6.14)"
+    )
     variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
         "iresnet", description="iresnet_classifier: Lipschitz-constrained, or the vanilla / batch-norm baselines"
     )

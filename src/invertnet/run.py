@@ -22,7 +22,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from invertnet.analysis import Certificate, certify, metameric_sample, plot_certificate  # noqa: E402
+from invertnet.analysis import (  # noqa: E402
+    Certificate,
+    IndependenceCrossEntropy,
+    certify,
+    metameric_sample,
+    plot_certificate,
+)
 from invertnet.config import RunConfig  # noqa: E402
 from invertnet.core import InvertibleSequential  # noqa: E402
 from invertnet.data import (  # noqa: E402
@@ -324,6 +330,9 @@ def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any,
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if isinstance(model, ConditionalGAN):
         summary = finish_gan(model, run_dir, test)
+    elif isinstance(model, IndependenceCrossEntropy):
+        summary["test"] = model.evaluate(test)
+        summary["reconstruction"] = _feature_reconstruction(model.classifier, test[0][:256])
     elif isinstance(model, InvertibleClassifier):
         summary["test"] = CrossEntropy(model).evaluate(test)
         summary["reconstruction"] = _feature_reconstruction(model, test[0][:256])
@@ -347,7 +356,13 @@ def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
     if is_classifier(config):
         train, test = load_labelled_data(config)
         n_classes = int(max(train[1].max(), test[1].max())) + 1
-        return build_classifier(config, tuple(train[0].shape[1:]), n_classes), train, test, None
+        classifier = build_classifier(config, tuple(train[0].shape[1:]), n_classes)
+        if config.model.independence and config.model.kind != "fully_invertible_classifier":
+            raise ValueError("model.independence needs model.kind 'fully_invertible_classifier' (logits and nuisance)")
+        if config.model.independence:  # thesis Def. 6.14: the trained module holds both players
+            nuisance = train[0][0].numel() - n_classes
+            return IndependenceCrossEntropy(classifier, nuisance_features=nuisance), train, test, None  # type: ignore[arg-type]
+        return classifier, train, test, None
     train, test, levels = load_data(config)
     return build_flow(config, tuple(train.shape[1:]), levels), train, test, levels
 
@@ -376,6 +391,8 @@ def train_run(
     objective: Any = None
     if isinstance(model, InvertibleClassifier):
         objective = CrossEntropy(model, max_shift=config.data.augment_shift)
+    elif isinstance(model, IndependenceCrossEntropy):
+        objective = model
     elif isinstance(model, ConditionalGAN):
         objective = AdversarialLoss(model)
     settings = TrainConfig(**config.train.model_dump())
@@ -422,6 +439,8 @@ def certify_run(run_dir: str | Path) -> tuple[Certificate, Path]:
     _, model, test, _ = open_run(run_dir)
     if isinstance(model, ConditionalGAN):
         raise ValueError(f"{run_dir} trained a GAN, which has no residual blocks to certify")
+    if isinstance(model, IndependenceCrossEntropy):
+        model = model.classifier
     body = model.transform if isinstance(model, FlowDistribution) else model
     x = test[0][:16] if isinstance(test, tuple) else test[:16]
     certificate = certify(body, x)
@@ -434,6 +453,8 @@ def metameric_run(run_dir: str | Path, n: int = 8) -> dict[str, Any]:
     with the nuisance variables of n others of different classes; saves ``metameric.png`` (rows: inputs,
     references, metameric samples) and reports how exactly logits and nuisances were kept."""
     _, model, test, _ = open_run(run_dir)
+    if isinstance(model, IndependenceCrossEntropy):
+        model = model.classifier
     if not isinstance(model, FullyInvertibleClassifier):
         raise ValueError(f"{run_dir} did not train a fully_invertible_classifier; metameric sampling needs one")
     model = copy.deepcopy(model).double()  # float64: the logits are kept to the inverse's 1e-12 residual
@@ -481,6 +502,8 @@ def invert_run(run_dir: str | Path) -> dict:
     _, model, test, _ = open_run(run_dir)
     if isinstance(model, ConditionalGAN):
         return recovery_check(model.generator)
+    if isinstance(model, IndependenceCrossEntropy):
+        model = model.classifier
     if isinstance(model, InvertibleClassifier):
         return _feature_reconstruction(model, test[0][:256])
     return _reconstruction(model, test[:256])

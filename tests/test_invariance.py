@@ -99,6 +99,8 @@ def test_independence_cross_entropy_trains_both_players_with_their_own_gradients
     assert set(metrics) == {"accuracy", "cross_entropy", "nuisance_accuracy", "nuisance_cross_entropy"}
     with pytest.raises(ValueError, match="exactly one"):
         IndependenceCrossEntropy(model)
+    with pytest.raises(ValueError, match="nuisance_weight"):
+        IndependenceCrossEntropy(model, nuisance_features=14, nuisance_weight=-1.0)
 
 
 def test_independence_cross_entropy_through_invertnet_train(tmp_path):

@@ -73,6 +73,7 @@ class ModelConfig(_Strict):
     independence: bool = Field(
         False, description="fully_invertible_classifier: train with the independence cross-entropy (Def. 6.14)"
     )
+    independence_weight: float = Field(1.0, ge=0, description="independence: weight of the nuisance term")
     variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
         "iresnet", description="iresnet_classifier: Lipschitz-constrained, or the vanilla / batch-norm baselines"
     )

@@ -361,7 +361,9 @@ def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
             raise ValueError("model.independence needs model.kind 'fully_invertible_classifier' (logits and nuisance)")
         if config.model.independence:  # thesis Def. 6.14: the trained module holds both players
             nuisance = train[0][0].numel() - n_classes
-            return IndependenceCrossEntropy(classifier, nuisance_features=nuisance), train, test, None  # type: ignore[arg-type]
+            weight = config.model.independence_weight
+            model = IndependenceCrossEntropy(classifier, nuisance_features=nuisance, nuisance_weight=weight)  # type: ignore[arg-type]
+            return model, train, test, None
         return classifier, train, test, None
     train, test, levels = load_data(config)
     return build_flow(config, tuple(train.shape[1:]), levels), train, test, levels

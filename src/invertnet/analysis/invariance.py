@@ -57,6 +57,10 @@ class IndependenceCrossEntropy(nn.Module):
         nuisance_features: d - C, the number of nuisance variables: builds the default nuisance classifier, an
             MLP with one hidden layer of ``hidden`` units.
         nuisance_classifier: Or an own module mapping z_n (B, d - C) to logits (B, C).
+        nuisance_weight: lambda in CE(z_s, y) - lambda CE(D(z_n), y) for the bijection (1 in Def. 6.14). The
+            nuisance cross-entropy is unbounded above, so with lambda = 1 the bijection can win the game by
+            making the nuisance classifier confidently wrong instead of uninformed; smaller values keep the
+            logits' cross-entropy in charge (measured on digits: see the issue note).
     """
 
     name = "independence_cross_entropy"
@@ -67,8 +71,12 @@ class IndependenceCrossEntropy(nn.Module):
         nuisance_features: int | None = None,
         nuisance_classifier: nn.Module | None = None,
         hidden: int = 128,
+        nuisance_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if nuisance_weight < 0:
+            raise ValueError(f"IndependenceCrossEntropy: nuisance_weight must be >= 0, got {nuisance_weight}")
+        self.nuisance_weight = nuisance_weight
         if (nuisance_features is None) == (nuisance_classifier is None):
             raise ValueError("IndependenceCrossEntropy: give exactly one of nuisance_features, nuisance_classifier")
         if nuisance_classifier is None:
@@ -90,7 +98,7 @@ class IndependenceCrossEntropy(nn.Module):
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         semantic_loss, adversary_loss, leaked = self.losses(*batch)
-        return semantic_loss + adversary_loss - leaked
+        return semantic_loss + adversary_loss - self.nuisance_weight * leaked
 
     @torch.no_grad()
     def evaluate(self, data: tuple[Tensor, Tensor], batch_size: int = 256) -> dict[str, float]:

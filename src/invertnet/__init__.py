@@ -4,6 +4,7 @@ from invertnet.core import ConvergenceError as ConvergenceError
 from invertnet.core import InverseResult as InverseResult
 from invertnet.core import InvertibleModule as InvertibleModule
 from invertnet.core import InvertibleSequential as InvertibleSequential
+from invertnet.core import IterativeInvertibleModule as IterativeInvertibleModule
 from invertnet.core import SolverStatus as SolverStatus
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ __all__ = [
     "InverseResult",
     "InvertibleModule",
     "InvertibleSequential",
+    "IterativeInvertibleModule",
     "SolverStatus",
     "check_input",
 ]
@@ -268,6 +269,41 @@ class _InverseView(InvertibleModule):
     @property
     def inv(self) -> InvertibleModule:
         return self.base
+
+
+class IterativeInvertibleModule(InvertibleModule):
+    """Base of layers whose inverse is an iterative solve (i-ResNet blocks, MintNet layers).
+
+    Subclasses implement :meth:`inverse` (with the solver options, raising :class:`ConvergenceError` when
+    ``strict``) and :meth:`inverse_result`; the inverse's log-determinant is minus the forward one at the
+    solution, computed here.
+    """
+
+    analytic_inverse = False
+
+    def inverse(
+        self,
+        y: Tensor,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int | None = None,
+        strict: bool = True,
+    ) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement inverse")
+
+    def inverse_and_log_det(
+        self,
+        y: Tensor,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int | None = None,
+        strict: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        x = self.inverse(y, atol=atol, rtol=rtol, max_iter=max_iter, strict=strict)
+        _, log_det = self.forward_and_log_det(x)
+        return x, -log_det
 
 
 class InvertibleSequential(InvertibleModule):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from invertnet.core import InverseResult, InvertibleModule, InvertibleSequential, check_input
+from invertnet.core import InverseResult, InvertibleSequential, IterativeInvertibleModule, check_input
 from invertnet.layers.activations import ELU, Softplus
 from invertnet.solvers.triangular import attach_triangular_inverse_gradient, sequential_solve, triangular_newton
 
@@ -148,7 +148,7 @@ class MaskedConv2d(nn.Module):
         )
 
 
-class MintLayer(InvertibleModule):
+class MintLayer(IterativeInvertibleModule):
     r"""One triangular residual layer r(x) = t * x + l(x) of MintNet (seed 000, Eq. 3-4).
 
     .. math::
@@ -185,8 +185,6 @@ class MintLayer(InvertibleModule):
         >>> bool((layer.inverse(layer(x)) - x).abs().max() < 1e-8)
         True
     """
-
-    analytic_inverse = False
 
     def __init__(
         self,
@@ -294,19 +292,6 @@ class MintLayer(InvertibleModule):
         with torch.no_grad():
             diagonal = self.map_and_diagonal(result.value)[1]
         return attach_triangular_inverse_gradient(result.value, y, self.forward, diagonal, atol=atol, rtol=rtol)
-
-    def inverse_and_log_det(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> tuple[Tensor, Tensor]:
-        x = self.inverse(y, atol=atol, rtol=rtol, max_iter=max_iter, strict=strict)
-        _, log_det = self.forward_and_log_det(x)
-        return x, -log_det
 
     def extra_repr(self) -> str:
         return (

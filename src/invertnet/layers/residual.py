@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from invertnet.core import InverseResult, InvertibleModule, check_input
+from invertnet.core import InverseResult, IterativeInvertibleModule, check_input
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet
 from invertnet.solvers.fixed_point import fixed_point
@@ -32,7 +32,7 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             sub.training = modes[name]
 
 
-class InvertibleResidual(InvertibleModule):
+class InvertibleResidual(IterativeInvertibleModule):
     r"""i-ResNet block :math:`F(x) = x + g(x)`, invertible when Lip(g) < 1 (thesis Theorem 4.1).
 
     The forward log-determinant :math:`\log\det(I + J_g(x))` comes from the configured estimator
@@ -80,8 +80,6 @@ class InvertibleResidual(InvertibleModule):
         if solver not in ("iteration", "anderson"):
             raise ValueError(f"InvertibleResidual: solver must be 'iteration' or 'anderson', got {solver!r}")
         self.solver = solver
-
-    analytic_inverse = False
 
     @property
     def exact_log_det(self) -> bool:  # type: ignore[override]
@@ -170,19 +168,6 @@ class InvertibleResidual(InvertibleModule):
                 rtol=self.rtol if rtol is None else rtol,
                 max_iter=self.max_iter if max_iter is None else max_iter,
             )
-
-    def inverse_and_log_det(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> tuple[Tensor, Tensor]:
-        x = self.inverse(y, atol=atol, rtol=rtol, max_iter=max_iter, strict=strict)
-        _, log_det = self.forward_and_log_det(x)
-        return x, -log_det
 
     def extra_repr(self) -> str:
         return f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, max_iter={self.max_iter}"

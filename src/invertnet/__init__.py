@@ -9,4 +9,11 @@ from invertnet.core import SolverStatus as SolverStatus
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvergenceError", "InverseResult", "InvertibleModule", "InvertibleSequential", "SolverStatus"]
+__all__ = [
+    "ConvergenceError",
+    "InverseResult",
+    "InvertibleModule",
+    "InvertibleSequential",
+    "IterativeInvertibleModule",
+    "SolverStatus",
+]

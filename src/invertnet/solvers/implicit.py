@@ -19,7 +19,49 @@ from torch import Tensor
 
 from invertnet.solvers.fixed_point import fixed_point
 
-__all__ = ["attach_inverse_gradient"]
+__all__ = ["attach_implicit_gradient", "attach_inverse_gradient"]
+
+#: v -> J_h(x*)^T v, the vector-Jacobian product of the map h at the solution.
+TransposedProduct = Callable[[Tensor], Tensor]
+
+
+def attach_implicit_gradient(
+    x_star: Tensor,
+    y: Tensor,
+    h: Callable[[Tensor], Tensor],
+    solve_transposed: Callable[[Tensor, TransposedProduct], Tensor],
+) -> Tensor:
+    r"""Return ``x_star`` (value unchanged) carrying the implicit gradient of a solution of x* = y - h(x*).
+
+    Implicit differentiation (seed 002, Theorem 3): the image y - h(x*) has derivative I in y and
+    -dh/dtheta in the parameters of h; its cotangent u is replaced by v = solve_transposed(u, vjp), which
+    must solve the transposed linear system of the inverse (e.g. (I + J_g)^T v = u for residual blocks,
+    J_r^T v = u for triangular maps) using ``vjp(v) = J_h(x*)^T v``. Memory does not depend on the forward
+    solve's iterations; only first-order gradients are supported.
+
+    Arguments:
+        x_star: The solution with shape (B, ...).
+        y: The input of the inverse, shape (B, ...).
+        h: The map whose parameters receive gradients.
+        solve_transposed: (cotangent, vjp) -> the solution v of the transposed system.
+    """
+    x_star = x_star.detach()
+    with torch.enable_grad():
+        x_leaf = x_star.clone().requires_grad_(True)
+        h_of_x = h(x_leaf)
+        image = y - h(x_star)
+    if not image.requires_grad:
+        return x_star
+
+    def vjp(v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return torch.autograd.grad(h_of_x, x_leaf, v, retain_graph=True)[0]
+
+    def backward_hook(cotangent: Tensor | None) -> Tensor | None:
+        return None if cotangent is None else solve_transposed(cotangent, vjp)  # undefined stays undefined
+
+    image.register_hook(backward_hook)
+    return x_star + (image - image.detach())
 
 
 def attach_inverse_gradient(
@@ -44,25 +86,9 @@ def attach_inverse_gradient(
         lipschitz: A bound on Lip(g), for the backward solve's error bound and contractivity check.
         atol, rtol, max_iter: Tolerances of the backward solve (defaults follow the dtype).
     """
-    x_star = x_star.detach()
-    with torch.enable_grad():
-        x_leaf = x_star.clone().requires_grad_(True)
-        g_of_x = g(x_leaf)
-        image = y - g(x_star)
-    if not image.requires_grad:
-        return x_star
 
-    def backward_hook(cotangent: Tensor | None) -> Tensor | None:
-        if cotangent is None:  # an undefined gradient stays undefined
-            return None
+    def solve(cotangent: Tensor, vjp: TransposedProduct) -> Tensor:
+        options = dict(atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz)
+        return fixed_point(lambda v: cotangent - vjp(v), cotangent, **options).value
 
-        def transposed_step(v: Tensor) -> Tensor:
-            with torch.enable_grad():
-                (vjp,) = torch.autograd.grad(g_of_x, x_leaf, v, retain_graph=True)
-            return cotangent - vjp
-
-        result = fixed_point(transposed_step, cotangent, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz)
-        return result.value
-
-    image.register_hook(backward_hook)
-    return x_star + (image - image.detach())
+    return attach_implicit_gradient(x_star, y, g, solve)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from invertnet.core import InverseResult, SolverStatus
 from invertnet.solvers.fixed_point import default_tolerances, fixed_point
+from invertnet.solvers.implicit import attach_implicit_gradient
 
 __all__ = ["MapAndDiagonal", "attach_triangular_inverse_gradient", "sequential_solve", "triangular_newton"]
 
@@ -271,31 +272,13 @@ def attach_triangular_inverse_gradient(
         diagonal: The diagonal of J_r(x*), shaped like ``x_star``.
         atol, rtol, max_iter: The backward solve's tolerance and budget (defaults follow the dtype).
     """
-    x_star = x_star.detach()
-    with torch.enable_grad():
-        x_leaf = x_star.clone().requires_grad_(True)
-        value = forward(x_leaf)
-        image = y - forward(x_star)
-    if not image.requires_grad:
-        return x_star
     diagonal = diagonal.detach()
     atol, rtol = _resolve(x_star, atol, rtol, max_iter)
 
-    def backward_hook(cotangent: Tensor | None) -> Tensor | None:
-        if cotangent is None:
-            return None
-
-        def jacobi_step(v: Tensor) -> Tensor:
-            with torch.enable_grad():
-                (transposed,) = torch.autograd.grad(value, x_leaf, v, retain_graph=True)
-            return v + (cotangent - transposed) / diagonal
-
+    def solve(cotangent: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
         start = cotangent / diagonal
         reference = _per_sample_max(start.abs())
-        result = fixed_point(
-            jacobi_step, start, atol=atol, rtol=rtol, max_iter=max_iter, reference=reference, norm=math.inf
-        )
-        return result.value
+        options = dict(atol=atol, rtol=rtol, max_iter=max_iter, reference=reference, norm=math.inf)
+        return fixed_point(lambda v: v + (cotangent - vjp(v)) / diagonal, start, **options).value
 
-    image.register_hook(backward_hook)
-    return x_star + (image - image.detach())
+    return attach_implicit_gradient(x_star, y, forward, solve)

@@ -44,6 +44,19 @@ __all__ = [
 _KINDS = ("unbounded", "polytope", "point")
 
 
+def _train_classifier(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, seed: int) -> None:
+    """Adam on the cross-entropy, batches of 64 drawn with a seeded generator, in training mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(x), (64,), generator=generator)
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def two_circles(n: int, generator: torch.Generator, noise: float = 0.08) -> tuple[Tensor, Tensor]:
     """n points on two noisy concentric circles (radii 0.5 and 1) and their labels 0 / 1."""
     labels = torch.randint(0, 2, (n,), generator=generator)
@@ -131,15 +144,7 @@ def vanilla_vs_iresnet(
     for name, constrained in (("vanilla", False), ("i-resnet", True)):
         torch.manual_seed(seed)
         model = _residual_classifier(constrained, width, n_blocks, coeff)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(steps):
-            batch = torch.randint(0, len(x_train), (64,), generator=generator)
-            loss = F.cross_entropy(model["head"](model["body"](x_train[batch])), y_train[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _train_classifier(nn.Sequential(model["body"], model["head"]), x_train, y_train, steps, 1e-3, seed)
         refine_spectral_norms(model)
         model.eval()
         with torch.no_grad():
@@ -175,14 +180,7 @@ def cnn_spectra_study(output_dir: str | Path, steps: int = 400, seed: int = 0) -
         nn.Flatten(),
         nn.Linear(64, 10),
     )
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = torch.randint(0, len(x_train), (64,), generator=generator)
-        loss = F.cross_entropy(net(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _train_classifier(net, x_train, y_train, steps, 3e-3, seed)
     spectra = layer_spectra(net, x_test[0])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -237,15 +235,7 @@ def reconstruction_study(
         model = iresnet_classifier(
             (1, 8, 8), 10, n_blocks=2, hidden_channels=32, n_stages=2, coeff=coeff, pad_channels=4
         )
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(steps):
-            batch = torch.randint(0, len(x_train), (64,), generator=generator)
-            loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _train_classifier(model, x_train, y_train, steps, 3e-3, seed)
         refine_spectral_norms(model)
         pad, *parts = model.body.double().eval()  # the padding is applied, not inverted (cf. run.py)
         body = InvertibleSequential(*parts)

@@ -74,22 +74,33 @@ def test_independence_cross_entropy_trains_both_players_with_their_own_gradients
     from invertnet.training import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    model = fully_invertible_classifier((1, 4, 4), n_classes=2, n_blocks=1, hidden_channels=8).double()
-    objective = IndependenceCrossEntropy(model, nuisance_features=14, hidden=16).double()
+    model = fully_invertible_classifier((1, 4, 4), n_classes=2, n_blocks=1, hidden_channels=8, dense_blocks=1)
     x = torch.randn(64, 1, 4, 4, dtype=torch.float64)
     y = (x[:, 0, 0, 0] > 0).long()
-    with torch.no_grad():
-        objective((x, y))  # ActNorm initialisation
-    objective.eval()  # frozen power iterations: the same map in every call below
-    objective((x, y)).backward()
-    combined = {name: p.grad.clone() for name, p in objective.named_parameters()}
-    parts = objective.losses(x, y)
-    for prefix, loss in (("nuisance_classifier", parts[1]), ("classifier", parts[0] - parts[2])):
+    for kind in ("confusion", "cross_entropy"):
+        objective = IndependenceCrossEntropy(
+            model, 14, hidden=16, nuisance_weight=0.7, likelihood_weight=0.3, nuisance_objective=kind
+        ).double()
+        with torch.no_grad():
+            objective((x, y))  # ActNorm initialisation
+        objective.eval()  # frozen power iterations: the same map in every call below
+        torch.manual_seed(1)  # the same Hutchinson probes in every call below
         objective.zero_grad()
-        loss.backward(retain_graph=True)
-        for name, parameter in objective.named_parameters():
-            if name.startswith(prefix + "."):
-                torch.testing.assert_close(combined[name], parameter.grad, atol=1e-12, rtol=0)
+        objective((x, y)).backward()
+        combined = {name: p.grad.clone() for name, p in objective.named_parameters()}
+        torch.manual_seed(1)
+        parts = objective.losses(x, y)
+        bijection = parts.semantic + 0.7 * parts.nuisance + 0.3 * parts.nuisance_nll
+        for players, loss in ((("nuisance_classifier.",), parts.adversary), (("classifier.", "prior_"), bijection)):
+            objective.zero_grad()
+            loss.backward(retain_graph=True)
+            for name, parameter in objective.named_parameters():
+                if name.startswith(players):
+                    torch.testing.assert_close(combined[name], parameter.grad, atol=1e-12, rtol=0, msg=f"{kind} {name}")
+        if kind == "confusion":  # bounded below by log C, reached when D(z_n) is uniform
+            assert parts.nuisance.item() >= torch.log(torch.tensor(2.0)).item() - 1e-12
+        else:
+            torch.testing.assert_close(parts.nuisance, -parts.adversary)
     trainer = Trainer(
         objective, (x, y), TrainConfig(steps=60, batch_size=32, lr=1e-2), tmp_path, (x, y), False, objective
     )
@@ -97,10 +108,87 @@ def test_independence_cross_entropy_trains_both_players_with_their_own_gradients
     metrics = trainer.fit()
     assert metrics["cross_entropy"] < before["cross_entropy"]  # the logits learn while the adversary plays
     assert set(metrics) == {"accuracy", "cross_entropy", "nuisance_accuracy", "nuisance_cross_entropy"}
-    with pytest.raises(ValueError, match="exactly one"):
-        IndependenceCrossEntropy(model)
-    with pytest.raises(ValueError, match="nuisance_weight"):
-        IndependenceCrossEntropy(model, nuisance_features=14, nuisance_weight=-1.0)
+    for bad, message in (
+        ({"nuisance_weight": -1.0}, "nuisance_weight"),
+        ({"likelihood_weight": -1.0}, "likelihood_weight"),
+        ({"nuisance_objective": "hinge"}, "nuisance_objective"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            IndependenceCrossEntropy(model, 14, **bad)
+    with pytest.raises(ValueError, match="13 nuisance variables, built for 14"):
+        IndependenceCrossEntropy(fully_invertible_classifier((1, 4, 4), 3, n_blocks=1), 14).losses(x.float(), y)
+
+
+def _threshold_problem(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian 4x4 inputs labelled by the sign of the sum of three pixels."""
+    x = torch.randn(n, 1, 4, 4, generator=generator, dtype=torch.float64)
+    return x, (x.flatten(1)[:, [3, 7, 12]].sum(1) > 0).long()
+
+
+def test_independence_cross_entropy_hides_the_label_from_a_fresh_probe():
+    """Thesis 6.4.2: trained with cross-entropy, z_n still holds the label (a fresh probe reads it); trained with
+    the independence cross-entropy the logits keep it and the probe's Lemma 6.15 bound on I(Y; Z_n) drops."""
+    from invertnet.analysis import IndependenceCrossEntropy, nuisance_probe
+
+    generator = torch.Generator().manual_seed(0)
+    train, test = _threshold_problem(2000, generator), _threshold_problem(1000, generator)
+    report = {}
+    for name in ("cross_entropy", "independence"):
+        torch.manual_seed(0)
+        model = fully_invertible_classifier(
+            (1, 4, 4), 2, n_blocks=1, hidden_channels=8, n_stages=1, dense_blocks=2, dense_hidden=32
+        ).double()
+        objective = IndependenceCrossEntropy(model, 14, hidden=32).double()
+        trained = objective if name == "independence" else model
+        optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
+        for _ in range(300):
+            batch = torch.randint(0, 2000, (128,), generator=generator)
+            x, y = train[0][batch], train[1][batch]
+            loss = objective((x, y)) if name == "independence" else torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        refine_spectral_norms(model)
+        model.eval()
+        accuracy = (model(test[0]).argmax(1) == test[1]).double().mean().item()
+        report[name] = {"accuracy": accuracy, **nuisance_probe(model, train, test, steps=300)}
+    assert report["cross_entropy"]["accuracy"] > 0.95 and report["independence"]["accuracy"] > 0.9
+    assert report["cross_entropy"]["probe_accuracy"] > 0.9  # plain training leaves the label in z_n
+    bound = report["independence"]["mutual_information_lower_bound"]
+    assert bound < 0.25 * report["cross_entropy"]["mutual_information_lower_bound"], report
+    assert report["independence"]["probe_accuracy"] < 0.75, report
+    assert 0.45 < report["independence"]["chance"] < 0.55
+
+
+def test_nuisance_probe_reads_a_label_stored_in_z_n_and_not_an_independent_one():
+    from invertnet.analysis import nuisance_probe
+
+    torch.manual_seed(0)
+    model = fully_invertible_classifier((1, 4, 4), 2, n_blocks=1, hidden_channels=4, n_stages=1).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 1, 4, 4, generator=generator, dtype=torch.float64)
+    stored = (model.split(model.features(x))[1][:, -1] > 0).long().detach()
+    independent = torch.randint(0, 2, (1500,), generator=generator)
+    read = nuisance_probe(model, (x[:1000], stored[:1000]), (x[1000:], stored[1000:]), steps=300)
+    assert read["probe_accuracy"] > 0.95 and read["mutual_information_lower_bound"] > 0.5
+    noise = nuisance_probe(model, (x[:1000], independent[:1000]), (x[1000:], independent[1000:]), steps=300)
+    assert noise["probe_accuracy"] < 0.6 and noise["mutual_information_lower_bound"] < 0.02
+
+
+def test_independence_study_writes_the_comparison(tmp_path):
+    from invertnet.analysis.independence_study import independence_study, partners_of_other_classes
+
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    partners = partners_of_other_classes(labels, torch.Generator().manual_seed(0))
+    assert (labels[partners] != labels).all()
+    with pytest.raises(ValueError, match="every label is the same"):
+        partners_of_other_classes(torch.zeros(3, dtype=torch.long), torch.Generator())
+    report = independence_study(tmp_path, steps=20, n_pairs=6, dense_blocks=1)
+    assert (tmp_path / "independence.png").is_file() and report["pairs"] == 6
+    for name in ("cross_entropy", "independence"):
+        judged = report[name]
+        assert 0 <= judged["metameric_judged_as_logits_class"] + judged["metameric_judged_as_reference_class"] <= 1
+        assert 0 <= judged["probe_accuracy"] <= 1
 
 
 def test_independence_cross_entropy_through_invertnet_train(tmp_path):
@@ -111,6 +199,7 @@ def test_independence_cross_entropy_through_invertnet_train(tmp_path):
     )
     assert trained.exit_code == 0, trained.output
     summary = json.loads(trained.output)
+    assert summary["nuisance_probe"]["chance"] > 0
     assert {"accuracy", "nuisance_accuracy"} <= set(summary["test"]) and summary["reconstruction"][
         "status"
     ] == "success"

@@ -228,7 +228,9 @@ def recover_study(
 @main.command()
 @click.argument(
     "experiment",
-    type=click.Choice(["two-circles", "layer-spectra", "vanilla-vs-iresnet", "reconstruction", "spheres"]),
+    type=click.Choice(
+        ["two-circles", "layer-spectra", "vanilla-vs-iresnet", "reconstruction", "spheres", "independence"]
+    ),
 )
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stability"), show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -236,10 +238,15 @@ def stability(experiment: str, output_dir: Path, seed: int) -> None:
     """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), singular
     values of a ReLU CNN's prefix Jacobians (Fig. 3.4), vanilla ResNets against i-ResNets (seed 001
     appendix B: certificates and reconstruction through the inverse), reconstruction error against fixed-point
-    iterations for several Lipschitz coefficients (Fig. 4.4), or the adversarial spheres (Fig. 6.3)."""
+    iterations for several Lipschitz coefficients (Fig. 4.4), the adversarial spheres (Fig. 6.3), or
+    cross-entropy against independence cross-entropy on metameric samples (Fig. 6.5)."""
     from invertnet.analysis import experiments
 
-    if experiment == "reconstruction":
+    if experiment == "independence":
+        from invertnet.analysis.independence_study import independence_study
+
+        record = independence_study(output_dir, seed=seed)
+    elif experiment == "reconstruction":
         record = experiments.reconstruction_study(output_dir, seed=seed)
     elif experiment == "spheres":
         record = experiments.spheres_study(output_dir, seed=seed)

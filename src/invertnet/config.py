@@ -70,10 +70,20 @@ class ModelConfig(_Strict):
     kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
+    dense_blocks: int = Field(
+        0, ge=0, description="fully_invertible_classifier: dense blocks on the flattened features after the stages"
+    )
+    dense_hidden: int = Field(128, gt=0, description="fully_invertible_classifier: width of the dense blocks")
     independence: bool = Field(
         False, description="fully_invertible_classifier: train with the independence cross-entropy (Def. 6.14)"
     )
     independence_weight: float = Field(1.0, ge=0, description="independence: weight of the nuisance term")
+    nuisance_objective: Literal["confusion", "cross_entropy"] = Field(
+        "confusion", description="independence: drive D(z_n) to uniform (bounded) or maximise its CE (Def. 6.14)"
+    )
+    likelihood_weight: float = Field(
+        1.0, ge=0, description="independence: weight of the nuisance likelihood term (thesis Eq. 6.13)"
+    )
     variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
         "iresnet", description="iresnet_classifier: Lipschitz-constrained, or the vanilla / batch-norm baselines"
     )

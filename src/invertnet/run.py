@@ -27,6 +27,7 @@ from invertnet.analysis import (  # noqa: E402
     IndependenceCrossEntropy,
     certify,
     metameric_sample,
+    nuisance_probe,
     plot_certificate,
 )
 from invertnet.config import RunConfig  # noqa: E402
@@ -149,7 +150,14 @@ def build_classifier(config: RunConfig, event_shape: tuple[int, ...], n_classes:
     model = config.model
     if model.kind == "fully_invertible_classifier":
         return fully_invertible_classifier(
-            event_shape, n_classes, model.n_blocks, model.hidden, model.n_scales, model.coeff
+            event_shape,
+            n_classes,
+            model.n_blocks,
+            model.hidden,
+            model.n_scales,
+            model.coeff,
+            model.dense_blocks,
+            model.dense_hidden,
         )
     if model.kind == "iresnet_classifier":
         return iresnet_classifier(
@@ -333,9 +341,12 @@ def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any,
     elif isinstance(model, IndependenceCrossEntropy):
         summary["test"] = model.evaluate(test)
         summary["reconstruction"] = _feature_reconstruction(model.classifier, test[0][:256])
+        summary["nuisance_probe"] = nuisance_probe(model.classifier, load_labelled_data(config)[0], test)
     elif isinstance(model, InvertibleClassifier):
         summary["test"] = CrossEntropy(model).evaluate(test)
         summary["reconstruction"] = _feature_reconstruction(model, test[0][:256])
+        if isinstance(model, FullyInvertibleClassifier):  # how much z_n knows about y (thesis 6.4.2)
+            summary["nuisance_probe"] = nuisance_probe(model, load_labelled_data(config)[0], test)
     else:
         summary["evaluation_estimator"] = _use_evaluation_estimator(model, config, test[0].numel())
         summary["test"] = _bits_per_dim(model, test, config)
@@ -361,8 +372,13 @@ def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
             raise ValueError("model.independence needs model.kind 'fully_invertible_classifier' (logits and nuisance)")
         if config.model.independence:  # thesis Def. 6.14: the trained module holds both players
             nuisance = train[0][0].numel() - n_classes
-            weight = config.model.independence_weight
-            model = IndependenceCrossEntropy(classifier, nuisance_features=nuisance, nuisance_weight=weight)  # type: ignore[arg-type]
+            model = IndependenceCrossEntropy(
+                classifier,  # type: ignore[arg-type]
+                nuisance,
+                nuisance_weight=config.model.independence_weight,
+                likelihood_weight=config.model.likelihood_weight,
+                nuisance_objective=config.model.nuisance_objective,
+            )
             return model, train, test, None
         return classifier, train, test, None
     train, test, levels = load_data(config)

@@ -7,7 +7,9 @@ from invertnet.analysis.certificates import LayerNorm as LayerNorm
 from invertnet.analysis.certificates import certify as certify
 from invertnet.analysis.certificates import plot_certificate as plot_certificate
 from invertnet.analysis.invariance import IndependenceCrossEntropy as IndependenceCrossEntropy
+from invertnet.analysis.invariance import IndependenceLosses as IndependenceLosses
 from invertnet.analysis.invariance import metameric_sample as metameric_sample
+from invertnet.analysis.invariance import nuisance_probe as nuisance_probe
 from invertnet.analysis.preimages import PreimageResult as PreimageResult
 from invertnet.analysis.preimages import is_omnidirectional as is_omnidirectional
 from invertnet.analysis.preimages import relu_mlp_preimages as relu_mlp_preimages

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, InvertibleSequential
-from invertnet.layers.lipschitz_nets import LipschitzConvNet
+from invertnet.layers.lipschitz_nets import LipschitzConvNet, LipschitzMLP
 from invertnet.layers.masked import MintLayer
 from invertnet.layers.norm import ActNorm, InvertibleBatchNorm
 from invertnet.layers.residual import InvertibleResidual
-from invertnet.layers.shape import InjectivePad, Squeeze
+from invertnet.layers.shape import Flatten, InjectivePad, Squeeze
 from invertnet.models.mintnet_flows import squeeze_positions
 
 __all__ = [
@@ -220,13 +220,33 @@ def fully_invertible_classifier(
     hidden_channels: int = 32,
     n_stages: int = 2,
     coeff: float = 0.9,
+    dense_blocks: int = 0,
+    dense_hidden: int = 128,
 ) -> FullyInvertibleClassifier:
-    """An i-ResNet bijection (ActNorm and x + g(x) blocks, squeezes between stages, no padding) read out by its
-    first ``n_classes`` outputs (thesis Definition 6.7)."""
+    """An i-ResNet bijection read out by its first ``n_classes`` outputs (thesis Definition 6.7).
+
+    ``n_stages`` stages of ``n_blocks`` convolutional [ActNorm, x + g(x)] blocks with a squeeze between stages
+    (no padding: the map is a bijection of R^d), then, if ``dense_blocks`` > 0, the features flattened and
+    ``dense_blocks`` dense blocks with MLP branches of width ``dense_hidden``. The convolutional logits are
+    ``n_classes`` positions of the last feature map, each seeing only its receptive field; dense blocks make
+    every logit and nuisance variable a function of the whole input, which the independence cross-entropy
+    needs to move the label information out of z_n.
+
+    Example:
+        >>> model = fully_invertible_classifier((1, 4, 4), n_classes=3, n_blocks=1, hidden_channels=4, dense_blocks=1)
+        >>> model(torch.randn(5, 1, 4, 4)).shape
+        torch.Size([5, 3])
+    """
     channels, height, width = (int(size) for size in input_shape)
-    if channels * height * width < n_classes:
-        raise ValueError(f"fully_invertible_classifier: {channels * height * width} dimensions for {n_classes} classes")
-    stages, _ = _residual_stages(
+    dim = channels * height * width
+    if dim < n_classes:
+        raise ValueError(f"fully_invertible_classifier: {dim} dimensions for {n_classes} classes")
+    stages, channels = _residual_stages(
         channels, n_stages, n_blocks, lambda width: LipschitzConvNet(width, hidden_channels, coeff=coeff)
     )
+    if dense_blocks:
+        factor = 2 ** (n_stages - 1)
+        stages.append(Flatten((channels, height // factor, width // factor)))
+        for _ in range(dense_blocks):
+            stages += [ActNorm(dim), InvertibleResidual(LipschitzMLP(dim, dense_hidden, coeff=coeff))]
     return FullyInvertibleClassifier(InvertibleSequential(*stages), n_classes)

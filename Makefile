@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/digits_density.py
 	$(BIN)/python benchmarks/mintnet_layer.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/memory_saving.py
+	$(BIN)/python benchmarks/implicit_gradients.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

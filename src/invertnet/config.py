@@ -70,6 +70,9 @@ class ModelConfig(_Strict):
     kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
+    memory_saving: bool = Field(
+        False, description="flows: recompute activations through the inverses in backward (memory flat in depth)"
+    )
     dense_blocks: int = Field(
         0, ge=0, description="fully_invertible_classifier: dense blocks on the flattened features after the stages"
     )

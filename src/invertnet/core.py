@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "IterativeInvertibleModule",
     "SolverStatus",
     "check_input",
+    "frozen_mode",
 ]
 
 
@@ -39,6 +41,15 @@ class SolverStatus(enum.Enum):
     DIVERGED = (
         "the residual grew by many orders of magnitude: the map is expanding, not contractive; check the "
         "block's Lipschitz coefficient and that the spectral norms have converged"
+    )
+    SINGULAR = (
+        "the Jacobian is singular or numerically singular (condition number beyond the solver's "
+        "max_condition, seed 002 Remark 7): the inverse is not locally unique or has no reliable digits"
+    )
+    STALLED = (
+        "the residual stopped decreasing before reaching the tolerance (GMRES: a cycle without progress; "
+        "Newton: no step along the Newton direction reduces it): the system is singular or nearly so, or "
+        "|F(x) - y| has a local minimum that is not a solution"
     )
     NOT_CONTRACTIVE = (
         "the Lipschitz bound of the residual branch is >= 1, so the fixed point is neither guaranteed to "
@@ -63,6 +74,8 @@ class InverseResult:
         status: A :class:`SolverStatus`; its value is the user-facing message.
         residual_history: Largest per-sample residual after each iteration, for plots and diagnostics.
         parts: For composite modules, the records of the parts, in the order they were inverted.
+        condition_number: Tensor with shape (B,): the condition number of the Jacobian at the returned value
+            (Newton solves: exact for dense Jacobians, an estimate from the Krylov space otherwise), or ``None``.
     """
 
     value: Tensor
@@ -73,6 +86,7 @@ class InverseResult:
     status: SolverStatus
     residual_history: list[float] = field(default_factory=list)
     parts: list[InverseResult] = field(default_factory=list)
+    condition_number: Tensor | None = None
 
     @property
     def success(self) -> bool:
@@ -84,9 +98,10 @@ class InverseResult:
         worst = "n/a" if self.residual is None else f"{self.residual.max().item():.3e}"
         bound = "n/a" if self.error_bound is None else f"{self.error_bound.max().item():.3e}"
         n_ok = int(self.converged.sum())
+        condition = "" if self.condition_number is None else f", max condition number {self.condition_number.max():.3e}"
         return (
             f"{self.status.name.lower()}: {n_ok}/{self.converged.numel()} samples converged in "
-            f"{self.iterations} iterations, max residual {worst}, max error bound {bound}"
+            f"{self.iterations} iterations, max residual {worst}, max error bound {bound}{condition}"
         )
 
     def raise_if_failed(self) -> None:
@@ -124,6 +139,19 @@ def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> N
     if not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{where}: input contains {n_bad} NaN or infinite values")
+
+
+@contextmanager
+def frozen_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate ``module`` in eval mode, restoring each submodule's mode afterwards: spectral-norm power
+    iterations do not advance, so repeated evaluations inside a solve see one fixed map."""
+    modes = {name: sub.training for name, sub in module.named_modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for name, sub in module.named_modules():
+            sub.training = modes[name]
 
 
 class InvertibleModule(nn.Module):

@@ -65,6 +65,7 @@ from invertnet.training import (  # noqa: E402
     AdversarialLoss,
     ConditionalGAN,
     CrossEntropy,
+    MemorySavingSequential,
     TrainConfig,
     Trainer,
     latest_checkpoint,
@@ -194,7 +195,16 @@ def _training_estimator(config: RunConfig) -> Any:
 
 
 def build_flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | None) -> FlowDistribution:
-    """The flow the config describes, for data of the given event shape."""
+    """The flow the config describes, for data of the given event shape; with ``model.memory_saving`` its
+    transform recomputes activations through the inverses in the backward pass
+    (:class:`~invertnet.training.MemorySavingSequential`)."""
+    flow = _flow(config, event_shape, levels)
+    if config.model.memory_saving:
+        flow.transform = MemorySavingSequential(*flow.transform)
+    return flow
+
+
+def _flow(config: RunConfig, event_shape: tuple[int, ...], levels: int | None) -> FlowDistribution:
     model, estimator = config.model, _training_estimator(config)
     if model.kind == "dense":
         return dense_iresnet_flow(

@@ -1,9 +1,12 @@
-"""Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, normalisation, reshapes."""
+"""Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, normalisation, reshapes;
+and deep equilibrium layers (``DEQ``), whose output is a differentiable fixed point."""
 
 from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.deq import DEQ as DEQ
+from invertnet.layers.deq import ContractiveCell as ContractiveCell
 from invertnet.layers.lipschitz_nets import Linearization as Linearization
 from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
@@ -26,8 +29,10 @@ from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
 from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
 
 __all__ = [
+    "DEQ",
     "ELU",
     "ActNorm",
+    "ContractiveCell",
     "Flatten",
     "InjectivePad",
     "InvertibleBatchNorm",

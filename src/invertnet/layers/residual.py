@@ -2,14 +2,13 @@ r"""The invertible residual block F(x) = x + g(x) with Lip(g) < 1 (thesis Theore
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from invertnet.core import InverseResult, IterativeInvertibleModule, check_input
+from invertnet.core import InverseResult, IterativeInvertibleModule, check_input, frozen_mode
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet
 from invertnet.solvers.fixed_point import fixed_point
@@ -18,18 +17,6 @@ from invertnet.solvers.implicit import attach_inverse_gradient
 __all__ = ["InvertibleResidual"]
 
 LogDetEstimator = Callable[[Callable[[Tensor], Tensor], Tensor], tuple[Tensor, Tensor]]
-
-
-@contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """Evaluate ``module`` in eval mode (no power-iteration updates), restoring each submodule's mode."""
-    modes = {name: sub.training for name, sub in module.named_modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for name, sub in module.named_modules():
-            sub.training = modes[name]
 
 
 class InvertibleResidual(IterativeInvertibleModule):
@@ -130,7 +117,7 @@ class InvertibleResidual(IterativeInvertibleModule):
         The residual branch is evaluated in eval mode, so the solve does not move the power iterations.
         """
         self._check(y, "inverse")
-        with _frozen(self.g):
+        with frozen_mode(self.g):
             lipschitz = self.lipschitz_bound()
             return fixed_point(
                 lambda x: y - self.g(x),
@@ -158,7 +145,7 @@ class InvertibleResidual(IterativeInvertibleModule):
             result.raise_if_failed()
         if not torch.is_grad_enabled():
             return result.value
-        with _frozen(self.g):
+        with frozen_mode(self.g):
             return attach_inverse_gradient(
                 result.value,
                 y,

@@ -1,4 +1,4 @@
-r"""Gradients through the fixed-point inverse of a residual block, by implicit differentiation.
+r"""Implicit differentiation of fixed points: inverses of residual blocks and deep equilibrium layers.
 
 For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (seed 002, Theorem 3) gives
 
@@ -8,18 +8,24 @@ For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (se
 
 Backpropagating a cotangent u therefore needs v = (I + J_g)^{-T} u, the fixed point of v = u - J_g^T v,
 which contracts at rate Lip(g) < 1. Memory does not grow with the number of forward iterations.
+
+The same holds for any fixed point z* = f(z*, x; theta) (the DEQ section of seed 002): with
+J = df/dz at z*, dz*/d(x, theta) = (I - J)^{-1} df/d(x, theta), and backpropagation solves (I - J)^T v = g.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from invertnet.core import InverseResult
 from invertnet.solvers.fixed_point import fixed_point
+from invertnet.solvers.krylov import gmres
 
-__all__ = ["attach_implicit_gradient", "attach_inverse_gradient"]
+__all__ = ["attach_implicit_gradient", "attach_inverse_gradient", "implicit_fixed_point"]
 
 #: v -> J_h(x*)^T v, the vector-Jacobian product of the map h at the solution.
 TransposedProduct = Callable[[Tensor], Tensor]
@@ -92,3 +98,65 @@ def attach_inverse_gradient(
         return fixed_point(lambda v: cotangent - vjp(v), cotangent, **options).value
 
     return attach_implicit_gradient(x_star, y, g, solve)
+
+
+def implicit_fixed_point(
+    f: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    z0: Tensor | None = None,
+    *,
+    method: Literal["iteration", "anderson"] = "anderson",
+    backward: Literal["iteration", "gmres"] = "iteration",
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iter: int = 500,
+    backward_max_iter: int = 500,
+    lipschitz: float | None = None,
+) -> tuple[Tensor, InverseResult]:
+    r"""The fixed point z* = f(z*, x; theta), differentiable in x and theta by the implicit function theorem.
+
+    Forward: :func:`~invertnet.solvers.fixed_point` on z -> f(z, x) without building a graph. Backward (seed
+    002, Theorem 3 and the DEQ section): a cotangent g of z* becomes v with (I - J_f)^T v = g, J_f = df/dz at
+    z*, then flows through one evaluation of f(z*, x) to x and theta. ``backward="iteration"`` (default)
+    solves v = g + J_f^T v, which converges at the rate Lip_z(f) < 1 that made the forward solve converge;
+    ``"gmres"`` solves the linear system with vector-Jacobian products, also when the iteration would not
+    contract as long as I - J_f is regular, at the price of a Krylov basis of up to 51 copies of z.
+    Memory: one evaluation of f is stored, whatever the number of forward iterations. A backward solve that
+    fails raises :class:`~invertnet.ConvergenceError`. Only first-order gradients are supported.
+
+    Arguments:
+        f: (z, x) -> z, acting per sample; its parameters (theta) receive gradients.
+        x: The input (B, ...).
+        z0: Starting point (default: zeros shaped like x).
+        method: Forward solver, plain ``"iteration"`` or ``"anderson"`` acceleration.
+        backward: ``"iteration"`` or ``"gmres"``.
+        atol, rtol, max_iter: Forward tolerances and budget (``None``: by dtype); ``backward_max_iter`` for
+            the backward solve, which uses the same tolerances.
+        lipschitz: A bound on Lip_z(f) < 1 if known, for the forward error bound.
+
+    Returns:
+        (z*, the forward solve's :class:`~invertnet.InverseResult`). A failed forward solve raises.
+
+    Example:
+        >>> x = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
+        >>> z, record = implicit_fixed_point(lambda z, x: torch.cos(z) * x, x)
+        >>> z.backward()  # dz/dx = cos z / (1 + x sin z)
+        >>> bool(torch.allclose(x.grad, torch.cos(z) / (1 + x * torch.sin(z))))
+        True
+    """
+    if backward not in ("iteration", "gmres"):
+        raise ValueError(f"implicit_fixed_point: backward must be 'iteration' or 'gmres', got {backward!r}")
+    z0 = torch.zeros_like(x) if z0 is None else z0.detach()
+    with torch.no_grad():
+        record = fixed_point(
+            lambda z: f(z, x), z0, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz, method=method
+        )
+
+    def solve(cotangent: Tensor, vjp: TransposedProduct) -> Tensor:  # vjp(v) = -J_f^T v here
+        options = dict(atol=atol, rtol=rtol, max_iter=backward_max_iter)
+        if backward == "iteration":
+            return fixed_point(lambda v: cotangent - vjp(v), cotangent, **options).value  # type: ignore[arg-type]
+        return gmres(lambda v: v + vjp(v), cotangent, **options).value  # type: ignore[arg-type]
+
+    z_star = attach_implicit_gradient(record.value, torch.zeros_like(record.value), lambda z: -f(z, x), solve)
+    return z_star, record

@@ -1,0 +1,113 @@
+r"""Deep equilibrium layers (seed 002, the DEQ section): the output is the fixed point z* = f(z*, x; theta) of a
+cell, found by (Anderson-accelerated) fixed-point iteration and differentiated implicitly, so training memory
+does not depend on how many iterations the solve took."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from invertnet.core import InverseResult, frozen_mode
+from invertnet.layers.activations import make_activation
+from invertnet.layers.spectral import SpectralNormLinear
+from invertnet.solvers.implicit import implicit_fixed_point
+
+__all__ = ["DEQ", "ContractiveCell"]
+
+
+class ContractiveCell(nn.Module):
+    r"""f(z, x) = phi(W z + U x + b) with W spectrally normalised to norm ``coeff`` < 1 and phi 1-Lipschitz, so
+    z -> f(z, x) is a contraction with rate ``coeff`` (Banach: one fixed point, found by iteration).
+
+    Arguments:
+        state_features: Size of z; shapes z (B, state_features), x (B, input_features).
+        input_features: Size of x.
+        coeff: Lipschitz bound of f in z (Eq. 4.9 scaling of W).
+        activation: ``"tanh"`` (the seed's example layer tanh(W z + x)), ``"elu"`` or any name
+            :func:`~invertnet.layers.make_activation` knows.
+    """
+
+    def __init__(self, state_features: int, input_features: int, coeff: float = 0.9, activation: str = "tanh") -> None:
+        super().__init__()
+        if not 0 < coeff < 1:
+            raise ValueError(f"ContractiveCell: coeff must lie in (0, 1) for a contraction, got {coeff}")
+        self.state_features = state_features
+        self.recurrent = SpectralNormLinear(state_features, state_features, bias=False, coeff=coeff)
+        self.injection = nn.Linear(input_features, state_features)
+        self.activation = nn.Tanh() if activation == "tanh" else make_activation(activation)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.activation(self.recurrent(z) + self.injection(x))
+
+    def lipschitz_bound(self) -> float:
+        """Lip_z(f) <= ||W|| <= coeff (from the current spectral-norm estimate)."""
+        return self.recurrent.operator_norm_estimate()
+
+
+class DEQ(nn.Module):
+    r"""z* = f(z*, x; theta) for a cell f, differentiable by :func:`~invertnet.solvers.implicit_fixed_point`.
+
+    In training mode one cell evaluation first advances the spectral-norm power iterations; the solve and the
+    backward pass then use that fixed map. The forward solve's record is kept in ``last_result``
+    (iterations, residuals, status); a failed solve raises :class:`~invertnet.ConvergenceError`.
+
+    Arguments:
+        cell: f(z, x) -> z, e.g. :class:`ContractiveCell`; if it has ``lipschitz_bound()``, the forward solve
+            reports the Lemma 4.5 error bound.
+        state_shape: Shape of one sample's z (default ``(cell.state_features,)``).
+        method, backward, atol, rtol, max_iter: As for :func:`~invertnet.solvers.implicit_fixed_point`.
+
+    Example:
+        >>> layer = DEQ(ContractiveCell(8, 3, coeff=0.5))
+        >>> layer(torch.randn(4, 3)).shape
+        torch.Size([4, 8])
+        >>> layer.last_result.status.name
+        'SUCCESS'
+    """
+
+    last_result: InverseResult | None
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        state_shape: Sequence[int] | None = None,
+        *,
+        method: Literal["iteration", "anderson"] = "anderson",
+        backward: Literal["iteration", "gmres"] = "iteration",
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int = 500,
+    ) -> None:
+        super().__init__()
+        if state_shape is None:
+            if not hasattr(cell, "state_features"):
+                raise ValueError("DEQ: give state_shape, the shape of one sample's state z")
+            state_shape = (int(cell.state_features),)
+        self.cell, self.state_shape = cell, tuple(int(size) for size in state_shape)
+        self.method, self.backward, self.atol, self.rtol, self.max_iter = method, backward, atol, rtol, max_iter
+        self.last_result = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.isfinite(x).all():
+            raise ValueError("DEQ: the input contains NaN or infinite values")
+        z0 = torch.zeros(x.shape[0], *self.state_shape, dtype=x.dtype, device=x.device)
+        if self.training:
+            with torch.no_grad():
+                self.cell(z0, x)  # advance the power iterations once per step, outside the solve
+        with frozen_mode(self.cell):
+            bound = self.cell.lipschitz_bound() if hasattr(self.cell, "lipschitz_bound") else None
+            z, self.last_result = implicit_fixed_point(
+                self.cell,
+                x,
+                z0,
+                method=self.method,
+                backward=self.backward,
+                atol=self.atol,
+                rtol=self.rtol,
+                max_iter=self.max_iter,
+                lipschitz=bound,
+            )
+        return z

@@ -18,6 +18,7 @@ from invertnet.solvers import (
     inverse_vjp,
     newton,
 )
+from invertnet.training import saved_activation_bytes
 
 DOUBLE = torch.float64
 
@@ -177,40 +178,37 @@ def test_implicit_backward_that_fails_raises():
         implicit_fixed_point(f, x, backward="neumann")  # type: ignore[arg-type]
 
 
-def _saved_bytes(compute):
-    """Bytes autograd keeps for backward while ``compute()`` builds its graph (unique storages)."""
-    storages = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = compute()
-    return sum(storages.values()), output
-
-
 def test_memory_of_implicit_gradients_does_not_grow_with_the_iteration_count():
     block = _residual_block(features=32)
     y = torch.randn(16, 32, dtype=DOUBLE, requires_grad=True)
-    loose, _ = _saved_bytes(lambda: block.inverse(y, atol=1e-3, rtol=0.0))
-    tight, _ = _saved_bytes(lambda: block.inverse(y, atol=1e-13, rtol=0.0))
+    _, loose = saved_activation_bytes(lambda: block.inverse(y, atol=1e-3, rtol=0.0))
+    _, tight = saved_activation_bytes(lambda: block.inverse(y, atol=1e-13, rtol=0.0))
     assert (
         block.inverse_result(y.detach(), atol=1e-13, rtol=0.0).iterations
         > 3 * block.inverse_result(y.detach(), atol=1e-3, rtol=0.0).iterations
     )
-    assert loose == tight
+    assert 0 < loose == tight
     torch.manual_seed(0)
     layer = MintLayer(2, hidden_factor=2, kernel_size=3).double().eval()
     image = torch.randn(4, 2, 6, 6, dtype=DOUBLE, requires_grad=True)
-    loose, _ = _saved_bytes(lambda: layer.inverse(image, atol=1e-3, rtol=0.0))
-    tight, _ = _saved_bytes(lambda: layer.inverse(image, atol=1e-13, rtol=0.0))
-    assert loose == tight
+    _, loose = saved_activation_bytes(lambda: layer.inverse(image, atol=1e-3, rtol=0.0))
+    _, tight = saved_activation_bytes(lambda: layer.inverse(image, atol=1e-13, rtol=0.0))
+    assert 0 < loose == tight
     weight, f = _contractive_map()
     x = torch.randn(64, 5, dtype=DOUBLE, requires_grad=True)
-    few, _ = _saved_bytes(lambda: implicit_fixed_point(f, x, atol=1e-3, rtol=0.0)[0])
-    many, _ = _saved_bytes(lambda: implicit_fixed_point(f, x, atol=1e-13, rtol=0.0)[0])
-    assert few == many
+    _, few = saved_activation_bytes(lambda: implicit_fixed_point(f, x, atol=1e-3, rtol=0.0)[0])
+    _, many = saved_activation_bytes(lambda: implicit_fixed_point(f, x, atol=1e-13, rtol=0.0)[0])
+    assert 0 < few == many
+
+    def unrolled(iterations):
+        z = torch.zeros_like(x)
+        for _ in range(iterations):
+            z = f(z, x)
+        return z
+
+    _, short = saved_activation_bytes(lambda: unrolled(10))
+    _, long = saved_activation_bytes(lambda: unrolled(40))
+    assert long > 3 * short > 0  # backpropagating through the iterations stores every one
 
 
 def test_deq_layer_trains_with_implicit_gradients():

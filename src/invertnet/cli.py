@@ -76,12 +76,43 @@ def train(
         summary = train_run(
             config, run_dir=run_dir, resume=resume, progress=not quiet, device=distributed.resolve_device(device)
         )
-    except ValueError as error:
+    except (FileNotFoundError, ValueError) as error:
         _fail(error)
     finally:
         distributed.teardown()
     if main_process:
         _echo_json(summary)
+
+
+@main.command()
+@click.option("--config", "config_name", required=True, help="Embedded config name or JSON file (spectra models).")
+@click.option("--set", "overrides", multiple=True, help="Override a setting, e.g. --set train.steps=100.")
+@click.option("--run-dir", type=click.Path(path_type=Path), required=True, help="Folder for the fold runs.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def crossvalidate(config_name: str, overrides: tuple[str, ...], run_dir: Path, quiet: bool) -> None:
+    """Train a spectrum classifier on every grouped cross-validation fold (thesis 7.4); prints the balanced
+    accuracy per fold, its median and interquartile range, and the fold-averaged sensitivity map's peaks."""
+    from invertnet.config import load_config
+    from invertnet.spectra_runs import crossvalidate as run_crossvalidation
+    from invertnet.spectra_runs import is_spectra
+
+    try:
+        config = load_config(config_name, list(overrides))
+        if not is_spectra(config):
+            raise ValueError(f"crossvalidate: model.kind must be isotopenet or residualnet, got {config.model.kind!r}")
+        _echo_json(run_crossvalidation(config, run_dir, progress=not quiet))
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+
+
+@main.command(name="receptive-field")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("spectra"), show_default=True)
+def receptive_field(output_dir: Path) -> None:
+    """IsotopeNet's receptive field against Averagine isotope-pattern widths over the mass range (thesis
+    Fig. 7.3); saves receptive_field.png."""
+    from invertnet.spectra_runs import receptive_field_study
+
+    _echo_json(receptive_field_study(output_dir))
 
 
 @main.command()

@@ -22,7 +22,9 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     """The data set: ``digits`` (shipped), a toy density, or ``mnist`` / ``cifar10`` / ``image_folder`` (e.g.
-    CelebA, as 1-channel grey images of ``image_size``) from ``root``."""
+    CelebA, as 1-channel grey images of ``image_size``) from ``root``; mass spectra: ``synthetic_spectra`` or
+    ``imzml`` (the .imzML file ``root``, pixel labels from the CSV ``labels``), split into ``n_folds`` grouped
+    cross-validation folds of which ``fold`` is the test part."""
 
     name: Literal[
         "digits",
@@ -35,19 +37,30 @@ class DataConfig(_Strict):
         "rings",
         "pinwheel",
         "two_spirals",
+        "synthetic_spectra",
+        "imzml",
     ]
     root: str | None = None
     image_size: int = Field(64, gt=0, description="image_folder: side of the square grey images")
     augment_shift: int = Field(0, ge=0, description="classifiers: random translations of up to this many pixels")
     n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
     n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
+    labels: str | None = Field(None, description="imzml: CSV with columns x, y, label[, group] per pixel")
+    n_bins: int | None = Field(None, gt=0, description="imzml: bin the spectra to this many equal m/z bins")
+    mz_min: float | None = Field(None, gt=0, description="imzml: lower end of the m/z range")
+    mz_max: float | None = Field(None, gt=0, description="imzml: upper end of the m/z range")
+    n_per_class: int = Field(200, gt=0, description="synthetic_spectra: spectra per class")
+    spectrum_length: int = Field(2000, gt=0, description="synthetic_spectra: m/z bins per spectrum")
+    n_folds: int = Field(4, ge=2, description="spectra: grouped cross-validation folds (thesis 7.4)")
+    fold: int = Field(0, ge=0, description="spectra: the fold used as test data")
 
 
 class ModelConfig(_Strict):
     """The model: flows ``dense`` (seed 001 C.3), ``multiscale`` (thesis A.2), ``mintnet`` (seed 000, 5.2); the
     classifiers ``mintnet_classifier`` (seed 000, 5.1), ``iresnet_classifier`` (thesis A.1) and
     ``fully_invertible_classifier`` (thesis Def. 6.7), trained with cross-entropy on labelled images; the
-    conditional GAN ``dcgan`` (seed 003, 4.3), whose generator latent recovery works on."""
+    conditional GAN ``dcgan`` (seed 003, 4.3), whose generator latent recovery works on; the spectrum
+    classifiers ``isotopenet`` (thesis Table 7.2) and ``residualnet`` (Table A.1)."""
 
     kind: Literal[
         "dense",
@@ -57,6 +70,8 @@ class ModelConfig(_Strict):
         "iresnet_classifier",
         "fully_invertible_classifier",
         "dcgan",
+        "isotopenet",
+        "residualnet",
     ]
     n_blocks: int = Field(
         4, gt=0, description="dense: blocks; multiscale: blocks per scale; mintnet*: grouped layers in all"
@@ -67,7 +82,10 @@ class ModelConfig(_Strict):
     )
     n_scales: int = Field(2, gt=0, description="multiscale, mintnet*: scales, one squeeze between two")
     hidden_factor: int = Field(8, gt=0, description="mintnet*: copies of each channel in the hidden layers")
-    kernel_size: int = Field(3, gt=0, description="mintnet*: odd filter size of the masked convolutions")
+    kernel_size: int = Field(
+        3, gt=0, description="mintnet*: odd filter size of the masked convolutions; isotopenet: locally connected"
+    )
+    dropout: float = Field(0.3, ge=0, lt=1, description="isotopenet: dropout before the locally connected layer")
     actnorm: bool = Field(True, description="mintnet: ActNorm before every grouped layer")
     pad_channels: int = Field(16, gt=0, description="classifiers: channels after injective zero padding")
     memory_saving: bool = Field(

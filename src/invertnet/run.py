@@ -61,6 +61,7 @@ from invertnet.models import (  # noqa: E402
     multiscale_iresnet_flow,
 )
 from invertnet.recovery.gan_runs import build_gan, finish_gan, gan_images, recovery_check  # noqa: E402
+from invertnet.spectra_runs import build_spectra_model, finish_spectra, is_spectra, load_spectra  # noqa: E402
 from invertnet.training import (  # noqa: E402
     AdversarialLoss,
     ConditionalGAN,
@@ -346,6 +347,8 @@ def _feature_reconstruction(model: InvertibleClassifier, x: Tensor) -> dict[str,
 def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any, levels: int | None) -> dict:
     model.eval()
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if is_spectra(config):
+        return finish_spectra(model, config, run_dir, test)
     if isinstance(model, ConditionalGAN):
         summary = finish_gan(model, run_dir, test)
     elif isinstance(model, IndependenceCrossEntropy):
@@ -368,6 +371,10 @@ def _finish(model: torch.nn.Module, config: RunConfig, run_dir: Path, test: Any,
 
 def _build(config: RunConfig) -> tuple[torch.nn.Module, Any, Any, int | None]:
     """``(model, train, test, levels)``: data are tensors for flows and ``(x, y)`` pairs for classifiers and GANs."""
+    if is_spectra(config):
+        train, test, dataset = load_spectra(config)
+        n_classes = max(int(dataset.labels.max()) + 1, 2)
+        return build_spectra_model(config, train[0].shape[-1], n_classes), train, test, None
     if is_gan(config):
         train, test = load_labelled_data(config)
         n_classes = int(max(train[1].max(), test[1].max())) + 1
@@ -417,7 +424,7 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
     objective: Any = None
-    if isinstance(model, InvertibleClassifier):
+    if isinstance(model, InvertibleClassifier) or is_spectra(config):
         objective = CrossEntropy(model, max_shift=config.data.augment_shift)
     elif isinstance(model, IndependenceCrossEntropy):
         objective = model
@@ -527,7 +534,9 @@ def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:
 def invert_run(run_dir: str | Path) -> dict:
     """Reconstruction error of test data through the inverse of a trained run (classifiers: of the features;
     GANs: latent recovery of generated images from half their pixels)."""
-    _, model, test, _ = open_run(run_dir)
+    config, model, test, _ = open_run(run_dir)
+    if is_spectra(config):
+        raise ValueError(f"{run_dir} trained {config.model.kind}, a spectrum classifier that is not invertible")
     if isinstance(model, ConditionalGAN):
         return recovery_check(model.generator)
     if isinstance(model, IndependenceCrossEntropy):

@@ -1,5 +1,5 @@
-"""Data: 2-D toy densities, scikit-learn's digits, MNIST, CIFAR-10 and image folders from local files. Nothing
-downloads."""
+"""Data: 2-D toy densities, scikit-learn's digits, MNIST, CIFAR-10, image folders and mass spectra (synthetic
+peptide spectra, imzML files) from local files. Nothing downloads."""
 
 from invertnet.data.folders import load_image_folder as load_image_folder
 from invertnet.data.images import DIGITS_LEVELS as DIGITS_LEVELS
@@ -7,16 +7,32 @@ from invertnet.data.images import load_cifar10 as load_cifar10
 from invertnet.data.images import load_digits as load_digits
 from invertnet.data.images import load_mnist as load_mnist
 from invertnet.data.images import read_idx as read_idx
+from invertnet.data.imzml import read_imzml as read_imzml
+from invertnet.data.isotopes import averagine_formula as averagine_formula
+from invertnet.data.isotopes import isotope_pattern as isotope_pattern
+from invertnet.data.isotopes import isotope_pattern_bin_counts as isotope_pattern_bin_counts
+from invertnet.data.isotopes import isotope_pattern_bins as isotope_pattern_bins
+from invertnet.data.spectra import SpectraDataset as SpectraDataset
+from invertnet.data.spectra import synthetic_spectra as synthetic_spectra
+from invertnet.data.spectra import tof_bin_edges as tof_bin_edges
 from invertnet.data.toy import TOY_DENSITIES as TOY_DENSITIES
 from invertnet.data.toy import sample_toy as sample_toy
 
 __all__ = [
     "DIGITS_LEVELS",
     "TOY_DENSITIES",
+    "SpectraDataset",
+    "averagine_formula",
+    "isotope_pattern",
+    "isotope_pattern_bin_counts",
+    "isotope_pattern_bins",
     "load_cifar10",
     "load_digits",
     "load_image_folder",
     "load_mnist",
     "read_idx",
+    "read_imzml",
     "sample_toy",
+    "synthetic_spectra",
+    "tof_bin_edges",
 ]

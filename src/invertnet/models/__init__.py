@@ -1,4 +1,5 @@
-"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers and generative networks."""
+"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers, generative networks, and the
+mass-spectra classifiers IsotopeNet and ResidualNet (thesis ch. 7)."""
 
 from invertnet.models.classifiers import FullyInvertibleClassifier as FullyInvertibleClassifier
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
@@ -15,8 +16,12 @@ from invertnet.models.generators import save_generator as save_generator
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
+from invertnet.models.spectra import IsotopeNet as IsotopeNet
+from invertnet.models.spectra import ResidualNet as ResidualNet
 
 __all__ = [
+    "IsotopeNet",
+    "ResidualNet",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "FlowDistribution",

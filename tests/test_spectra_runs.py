@@ -52,3 +52,42 @@ def test_receptive_field_covers_the_isotope_patterns(tmp_path):
     assert report["covered_by_convolutions"] == (report["largest_pattern_bins"] <= 49)
     assert report["covered_with_locally_connected"] and 20 < report["largest_pattern_bins"] < 79
     assert (tmp_path / "receptive_field.png").is_file()
+
+
+def test_training_on_an_imzml_file_with_a_labels_csv(tmp_path):
+    import numpy as np
+    from pyimzml.ImzMLWriter import ImzMLWriter
+
+    rng = np.random.default_rng(0)
+    mz = np.linspace(800.0, 900.0, 90)
+    rows = ["x,y,label,group"]
+    with ImzMLWriter(str(tmp_path / "tissue.imzML"), mode="continuous") as writer:
+        for x in range(1, 5):
+            for y in range(1, 5):
+                label = int(x > 2)
+                writer.addSpectrum(mz, rng.uniform(0, 1, 90) + 5 * label * (np.abs(mz - 850) < 1), (x, y))
+                rows.append(f"{x},{y},{'tumour' if label else 'stroma'},core{x}")
+    (tmp_path / "pixels.csv").write_text("\n".join(rows) + "\n")
+    settings = {
+        "data.name": "imzml",
+        "data.root": str(tmp_path / "tissue.imzML"),
+        "data.labels": str(tmp_path / "pixels.csv"),
+        "data.n_folds": "2",
+        "train.steps": "3",
+        "train.batch_size": "4",
+    }
+    options = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(
+        main, ["train", "--config", "isotopenet_synthetic", *options, "--quiet", "--run-dir", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert 0 <= summary["test"]["balanced_accuracy"] <= 1 and "discriminative_found" not in summary["sensitivity"]
+    broken = tmp_path / "broken.imzML"
+    broken.write_text("<?xml version='1.0'?><mzML")
+    (tmp_path / "broken.ibd").write_bytes(b"")
+    bad = CliRunner().invoke(
+        main,
+        ["train", "--config", "isotopenet_synthetic", "--set", "data.name=imzml"] + ["--set", f"data.root={broken}"],
+    )
+    assert bad.exit_code != 0 and "broken.imzML" in bad.output

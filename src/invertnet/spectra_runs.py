@@ -65,11 +65,15 @@ def load_spectra_dataset(config: RunConfig) -> SpectraDataset:
 
 def load_spectra(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], SpectraDataset]:
     """``((x, y) train, (x, y) test, dataset)`` for fold ``data.fold`` of ``data.n_folds`` grouped folds (no
-    group in both parts, thesis 7.4), stratified by class; spectra shaped (N, 1, L)."""
+    group in both parts, thesis 7.4) when the data has at least ``n_folds`` groups (patients / cores, e.g. the
+    labels CSV's group column), else folds over spectra; stratified by class; spectra shaped (N, 1, L)."""
     dataset = load_spectra_dataset(config)
     if not 0 <= config.data.fold < config.data.n_folds:
         raise ValueError(f"data.fold must lie in [0, {config.data.n_folds}), got {config.data.fold}")
-    folds = grouped_folds(dataset.groups, config.data.n_folds, seed=config.train.seed, labels=dataset.labels)
+    groups = dataset.groups
+    if len(torch.unique(groups)) < config.data.n_folds:  # no patients / cores given: folds over spectra
+        groups = torch.arange(len(groups))
+    folds = grouped_folds(groups, config.data.n_folds, seed=config.train.seed, labels=dataset.labels)
     train_index, test_index = folds[config.data.fold]
     x = dataset.spectra.unsqueeze(1)
     return (x[train_index], dataset.labels[train_index]), (x[test_index], dataset.labels[test_index]), dataset

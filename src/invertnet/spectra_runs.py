@@ -5,6 +5,7 @@ widths (Fig. 7.3)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins  # noqa: E402
-from invertnet.config import RunConfig  # noqa: E402
+from invertnet.config import DataConfig, RunConfig  # noqa: E402
 from invertnet.data import SpectraDataset, isotope_pattern_bin_counts, read_imzml, synthetic_spectra  # noqa: E402
 from invertnet.figures import save_figure  # noqa: E402
 from invertnet.models.spectra import IsotopeNet, ResidualNet  # noqa: E402
@@ -45,19 +46,24 @@ def is_spectra(config: RunConfig) -> bool:
 
 def load_spectra_dataset(config: RunConfig) -> SpectraDataset:
     """The whole data set: ``synthetic_spectra`` or an imzML file (``data.root``, labels from ``data.labels``),
-    each spectrum scaled to total ion count = number of bins (TIC normalisation)."""
-    data = config.data
+    each spectrum scaled to total ion count = number of bins (TIC normalisation). The last data set read is
+    kept, so a run's training, its summary and the folds of a cross-validation read the file once; treat it as
+    read-only."""
+    return _load_dataset(config.data.model_dump_json(exclude={"fold"}), config.model.kind, config.train.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_dataset(data_json: str, kind: str, seed: int) -> SpectraDataset:
+    data = DataConfig.model_validate_json(data_json)
     if data.name == "synthetic_spectra":
-        dataset = synthetic_spectra(n_per_class=data.n_per_class, length=data.spectrum_length, seed=config.train.seed)
+        dataset = synthetic_spectra(n_per_class=data.n_per_class, length=data.spectrum_length, seed=seed)
     elif data.name == "imzml":
         if data.root is None:
             raise ValueError("data.root: the path of the .imzML file is required for data.name 'imzml'")
         mz_range = None if data.mz_min is None or data.mz_max is None else (data.mz_min, data.mz_max)
         dataset = read_imzml(data.root, labels=data.labels, mz_range=mz_range, n_bins=data.n_bins)
     else:
-        raise ValueError(
-            f"data.name: {config.model.kind} needs spectra ('synthetic_spectra' or 'imzml'), got {data.name!r}"
-        )
+        raise ValueError(f"data.name: {kind} needs spectra ('synthetic_spectra' or 'imzml'), got {data.name!r}")
     totals = dataset.spectra.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dataset.spectra.dtype).tiny)
     dataset.spectra = dataset.spectra / totals * dataset.spectra.shape[1]
     return dataset

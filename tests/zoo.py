@@ -26,6 +26,7 @@ from invertnet.layers import (
 )
 from invertnet.logdet import ExactLogDet
 from invertnet.models import mintnet_flow
+from invertnet.training import MemorySavingSequential
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -84,6 +85,11 @@ def _image_stack() -> InvertibleModule:
     )
 
 
+def _memory_saving_stack() -> InvertibleModule:
+    """The image stack whose backward pass reconstructs activations through the inverses."""
+    return MemorySavingSequential(*_image_stack())
+
+
 def _preprocessed_flow() -> InvertibleModule:
     return InvertibleSequential(
         UniformDequantization(5, noise="midpoint"),
@@ -123,6 +129,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
+    "memory_saving_image": (_memory_saving_stack, (2, 2, 2)),
     "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
     "logit": (lambda: Logit(0.05), (3,)),
     "preprocessed_flow": (_preprocessed_flow, (3,)),

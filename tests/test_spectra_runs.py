@@ -91,3 +91,17 @@ def test_training_on_an_imzml_file_with_a_labels_csv(tmp_path):
         ["train", "--config", "isotopenet_synthetic", "--set", "data.name=imzml"] + ["--set", f"data.root={broken}"],
     )
     assert bad.exit_code != 0 and "broken.imzML" in bad.output
+
+
+def test_synthetic_patients_are_configurable():
+    import torch
+
+    from invertnet.config import load_config
+    from invertnet.spectra_runs import load_spectra
+
+    settings = ["data.n_groups=12", "data.n_per_class=30", "data.spectrum_length=300"]
+    config = load_config("isotopenet_synthetic", settings)
+    (x_train, y_train), (x_test, y_test), dataset = load_spectra(config)
+    assert len(torch.unique(dataset.groups)) == 12 and x_train.shape[1:] == (1, 300)
+    assert set(y_test.tolist()) == {0, 1}  # stratified: both classes in the test fold
+    torch.testing.assert_close(dataset.spectra.sum(1), torch.full((60,), 300.0))  # TIC-normalised

@@ -51,6 +51,7 @@ class DataConfig(_Strict):
     mz_max: float | None = Field(None, gt=0, description="imzml: upper end of the m/z range")
     n_per_class: int = Field(200, gt=0, description="synthetic_spectra: spectra per class")
     spectrum_length: int = Field(2000, gt=0, description="synthetic_spectra: m/z bins per spectrum")
+    n_groups: int = Field(8, ge=2, description="synthetic_spectra: patients (groups of one class each)")
     n_folds: int = Field(4, ge=2, description="spectra: grouped cross-validation folds (thesis 7.4)")
     fold: int = Field(0, ge=0, description="spectra: the fold used as test data")
 

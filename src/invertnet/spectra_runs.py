@@ -56,7 +56,9 @@ def load_spectra_dataset(config: RunConfig) -> SpectraDataset:
 def _load_dataset(data_json: str, kind: str, seed: int) -> SpectraDataset:
     data = DataConfig.model_validate_json(data_json)
     if data.name == "synthetic_spectra":
-        dataset = synthetic_spectra(n_per_class=data.n_per_class, length=data.spectrum_length, seed=seed)
+        dataset = synthetic_spectra(
+            n_per_class=data.n_per_class, length=data.spectrum_length, n_groups=data.n_groups, seed=seed
+        )
     elif data.name == "imzml":
         if data.root is None:
             raise ValueError("data.root: the path of the .imzML file is required for data.name 'imzml'")

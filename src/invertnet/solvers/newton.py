@@ -145,7 +145,7 @@ def newton(
         active = active & ~singular
         mask = active.view(-1, *([1] * (x.dim() - 1)))
         step = torch.where(mask, step, torch.zeros_like(step))
-        x, r, residual, accepted = _line_search(f, x, y, step, residual, active, line_search)
+        x, r, residual, accepted = _line_search(f, x, y, r, step, residual, active, line_search)
         stalled = stalled | (active & ~accepted)
         finite = torch.isfinite(residual)
         converged = converged | (finite & (residual <= threshold))
@@ -187,26 +187,36 @@ def _newton_step(
 
 
 def _line_search(
-    f: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, step: Tensor, residual: Tensor, active: Tensor, enabled: bool
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    r: Tensor,
+    step: Tensor,
+    residual: Tensor,
+    active: Tensor,
+    enabled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backtracking along ``step`` for the active samples; returns (x, y - f(x), |y - f(x)|, accepted)."""
+    """Backtracking along ``step`` for the active samples from x with r = y - f(x); returns (x, y - f(x),
+    |y - f(x)|, accepted) with the residuals of the accepted trials (no extra evaluation of f)."""
     scale = torch.ones_like(residual)
     accepted = ~active
-    new_x = x
+    new_x, new_r, new_residual = x, r, residual
     with torch.no_grad():
         for _ in range(MAX_HALVINGS if enabled else 1):
             trial = x + scale.view(-1, *([1] * (x.dim() - 1))) * step
-            trial_residual = _norm(y - f(trial))
+            trial_r = y - f(trial)
+            trial_residual = _norm(trial_r)
             good = active & ~accepted
             if enabled:
                 good = good & torch.isfinite(trial_residual) & (trial_residual <= (1 - ARMIJO * scale) * residual)
-            new_x = torch.where(good.view(-1, *([1] * (x.dim() - 1))), trial, new_x)
+            mask = good.view(-1, *([1] * (x.dim() - 1)))
+            new_x, new_r = torch.where(mask, trial, new_x), torch.where(mask, trial_r, new_r)
+            new_residual = torch.where(good, trial_residual, new_residual)
             accepted = accepted | good
             if accepted.all():
                 break
             scale = torch.where(accepted, scale, scale / 2)
-        r = y - f(new_x)
-    return new_x, r, _norm(r), accepted
+    return new_x, new_r, new_residual, accepted
 
 
 def _condition_at(f: Callable[[Tensor], Tensor], x: Tensor, dense: bool, restart: int) -> Tensor:

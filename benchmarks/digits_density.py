@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from invertnet.config import load_config
+from invertnet.app.config import load_config
+from invertnet.app.runs import build
 from invertnet.data import DIGITS_LEVELS, load_digits
 from invertnet.layers import InvertibleResidual, refine_spectral_norms
 from invertnet.logdet import ExactLogDet
-from invertnet.run import build_flow, load_data
 from invertnet.training import TrainConfig, Trainer
 
 DIM = 64
@@ -96,9 +96,9 @@ def averaged_bits(bits: Callable[[Tensor], Tensor], test: Tensor) -> Tensor:
 def run_invertnet(budget: float, config_name: str) -> dict:
     """Train an embedded config for ``budget`` seconds and evaluate it with an exact (or bias-free) log-det."""
     config = load_config(config_name)
-    train, test, levels = load_data(config)
     torch.manual_seed(config.train.seed)
-    flow = build_flow(config, tuple(train.shape[1:]), levels)
+    _, flow, data = build(config)
+    train, test = data.train, data.test
     settings = TrainConfig(**{**config.train.model_dump(), "steps": 10**9})
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(flow, train, settings, run_dir, progress=False)
@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model")
     budget = parser.parse_args().budget
     train, test = load_digits("train")[0], load_digits("test")[0]
-    target = parameter_count(build_flow(load_config(PEER_SIZE_CONFIG), (1, 8, 8), DIGITS_LEVELS))
+    target = parameter_count(build(load_config(PEER_SIZE_CONFIG))[1])
     rows = [guarded(f"invertnet {name}", lambda name=name: run_invertnet(budget, name)) for name in INVERTNET_MODELS]
     for peer in PEERS:
         rows.append(guarded(peer.name, lambda peer=peer: run_peer(peer, target, budget, train, test)))

@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from invertnet.cli import main
-from invertnet.config import embedded_configs, load_config
+from invertnet.app.cli import main
+from invertnet.app.config import embedded_configs, load_config
 
 TINY_TOY = [
     "--config",
@@ -19,7 +19,7 @@ TINY_TOY = [
     "--set",
     "model.n_blocks=1",
     "--set",
-    "model.hidden=8",
+    "model.hidden_features=8",
     "--set",
     "train.steps=4",
     "--set",
@@ -90,6 +90,8 @@ def test_resume_continues_a_run(trained_run, tmp_path):
         (["--set", "model.colour=3"], "model.colour"),
         (["--set", "train.lr=-1"], "train.lr"),
         (["--config", "no_such_config"], "unknown config"),
+        (["--config", "mintnet_digits", "--set", "model.n_terms=5"], "model.n_terms: not a setting of model kind"),
+        (["--set", "model.kind=nonsense"], "model.kind: must be one of"),
     ],
 )
 def test_invalid_configs_are_named(overrides, message):
@@ -99,6 +101,8 @@ def test_invalid_configs_are_named(overrides, message):
 
 def test_missing_run_folder_is_named(tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "nothing does not exist" in result.output
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path)])
     assert result.exit_code != 0 and "run_config.json is missing" in result.output
 
 
@@ -115,7 +119,7 @@ def test_torchrun_trains_a_tiny_config_on_two_cpu_processes(tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "invertnet.cli",
+        "invertnet.app.cli",
         "train",
         *args,
         "--run-dir",
@@ -160,7 +164,7 @@ def test_mintnet_classifier_trains_and_inverts_its_features(tmp_path):
     inverted = runner.invoke(main, ["invert", str(tmp_path)])
     assert inverted.exit_code == 0 and json.loads(inverted.output)["status"] == "success"
     sampled = runner.invoke(main, ["sample", str(tmp_path)])
-    assert sampled.exit_code != 0 and "classifier, which has no samples" in sampled.output
+    assert sampled.exit_code != 0 and "cannot sample: it is not a generative model" in sampled.output
 
 
 def test_classifier_needs_labelled_images():
@@ -196,3 +200,34 @@ def test_iresnet_classifier_on_digits_is_accurate_and_inverts_its_features(tmp_p
     vanilla = CliRunner().invoke(main, [*command, *baseline])
     assert vanilla.exit_code == 0, vanilla.output  # whatever the inverse does, it is reported, not raised
     assert json.loads(vanilla.output)["reconstruction"]["status"] in {"success", "max_iter", "diverged", "nonfinite"}
+
+
+# The flat model section every run folder of invertnet 0.1 recorded: all fields of all kinds.
+_FLAT_MODEL_SECTION = {
+    "kind": "dense", "n_blocks": 1, "hidden": 8, "n_layers": 3, "n_scales": 2, "hidden_factor": 8, "kernel_size": 3,
+    "dropout": 0.3, "actnorm": True, "pad_channels": 16, "memory_saving": False, "dense_blocks": 0,
+    "dense_hidden": 128, "independence": False, "independence_weight": 1.0, "nuisance_objective": "confusion",
+    "likelihood_weight": 1.0, "variant": "iresnet", "latent_dim": 10, "width": 64, "logit_alpha": 0.05,
+    "kernel_sizes": [3, 1, 3], "coeff": 0.97, "activation": "elu", "log_det": "exact", "n_terms": 5,
+}  # fmt: skip
+
+
+def test_run_folders_of_the_flat_config_layout_open(trained_run, tmp_path):
+    """A run folder written before model sections were per kind is converted on open, with the same result."""
+    import shutil
+
+    run_dir, summary = trained_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    recorded = json.loads((old / "run_config.json").read_text())
+    assert recorded["config_version"] == 2 and recorded["model"]["hidden_features"] == 8
+    del recorded["config_version"]
+    recorded["model"] = _FLAT_MODEL_SECTION
+    (old / "run_config.json").write_text(json.dumps(recorded))
+    result = CliRunner().invoke(main, ["invert", str(old)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["max_abs_error"] < 1e-3
+    recorded["model"] = {**_FLAT_MODEL_SECTION, "kind": "glow"}
+    (old / "run_config.json").write_text(json.dumps(recorded))
+    refused = CliRunner().invoke(main, ["invert", str(old)])
+    assert refused.exit_code != 0 and "model kind 'glow' is unknown" in refused.output

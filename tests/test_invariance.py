@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from invertnet.analysis import metameric_sample
-from invertnet.cli import main
+from invertnet.app.cli import main
 from invertnet.layers import refine_spectral_norms
 from invertnet.models import fully_invertible_classifier
 
@@ -42,13 +42,13 @@ def test_metameric_command_on_a_trained_run(tmp_path):
 
 
 def test_each_sphere_attack_succeeds_on_the_sphere_the_thesis_says_and_fails_on_the_other(tmp_path):
-    from invertnet.analysis.experiments import spheres_study
     from invertnet.analysis.spheres import (
         MisalignedSphereClassifier,
         invariance_attack,
         perturbation_attack,
         sample_spheres,
     )
+    from invertnet.experiments.stability import spheres_study
 
     radii = (1.0, 1.3)
     generator = torch.Generator().manual_seed(0)
@@ -176,7 +176,7 @@ def test_nuisance_probe_reads_a_label_stored_in_z_n_and_not_an_independent_one()
 
 
 def test_independence_study_writes_the_comparison(tmp_path):
-    from invertnet.analysis.independence_study import independence_study, partners_of_other_classes
+    from invertnet.experiments.independence import independence_study, partners_of_other_classes
 
     labels = torch.tensor([0, 0, 1, 2, 1])
     partners = partners_of_other_classes(labels, torch.Generator().manual_seed(0))
@@ -192,7 +192,7 @@ def test_independence_study_writes_the_comparison(tmp_path):
 
 
 def test_independence_cross_entropy_through_invertnet_train(tmp_path):
-    options = ["--set", "model.independence=true", "--set", "train.steps=3", "--set", "model.n_blocks=1", "--quiet"]
+    options = ["--set", "model.independence={}", "--set", "train.steps=3", "--set", "model.n_blocks=1", "--quiet"]
     runner = CliRunner()
     trained = runner.invoke(
         main, ["train", "--config", "fully_invertible_classifier_digits", *options, "--run-dir", str(tmp_path)]
@@ -205,5 +205,6 @@ def test_independence_cross_entropy_through_invertnet_train(tmp_path):
     ] == "success"
     metameric = runner.invoke(main, ["metameric", str(tmp_path), "-n", "3"])
     assert metameric.exit_code == 0 and json.loads(metameric.output)["max_logit_difference"] < 1e-5
-    wrong = runner.invoke(main, ["train", "--config", "iresnet_classifier_digits", "--set", "model.independence=true"])
-    assert wrong.exit_code != 0 and "model.independence needs" in wrong.output
+    wrong = runner.invoke(main, ["train", "--config", "iresnet_classifier_digits", "--set", "model.independence={}"])
+    assert wrong.exit_code != 0
+    assert "model.independence: not a setting of model kind 'iresnet_classifier'" in wrong.output

@@ -188,7 +188,7 @@ def test_memory_saving_through_invertnet_train(tmp_path):
 
     from click.testing import CliRunner
 
-    from invertnet.cli import main
+    from invertnet.app.cli import main
 
     options = ["--set", "model.memory_saving=true", "--set", "train.steps=4", "--set", "model.n_blocks=1", "--quiet"]
     runner = CliRunner()

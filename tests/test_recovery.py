@@ -155,7 +155,7 @@ def test_recover_command_completes_a_saved_generators_image(tmp_path):
     from click.testing import CliRunner
     from safetensors.torch import load_file, save_file
 
-    from invertnet.cli import main
+    from invertnet.app.cli import main
     from invertnet.models import save_generator
 
     generator = _theorem_generator(4).float()
@@ -185,7 +185,7 @@ def test_recover_command_completes_a_saved_generators_image(tmp_path):
 def test_recover_study_command_writes_figures_and_csv(tmp_path):
     from click.testing import CliRunner
 
-    from invertnet.cli import main
+    from invertnet.app.cli import main
 
     runner = CliRunner()
     landscape = runner.invoke(main, ["recover-study", "landscape", "--output-dir", str(tmp_path)])
@@ -205,7 +205,7 @@ def test_recover_study_command_writes_figures_and_csv(tmp_path):
 def test_png_images_and_masks_are_read_with_their_value_range(tmp_path):
     import matplotlib.pyplot as plt
 
-    from invertnet.recovery.commands import read_image, read_mask
+    from invertnet.app.recover_file import read_image, read_mask
 
     pixels = torch.linspace(0, 1, 16).view(4, 4)
     plt.imsave(str(tmp_path / "image.png"), pixels.numpy(), cmap="gray", vmin=0, vmax=1)
@@ -241,7 +241,7 @@ def test_adversarial_loss_gives_each_player_only_its_own_gradient():
 def test_dcgan_config_trains_saves_its_generator_and_checks_recovery(tmp_path):
     from click.testing import CliRunner
 
-    from invertnet.cli import main
+    from invertnet.app.cli import main
     from invertnet.models import load_generator
 
     tiny = ["model.width=8", "train.steps=3", "train.checkpoint_every=3"]

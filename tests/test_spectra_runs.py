@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from invertnet.cli import main
+from invertnet.app.cli import main
 
 SMALL = ["--set", "data.n_per_class=60", "--set", "data.spectrum_length=600", "--set", "train.steps=150", "--quiet"]
 
@@ -36,7 +36,7 @@ def test_crossvalidation_and_bad_settings(tmp_path):
     assert len(report["balanced_accuracy_per_fold"]) == 2 and (tmp_path / "sensitivity.png").is_file()
     assert (tmp_path / "fold-1" / "summary.json").is_file()
     wrong = runner.invoke(main, ["crossvalidate", "--config", "digits", "--run-dir", str(tmp_path / "x")])
-    assert wrong.exit_code != 0 and "isotopenet or residualnet" in wrong.output
+    assert wrong.exit_code != 0 and "is not a spectrum classifier (isotopenet, residualnet)" in wrong.output
     fold = runner.invoke(main, ["train", "--config", "isotopenet_synthetic", "--set", "data.fold=4"])
     assert fold.exit_code != 0 and "data.fold" in fold.output
     imzml = ["--set", "data.name=imzml", "--set", "data.root=/no/such.imzML"]
@@ -96,8 +96,8 @@ def test_training_on_an_imzml_file_with_a_labels_csv(tmp_path):
 def test_synthetic_patients_are_configurable():
     import torch
 
-    from invertnet.config import load_config
-    from invertnet.spectra_runs import load_spectra
+    from invertnet.app.config import load_config
+    from invertnet.app.kinds.spectra import load_spectra
 
     settings = ["data.n_groups=12", "data.n_per_class=30", "data.spectrum_length=300"]
     config = load_config("isotopenet_synthetic", settings)

@@ -67,7 +67,7 @@ def test_lemma_3_5_upper_bounds_hold_on_random_matrices_and_index_sets():
 
 
 def test_two_circles_study_links_preimages_and_conditioning(tmp_path):
-    from invertnet.analysis.experiments import two_circles_study
+    from invertnet.experiments.stability import two_circles_study
 
     record = two_circles_study(tmp_path, resolution=12, steps=300)
     assert (tmp_path / "two_circles.png").stat().st_size > 0
@@ -76,7 +76,7 @@ def test_two_circles_study_links_preimages_and_conditioning(tmp_path):
 
 
 def test_vanilla_blocks_fail_the_certificate_and_i_resnet_blocks_invert():
-    from invertnet.analysis.experiments import vanilla_vs_iresnet
+    from invertnet.experiments.stability import vanilla_vs_iresnet
 
     report = vanilla_vs_iresnet(steps=150, n_blocks=2, width=64)
     assert report["i-resnet"]["certified"] and report["i-resnet"]["inverse_status"] == "success"
@@ -90,7 +90,7 @@ def test_stability_command_writes_the_two_circles_figure(tmp_path):
 
     from click.testing import CliRunner
 
-    from invertnet.cli import main
+    from invertnet.app.cli import main
 
     result = CliRunner().invoke(main, ["stability", "two-circles", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -98,7 +98,7 @@ def test_stability_command_writes_the_two_circles_figure(tmp_path):
 
 
 def test_cnn_spectra_study_shows_relu_removing_directions(tmp_path):
-    from invertnet.analysis.experiments import cnn_spectra_study
+    from invertnet.experiments.stability import cnn_spectra_study
 
     record = cnn_spectra_study(tmp_path, steps=50)
     ranks = [layer["rank"] for layer in record["layers"]]
@@ -114,7 +114,7 @@ def test_spectra_leave_the_callers_model_alone_and_edge_cases():
 
 
 def test_reconstruction_error_falls_with_iterations_and_faster_for_smaller_c(tmp_path):
-    from invertnet.analysis.experiments import reconstruction_study
+    from invertnet.experiments.stability import reconstruction_study
 
     record = reconstruction_study(tmp_path, coefficients=(0.5, 0.9), budgets=(1, 4, 40), steps=20)
     for curve in record["errors"].values():

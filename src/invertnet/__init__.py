@@ -1,11 +1,23 @@
-"""invertnet: build, invert, certify and train invertible neural networks, with known errors."""
+"""invertnet: build, invert, certify and train invertible neural networks, with known errors.
 
-from invertnet.core import ConvergenceError as ConvergenceError
-from invertnet.core import InverseResult as InverseResult
-from invertnet.core import InvertibleModule as InvertibleModule
-from invertnet.core import InvertibleSequential as InvertibleSequential
-from invertnet.core import IterativeInvertibleModule as IterativeInvertibleModule
-from invertnet.core import SolverStatus as SolverStatus
+The core contract (:mod:`invertnet.core`) is importable from here; it is loaded on first use, so that
+``import invertnet`` (and the command line's ``--help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from invertnet.core import (
+        ConvergenceError,
+        InverseResult,
+        InvertibleModule,
+        InvertibleSequential,
+        IterativeInvertibleModule,
+        SolverStatus,
+    )
 
 __version__ = "0.1.0"
 
@@ -17,3 +29,9 @@ __all__ = [
     "IterativeInvertibleModule",
     "SolverStatus",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("invertnet.core"), name)
+    raise AttributeError(f"module 'invertnet' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from invertnet.data.isotopes import averagine_formula as averagine_formula
 from invertnet.data.isotopes import isotope_pattern as isotope_pattern
 from invertnet.data.isotopes import isotope_pattern_bin_counts as isotope_pattern_bin_counts
 from invertnet.data.isotopes import isotope_pattern_bins as isotope_pattern_bins
+from invertnet.data.levels import centered_levels as centered_levels
 from invertnet.data.spectra import SpectraDataset as SpectraDataset
 from invertnet.data.spectra import synthetic_spectra as synthetic_spectra
 from invertnet.data.spectra import tof_bin_edges as tof_bin_edges
@@ -23,6 +24,7 @@ __all__ = [
     "TOY_DENSITIES",
     "SpectraDataset",
     "averagine_formula",
+    "centered_levels",
     "isotope_pattern",
     "isotope_pattern_bin_counts",
     "isotope_pattern_bins",

@@ -1,0 +1,208 @@
+r"""Validated run configurations: data, model, training and evaluation.
+
+Configs are JSON files; the embedded ones live in ``invertnet/app/configs``. The ``model`` section is the
+config class of its ``kind`` (:mod:`invertnet.app.kinds`), holding only that kind's fields. Unknown keys and
+bad values are errors that name them. ``--set key.sub=value`` overrides parse the value as JSON when it is
+valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from invertnet.app.kinds import KINDS
+
+__all__ = [
+    "CONFIG_VERSION",
+    "DataConfig",
+    "EvalSettings",
+    "RunConfig",
+    "apply_overrides",
+    "embedded_configs",
+    "load_config",
+    "read_run_config",
+]
+
+CONFIG_VERSION = 2
+"""Version of the run-config layout; 1 (no ``config_version`` key) had one flat model section for all kinds."""
+
+ModelConfig = Annotated[Union[tuple(kind.config for kind in KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """The data set: ``digits`` (shipped), a toy density, or ``mnist`` / ``cifar10`` / ``image_folder`` (e.g.
+    CelebA, as 1-channel grey images of ``image_size``) from ``root``; mass spectra: ``synthetic_spectra`` or
+    ``imzml`` (the .imzML file ``root``, pixel labels from the CSV ``labels``), split into ``n_folds`` grouped
+    cross-validation folds of which ``fold`` is the test part."""
+
+    name: Literal[
+        "digits",
+        "mnist",
+        "cifar10",
+        "image_folder",
+        "two_moons",
+        "eight_gaussians",
+        "checkerboard",
+        "rings",
+        "pinwheel",
+        "two_spirals",
+        "synthetic_spectra",
+        "imzml",
+    ]
+    root: str | None = None
+    image_size: int = Field(64, gt=0, description="image_folder: side of the square grey images")
+    augment_shift: int = Field(0, ge=0, description="classifiers: random translations of up to this many pixels")
+    n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
+    n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
+    labels: str | None = Field(None, description="imzml: CSV with columns x, y, label[, group] per pixel")
+    n_bins: int | None = Field(None, gt=0, description="imzml: bin the spectra to this many equal m/z bins")
+    mz_min: float | None = Field(None, gt=0, description="imzml: lower end of the m/z range")
+    mz_max: float | None = Field(None, gt=0, description="imzml: upper end of the m/z range")
+    n_per_class: int = Field(200, gt=0, description="synthetic_spectra: spectra per class")
+    spectrum_length: int = Field(2000, gt=0, description="synthetic_spectra: m/z bins per spectrum")
+    n_groups: int = Field(8, ge=2, description="synthetic_spectra: patients (groups of one class each)")
+    n_folds: int = Field(4, ge=2, description="spectra: grouped cross-validation folds (thesis 7.4)")
+    fold: int = Field(0, ge=0, description="spectra: the fold used as test data")
+
+
+class TrainSettings(_Strict):
+    """Fields of :class:`~invertnet.training.TrainConfig`."""
+
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamax", "amsgrad"] = "adam"
+    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the optimiser")
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_size: int = Field(1000, gt=0)
+    gamma: float = Field(0.5, gt=0)
+    milestones: list[int] = Field([], description="step schedule: steps at which the rate is multiplied by gamma")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvalSettings(_Strict):
+    """Evaluation (thesis A.2): series terms chosen so that the truncation bias is below ``bias_bits``, and
+    passes with fresh Hutchinson probes averaged until their standard error is below ``probe_standard_error_bits``."""
+
+    bias_bits: float = Field(1e-3, gt=0, description="bound on the bits/dim bias of the truncated series")
+    max_terms: int = Field(200, gt=0)
+    probe_standard_error_bits: float = Field(1e-3, gt=0, description="stop averaging probe passes below this")
+    max_passes: int = Field(20, ge=2, description="most passes over the test set with fresh probes")
+
+
+class RunConfig(_Strict):
+    """A whole run: data, model, training, evaluation, and where runs are written."""
+
+    name: str
+    data: DataConfig
+    model: ModelConfig  # type: ignore[valid-type]
+    train: TrainSettings = TrainSettings()
+    evaluation: EvalSettings = EvalSettings()
+    output_dir: str = "runs"
+    config_version: Literal[2] = Field(CONFIG_VERSION, description="layout of this file (run folders record it)")
+
+
+def embedded_configs() -> list[str]:
+    """Names of the configs shipped with invertnet."""
+    folder = resources.files("invertnet.app") / "configs"
+    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw config dict; values are parsed as JSON when possible."""
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"--set {override!r}: expected key=value, e.g. train.lr=0.001")
+        key, text = override.split("=", 1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        target = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {override!r}: {part!r} is not a section")
+        target[leaf] = value
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load an embedded config by name or a JSON file by path, apply overrides and validate.
+
+    Raises:
+        ValueError: Naming the unknown config, the unreadable file, or each invalid key and value.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        text = path.read_text()
+    elif name_or_path in embedded_configs():
+        text = (resources.files("invertnet.app") / "configs" / f"{name_or_path}.json").read_text()
+    else:
+        raise ValueError(f"unknown config {name_or_path!r}: not a file, and not one of {embedded_configs()}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config {name_or_path}: invalid JSON ({error})") from error
+    return _validate(apply_overrides(raw, overrides or []), f"config {name_or_path}")
+
+
+def read_run_config(path: str | Path) -> RunConfig:
+    """The config of a run folder's ``run_config.json``. Files written by invertnet 0.1 (no
+    ``config_version``: one flat model section for all kinds) are converted to the kind's section.
+
+    Raises:
+        ValueError: Naming the file and what is wrong with it (unreadable JSON, an unknown kind, a field that
+            no longer validates).
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable run config ({error})") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise ValueError(f"{path}: not a run config (no 'model' section)")
+    if "config_version" not in raw:  # invertnet 0.1: the flat model section
+        kind = KINDS.get(str(raw["model"].get("kind")))
+        if kind is None:
+            raise ValueError(f"{path}: model kind {raw['model'].get('kind')!r} is unknown to this invertnet")
+        raw = {**raw, "model": kind.config.from_legacy(raw["model"])}
+    return _validate(raw, str(path))
+
+
+def _validate(raw: Any, where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(f"{where}: {'; '.join(_problem(e, raw) for e in error.errors())}") from error
+
+
+def _problem(error: Any, raw: Any) -> str:
+    """One validation error as ``key.sub: message``, without pydantic's union tag in the key; a key the model
+    kind does not have names the kind and the keys it has."""
+    loc = [str(part) for part in error["loc"]]
+    if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in KINDS:
+        kind, loc = KINDS[loc[1]], loc[:1] + loc[2:]
+        if error["type"] == "extra_forbidden":
+            fields = ", ".join(name for name in kind.config.model_fields if name != "kind")
+            return f"{'.'.join(loc)}: not a setting of model kind {kind.name!r} (its settings: {fields})"
+    if loc == ["model"] and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"model.kind: must be one of {sorted(KINDS)}"
+    return f"{'.'.join(loc)}: {error['msg']}"

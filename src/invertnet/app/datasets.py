@@ -1,0 +1,61 @@
+r"""The data sets a run config names (``data`` section), loaded as tensors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from invertnet.data import (
+    DIGITS_LEVELS,
+    TOY_DENSITIES,
+    centered_levels,
+    load_cifar10,
+    load_digits,
+    load_image_folder,
+    load_mnist,
+    sample_toy,
+)
+
+if TYPE_CHECKING:
+    from invertnet.app.config import DataConfig
+
+__all__ = ["labelled_images", "unlabelled_data"]
+
+Labelled = tuple[Tensor, Tensor]
+
+
+def _images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
+    """``((x, y) train, (x, y) test, K)`` for the image data sets, images as levels 0..K-1."""
+    if data.name == "digits":
+        return load_digits("train"), load_digits("test"), DIGITS_LEVELS
+    if data.root is None:
+        raise ValueError(f"data.root: the folder holding the {data.name} files is required")
+    if data.name == "image_folder":
+        return (
+            load_image_folder(data.root, "train", data.image_size),
+            load_image_folder(data.root, "test", data.image_size),
+            256,
+        )
+    if data.name not in ("mnist", "cifar10"):
+        raise ValueError(f"data.name: {data.name!r} is not an image data set")
+    loader = load_mnist if data.name == "mnist" else load_cifar10
+    return loader(data.root, "train"), loader(data.root, "test"), 256
+
+
+def unlabelled_data(data: DataConfig) -> tuple[Tensor, Tensor, int | None]:
+    """``(train, test, levels)`` for density models: levels is K for discrete image data (images as levels
+    0..K-1), ``None`` for the continuous toy densities."""
+    if data.name in TOY_DENSITIES:
+        return sample_toy(data.name, data.n_train, seed=0), sample_toy(data.name, data.n_test, seed=1), None
+    train, test, levels = _images(data)
+    return train[0], test[0], levels
+
+
+def labelled_images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
+    """``((x_train, y_train), (x_test, y_test), n_classes)``, images scaled to [-0.5, 0.5]."""
+    if data.name in TOY_DENSITIES:
+        raise ValueError(f"data.name: this model needs labelled images, not the toy density {data.name!r}")
+    (x_train, y_train), (x_test, y_test), levels = _images(data)
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    return (centered_levels(x_train, levels), y_train), (centered_levels(x_test, levels), y_test), n_classes

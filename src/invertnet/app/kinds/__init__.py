@@ -1,0 +1,44 @@
+r"""The registry of model kinds: a run config's ``model.kind`` names one of them.
+
+Each family module defines its kinds' config classes and one :class:`~invertnet.app.kinds.base.ModelKind`
+subclass; a kind is one line here. ``invertnet.app.config`` builds the ``model`` section as the union of the
+registered config classes, discriminated on ``kind``.
+"""
+
+from invertnet.app.kinds.base import KindConfig as KindConfig
+from invertnet.app.kinds.base import ModelKind as ModelKind
+from invertnet.app.kinds.base import RunData as RunData
+from invertnet.app.kinds.base import UnsupportedOperation as UnsupportedOperation
+from invertnet.app.kinds.classifiers import (
+    ClassifierKind,
+    FullyInvertibleClassifierConfig,
+    IResNetClassifierConfig,
+    MintNetClassifierConfig,
+)
+from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, MintNetFlowConfig, MultiscaleFlowConfig
+from invertnet.app.kinds.gans import DCGANConfig, GANKind
+from invertnet.app.kinds.spectra import IsotopeNetConfig, ResidualNetConfig, SpectraKind
+
+__all__ = ["KINDS", "KindConfig", "ModelKind", "RunData", "UnsupportedOperation", "kind_of"]
+
+_REGISTERED = (
+    FlowKind(DenseFlowConfig),
+    FlowKind(MultiscaleFlowConfig),
+    FlowKind(MintNetFlowConfig),
+    ClassifierKind(MintNetClassifierConfig),
+    ClassifierKind(IResNetClassifierConfig),
+    ClassifierKind(FullyInvertibleClassifierConfig),
+    GANKind(DCGANConfig),
+    SpectraKind(IsotopeNetConfig),
+    SpectraKind(ResidualNetConfig),
+)
+
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in _REGISTERED}
+"""Model kinds by name."""
+
+
+def kind_of(name: str) -> ModelKind:
+    """The registered kind ``name``; a ``ValueError`` listing the kinds otherwise."""
+    if name not in KINDS:
+        raise ValueError(f"model kind {name!r} is unknown; registered kinds: {sorted(KINDS)}")
+    return KINDS[name]

@@ -1,0 +1,147 @@
+r"""What a model kind supplies to the application: its config class and the steps of a run.
+
+A :class:`ModelKind` turns a validated run config into data, a model and its training objective, and reports
+on the trained model. Steps a kind does not support (sampling a classifier, inverting a spectrum classifier,
+...) raise :class:`UnsupportedOperation`, which names the kind and the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from invertnet.analysis import Certificate
+    from invertnet.app.config import RunConfig
+
+__all__ = ["KindConfig", "ModelKind", "RunData", "UnsupportedOperation"]
+
+
+class UnsupportedOperation(ValueError):
+    """A run step that the run's model kind does not have (e.g. ``sample`` on a classifier)."""
+
+
+class KindConfig(BaseModel):
+    """Base of the per-kind ``model`` sections: only the fields the kind uses, named like its builder's
+    arguments; any other key is an error naming it.
+
+    ``builder`` is the library function (or class) that builds the kind's network; it is called with the
+    shapes the data decide and :meth:`builder_arguments` as keywords. ``legacy_names`` maps field names of the
+    flat model section written by invertnet 0.1 (one section for all kinds) to this kind's names, or to a name
+    and a conversion of the value, so that run folders written then still open (:meth:`from_legacy`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    builder: ClassVar[Callable[..., nn.Module]]
+    application_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields the application reads itself (training estimator, wrappers), not passed to the builder."""
+    legacy_names: ClassVar[dict[str, str | tuple[str, Callable[[Any], Any]]]] = {}
+
+    def builder_arguments(self) -> dict[str, Any]:
+        """The fields as the builder's keyword arguments."""
+        return self.model_dump(exclude={"kind", *self.application_fields})
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
+        """This kind's section from a flat invertnet 0.1 model section (all 29 fields): renamed fields are
+        renamed, fields this kind never used are dropped."""
+        section = {}
+        for key, value in flat.items():
+            new = cls.legacy_names.get(key, key)
+            name, converted = (new, value) if isinstance(new, str) else (new[0], new[1](value))
+            if name in cls.model_fields:
+                section[name] = converted
+        return section
+
+
+@dataclass
+class RunData:
+    """The data of a run.
+
+    Attributes:
+        train, test: A tensor (N, ...) for density models, ``(x, y)`` tensors with N rows for supervised kinds.
+        levels: K, the number of discrete levels of image data for flows (``None``: continuous data).
+        n_classes: Number of classes of labelled data.
+        extra: What a kind keeps besides (e.g. the whole spectra data set, for its report).
+    """
+
+    train: Any
+    test: Any
+    levels: int | None = None
+    n_classes: int | None = None
+    extra: Any = None
+
+    def to(self, device: Any) -> RunData:
+        """The same data with the tensors moved to ``device``."""
+
+        def move(part: Any) -> Any:
+            return tuple(tensor.to(device) for tensor in part) if isinstance(part, tuple) else part.to(device)
+
+        return RunData(move(self.train), move(self.test), self.levels, self.n_classes, self.extra)
+
+    @property
+    def test_inputs(self) -> Tensor:
+        """The test inputs (without labels)."""
+        return self.test[0] if isinstance(self.test, tuple) else self.test
+
+
+class ModelKind:
+    """The steps of a run for one family of models; one instance per kind name in the registry.
+
+    Arguments:
+        config: The kind's ``model`` section class (a :class:`KindConfig` with ``kind: Literal[name]``).
+    """
+
+    family: ClassVar[str] = "model"
+
+    def __init__(self, config: type[KindConfig]) -> None:
+        self.config = config
+        self.name: str = config.model_fields["kind"].default
+
+    def _unsupported(self, step: str, hint: str = "") -> UnsupportedOperation:
+        return UnsupportedOperation(f"model kind {self.name!r} ({self.family}) cannot {step}{hint}")
+
+    def load_data(self, config: RunConfig) -> RunData:
+        """Training and test data the kind trains on."""
+        raise NotImplementedError
+
+    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+        """The untrained model for data of this shape; the module trained and checkpointed."""
+        raise NotImplementedError
+
+    def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
+        """The training objective (:mod:`invertnet.training.objectives`) of the built model."""
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
+        """Evaluate a trained model (eval mode, EMA weights in place), write its figures; the run's summary."""
+        raise NotImplementedError
+
+    def invert(self, model: nn.Module, config: RunConfig, data: RunData) -> dict[str, Any]:
+        """Reconstruction of test data through the model's inverse."""
+        raise self._unsupported("invert", ": it is not invertible")
+
+    def sample(self, model: nn.Module, n: int) -> Tensor:
+        """``n`` samples of a generative model."""
+        raise self._unsupported("sample", ": it is not a generative model; use evaluate or invert")
+
+    def invertible_part(self, model: nn.Module) -> nn.Module:
+        """The invertible network whose residual blocks ``certify`` checks."""
+        raise self._unsupported("certify", ": it has no residual blocks")
+
+    def certify(self, model: nn.Module, data: RunData) -> Certificate:
+        """Certificates of every residual block (thesis Remark 4.9) on a batch of test inputs."""
+        from invertnet.analysis import certify
+
+        return certify(self.invertible_part(model), data.test_inputs[:16])
+
+    def metameric_classifier(self, model: nn.Module) -> nn.Module:
+        """The fully invertible classifier (thesis Def. 6.7) of a trained model, for metameric sampling."""
+        raise self._unsupported("draw metameric samples", ": it needs a fully_invertible_classifier")

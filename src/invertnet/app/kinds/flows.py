@@ -1,0 +1,216 @@
+r"""Density models: the i-ResNet flows ``dense`` (Behrmann et al. 2019, appendix C.3) and ``multiscale``
+(thesis A.2), and ``mintnet`` (Song, Meng & Ermon 2019, section 5.2), trained by maximum likelihood.
+
+A finished flow run reports test bits/dim with the series length chosen for a stated truncation bias (thesis
+A.2), the reconstruction error through the inverse, and writes ``samples.png`` (images) or ``density.png``
+(2-D data, like thesis Fig. 5.2).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from invertnet.app.datasets import unlabelled_data
+from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
+from invertnet.app.kinds.fields import MintNetLayers
+from invertnet.core import InvertibleSequential
+from invertnet.figures import save_figure
+from invertnet.layers import InvertibleResidual, UniformDequantization, refine_spectral_norms
+from invertnet.logdet import ExactLogDet, PowerSeriesLogDet, UnbiasedLogDet, n_terms_for_bias, truncation_error_bound
+from invertnet.models import FlowDistribution, dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
+from invertnet.training import BitsPerDim, MemorySavingSequential
+from invertnet.training.objectives import bits_per_sample, mean_and_standard_error
+
+if TYPE_CHECKING:
+    from invertnet.app.config import RunConfig
+
+__all__ = ["DenseFlowConfig", "FlowKind", "MintNetFlowConfig", "MultiscaleFlowConfig"]
+
+LogDetChoice = Literal["power_series", "unbiased", "exact"]
+
+
+class _FlowConfig(KindConfig):
+    application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving"})
+    logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
+    memory_saving: bool = Field(
+        False, description="recompute activations through the inverses in backward (memory flat in depth)"
+    )
+
+
+class _ResidualFlowConfig(_FlowConfig):
+    application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving", "log_det", "n_terms"})
+    n_blocks: int = Field(4, gt=0)
+    coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
+    activation: Literal["elu", "softplus", "lipswish"] = "elu"
+    log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
+    n_terms: int = Field(5, gt=0, description="power_series: terms during training")
+
+    def builder_arguments(self) -> dict[str, Any]:
+        """The fields as keywords, with the training log-det estimator the config names."""
+        return {**super().builder_arguments(), "log_det": self.training_estimator()}
+
+    def training_estimator(self) -> Any:
+        """The log-det estimator of the residual blocks during training."""
+        if self.log_det == "exact":
+            return ExactLogDet()
+        if self.log_det == "unbiased":
+            return UnbiasedLogDet()
+        return PowerSeriesLogDet(self.n_terms)
+
+
+class DenseFlowConfig(_ResidualFlowConfig):
+    """``dense``: :func:`~invertnet.models.dense_iresnet_flow` on flattened data."""
+
+    kind: Literal["dense"] = "dense"
+    builder: ClassVar = staticmethod(dense_iresnet_flow)
+    hidden_features: int = Field(32, gt=0, description="width of the residual branches")
+    n_layers: int = Field(3, gt=0, description="linear layers per residual branch")
+    legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
+
+
+class MultiscaleFlowConfig(_ResidualFlowConfig):
+    """``multiscale``: :func:`~invertnet.models.multiscale_iresnet_flow` (``n_blocks`` per scale)."""
+
+    kind: Literal["multiscale"] = "multiscale"
+    builder: ClassVar = staticmethod(multiscale_iresnet_flow)
+    n_scales: int = Field(2, gt=0, description="scales, one squeeze between two")
+    hidden_channels: int = Field(32, gt=0, description="channels of the residual branches")
+    kernel_sizes: list[int] = Field([3, 1, 3], min_length=1, description="odd kernel size of each branch layer")
+    legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_channels"}
+
+
+class MintNetFlowConfig(MintNetLayers, _FlowConfig):
+    """``mintnet``: :func:`~invertnet.models.mintnet_flow`."""
+
+    kind: Literal["mintnet"] = "mintnet"
+    builder: ClassVar = staticmethod(mintnet_flow)
+    actnorm: bool = Field(True, description="ActNorm before every grouped layer")
+
+
+def _residual_blocks(flow: FlowDistribution) -> list[InvertibleResidual]:
+    return [module for module in flow.modules() if isinstance(module, InvertibleResidual)]
+
+
+class FlowKind(ModelKind):
+    """A normalising flow (:class:`~invertnet.models.FlowDistribution`) trained on unlabelled data."""
+
+    family: ClassVar[str] = "flow"
+
+    def load_data(self, config: RunConfig) -> RunData:
+        train, test, levels = unlabelled_data(config.data)
+        return RunData(train, test, levels=levels)
+
+    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+        model = config.model
+        flow = model.builder(tuple(data.train.shape[1:]), levels=data.levels, **model.builder_arguments())
+        if model.memory_saving:
+            flow.transform = MemorySavingSequential(*flow.transform)
+        return flow
+
+    def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
+        return BitsPerDim(model)  # type: ignore[arg-type]
+
+    def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
+        flow: FlowDistribution = model  # type: ignore[assignment]
+        summary: dict[str, Any] = {"run_dir": str(run_dir)}
+        summary["evaluation_estimator"] = _use_evaluation_estimator(flow, config, data.test[0].numel())
+        summary["test"] = _bits_per_dim(flow, data.test, config)
+        summary["reconstruction"] = reconstruction(flow, data.test[:256])
+        _figures(flow, run_dir, data.levels, data.test)
+        return summary
+
+    def invert(self, model: nn.Module, config: RunConfig, data: RunData) -> dict[str, Any]:
+        return reconstruction(model, data.test[:256])  # type: ignore[arg-type]
+
+    def sample(self, model: nn.Module, n: int) -> Tensor:
+        return model.sample((n,))  # type: ignore[operator]
+
+    def invertible_part(self, model: nn.Module) -> nn.Module:
+        return model.transform  # type: ignore[return-value]
+
+
+def _use_evaluation_estimator(flow: FlowDistribution, config: RunConfig, dim: int) -> dict[str, float]:
+    """Thesis A.2: pick the series length so that the truncation bias is below ``bias_bits`` bits/dim."""
+    blocks = _residual_blocks(flow)
+    if getattr(config.model, "log_det", None) == "exact" or not blocks:
+        return {"n_terms": 0, "bias_bound_bits": 0.0}
+    refine_spectral_norms(flow)
+    lipschitz = max(block.lipschitz_bound() or 0.0 for block in blocks)
+    per_block_nats = config.evaluation.bias_bits * dim * math.log(2) / len(blocks)
+    n_terms = min(n_terms_for_bias(lipschitz, dim, per_block_nats), config.evaluation.max_terms)
+    bias_bits = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
+    for block in blocks:
+        block.log_det_estimator = PowerSeriesLogDet(n_terms, probe="rademacher")
+    return {"n_terms": n_terms, "bias_bound_bits": bias_bits, "lipschitz_bound": lipschitz}
+
+
+@torch.no_grad()
+def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch_size: int = 256) -> dict[str, Any]:
+    """Test bits/dim averaged over passes with fresh probes until the probe standard error is small (thesis A.2).
+
+    ``standard_error`` is over test samples (the data's spread, the usual error bar); ``probe_standard_error``
+    is the Monte-Carlo error of the log-det estimator, from the spread of the pass means.
+    """
+    stochastic = any(not block.log_det_estimator.exact for block in _residual_blocks(flow))
+    passes: list[Tensor] = []
+    while True:
+        passes.append(bits_per_sample(flow, data, batch_size))
+        if not stochastic:
+            probe_error = 0.0
+            break
+        if len(passes) >= 2:
+            means = torch.stack([bits.mean() for bits in passes])
+            probe_error = (means.std() / math.sqrt(len(passes))).item()
+            if probe_error < config.evaluation.probe_standard_error_bits or len(passes) >= config.evaluation.max_passes:
+                break
+    summary: dict[str, Any] = mean_and_standard_error(torch.stack(passes).mean(dim=0))
+    return {**summary, "probe_standard_error": probe_error, "probe_passes": len(passes)}
+
+
+@torch.no_grad()
+def reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, Any]:
+    """Max-abs error of x -> F(x) -> F^{-1}(F(x)) on the continuous part of the flow (after dequantisation),
+    with the inverse's error bound and status."""
+    parts = list(flow.transform)
+    if parts and isinstance(parts[0], UniformDequantization):
+        data, parts = parts[0](data), parts[1:]
+    transform = InvertibleSequential(*parts)
+    result = transform.inverse_result(transform(data))
+    error = (result.value - data).abs().max().item()
+    bound = result.error_bound.max().item() if result.error_bound is not None else None
+    return {"max_abs_error": error, "error_bound": bound, "status": result.status.name.lower()}
+
+
+@torch.no_grad()
+def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Tensor) -> None:
+    """``samples.png`` (8 x 8 samples) for images, ``density.png`` (model density and samples) for 2-D data."""
+    from matplotlib.figure import Figure
+
+    samples = flow.sample((64,)).cpu()
+    if samples.dim() == 4:
+        grid = samples[:, 0] if samples.shape[1] == 1 else samples.permute(0, 2, 3, 1) / (levels or 1)
+        figure = Figure(figsize=(6, 6))
+        for axis, image in zip(figure.subplots(8, 8).flat, grid, strict=False):
+            axis.imshow(image.numpy(), cmap="gray")
+            axis.axis("off")
+        save_figure(figure, run_dir / "samples.png")
+    elif samples.shape[1] == 2:
+        side = torch.linspace(-5, 5, 200)
+        points = torch.cartesian_prod(side, side)
+        density = torch.cat([flow.log_prob(chunk).exp() for chunk in points.split(4096)]).view(200, 200)
+        more = flow.sample((2000,)).cpu()
+        figure = Figure(figsize=(10, 5))
+        left, right = figure.subplots(1, 2)
+        left.imshow(density.T.numpy(), origin="lower", extent=(-5, 5, -5, 5))
+        left.set_title("model density")
+        right.scatter(more[:, 0], more[:, 1], s=1, label="samples")
+        right.scatter(data[:2000, 0], data[:2000, 1], s=1, alpha=0.3, label="data")
+        right.set(xlim=(-5, 5), ylim=(-5, 5), title="samples")
+        right.legend()
+        save_figure(figure, run_dir / "density.png")

@@ -1,0 +1,186 @@
+r"""Runs: train the model a :class:`~invertnet.app.config.RunConfig` describes in a run folder, and open,
+evaluate, invert, sample, certify or draw metameric samples from a trained one.
+
+What a run does with its model is its kind's (:mod:`invertnet.app.kinds`); this module owns the run folder:
+``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json`` and the
+figures the kind writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from invertnet.analysis import Certificate, metameric_sample, plot_certificate
+from invertnet.app.config import RunConfig, read_run_config
+from invertnet.app.kinds import KINDS, ModelKind, RunData
+from invertnet.figures import save_figure
+from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+from invertnet.training.distributed import is_main_process
+
+__all__ = [
+    "OpenRun",
+    "build",
+    "certify_run",
+    "evaluate_run",
+    "invert_run",
+    "metameric_run",
+    "open_run",
+    "sample_run",
+    "train_run",
+]
+
+
+@dataclass
+class OpenRun:
+    """A run rebuilt from its folder: config, kind, the model with the checkpoint's (EMA) weights in eval mode,
+    and its data."""
+
+    run_dir: Path
+    config: RunConfig
+    kind: ModelKind
+    model: nn.Module
+    data: RunData
+
+
+def build(config: RunConfig) -> tuple[ModelKind, nn.Module, RunData]:
+    """The config's kind, its untrained model and its data."""
+    kind = KINDS[config.model.kind]
+    data = kind.load_data(config)
+    return kind, kind.build(config, data), data
+
+
+def _finish(kind: ModelKind, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
+    model.eval()
+    summary = kind.finish(model, config, run_dir, data)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train the configured model in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it;
+    returns the summary (also written to ``summary.json``)."""
+    torch.manual_seed(config.train.seed)
+    kind, model, data = build(config)
+    model, data = model.to(device), data.to(device)
+    if run_dir is None:
+        if not is_main_process():
+            raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")
+        run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
+    settings = TrainConfig(**config.train.model_dump())
+    objective = kind.objective(model, config)
+    trainer = Trainer(model, data.train, settings, run_dir, test_data=None, progress=progress, objective=objective)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    if not is_main_process():
+        return {"run_dir": str(run_dir)}
+    with trainer.ema_weights():
+        return _finish(kind, model, config, run_dir, data)
+
+
+def open_run(run_dir: str | Path) -> OpenRun:
+    """Rebuild a trained run from its folder, with the latest checkpoint's (EMA) weights, in eval mode.
+
+    Raises:
+        FileNotFoundError: The folder does not exist, is not a run folder, or holds no checkpoint.
+        ValueError: Its ``run_config.json`` is unreadable or invalid.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist")
+    config_file = run_dir / "run_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: run_config.json is missing")
+    config = read_run_config(config_file)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (the 'latest' file is missing)")
+    _, state = load_checkpoint(checkpoint)
+    kind, model, data = build(config)
+    model.load_state_dict(state["model"])
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for parameter, average in zip(parameters, state["ema"], strict=False):
+            parameter.copy_(average)
+    return OpenRun(run_dir, config, kind, model.eval(), data)
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """The trained run's summary, recomputed: its kind's test metrics (flows: bits/dim with the series length
+    from the truncation bound; classifiers: accuracy) and the reconstruction error through the inverse."""
+    run = open_run(run_dir)
+    return _finish(run.kind, run.model, run.config, run.run_dir, run.data)
+
+
+def certify_run(run_dir: str | Path) -> tuple[Certificate, Path]:
+    """Certify every residual block of a trained run (thesis Remark 4.9) on a batch of its test data; saves
+    ``certificate.png`` (per-layer largest singular values, thesis Fig. 4.2) in the run folder."""
+    run = open_run(run_dir)
+    certificate = run.kind.certify(run.model, run.data)
+    return certificate, plot_certificate(certificate, run.run_dir / "certificate.png")
+
+
+def sample_run(run_dir: str | Path, n: int = 64) -> Tensor:
+    """Draw ``n`` samples from a trained generative run (flows; GANs: labels 0, 1, ... in turn)."""
+    run = open_run(run_dir)
+    return run.kind.sample(run.model, n)
+
+
+def invert_run(run_dir: str | Path) -> dict[str, Any]:
+    """Reconstruction error of test data through the inverse of a trained run (classifiers: of the features;
+    GANs: latent recovery of generated images from half their pixels)."""
+    run = open_run(run_dir)
+    return run.kind.invert(run.model, run.config, run.data)
+
+
+@torch.no_grad()
+def metameric_run(run_dir: str | Path, n: int = 8) -> dict[str, Any]:
+    """Metameric samples (thesis Def. 6.8) of a trained fully invertible classifier: the logits of n test images
+    with the nuisance variables of n others of different classes; saves ``metameric.png`` (rows: inputs,
+    references, metameric samples) and reports how exactly logits and nuisances were kept."""
+    run = open_run(run_dir)
+    model: Any = copy.deepcopy(run.kind.metameric_classifier(run.model)).double()  # logits kept to 1e-12
+    images, labels = run.data.test
+    images = images.double()
+    x = images[:n]
+    partner = [int(((labels != labels[i]).nonzero()[i % 5 + 1]).item()) for i in range(len(x))]
+    reference = images[partner]
+    x_met = metameric_sample(model, x, reference)
+    semantic, nuisance = model.split(model.features(x_met))
+    path = _plot_metameric(torch.cat([x, reference, x_met]), len(x), run.run_dir / "metameric.png")
+    return {
+        "figure": str(path),
+        "max_logit_difference": (semantic - model(x)).abs().max().item(),
+        "max_nuisance_difference": (nuisance - model.split(model.features(reference))[1]).abs().max().item(),
+        "predicted": model(x_met).argmax(1).tolist(),
+        "reference_labels": labels[partner].tolist(),
+    }
+
+
+def _plot_metameric(grid: Tensor, n: int, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(n, 3.3))
+    axes = figure.subplots(3, n, squeeze=False)
+    for axis, image in zip(axes.flat, grid, strict=True):
+        axis.imshow(image[0].numpy(), cmap="gray")
+        axis.axis("off")
+    for row, title in enumerate(("logits from", "nuisance from", "metameric")):
+        axes[row][0].set_title(title, fontsize=7, loc="left")
+    return save_figure(figure, path)

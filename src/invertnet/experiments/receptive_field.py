@@ -1,0 +1,51 @@
+r"""Thesis Fig. 7.3: the receptive field of IsotopeNet against the width of isotope patterns over the mass
+range (``invertnet receptive-field``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from invertnet.data import isotope_pattern_bin_counts
+from invertnet.figures import save_figure
+from invertnet.models.spectra import IsotopeNet
+
+__all__ = ["receptive_field_study"]
+
+
+def receptive_field_study(
+    output_dir: Path, mz_range: tuple[float, float] = (800.0, 3500.0), mean_bin_width: float = 0.163
+) -> dict[str, Any]:
+    """Thesis Fig. 7.3: bins covered by an Averagine isotope pattern (t_iso = 0.005) over the mass range on a
+    TOF-like grid whose bin width grows with m/z (mean ``mean_bin_width`` Da), against IsotopeNet's receptive
+    field. Saves ``receptive_field.png``."""
+    low, high = mz_range
+    centre = (low + high) / 2
+    n_bins = int((high - low) / mean_bin_width)
+    widths = mean_bin_width * np.linspace(low, high, n_bins) / centre  # bin width proportional to m/z
+    edges = low + np.concatenate([[0.0], np.cumsum(widths)]) * (high - low) / widths.sum()
+    masses = np.linspace(low + 50, high - 50, 60)
+    bins = isotope_pattern_bin_counts(masses, edges, edges=True).tolist()
+    network = IsotopeNet(n_bins)
+    field, with_local = network.receptive_field(), network.receptive_field(include_locally_connected=True)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 3.5))
+    axis = figure.subplots()
+    axis.plot(masses, bins, label="isotope pattern (Averagine, t_iso = 0.005)")
+    axis.axhline(field, color="tab:red", label=f"IsotopeNet convolutions ({field} bins)")
+    axis.axhline(with_local, color="tab:red", linestyle="--", label=f"with the locally connected layer ({with_local})")
+    axis.set(xlabel="m/z", ylabel="bins", title="receptive field against isotope-pattern width")
+    axis.legend(fontsize=8)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "figure": str(save_figure(figure, output_dir / "receptive_field.png")),
+        "receptive_field_bins": field,
+        "receptive_field_with_locally_connected_bins": with_local,
+        "largest_pattern_bins": int(max(bins)),
+        "covered_by_convolutions": bool(max(bins) <= field),
+        "covered_with_locally_connected": bool(max(bins) <= with_local),
+        "pattern_bins": dict(zip([round(float(m), 1) for m in masses[::10]], bins[::10], strict=True)),
+    }

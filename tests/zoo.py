@@ -18,6 +18,7 @@ from invertnet.layers import (
     LipschitzMLP,
     Logit,
     MaskedConv2d,
+    MemorySavingSequential,
     MintBlock,
     MintLayer,
     Squeeze,
@@ -26,7 +27,6 @@ from invertnet.layers import (
 )
 from invertnet.logdet import ExactLogDet
 from invertnet.models import mintnet_flow
-from invertnet.training import MemorySavingSequential
 
 Sampler = Callable[[int], torch.Tensor]
 

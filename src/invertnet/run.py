@@ -41,7 +41,13 @@ from invertnet.data import (  # noqa: E402
     load_mnist,
     sample_toy,
 )
-from invertnet.layers import InjectivePad, InvertibleResidual, UniformDequantization, refine_spectral_norms  # noqa: E402
+from invertnet.layers import (  # noqa: E402
+    InjectivePad,
+    InvertibleResidual,
+    MemorySavingSequential,
+    UniformDequantization,
+    refine_spectral_norms,
+)
 from invertnet.logdet import (  # noqa: E402
     ExactLogDet,
     PowerSeriesLogDet,
@@ -66,7 +72,6 @@ from invertnet.training import (  # noqa: E402
     AdversarialLoss,
     ConditionalGAN,
     CrossEntropy,
-    MemorySavingSequential,
     TrainConfig,
     Trainer,
     latest_checkpoint,

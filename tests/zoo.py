@@ -11,6 +11,7 @@ import torch
 from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
+    Flatten,
     InjectivePad,
     InvertibleBatchNorm,
     InvertibleResidual,
@@ -121,6 +122,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
     "squeeze": (Squeeze, (2, 4, 4)),
+    "flatten": (lambda: Flatten((2, 2, 3)), (2, 2, 3)),
     "injective_pad": (lambda: InjectivePad(2), (2, 2, 2)),
     "residual_mlp_elu": (_residual_mlp("elu"), (4,)),
     "residual_mlp_softplus": (_residual_mlp("softplus"), (4,)),

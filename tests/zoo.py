@@ -131,6 +131,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
+    "sequential_analytic": (lambda: InvertibleSequential(ActNorm(2), Squeeze(), Flatten((8, 1, 1))), (2, 2, 2)),
     "memory_saving_image": (_memory_saving_stack, (2, 2, 2)),
     "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
     "logit": (lambda: Logit(0.05), (3,)),

@@ -5,6 +5,7 @@ from invertnet.core import InverseResult as InverseResult
 from invertnet.core import InvertibleModule as InvertibleModule
 from invertnet.core import InvertibleSequential as InvertibleSequential
 from invertnet.core import IterativeInvertibleModule as IterativeInvertibleModule
+from invertnet.core import SolverOptions as SolverOptions
 from invertnet.core import SolverStatus as SolverStatus
 
 __version__ = "0.1.0"
@@ -15,5 +16,6 @@ __all__ = [
     "InvertibleModule",
     "InvertibleSequential",
     "IterativeInvertibleModule",
+    "SolverOptions",
     "SolverStatus",
 ]

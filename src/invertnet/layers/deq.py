@@ -1,6 +1,6 @@
-r"""Deep equilibrium layers (seed 002, the DEQ section): the output is the fixed point z* = f(z*, x; theta) of a
-cell, found by (Anderson-accelerated) fixed-point iteration and differentiated implicitly, so training memory
-does not depend on how many iterations the solve took."""
+r"""Deep equilibrium layers (formalML IFT notes, the DEQ section): the output is the fixed point
+z* = f(z*, x; theta) of a cell, found by (Anderson-accelerated) fixed-point iteration and differentiated
+implicitly, so training memory does not depend on how many iterations the solve took."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class ContractiveCell(EquilibriumCell):
         state_features: Size of z; shapes z (B, state_features), x (B, input_features).
         input_features: Size of x.
         coeff: Lipschitz bound of f in z (Eq. 4.9 scaling of W).
-        activation: ``"tanh"`` (the seed's example layer tanh(W z + x)), ``"elu"`` or any name
+        activation: ``"tanh"`` (the example layer of the formalML IFT notes, tanh(W z + x)), ``"elu"`` or any name
             :func:`~invertnet.layers.make_activation` knows.
     """
 

@@ -1,4 +1,4 @@
-r"""MintNet layers: masked (triangular) convolutions with exact log-determinants (seed 000, sections 3-4).
+r"""MintNet layers: masked (triangular) convolutions with exact log-determinants (Song et al. 2019, sections 3-4).
 
 Positions of a (C, H, W) tensor are ordered by (channel, row, column). A convolution is *lower triangular*
 when every output position depends only on input positions at or before it, *upper triangular* when only
@@ -86,7 +86,7 @@ def triangular_mask(
 
 
 class MaskedConv2d(nn.Module):
-    r"""A convolution whose operator is triangular over (channel, row, column) positions (seed 000, 3.4).
+    r"""A convolution whose operator is triangular over (channel, row, column) positions (Song et al. 2019, 3.4).
 
     ``weight`` is the raw parameter times :func:`triangular_mask`, with the diagonal centre taps replaced by
     their absolute values, so that Eq. 2 holds by construction: every entry that reaches the Jacobian's
@@ -157,7 +157,7 @@ class MaskedConv2d(nn.Module):
 
 
 class MintLayer(IterativeInvertibleModule):
-    r"""One triangular residual layer r(x) = t * x + l(x) of MintNet (seed 000, Eq. 3-4).
+    r"""One triangular residual layer r(x) = t * x + l(x) of MintNet (Song et al. 2019, Eq. 3-4).
 
     .. math::
         \ell(x) = M^3 \circledast h(M^2 \circledast h(M^1 \circledast x + b^1) + b^2) + b^3
@@ -180,10 +180,10 @@ class MintLayer(IterativeInvertibleModule):
 
     Arguments:
         channels: Data channels C; input shape (B, C, H, W).
-        hidden_factor: k, the copies per channel in the hidden layers (the seed's MNIST model: 45).
+        hidden_factor: k, the copies per channel in the hidden layers (Song et al.'s MNIST model: 45).
         kernel_size: Odd filter size of the three convolutions.
         direction: ``"lower"`` or ``"upper"`` triangular.
-        activation: ``"elu"`` (the seed's choice) or ``"softplus"``.
+        activation: ``"elu"`` (Song et al.'s choice) or ``"softplus"``.
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
 
@@ -287,7 +287,7 @@ class MintLayer(IterativeInvertibleModule):
 
 
 class MintBlock(InvertibleSequential):
-    r"""A grouped MintNet layer: a lower then an upper triangular :class:`MintLayer` (seed 000, section 4).
+    r"""A grouped MintNet layer: a lower then an upper triangular :class:`MintLayer` (Song et al. 2019, section 4).
 
     The product of the two Jacobians is not triangular, so the block is not restricted to autoregressive
     structure, while its log-det stays exact: the sum of the two layers' log-dets.

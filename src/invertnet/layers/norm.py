@@ -1,4 +1,4 @@
-r"""Normalisation layers: ActNorm (Kingma & Dhariwal 2018; thesis A.1/A.2) and invertible batch norm (seed 000, 5.1)."""
+r"""Normalisation layers: ActNorm (Kingma & Dhariwal 2018; thesis A.1/A.2), invertible batch norm (Song et al. 2019)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class ActNorm(InvertibleModule):
 
 
 class InvertibleBatchNorm(InvertibleModule):
-    r"""Batch normalisation as an invertible layer (seed 000, 5.1; Papamakarios et al. 2017, MAF).
+    r"""Batch normalisation as an invertible layer (Song et al. 2019, 5.1; Papamakarios et al. 2017, MAF).
 
     .. math:: y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta, \qquad
         \log|\det J| = \frac{d}{C} \sum_c \Big(\log|\gamma_c| - \tfrac12 \log(\sigma_c^2 + \epsilon)\Big)

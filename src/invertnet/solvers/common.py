@@ -38,12 +38,15 @@ __all__ = [
     "NEWTON_MAX_ITER",
     "TRIANGULAR_MAX_ITER",
     "batched_jacobian",
+    "check_max_iter",
     "condition_numbers",
     "conditioned_result",
     "decide_status",
     "default_max_condition",
     "default_tolerances",
+    "finish",
     "per_sample_norm",
+    "resolve_tolerances",
 ]
 
 #: Growth of the largest residual over its first value beyond which a solve is declared divergent.
@@ -58,7 +61,7 @@ TRIANGULAR_MAX_ITER = 200
 #: Default (atol, rtol) per dtype. ``standard`` is a few hundred ulps above the rounding floor of float32 and
 #: halves and 1e-10 in float64. ``tight`` is for solvers whose error is the residual times a condition number
 #: and that converge quadratically, so going 100x further costs about one iteration (triangular Newton,
-#: seed of MintNet: Song et al. 2019, Theorem 1); float32 and halves cannot go further and keep the standard.
+#: MintNet: Song et al. 2019, Theorem 1); float32 and halves cannot go further and keep the standard.
 _TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"standard": 1e-10, "tight": 1e-12},
     torch.float32: {"standard": 1e-5, "tight": 1e-5},
@@ -99,7 +102,8 @@ def check_max_iter(max_iter: int, where: str) -> None:
 
 def default_max_condition(dtype: torch.dtype) -> float:
     """1 / (1000 eps): a Jacobian with a larger condition number leaves fewer than about 3 reliable digits in
-    a solve (seed 002, Remark 7), so solvers report it as ``SINGULAR``; 4.5e12 in float64, 8.4e3 in float32."""
+    a solve (formalML IFT notes, Remark 7), so solvers report it as ``SINGULAR``; 4.5e12 in float64, 8.4e3
+    in float32."""
     return 1.0 / (1000.0 * torch.finfo(dtype).eps)
 
 

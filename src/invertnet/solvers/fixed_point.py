@@ -96,8 +96,8 @@ def fixed_point(
         norm: The order p of the per-sample vector norm.
         lipschitz: A bound on Lip(T) in the p-norm, or ``None`` if unknown. A bound >= 1 makes the status
             ``NOT_CONTRACTIVE`` whatever the residual: uniqueness of the fixed point is not guaranteed.
-        method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, not in
-            the seeds; one evaluation of T per iteration). Anderson pays off when the map contracts slowly
+        method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, Walker & Ni 2011;
+            one evaluation of T per iteration). Anderson pays off when the map contracts slowly
             (rate near 1), so it takes plain steps while the residual shrinks by more than 2x per step and
             mixes only when it does not; when the largest residual has not improved for ``anderson_memory``
             iterations, its history is cleared and it restarts from a plain step.

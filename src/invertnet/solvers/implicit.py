@@ -1,6 +1,6 @@
 r"""Implicit differentiation of fixed points: inverses of residual blocks and deep equilibrium layers.
 
-For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (seed 002, Theorem 3) gives
+For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (formalML IFT notes, Theorem 3) gives
 
 .. math::
     \frac{\partial x^*}{\partial y} = (I + J_g(x^*))^{-1}, \qquad
@@ -9,7 +9,7 @@ For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (se
 Backpropagating a cotangent u therefore needs v = (I + J_g)^{-T} u, the fixed point of v = u - J_g^T v,
 which contracts at rate Lip(g) < 1. Memory does not grow with the number of forward iterations.
 
-The same holds for any fixed point z* = f(z*, x; theta) (the DEQ section of seed 002): with
+The same holds for any fixed point z* = f(z*, x; theta) (the DEQ section of formalML IFT notes): with
 J = df/dz at z*, dz*/d(x, theta) = (I - J)^{-1} df/d(x, theta), and backpropagation solves (I - J)^T v = g.
 """
 
@@ -71,12 +71,12 @@ def implicit_fixed_point(
 ) -> tuple[Tensor, InverseResult]:
     r"""The fixed point z* = f(z*, x; theta), differentiable in x and theta by the implicit function theorem.
 
-    Forward: :func:`~invertnet.solvers.fixed_point` on z -> f(z, x) without building a graph. Backward (seed
-    002, Theorem 3 and the DEQ section): a cotangent g of z* becomes v with (I - J_f)^T v = g, J_f = df/dz at
-    z*, then flows through one evaluation of f(z*, x) to x and theta. ``backward="iteration"`` (default)
+    Forward: :func:`~invertnet.solvers.fixed_point` on z -> f(z, x) without building a graph. Backward
+    (formalML IFT notes, Theorem 3 and the DEQ section): a cotangent g of z* becomes v with (I - J_f)^T v = g, J_f =
+    df/dz at z*, then flows through one evaluation of f(z*, x) to x and theta. ``backward="iteration"`` (default)
     solves v = g + J_f^T v, which converges at the rate Lip_z(f) < 1 that made the forward solve converge;
-    ``"gmres"`` solves the linear system with vector-Jacobian products, also when the iteration would not
-    contract as long as I - J_f is regular, at the price of a Krylov basis of up to 51 copies of z.
+    ``"gmres"`` solves the linear system with vector-Jacobian products, also when the iteration would not contract
+    as long as I - J_f is regular, at the price of a Krylov basis of up to 51 copies of z.
     Memory: one evaluation of f is stored, whatever the number of forward iterations. A backward solve that
     fails raises :class:`~invertnet.ConvergenceError`. Only first-order gradients are supported.
 

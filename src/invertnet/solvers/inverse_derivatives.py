@@ -1,4 +1,4 @@
-r"""Derivatives of inverses without inverting a matrix (seed 002, Proposition 1 and Remark 7).
+r"""Derivatives of inverses without inverting a matrix (formalML IFT notes, Proposition 1 and Remark 7).
 
 For a bijection F with x = F^{-1}(y), Proposition 1 gives J_{F^{-1}}(y) = J_F(x)^{-1}. So the derivative of the
 inverse along v is the solution w of J_F(x) w = v, and the cotangent u pulls back to the solution of

@@ -1,4 +1,4 @@
-r"""Batched restarted GMRES for the linear systems of Newton steps and implicit gradients (seed 002, Remark 7:
+r"""Batched restarted GMRES for the linear systems of Newton steps and implicit gradients (formalML IFT notes, Remark 7:
 solve, never invert).
 
 Every sample b of a batch has its own system A_b w_b = r_b with A_b known only through products; the

@@ -1,5 +1,5 @@
 r"""Newton's method for square maps f(x) = y, batched per sample, with a backtracking line search and the
-condition of every Jacobian reported (seed 002: Remark 5, Newton as a super-contraction; Remark 7, the
+condition of every Jacobian reported (formalML IFT notes: Remark 5, Newton as a super-contraction; Remark 7, the
 condition number decides whether an invertible map is numerically invertible).
 
 Small dimensions use the dense per-sample Jacobian (d vector-Jacobian products, then an LU solve and an SVD
@@ -59,13 +59,13 @@ def newton(
     Sample b has converged when |f(x_b) - y_b|_2 <= atol + rtol |y_b|_2. With ``line_search`` the step t is
     the largest of 1, 1/2, 1/4, ... with |f(x + t dx) - y| <= (1 - 1e-4 t) |f(x) - y| (Armijo backtracking),
     so the residual decreases monotonically and near a regular root the full step gives quadratic convergence
-    (the Newton map has derivative 0 at the root, seed 002 Remark 5).
+    (the Newton map has derivative 0 at the root, formalML IFT notes, Remark 5).
 
     Jacobians: ``"dense"`` forms J per sample (:func:`batched_jacobian`), solves by LU and reports the exact
     2-norm condition number; ``"krylov"`` solves by :func:`~invertnet.solvers.gmres` with Jacobian-vector
     products to relative accuracy ``krylov_rtol`` (inexact Newton) and reports GMRES's lower bound on the
     condition number; ``"auto"`` is dense up to :data:`DENSE_LIMIT` dimensions per sample. A Jacobian whose
-    condition number exceeds ``max_condition`` (default 1 / (1000 eps), seed 002 Remark 7) at a step or at
+    condition number exceeds ``max_condition`` (default 1 / (1000 eps), formalML IFT notes, Remark 7) at a step or at
     the returned point makes the status ``SINGULAR``: the solution, if any, is not locally unique or has no
     reliable digits, and the affected samples stop where they are.
 

@@ -1,7 +1,7 @@
-r"""Inverses of maps with triangular Jacobians and a positive diagonal (seed 000, Theorem 1).
+r"""Inverses of maps with triangular Jacobians and a positive diagonal (Song et al. 2019, Theorem 1).
 
 Let r: R^n -> R^n have a lower (or upper) triangular Jacobian whose diagonal is at least t > 0 everywhere.
-Then r_p depends only on x_1..x_p (Lemma 1 of the seed's proof) and is strictly increasing in x_p with
+Then r_p depends only on x_1..x_p (Lemma 1 in the proof of Song et al. 2019) and is strictly increasing in x_p with
 slope >= t, hence onto R: given the earlier coordinates, x_p is the unique root of a monotone univariate
 equation, and x = r^{-1}(y) follows by solving the n equations in order (the proof of Theorem 1).
 
@@ -14,8 +14,8 @@ Two solvers share one safeguarded Newton update, applied to every coordinate p a
   coordinate moved by more than the tolerance, since its equation then changed, and when it collapsed
   while the residual is still above the tolerance.
 
-:func:`triangular_newton` updates all coordinates in parallel (the seed samples with 5 such Newton
-steps; its reference code scales the step by a constant hand-tuned per data set, which the bracket makes
+:func:`triangular_newton` updates all coordinates in parallel (Song et al. 2019 sample with 5 such Newton
+steps; their reference code scales the step by a constant hand-tuned per data set, which the bracket makes
 unnecessary). :func:`sequential_solve` solves one coordinate at a time in the triangular order, the exact
 procedure of the proof, as a reference for small inputs. Both report iterations, per-sample residuals
 max_p |r_p(x) - y_p| and a :class:`~invertnet.SolverStatus`, and never fail silently.
@@ -161,7 +161,7 @@ def sequential_solve(
     max_iter_per_coordinate: int = TRIANGULAR_MAX_ITER,
     strict: bool = True,
 ) -> InverseResult:
-    """Solve r(x) = y one coordinate at a time in the triangular order (the proof of seed 000, Theorem 1).
+    """Solve r(x) = y one coordinate at a time in the triangular order (the proof of Song et al. 2019, Theorem 1).
 
     The coordinates of a sample, flattened, are visited in ascending order for a lower triangular Jacobian
     and descending for an upper one; each is solved by the safeguarded scalar Newton iteration with the

@@ -108,7 +108,7 @@ def run_invertnet(budget: float, config_name: str) -> dict:
             refine_spectral_norms(flow)
             for block in flow.modules():
                 if isinstance(block, InvertibleResidual):
-                    block.log_det_estimator = ExactLogDet()
+                    block.use_log_det_estimator(ExactLogDet())
             bits = averaged_bits(flow.bits_per_dim, test)
     return result(flow, steps, seconds, bits, INVERTNET_MODELS[config_name])
 

@@ -51,8 +51,8 @@ from pathlib import Path
 
 import torch
 
+from invertnet.layers import MemorySavingSequential, saved_activation_bytes
 from invertnet.models import FlowDistribution, mintnet_flow, multiscale_iresnet_flow
-from invertnet.training import MemorySavingSequential, saved_activation_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from iresnet_block import peak_tensor_mb  # noqa: E402

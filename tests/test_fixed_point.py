@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from invertnet import ConvergenceError, InvertibleSequential, SolverStatus
+from invertnet import ConvergenceError, InvertibleSequential, SolverOptions, SolverStatus
 from invertnet.layers import ActNorm, InvertibleResidual, LipschitzConvNet, LipschitzMLP, Squeeze, refine_spectral_norms
 from invertnet.solvers import default_tolerances, fixed_point
 
@@ -165,6 +165,29 @@ def test_invalid_options_are_refused():
         fixed_point(torch.cos, x0, max_iter=0)
     with pytest.raises(ValueError, match="anderson_memory"):
         fixed_point(torch.cos, x0, method="anderson", anderson_memory=0)
+
+
+def test_solver_options_travel_as_one_object_and_override_the_layer_defaults():
+    block = _block(solver="iteration")
+    block.solver_options = SolverOptions(atol=1e-12, rtol=0.0, max_iter=500)
+    y = block(torch.randn(3, 6, dtype=torch.float64)).detach()
+    default = block.inverse_result(y)
+    assert default.success and (default.residual <= 1e-12).all()
+    cut = block.inverse_result(y, SolverOptions(max_iter=2))  # atol, rtol still the layer's
+    assert cut.status is SolverStatus.MAX_ITER and cut.iterations == 2
+    assert block.inverse_result(y, max_iter=2).iterations == 2  # the same by keyword
+    with pytest.raises(ConvergenceError, match="max_iter"):
+        block.inverse(y, SolverOptions(max_iter=2))
+    torch.testing.assert_close(block.inverse(y, SolverOptions(max_iter=2, strict=False)), cut.value)
+    with pytest.raises(TypeError, match="unknown option"):
+        block.inverse(y, tolerance=1e-3)
+
+
+def test_default_tolerances_form_one_table():
+    assert default_tolerances(torch.float32) == default_tolerances(torch.float32, "tight") == (1e-5, 1e-5)
+    assert default_tolerances(torch.float64, "tight") == (1e-12, 1e-12)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        default_tolerances(torch.int64)
 
 
 def test_conv_block_round_trip_with_error_bound():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from invertnet import SolverStatus
 from tests.tolerances import FLOAT64_INVERSE_ATOL, assert_close
 from tests.zoo import ZOO, build
 
@@ -125,6 +126,36 @@ def test_gradcheck_inverse_wrt_input(layer):
         assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_inverse_view(layer):
+    """``m.inv`` is the inverse as a module (torch ``_InverseTransform``): ``m.inv.inv is m``, round trips."""
+    module, shape, sample = layer
+    inverse = module.inv
+    assert inverse.inv is module
+    assert type(module).__name__ in repr(inverse)
+    x = sample(BATCH)
+    with torch.no_grad():
+        y, log_det = module.forward_and_log_det(x)
+        assert_close(inverse(y.clone()), x, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+        assert_close(module(inverse(y.clone())), y, atol=FLOAT64_INVERSE_ATOL, rtol=0)
+        assert_close(inverse.inverse(x), y)
+        x_back, inverse_log_det = inverse.forward_and_log_det(y.clone())
+        assert_close(inverse_log_det, -log_det)
+        assert_close(inverse.inverse_and_log_det(x)[1], log_det)
+
+
+def test_inverse_record_says_how_it_was_computed(layer):
+    """Analytic inverses report ``ANALYTIC`` (nothing was checked); iterative ones ``SUCCESS`` with residuals."""
+    module, shape, sample = layer
+    with torch.no_grad():
+        record = module.inverse_result(module(sample(BATCH)))
+    assert record.success and record.converged.shape == (BATCH,) and record.converged.all()
+    if module.analytic_inverse:
+        assert record.status is SolverStatus.ANALYTIC and record.iterations == 0 and record.residual is None
+    else:
+        assert record.status is SolverStatus.SUCCESS and record.iterations > 0
+        assert record.residual is not None and record.residual.shape == (BATCH,)
+
+
 def test_batch_independence(layer):
     module, shape, sample = layer
     x = sample(4)
@@ -136,18 +167,48 @@ def test_batch_independence(layer):
         assert_close(module(x[:1])[0], y[0])
 
 
-@pytest.mark.parametrize("bad", ["nan", "no_batch_dim"])
+def test_batch_independence_of_the_inverse(layer):
+    """A sample's inverse does not change with the batch around it (up to the solver tolerance)."""
+    module, shape, sample = layer
+    with torch.no_grad():
+        y = module(sample(4))
+        x = module.inverse(y.clone())
+        y_other = y.clone()
+        y_other[1:] = module(sample(3))
+        assert_close(module.inverse(y_other)[0], x[0], atol=FLOAT64_INVERSE_ATOL, rtol=0)
+        assert_close(module.inverse(y[:1].clone())[0], x[0], atol=FLOAT64_INVERSE_ATOL, rtol=0)
+
+
+def _bad(x: torch.Tensor, bad: str) -> tuple[torch.Tensor, str]:
+    if bad == "nan":
+        x = x.clone()
+        x[0].view(-1)[0] = float("nan")
+        return x, "NaN"
+    if bad == "no_batch_dim":
+        return torch.tensor(1.0, dtype=torch.float64), "batch"
+    return x[:0], "empty batch"
+
+
+BAD_INPUTS = ["nan", "no_batch_dim", "empty_batch"]
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
 def test_bad_input_raises_named_error(layer, bad):
     module, shape, sample = layer
-    x = sample(BATCH)
-    if bad == "nan":
-        x[0].view(-1)[0] = float("nan")
-        match = "NaN"
-    else:
-        x = torch.tensor(1.0, dtype=torch.float64)
-        match = "batch"
+    x, match = _bad(sample(BATCH), bad)
     with pytest.raises(ValueError, match=match):
         module(x)
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_bad_input_to_the_inverse_raises_named_error(layer, bad):
+    module, shape, sample = layer
+    with torch.no_grad():
+        y, match = _bad(module(sample(BATCH)), bad)
+    with pytest.raises(ValueError, match=match):
+        module.inverse(y)
+    with pytest.raises(ValueError, match=match):
+        module.inverse_result(y)
 
 
 def test_safetensors_state_dict_round_trip(layer, layer_name):
@@ -163,7 +224,7 @@ def test_safetensors_state_dict_round_trip(layer, layer_name):
 
 def test_train_and_eval_agree_after_convergence(layer):
     module, shape, sample = layer
-    if getattr(module, "batch_statistics_in_training", False):
+    if module.batch_statistics_in_training:
         pytest.skip("normalises with the batch's statistics in training mode")
     x = sample(BATCH)
     with torch.no_grad():

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from invertnet import ConvergenceError, SolverStatus
-from invertnet.layers import DEQ, ActNorm, ContractiveCell, InvertibleResidual, LipschitzMLP, MintLayer
+from invertnet.layers import (
+    DEQ,
+    ActNorm,
+    ContractiveCell,
+    InvertibleResidual,
+    LipschitzMLP,
+    MintLayer,
+    saved_activation_bytes,
+)
 from invertnet.solvers import (
     batched_jacobian,
     gmres,
@@ -18,7 +26,6 @@ from invertnet.solvers import (
     inverse_vjp,
     newton,
 )
-from invertnet.training import saved_activation_bytes
 
 DOUBLE = torch.float64
 
@@ -115,9 +122,21 @@ def test_newton_line_search_rescues_atan():
 def test_batched_jacobian_matches_autograd():
     block = _residual_block()
     x = torch.randn(3, 6, dtype=DOUBLE)
-    jacobians = batched_jacobian(block, x)
+    value, jacobians = batched_jacobian(block, x)
+    torch.testing.assert_close(value, block(x))
+    assert not value.requires_grad and not jacobians.requires_grad
     for b in range(3):
         torch.testing.assert_close(jacobians[b], torch.autograd.functional.jacobian(lambda v: block(v[None])[0], x[b]))
+
+
+def test_batched_jacobian_with_graph_is_differentiable():
+    """d/dx of sum J(x) against autograd's Hessian-vector route, for a map with a non-constant Jacobian."""
+    x = torch.randn(2, 3, dtype=DOUBLE, requires_grad=True)
+    _, jacobians = batched_jacobian(lambda v: torch.sin(v).cumsum(dim=1), x, create_graph=True)
+    (gradient,) = torch.autograd.grad(jacobians.sum(), x)
+    # J_ij = cos(x_j) for j <= i: the sum over i >= j counts d - j rows, so d/dx_j = -(d - j) sin(x_j)
+    expected = -torch.sin(x) * torch.arange(3, 0, -1, dtype=DOUBLE)
+    torch.testing.assert_close(gradient, expected)
 
 
 @pytest.mark.parametrize("method", ["dense", "krylov"])

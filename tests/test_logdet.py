@@ -15,6 +15,7 @@ from invertnet.logdet import (
     n_terms_for_bias,
     truncation_error_bound,
 )
+from invertnet.models import dense_iresnet_flow
 
 #: Monte-Carlo comparisons accept the stated bias plus this many standard errors.
 N_STANDARD_ERRORS = 4
@@ -234,3 +235,31 @@ def test_structured_jacobian_path_equals_autograd_path(activation, estimator, ki
     assert len(grads_fast) == len(grads_slow) > 0
     for fast, slow in zip(grads_fast, grads_slow, strict=True):
         torch.testing.assert_close(fast, slow)
+
+
+def test_evaluation_estimator_meets_its_bias_bound():
+    """FlowDistribution.use_evaluation_estimator (thesis A.2): the chosen series length is the shortest whose
+    truncation bound over all blocks is below ``bias_bits``, and it is installed in every stochastic block."""
+    flow = dense_iresnet_flow(4, n_blocks=3, hidden_features=16).double()
+    dim, bias_bits = 4, 1e-3
+    chosen = flow.use_evaluation_estimator(dim, bias_bits=bias_bits)
+    blocks = flow.residual_blocks()
+    lipschitz = max(block.lipschitz_bound() for block in blocks)
+    assert chosen["lipschitz_bound"] == lipschitz < 1
+    n_terms = chosen["n_terms"]
+    bound_bits = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
+    assert chosen["bias_bound_bits"] == pytest.approx(bound_bits) and bound_bits <= bias_bits
+    assert len(blocks) * truncation_error_bound(lipschitz, dim, n_terms - 1) / (dim * math.log(2)) > bias_bits
+    for block in blocks:
+        assert isinstance(block.log_det_estimator, PowerSeriesLogDet)
+        assert block.log_det_estimator.n_terms == n_terms and block.log_det_estimator.probe == "rademacher"
+    capped = flow.use_evaluation_estimator(dim, bias_bits=1e-12, max_terms=3)
+    assert capped["n_terms"] == 3 and capped["bias_bound_bits"] > 1e-12
+
+
+def test_evaluation_estimator_leaves_exact_blocks_alone():
+    flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=8, log_det=ExactLogDet())
+    assert flow.use_evaluation_estimator(2) == {"n_terms": 0, "bias_bound_bits": 0.0}
+    assert all(isinstance(block.log_det_estimator, ExactLogDet) for block in flow.residual_blocks())
+    with pytest.raises(TypeError, match="callable"):
+        flow.residual_blocks()[0].use_log_det_estimator(10)

@@ -129,8 +129,10 @@ def test_solver_reports_nonfinite_and_rejects_bad_settings():
         return x * torch.inf, torch.ones_like(x)
 
     y = torch.ones(2, 3, dtype=torch.float64)
-    result = triangular_newton(blows_up, y, 1.0)
+    result = triangular_newton(blows_up, y, 1.0, strict=False)
     assert result.status is SolverStatus.NONFINITE and not result.converged.any()
+    with pytest.raises(ConvergenceError, match="nonfinite"):
+        triangular_newton(blows_up, y, 1.0)
     with pytest.raises(ValueError, match="min_slope must be positive"):
         triangular_newton(blows_up, y, 0.0)
     with pytest.raises(ValueError, match="max_iter"):

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from invertnet import InvertibleModule
-from invertnet.layers import InvertibleBatchNorm
+from invertnet.layers import InvertibleBatchNorm, MemorySavingSequential, saved_activation_bytes
 from invertnet.logdet import UnbiasedLogDet
 from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
-from invertnet.training import MemorySavingSequential, TrainConfig, Trainer, saved_activation_bytes
+from invertnet.training import TrainConfig, Trainer
 
 from .tolerances import FLOAT64_INVERSE_ATOL, assert_close
 

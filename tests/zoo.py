@@ -11,6 +11,7 @@ import torch
 from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
+    Flatten,
     InjectivePad,
     InvertibleBatchNorm,
     InvertibleResidual,
@@ -18,6 +19,7 @@ from invertnet.layers import (
     LipschitzMLP,
     Logit,
     MaskedConv2d,
+    MemorySavingSequential,
     MintBlock,
     MintLayer,
     Squeeze,
@@ -26,7 +28,6 @@ from invertnet.layers import (
 )
 from invertnet.logdet import ExactLogDet
 from invertnet.models import mintnet_flow
-from invertnet.training import MemorySavingSequential
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -121,6 +122,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
     "squeeze": (Squeeze, (2, 4, 4)),
+    "flatten": (lambda: Flatten((2, 2, 3)), (2, 2, 3)),
     "injective_pad": (lambda: InjectivePad(2), (2, 2, 2)),
     "residual_mlp_elu": (_residual_mlp("elu"), (4,)),
     "residual_mlp_softplus": (_residual_mlp("softplus"), (4,)),
@@ -129,6 +131,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
+    "sequential_analytic": (lambda: InvertibleSequential(ActNorm(2), Squeeze(), Flatten((8, 1, 1))), (2, 2, 2)),
     "memory_saving_image": (_memory_saving_stack, (2, 2, 2)),
     "dequantization": (lambda: UniformDequantization(5, noise="midpoint"), (2, 3)),
     "logit": (lambda: Logit(0.05), (3,)),

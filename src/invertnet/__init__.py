@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         InvertibleModule,
         InvertibleSequential,
         IterativeInvertibleModule,
+        SolverOptions,
         SolverStatus,
     )
 
@@ -27,6 +28,7 @@ __all__ = [
     "InvertibleModule",
     "InvertibleSequential",
     "IterativeInvertibleModule",
+    "SolverOptions",
     "SolverStatus",
 ]
 

@@ -1,13 +1,15 @@
 r"""The one core abstraction: invertible modules and the record of an inverse.
 
-Every bijection in invertnet is an :class:`InvertibleModule`. Iterative inverses return an
-:class:`InverseResult` and raise :class:`ConvergenceError` when they fail, unless asked not to.
+Every bijection in invertnet is an :class:`InvertibleModule`. Iterative inverses take their options as one
+:class:`SolverOptions`, return an :class:`InverseResult` and raise :class:`ConvergenceError` when they fail,
+unless asked not to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,7 +22,11 @@ __all__ = [
     "InvertibleModule",
     "InvertibleSequential",
     "IterativeInvertibleModule",
+    "SolverOptions",
     "SolverStatus",
+    "TransposedProduct",
+    "TransposedSolve",
+    "attach_implicit_gradient",
     "check_input",
     "frozen_mode",
 ]
@@ -44,7 +50,7 @@ class SolverStatus(enum.Enum):
     )
     SINGULAR = (
         "the Jacobian is singular or numerically singular (condition number beyond the solver's "
-        "max_condition, seed 002 Remark 7): the inverse is not locally unique or has no reliable digits"
+        "max_condition, 1 / (1000 eps) by default): the inverse is not locally unique or has no reliable digits"
     )
     STALLED = (
         "the residual stopped decreasing before reaching the tolerance (GMRES: a cycle without progress; "
@@ -55,6 +61,7 @@ class SolverStatus(enum.Enum):
         "the Lipschitz bound of the residual branch is >= 1, so the fixed point is neither guaranteed to "
         "exist nor to be unique; converge the spectral norms (`refine_spectral_norms`) or lower `coeff`"
     )
+    ANALYTIC = "closed-form inverse: no iterations and no residual check; exact up to rounding"
 
     def __str__(self) -> str:
         return f"{self.name.lower()}: {self.value}"
@@ -90,8 +97,8 @@ class InverseResult:
 
     @property
     def success(self) -> bool:
-        """True when the solve converged for every sample."""
-        return self.status is SolverStatus.SUCCESS
+        """True when the solve converged for every sample, or the inverse is analytic (closed-form)."""
+        return self.status in (SolverStatus.SUCCESS, SolverStatus.ANALYTIC)
 
     def summary(self) -> str:
         """One line per solve: status, iterations and the worst residual / error bound."""
@@ -118,8 +125,97 @@ class ConvergenceError(RuntimeError):
         super().__init__(f"{result.summary()}. {result.status.value}")
 
 
+@dataclass(frozen=True)
+class SolverOptions:
+    """The options of an iterative inverse, travelling as one object from the caller to the solver.
+
+    ``None`` means "the layer's default": a layer keeps its own defaults in ``solver_options`` and a call's
+    options override them field by field (:meth:`over`). Analytic inverses ignore the options.
+
+    Attributes:
+        atol, rtol: Per-sample residual tolerance, |F(x) - y| <= atol + rtol |y| (``None``: by dtype, see
+            :func:`~invertnet.solvers.default_tolerances`).
+        max_iter: Iteration budget (``None``: the layer's, see :mod:`invertnet.solvers.common`).
+        strict: Raise :class:`ConvergenceError` when the solve fails (default); ``False`` returns the best
+            iterate, whose record :meth:`InvertibleModule.inverse_result` gives.
+
+    Example:
+        >>> SolverOptions.of(None, {"max_iter": 5}).over(SolverOptions(atol=1e-8, max_iter=100))
+        SolverOptions(atol=1e-08, rtol=None, max_iter=5, strict=True)
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+    max_iter: int | None = None
+    strict: bool = True
+
+    @classmethod
+    def of(cls, options: SolverOptions | None, overrides: dict[str, object]) -> SolverOptions:
+        """``options`` (default: all defaults) with the keyword ``overrides`` put in; unknown names raise."""
+        base = cls() if options is None else options
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"solver options: unknown option(s) {unknown}; use atol, rtol, max_iter, strict")
+        return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[arg-type]
+
+    def over(self, defaults: SolverOptions) -> SolverOptions:
+        """These options with every ``None`` field taken from ``defaults`` (``strict`` is always this one's)."""
+        return SolverOptions(
+            atol=defaults.atol if self.atol is None else self.atol,
+            rtol=defaults.rtol if self.rtol is None else self.rtol,
+            max_iter=defaults.max_iter if self.max_iter is None else self.max_iter,
+            strict=self.strict,
+        )
+
+
+#: The value of one keyword override of :class:`SolverOptions` (``atol=1e-8``, ``strict=False``, ...).
+SolverOverride = float | int | bool | None
+#: v -> J_h(x*)^T v, the vector-Jacobian product of the map h at the solution.
+TransposedProduct = Callable[[Tensor], Tensor]
+#: (cotangent u, vjp) -> v solving the transposed linear system of an inverse, J_F(x*)^T v = u.
+TransposedSolve = Callable[[Tensor, TransposedProduct], Tensor]
+
+
+def attach_implicit_gradient(
+    x_star: Tensor, y: Tensor, h: Callable[[Tensor], Tensor], solve_transposed: TransposedSolve
+) -> Tensor:
+    r"""Return ``x_star`` (value unchanged) carrying the implicit gradient of the solution x* of F(x*) = y.
+
+    ``h`` must differ from F by a map without parameters (h = g for F = id + g, h = F for triangular maps), so
+    that J_F = J_h + (that map's Jacobian). By the implicit function theorem,
+    dx*/dy = J_F(x*)^{-1} and dx*/dtheta = -J_F(x*)^{-1} dh/dtheta (formalML, "Inverse and Implicit Function
+    Theorems", Theorem 3): the image y - h(x*) has derivative I in y and -dh/dtheta in the parameters, and its
+    cotangent u is replaced by v = solve_transposed(u, vjp), the solution of J_F(x*)^T v = u, with
+    ``vjp(v) = J_h(x*)^T v``. Memory does not depend on the forward solve's iterations; only first-order
+    gradients are supported.
+
+    Arguments:
+        x_star: The solution with shape (B, ...).
+        y: The input of the inverse, shape (B, ...).
+        h: The map whose parameters receive gradients.
+        solve_transposed: (cotangent, vjp) -> the solution v of the transposed system.
+    """
+    x_star = x_star.detach()
+    with torch.enable_grad():
+        x_leaf = x_star.clone().requires_grad_(True)
+        h_of_x = h(x_leaf)
+        image = y - h(x_star)
+    if not image.requires_grad:
+        return x_star
+
+    def vjp(v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return torch.autograd.grad(h_of_x, x_leaf, v, retain_graph=True)[0]
+
+    def backward_hook(cotangent: Tensor | None) -> Tensor | None:
+        return None if cotangent is None else solve_transposed(cotangent, vjp)  # undefined stays undefined
+
+    image.register_hook(backward_hook)
+    return x_star + (image - image.detach())
+
+
 def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> None:
-    """Raise a ``ValueError`` naming ``where`` when ``x`` is not a finite tensor of shape (B, *event_shape).
+    """Raise a ``ValueError`` naming ``where`` unless ``x`` is a finite tensor of shape (B, *event_shape), B >= 1.
 
     Arguments:
         x: The tensor to check.
@@ -130,6 +226,8 @@ def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> N
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"{where}: expected a batched tensor of shape (B, ...), got a scalar")
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: expected at least one sample, got an empty batch of shape {tuple(x.shape)}")
     if event_shape is not None and tuple(x.shape[1:]) != tuple(event_shape):
         expected = ", ".join(["B", *map(str, event_shape)])
         raise ValueError(
@@ -165,15 +263,16 @@ class InvertibleModule(nn.Module):
       power series, unbiased estimator) is the layer's own configuration;
     * ``m.inverse(m(x)) == x`` up to the solver tolerance, and ``m.inverse_and_log_det(y)`` returns
       ``(x, -log_det)``: the log-determinant of the inverse map, the negative of the forward one;
+    * ``m.inverse_result(y)`` returns the :class:`InverseResult` without raising on a failed solve; for
+      analytic inverses its status is ``ANALYTIC`` (nothing was checked, nothing needed to be);
     * ``m.inv`` is the inverse as a module, with ``m.inv.inv is m``.
 
     Subclass requirements:
 
-    * implement :meth:`forward_and_log_det` and :meth:`inverse_and_log_det`;
+    * analytic inverses implement the pair :meth:`forward_and_log_det` and :meth:`inverse_and_log_det`
+      (which receives a :class:`SolverOptions` it may ignore); iterative inverses derive from
+      :class:`IterativeInvertibleModule` instead;
     * override :meth:`forward` / :meth:`inverse` when the map alone is cheaper than the fused call;
-    * iterative inverses take the solver options ``atol``, ``rtol``, ``max_iter``, ``strict`` and
-      override :meth:`inverse_result` to return their :class:`InverseResult`; analytic inverses ignore
-      the options;
     * set the class attributes below, which the generic test suite reads.
 
     Attributes:
@@ -184,6 +283,11 @@ class InvertibleModule(nn.Module):
             range, and their log-det is the volume change 1/2 log det(J^T J).
         quantized_inverse: The inverse rounds to a lattice (dequantisation): it is piecewise constant, so
             the inverse has no useful Jacobian.
+        batch_statistics_in_training: In training mode the output depends on the statistics of the whole
+            batch (batch normalisation), so samples are not independent and the input cannot be
+            reconstructed from the output by the (running-average) inverse.
+        norm_order: Order p of the per-sample norm in which the layer's residuals and error bounds are
+            measured; bounds compose through a sequence only when every part uses the 2-norm.
     """
 
     bijective: bool = True
@@ -191,6 +295,8 @@ class InvertibleModule(nn.Module):
     exact_log_det: bool = True
     analytic_inverse: bool = True
     volume_preserving: bool = False
+    batch_statistics_in_training: bool = False
+    norm_order: float = 2.0
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = F(x) for x of shape (B, ...)."""
@@ -200,62 +306,38 @@ class InvertibleModule(nn.Module):
         """Return ``(y, log_det)`` with ``log_det`` of shape (B,)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_and_log_det")
 
-    def inverse_and_log_det(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         """Return ``(x, log_det)`` with x = F^{-1}(y) and log_det = log|det dF^{-1}/dy|, shape (B,)."""
         raise NotImplementedError(f"{type(self).__name__} must implement inverse_and_log_det")
 
-    def inverse(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> Tensor:
+    def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
         """Compute x = F^{-1}(y). Iterative inverses raise :class:`ConvergenceError` unless ``strict=False``.
 
         Arguments:
             y: Tensor with shape (B, ...).
-            atol, rtol: Per-sample tolerance on the residual: |F(x) - y| <= atol + rtol * |y|.
-                ``None`` uses the layer's default for the dtype.
-            max_iter: Iteration budget of the solver; ``None`` uses the layer's default.
-            strict: Raise on failure (default). With ``strict=False`` the best iterate is returned;
-                use :meth:`inverse_result` to see the diagnostics.
+            options: The :class:`SolverOptions` (``None``: the layer's defaults).
+            **overrides: Fields of :class:`SolverOptions` by keyword (``atol``, ``rtol``, ``max_iter``,
+                ``strict``), put into ``options``.
         """
-        options = dict(atol=atol, rtol=rtol, max_iter=max_iter, strict=strict)
-        return self.inverse_and_log_det(y, **options)[0]
+        return self.inverse_and_log_det(y, SolverOptions.of(options, overrides))[0]
 
     def inverse_result(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
+        self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride
     ) -> InverseResult:
-        """Invert without raising and return the full :class:`InverseResult`.
+        """Invert without raising on a failed solve and return the full :class:`InverseResult`.
 
-        For analytic inverses the record reports zero iterations, convergence and no residual.
+        For analytic inverses the record says so: status ``ANALYTIC``, zero iterations, every sample
+        converged and no residual (none was measured).
         """
         with torch.no_grad():
-            x = self.inverse(y)
-        batch = x.shape[0]
+            x = self.inverse(y, options, **overrides)
         return InverseResult(
             value=x,
-            converged=torch.ones(batch, dtype=torch.bool, device=x.device),
+            converged=torch.ones(x.shape[0], dtype=torch.bool, device=x.device),
             iterations=0,
             residual=None,
             error_bound=None,
-            status=SolverStatus.SUCCESS,
+            status=SolverStatus.ANALYTIC,
         )
 
     def inverse_lipschitz_bound(self) -> float | None:
@@ -267,18 +349,21 @@ class InvertibleModule(nn.Module):
 
     @property
     def inv(self) -> InvertibleModule:
-        """The inverse map as an :class:`InvertibleModule`; ``m.inv.inv is m``."""
+        """The inverse map as an :class:`InvertibleModule` sharing this module's parameters; ``m.inv.inv is m``."""
         return _InverseView(self)
 
 
 class _InverseView(InvertibleModule):
-    """The inverse of a module, sharing its parameters. Created by :attr:`InvertibleModule.inv`."""
+    """The inverse of a module, sharing its parameters. Created by :attr:`InvertibleModule.inv`.
+
+    Its forward is the base's inverse (with the base's default solver options) and its inverse is the base's
+    forward, which is explicit: the view's inverse is analytic whatever the base's is.
+    """
 
     def __init__(self, base: InvertibleModule) -> None:
         super().__init__()
         self.base = base
         self.exact_log_det = base.exact_log_det
-        self.analytic_inverse = base.analytic_inverse
         self.volume_preserving = base.volume_preserving
         self.bijective = base.bijective
 
@@ -288,11 +373,11 @@ class _InverseView(InvertibleModule):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.base.inverse_and_log_det(x)
 
-    def inverse(self, y: Tensor, **options: object) -> Tensor:
-        return self.base(y)
-
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         return self.base.forward_and_log_det(y)
+
+    def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
+        return self.base(y)
 
     @property
     def inv(self) -> InvertibleModule:
@@ -302,34 +387,72 @@ class _InverseView(InvertibleModule):
 class IterativeInvertibleModule(InvertibleModule):
     """Base of layers whose inverse is an iterative solve (i-ResNet blocks, MintNet layers).
 
-    Subclasses implement :meth:`inverse` (with the solver options, raising :class:`ConvergenceError` when
-    ``strict``) and :meth:`inverse_result`; the inverse's log-determinant is minus the forward one at the
-    solution, computed here.
+    This class owns the inverse: it merges the call's :class:`SolverOptions` over the layer's
+    ``solver_options``, checks the input (:meth:`validate`), runs the subclass's :meth:`solve` with every
+    submodule in eval mode (:func:`frozen_mode`: the map does not change under the solver), raises
+    :class:`ConvergenceError` when ``strict``, and attaches the implicit gradient (:func:`attach_implicit_gradient`)
+    with the subclass's transposed solve. The inverse's log-determinant is minus the forward one at the
+    solution.
+
+    Subclass requirements:
+
+    * :meth:`forward_and_log_det` (and :meth:`forward` if cheaper);
+    * :meth:`solve`: one solve of F(x) = y returning an :class:`InverseResult`, without raising on
+      failure and without building a graph;
+    * :meth:`transposed_solver`: the solve of J_F(x*)^T v = u for backpropagation, and :meth:`implicit_map`
+      when the parameters enter through a map other than F itself;
+    * ``solver_options``: the layer's defaults (set in ``__init__``).
     """
 
     analytic_inverse = False
+    solver_options: SolverOptions = SolverOptions()
 
-    def inverse(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement inverse")
+    def validate(self, x: Tensor, where: str) -> None:
+        """Raise a ``ValueError`` naming the layer and ``where`` for input the layer cannot take."""
+        check_input(x, None, f"{type(self).__name__}.{where}")
 
-    def inverse_and_log_det(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> tuple[Tensor, Tensor]:
-        x = self.inverse(y, atol=atol, rtol=rtol, max_iter=max_iter, strict=strict)
+    def solve(self, y: Tensor, options: SolverOptions) -> InverseResult:
+        """Solve F(x) = y for y of shape (B, ...) with the merged ``options``, without raising on failure."""
+        raise NotImplementedError(f"{type(self).__name__} must implement solve")
+
+    def transposed_solver(self, x: Tensor, options: SolverOptions) -> TransposedSolve:
+        """The function (u, vjp) -> v solving J_F(x)^T v = u at the solution x, with vjp the products of
+        :meth:`implicit_map`'s transposed Jacobian; prepared once per inverse, called once per backward."""
+        raise NotImplementedError(f"{type(self).__name__} must implement transposed_solver")
+
+    def implicit_map(self, x: Tensor) -> Tensor:
+        """The map h through which the parameters enter: F minus a parameter-free map (default F itself)."""
+        return self(x)
+
+    def resolved_options(self, options: SolverOptions | None, overrides: dict[str, object]) -> SolverOptions:
+        """The call's options and keyword overrides, merged over the layer's ``solver_options``."""
+        return SolverOptions.of(options, overrides).over(self.solver_options)
+
+    def inverse_result(
+        self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride
+    ) -> InverseResult:
+        """Solve F(x) = y without raising on a failed solve; returns the :class:`InverseResult`."""
+        options = self.resolved_options(options, overrides)
+        self.validate(y, "inverse")
+        with frozen_mode(self), torch.no_grad():
+            return self.solve(y, options)
+
+    def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
+        """x = F^{-1}(y), differentiable by implicit differentiation; raises :class:`ConvergenceError` when the
+        solve fails, unless ``strict=False`` (then the best iterate is returned)."""
+        options = self.resolved_options(options, overrides)
+        result = self.inverse_result(y, options)
+        if options.strict:
+            result.raise_if_failed()
+        if not torch.is_grad_enabled():
+            return result.value
+        with frozen_mode(self):
+            return attach_implicit_gradient(
+                result.value, y, self.implicit_map, self.transposed_solver(result.value.detach(), options)
+            )
+
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
+        x = self.inverse(y, options)
         _, log_det = self.forward_and_log_det(x)
         return x, -log_det
 
@@ -380,6 +503,10 @@ class InvertibleSequential(InvertibleModule):
     def quantized_inverse(self) -> bool:  # type: ignore[override]
         return any(part.quantized_inverse for part in self.parts)
 
+    @property
+    def batch_statistics_in_training(self) -> bool:  # type: ignore[override]
+        return any(part.batch_statistics_in_training for part in self.parts)
+
     def __len__(self) -> int:
         return len(self.parts)
 
@@ -401,38 +528,48 @@ class InvertibleSequential(InvertibleModule):
             total = total + log_det
         return x, total
 
-    def inverse(self, y: Tensor, **options: object) -> Tensor:
+    def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
+        options = SolverOptions.of(options, overrides)
         for part in reversed(self.parts):
-            y = part.inverse(y, **options)
+            y = part.inverse(y, options)
         return y
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         total = y.new_zeros(y.shape[0])
         for part in reversed(self.parts):
-            y, log_det = part.inverse_and_log_det(y, **options)
+            y, log_det = part.inverse_and_log_det(y, options)
             total = total + log_det
         return y, total
 
-    def inverse_result(self, y: Tensor, **options: object) -> InverseResult:
-        """Invert part by part without raising; the record's ``parts`` hold each part's record.
+    def inverse_result(
+        self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride
+    ) -> InverseResult:
+        """Invert part by part without raising on a failed solve; the record's ``parts`` hold each part's record.
 
-        The composite converged when every part did; its status is that of the first failing part.
+        The composite converged when every part did. Its status is that of the first failing part; else
+        ``SUCCESS`` when a part was solved iteratively, and ``ANALYTIC`` when every part is analytic.
         """
+        options = SolverOptions.of(options, overrides)
         records = []
         for part in reversed(self.parts):
-            record = part.inverse_result(y, **options)
+            record = part.inverse_result(y, options)
             records.append(record)
             y = record.value
         failed = [record for record in records if not record.success]
+        solved = any(record.status is SolverStatus.SUCCESS for record in records)
         converged = torch.stack([record.converged for record in records]).all(dim=0)
         residuals = [record.residual for record in records if record.residual is not None]
+        if failed:
+            status = failed[0].status
+        else:
+            status = SolverStatus.SUCCESS if solved else SolverStatus.ANALYTIC
         return InverseResult(
             value=y,
             converged=converged,
             iterations=sum(record.iterations for record in records),
             residual=torch.stack(residuals).amax(dim=0) if residuals else None,
             error_bound=self._composed_error_bound(records),
-            status=failed[0].status if failed else SolverStatus.SUCCESS,
+            status=status,
             parts=records,
         )
 
@@ -450,7 +587,7 @@ class InvertibleSequential(InvertibleModule):
             own = record.error_bound
             if own is None and part.analytic_inverse:
                 own = torch.zeros_like(record.converged, dtype=record.value.dtype)
-            if own is None or getattr(part, "norm_order", 2.0) != 2.0:  # bounds must share the 2-norm
+            if own is None or part.norm_order != 2.0:  # bounds must share the 2-norm
                 return None
             if bound is not None:
                 lipschitz = part.inverse_lipschitz_bound()

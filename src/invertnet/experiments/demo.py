@@ -103,14 +103,14 @@ def _log_dets(model: InvertibleSequential, x: Tensor, n_probes: int) -> dict[str
             ("unbiased_roulette", UnbiasedLogDet(probe="rademacher")),
         ):
             for block in blocks:
-                block.log_det_estimator = estimator
+                block.use_log_det_estimator(estimator)
             draws = torch.stack([model.forward_and_log_det(x[:1])[1][0] for _ in range(n_probes)])
             estimates[name] = {
                 "mean": draws.mean().item(),
                 "standard_error": (draws.std() / math.sqrt(n_probes)).item(),
             }
         for block in blocks:
-            block.log_det_estimator = ExactLogDet()
+            block.use_log_det_estimator(ExactLogDet())
     return {
         "exact_sample_0": exact[0].item(),
         "lemma_5_5_bounds_sample_0": [lower[0].item(), upper[0].item()],

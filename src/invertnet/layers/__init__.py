@@ -1,5 +1,6 @@
 """Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, normalisation, reshapes;
-and deep equilibrium layers (``DEQ``), whose output is a differentiable fixed point."""
+memory-saving compositions (``MemorySavingSequential``); and deep equilibrium layers (``DEQ``), whose output is a
+differentiable fixed point."""
 
 from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import LipSwish as LipSwish
@@ -7,14 +8,18 @@ from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
 from invertnet.layers.deq import DEQ as DEQ
 from invertnet.layers.deq import ContractiveCell as ContractiveCell
+from invertnet.layers.deq import EquilibriumCell as EquilibriumCell
 from invertnet.layers.lipschitz_nets import Linearization as Linearization
 from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
 from invertnet.layers.lipschitz_nets import LipschitzNet as LipschitzNet
+from invertnet.layers.lipschitz_nets import ResidualBranch as ResidualBranch
 from invertnet.layers.masked import MaskedConv2d as MaskedConv2d
 from invertnet.layers.masked import MintBlock as MintBlock
 from invertnet.layers.masked import MintLayer as MintLayer
 from invertnet.layers.masked import triangular_mask as triangular_mask
+from invertnet.layers.memory_saving import MemorySavingSequential as MemorySavingSequential
+from invertnet.layers.memory_saving import saved_activation_bytes as saved_activation_bytes
 from invertnet.layers.norm import ActNorm as ActNorm
 from invertnet.layers.norm import InvertibleBatchNorm as InvertibleBatchNorm
 from invertnet.layers.preprocess import Logit as Logit
@@ -25,6 +30,7 @@ from invertnet.layers.shape import InjectivePad as InjectivePad
 from invertnet.layers.shape import Squeeze as Squeeze
 from invertnet.layers.spectral import PowerIterationResult as PowerIterationResult
 from invertnet.layers.spectral import SpectralNormConv2d as SpectralNormConv2d
+from invertnet.layers.spectral import SpectralNormLayer as SpectralNormLayer
 from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
 from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
 
@@ -33,6 +39,7 @@ __all__ = [
     "ELU",
     "ActNorm",
     "ContractiveCell",
+    "EquilibriumCell",
     "Flatten",
     "InjectivePad",
     "InvertibleBatchNorm",
@@ -44,15 +51,19 @@ __all__ = [
     "LipschitzMLP",
     "LipschitzNet",
     "MaskedConv2d",
+    "MemorySavingSequential",
     "MintBlock",
     "MintLayer",
     "PowerIterationResult",
+    "ResidualBranch",
     "Softplus",
     "SpectralNormConv2d",
+    "SpectralNormLayer",
     "SpectralNormLinear",
     "Squeeze",
     "UniformDequantization",
     "make_activation",
     "refine_spectral_norms",
+    "saved_activation_bytes",
     "triangular_mask",
 ]

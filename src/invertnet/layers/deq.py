@@ -1,6 +1,6 @@
-r"""Deep equilibrium layers (seed 002, the DEQ section): the output is the fixed point z* = f(z*, x; theta) of a
-cell, found by (Anderson-accelerated) fixed-point iteration and differentiated implicitly, so training memory
-does not depend on how many iterations the solve took."""
+r"""Deep equilibrium layers (formalML IFT notes, the DEQ section): the output is the fixed point
+z* = f(z*, x; theta) of a cell, found by (Anderson-accelerated) fixed-point iteration and differentiated
+implicitly, so training memory does not depend on how many iterations the solve took."""
 
 from __future__ import annotations
 
@@ -13,12 +13,34 @@ from torch import Tensor, nn
 from invertnet.core import InverseResult, frozen_mode
 from invertnet.layers.activations import make_activation
 from invertnet.layers.spectral import SpectralNormLinear
+from invertnet.solvers.common import FIXED_POINT_MAX_ITER
 from invertnet.solvers.implicit import implicit_fixed_point
 
-__all__ = ["DEQ", "ContractiveCell"]
+__all__ = ["DEQ", "ContractiveCell", "EquilibriumCell"]
 
 
-class ContractiveCell(nn.Module):
+class EquilibriumCell(nn.Module):
+    """Base of DEQ cells f(z, x) -> z: what :class:`DEQ` reads of a cell, with defaults. Any ``nn.Module``
+    taking (z, x) can serve as a cell; one that does not derive from this class is treated as having these
+    defaults.
+
+    Attributes:
+        state_features: Size of a flat state z (B, state_features), or ``None`` when the DEQ must be given
+            ``state_shape``.
+    """
+
+    state_features: int | None = None
+
+    def lipschitz_bound(self) -> float | None:
+        """A bound on Lip_z(f) < 1, for the forward solve's error bound, or ``None`` if unknown."""
+        return None
+
+
+#: What a cell that does not derive from EquilibriumCell is taken to declare.
+_DEFAULT_CELL = EquilibriumCell()
+
+
+class ContractiveCell(EquilibriumCell):
     r"""f(z, x) = phi(W z + U x + b) with W spectrally normalised to norm ``coeff`` < 1 and phi 1-Lipschitz, so
     z -> f(z, x) is a contraction with rate ``coeff`` (Banach: one fixed point, found by iteration).
 
@@ -26,7 +48,7 @@ class ContractiveCell(nn.Module):
         state_features: Size of z; shapes z (B, state_features), x (B, input_features).
         input_features: Size of x.
         coeff: Lipschitz bound of f in z (Eq. 4.9 scaling of W).
-        activation: ``"tanh"`` (the seed's example layer tanh(W z + x)), ``"elu"`` or any name
+        activation: ``"tanh"`` (the example layer of the formalML IFT notes, tanh(W z + x)), ``"elu"`` or any name
             :func:`~invertnet.layers.make_activation` knows.
     """
 
@@ -55,8 +77,8 @@ class DEQ(nn.Module):
     (iterations, residuals, status); a failed solve raises :class:`~invertnet.ConvergenceError`.
 
     Arguments:
-        cell: f(z, x) -> z, e.g. :class:`ContractiveCell`; if it has ``lipschitz_bound()``, the forward solve
-            reports the Lemma 4.5 error bound.
+        cell: f(z, x) -> z, e.g. :class:`ContractiveCell`; an :class:`EquilibriumCell` with a
+            ``lipschitz_bound()`` gets the forward solve's Lemma 4.5 error bound.
         state_shape: Shape of one sample's z (default ``(cell.state_features,)``).
         method, backward, atol, rtol, max_iter: As for :func:`~invertnet.solvers.implicit_fixed_point`.
 
@@ -79,13 +101,14 @@ class DEQ(nn.Module):
         backward: Literal["iteration", "gmres"] = "iteration",
         atol: float | None = None,
         rtol: float | None = None,
-        max_iter: int = 500,
+        max_iter: int = FIXED_POINT_MAX_ITER,
     ) -> None:
         super().__init__()
+        declared = cell if isinstance(cell, EquilibriumCell) else _DEFAULT_CELL
         if state_shape is None:
-            if not hasattr(cell, "state_features"):
+            if declared.state_features is None:
                 raise ValueError("DEQ: give state_shape, the shape of one sample's state z")
-            state_shape = (int(cell.state_features),)
+            state_shape = (int(declared.state_features),)
         self.cell, self.state_shape = cell, tuple(int(size) for size in state_shape)
         self.method, self.backward, self.atol, self.rtol, self.max_iter = method, backward, atol, rtol, max_iter
         self.last_result = None
@@ -98,7 +121,7 @@ class DEQ(nn.Module):
             with torch.no_grad():
                 self.cell(z0, x)  # advance the power iterations once per step, outside the solve
         with frozen_mode(self.cell):
-            bound = self.cell.lipschitz_bound() if hasattr(self.cell, "lipschitz_bound") else None
+            bound = (self.cell if isinstance(self.cell, EquilibriumCell) else _DEFAULT_CELL).lipschitz_bound()
             z, self.last_result = implicit_fixed_point(
                 self.cell,
                 x,

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from invertnet.layers.activations import make_activation
-from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLinear, _SpectralNormMixin
+from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLayer, SpectralNormLinear
 
-__all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization"]
+__all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization", "ResidualBranch"]
 
 
 @dataclass
@@ -57,6 +57,28 @@ class Linearization:
         return v
 
 
+class ResidualBranch(nn.Module):
+    """Base of residual branches g of :class:`~invertnet.layers.InvertibleResidual`: what the block reads of
+    g, with the defaults of a branch that knows nothing about itself.
+
+    Any ``nn.Module`` from (B, ...) to the same shape can serve as a branch; one that does not derive from this
+    class is treated as having these defaults.
+
+    Attributes:
+        norm_order: The order p of the per-sample vector norm in which :meth:`lipschitz_bound` holds; the
+            block's inverse measures residuals in it.
+    """
+
+    norm_order: float = 2.0
+
+    def lipschitz_bound(self) -> float | None:
+        """A bound on Lip(g) in the ``norm_order`` norm, or ``None`` if unknown (no error bound, no check)."""
+        return None
+
+    def check_input_shape(self, x: Tensor, where: str) -> None:
+        """Raise a ``ValueError`` naming ``where`` for input g cannot take; the default accepts any shape."""
+
+
 def _interface_orders(norm_orders: float | Sequence[float], n_layers: int) -> list[float]:
     """Norm orders p_0, ..., p_n at the interfaces of n layers; p_0 = p_n so that g maps a space to itself."""
     if isinstance(norm_orders, (int, float)):
@@ -79,7 +101,7 @@ def _interleave_activations(layers: list[nn.Module], activation: str, preactivat
     return modules
 
 
-class LipschitzNet(nn.Sequential):
+class LipschitzNet(ResidualBranch, nn.Sequential):
     """A sequence of spectrally normalised layers and 1-Lipschitz activations.
 
     Attributes:
@@ -100,9 +122,9 @@ class LipschitzNet(nn.Sequential):
             expected = ", ".join(["B", *("*" if size is None else str(size) for size in self.event_shape)])
             raise ValueError(f"{where}: expected input of shape ({expected}), got {tuple(x.shape)}")
 
-    def normalized_layers(self) -> list[_SpectralNormMixin]:
+    def normalized_layers(self) -> list[SpectralNormLayer]:
         """The spectrally normalised layers, in order."""
-        return [module for module in self if isinstance(module, _SpectralNormMixin)]
+        return [module for module in self if isinstance(module, SpectralNormLayer)]
 
     def linearize(self, x: Tensor) -> Linearization:
         """Compute g(x) and the factors of J_g(x) in one pass (one power-iteration step per layer in training).
@@ -112,7 +134,7 @@ class LipschitzNet(nn.Sequential):
         """
         factors: list[tuple[nn.Module, Tensor] | Tensor] = []
         for module in self:
-            if isinstance(module, _SpectralNormMixin):
+            if isinstance(module, SpectralNormLayer):
                 weight = module.normalized_weight(x)
                 factors.append((module, weight))
                 x = module.affine(x, weight)

@@ -1,4 +1,4 @@
-r"""MintNet layers: masked (triangular) convolutions with exact log-determinants (seed 000, sections 3-4).
+r"""MintNet layers: masked (triangular) convolutions with exact log-determinants (Song et al. 2019, sections 3-4).
 
 Positions of a (C, H, W) tensor are ordered by (channel, row, column). A convolution is *lower triangular*
 when every output position depends only on input positions at or before it, *upper triangular* when only
@@ -21,9 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from invertnet.core import InverseResult, InvertibleSequential, IterativeInvertibleModule, check_input
+from invertnet.core import (
+    InverseResult,
+    InvertibleSequential,
+    IterativeInvertibleModule,
+    SolverOptions,
+    TransposedSolve,
+    check_input,
+)
 from invertnet.layers.activations import ELU, Softplus
-from invertnet.solvers.triangular import attach_triangular_inverse_gradient, sequential_solve, triangular_newton
+from invertnet.solvers.common import TRIANGULAR_MAX_ITER
+from invertnet.solvers.triangular import sequential_solve, triangular_newton, triangular_transposed_solve
 
 __all__ = ["MaskedConv2d", "MintBlock", "MintLayer", "triangular_mask"]
 
@@ -78,7 +86,7 @@ def triangular_mask(
 
 
 class MaskedConv2d(nn.Module):
-    r"""A convolution whose operator is triangular over (channel, row, column) positions (seed 000, 3.4).
+    r"""A convolution whose operator is triangular over (channel, row, column) positions (Song et al. 2019, 3.4).
 
     ``weight`` is the raw parameter times :func:`triangular_mask`, with the diagonal centre taps replaced by
     their absolute values, so that Eq. 2 holds by construction: every entry that reaches the Jacobian's
@@ -149,7 +157,7 @@ class MaskedConv2d(nn.Module):
 
 
 class MintLayer(IterativeInvertibleModule):
-    r"""One triangular residual layer r(x) = t * x + l(x) of MintNet (seed 000, Eq. 3-4).
+    r"""One triangular residual layer r(x) = t * x + l(x) of MintNet (Song et al. 2019, Eq. 3-4).
 
     .. math::
         \ell(x) = M^3 \circledast h(M^2 \circledast h(M^1 \circledast x + b^1) + b^2) + b^3
@@ -168,14 +176,14 @@ class MintLayer(IterativeInvertibleModule):
     The inverse solves r(x) = y by the parallel safeguarded Newton iteration of
     :func:`~invertnet.solvers.triangular_newton` (``solver="newton"``, the default) or coordinate by
     coordinate (``solver="sequential"``, the proof of Theorem 1; small inputs only). It is differentiable
-    by implicit differentiation (:func:`~invertnet.solvers.attach_triangular_inverse_gradient`).
+    by implicit differentiation (:func:`~invertnet.solvers.triangular_transposed_solve`).
 
     Arguments:
         channels: Data channels C; input shape (B, C, H, W).
-        hidden_factor: k, the copies per channel in the hidden layers (the seed's MNIST model: 45).
+        hidden_factor: k, the copies per channel in the hidden layers (Song et al.'s MNIST model: 45).
         kernel_size: Odd filter size of the three convolutions.
         direction: ``"lower"`` or ``"upper"`` triangular.
-        activation: ``"elu"`` (the seed's choice) or ``"softplus"``.
+        activation: ``"elu"`` (Song et al.'s choice) or ``"softplus"``.
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
 
@@ -197,7 +205,7 @@ class MintLayer(IterativeInvertibleModule):
         init_gain: float = 0.1,
         atol: float | None = None,
         rtol: float | None = None,
-        max_iter: int = 200,
+        max_iter: int = TRIANGULAR_MAX_ITER,
         solver: Literal["newton", "sequential"] = "newton",
     ) -> None:
         super().__init__()
@@ -216,14 +224,15 @@ class MintLayer(IterativeInvertibleModule):
         self.activation = _ACTIVATIONS[activation]()
         self.log_t = nn.Parameter(torch.zeros(channels, 1, 1))
         self.channels, self.hidden_factor, self.direction = channels, hidden_factor, direction
-        self.atol, self.rtol, self.max_iter, self.solver = atol, rtol, max_iter, solver
+        self.solver_options = SolverOptions(atol=atol, rtol=rtol, max_iter=max_iter)
+        self.solver = solver
 
     @property
     def t(self) -> Tensor:
         """The positive scale t with shape (C, 1, 1); the Jacobian's diagonal is at least t."""
         return self.log_t.exp()
 
-    def _check(self, x: Tensor, where: str) -> None:
+    def validate(self, x: Tensor, where: str) -> None:
         check_input(x, None, f"MintLayer.{where}")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"MintLayer.{where}: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
@@ -246,52 +255,29 @@ class MintLayer(IterativeInvertibleModule):
         return value, diagonal
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x, "forward")
+        self.validate(x, "forward")
         return self.t * x + self.conv3(self.activation(self.conv2(self.activation(self.conv1(x)))))
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x, "forward_and_log_det")
+        self.validate(x, "forward_and_log_det")
         value, diagonal = self.map_and_diagonal(x)
         return value, diagonal.log().flatten(1).sum(dim=1)
 
-    def inverse_result(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-    ) -> InverseResult:
-        """Solve r(x) = y without raising; ``max_iter`` is per coordinate for the sequential solver."""
-        self._check(y, "inverse")
-        atol = self.atol if atol is None else atol
-        rtol = self.rtol if rtol is None else rtol
-        max_iter = self.max_iter if max_iter is None else max_iter
+    def solve(self, y: Tensor, options: SolverOptions) -> InverseResult:
+        """Solve r(x) = y from x = y; ``max_iter`` is per coordinate for the sequential solver."""
         slope = self.t.detach()
-        options = dict(lower=self.direction == "lower", atol=atol, rtol=rtol)
+        common = dict(lower=self.direction == "lower", atol=options.atol, rtol=options.rtol, strict=False)
         if self.solver == "sequential":
-            return sequential_solve(self.map_and_diagonal, y, slope, max_iter_per_coordinate=max_iter, **options)
-        return triangular_newton(self.map_and_diagonal, y, slope, max_iter=max_iter, **options)
+            return sequential_solve(
+                self.map_and_diagonal, y, slope, max_iter_per_coordinate=options.max_iter, **common
+            )
+        return triangular_newton(self.map_and_diagonal, y, slope, max_iter=options.max_iter, **common)
 
-    def inverse(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> Tensor:
-        atol = self.atol if atol is None else atol
-        rtol = self.rtol if rtol is None else rtol
-        result = self.inverse_result(y, atol=atol, rtol=rtol, max_iter=max_iter)
-        if strict:
-            result.raise_if_failed()
-        if not torch.is_grad_enabled():
-            return result.value
+    def transposed_solver(self, x: Tensor, options: SolverOptions) -> TransposedSolve:
+        """J_r(x)^T v = u by the Jacobi iteration, exact after at most n steps; the diagonal is taken now."""
         with torch.no_grad():
-            diagonal = self.map_and_diagonal(result.value)[1]
-        return attach_triangular_inverse_gradient(result.value, y, self.forward, diagonal, atol=atol, rtol=rtol)
+            diagonal = self.map_and_diagonal(x)[1]
+        return triangular_transposed_solve(diagonal, atol=options.atol, rtol=options.rtol)
 
     def extra_repr(self) -> str:
         return (
@@ -301,7 +287,7 @@ class MintLayer(IterativeInvertibleModule):
 
 
 class MintBlock(InvertibleSequential):
-    r"""A grouped MintNet layer: a lower then an upper triangular :class:`MintLayer` (seed 000, section 4).
+    r"""A grouped MintNet layer: a lower then an upper triangular :class:`MintLayer` (Song et al. 2019, section 4).
 
     The product of the two Jacobians is not triangular, so the block is not restricted to autoregressive
     structure, while its log-det stays exact: the sum of the two layers' log-dets.

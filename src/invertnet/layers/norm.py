@@ -1,11 +1,11 @@
-r"""Normalisation layers: ActNorm (Kingma & Dhariwal 2018; thesis A.1/A.2) and invertible batch norm (seed 000, 5.1)."""
+r"""Normalisation layers: ActNorm (Kingma & Dhariwal 2018; thesis A.1/A.2), invertible batch norm (Song et al. 2019)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from invertnet.core import InvertibleModule, check_input
+from invertnet.core import InvertibleModule, SolverOptions, check_input
 
 __all__ = ["ActNorm", "InvertibleBatchNorm"]
 
@@ -70,7 +70,7 @@ class ActNorm(InvertibleModule):
         y = (x - self._view(self.loc, x)) * torch.exp(-self._view(self.log_scale, x))
         return y, self._log_det(x)
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         self._check(y, "inverse")
         x = y * torch.exp(self._view(self.log_scale, y)) + self._view(self.loc, y)
         return x, -self._log_det(y)
@@ -84,7 +84,7 @@ class ActNorm(InvertibleModule):
 
 
 class InvertibleBatchNorm(InvertibleModule):
-    r"""Batch normalisation as an invertible layer (seed 000, 5.1; Papamakarios et al. 2017, MAF).
+    r"""Batch normalisation as an invertible layer (Song et al. 2019, 5.1; Papamakarios et al. 2017, MAF).
 
     .. math:: y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta, \qquad
         \log|\det J| = \frac{d}{C} \sum_c \Big(\log|\gamma_c| - \tfrac12 \log(\sigma_c^2 + \epsilon)\Big)
@@ -155,7 +155,7 @@ class InvertibleBatchNorm(InvertibleModule):
         y = (x - self._view(mean, x)) * self._view(log_scale.exp(), x) + self._view(self.beta, x)
         return y, (x[0, 0].numel() * log_scale.sum()).expand(x.shape[0])
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         self._check(y, "inverse")
         log_scale = self._log_scale(self.running_var)
         x = (y - self._view(self.beta, y)) * self._view((-log_scale).exp(), y) + self._view(self.running_mean, y)

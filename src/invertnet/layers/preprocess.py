@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from invertnet.core import InvertibleModule, check_input
+from invertnet.core import InvertibleModule, SolverOptions, check_input
 
 __all__ = ["Logit", "UniformDequantization"]
 
@@ -65,7 +65,7 @@ class UniformDequantization(InvertibleModule):
         u = torch.rand_like(x) if self.noise == "uniform" else torch.full_like(x, 0.5)
         return (x + u) / self.levels, self._log_det(x)
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, None, "UniformDequantization.inverse")
         x = torch.floor(y * self.levels).clamp(0, self.levels - 1)
         return x, -self._log_det(y)
@@ -108,7 +108,7 @@ class Logit(InvertibleModule):
         log_det = (math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p)).flatten(1).sum(dim=1)
         return y, log_det
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, None, "Logit.inverse")
         p = torch.sigmoid(y)
         x = (p - self.alpha) / (1 - 2 * self.alpha)

@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from invertnet.core import InverseResult, IterativeInvertibleModule, check_input, frozen_mode
+from invertnet.core import InverseResult, IterativeInvertibleModule, SolverOptions, TransposedSolve, check_input
+from invertnet.layers.lipschitz_nets import ResidualBranch
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet
+from invertnet.solvers.common import FIXED_POINT_MAX_ITER
 from invertnet.solvers.fixed_point import fixed_point
-from invertnet.solvers.implicit import attach_inverse_gradient
+from invertnet.solvers.implicit import residual_transposed_solve
 
-__all__ = ["InvertibleResidual"]
+__all__ = ["InvertibleResidual", "LogDetEstimator"]
 
+#: (g, x) -> (g(x), log|det(I + J_g(x))|) with shapes (B, ...) and (B,).
 LogDetEstimator = Callable[[Callable[[Tensor], Tensor], Tensor], tuple[Tensor, Tensor]]
+
+#: What a branch that does not derive from ResidualBranch is taken to declare.
+_DEFAULT_BRANCH = ResidualBranch()
 
 
 class InvertibleResidual(IterativeInvertibleModule):
@@ -26,11 +31,13 @@ class InvertibleResidual(IterativeInvertibleModule):
     (:class:`~invertnet.logdet.ExactLogDet`, :class:`~invertnet.logdet.PowerSeriesLogDet`,
     :class:`~invertnet.logdet.UnbiasedLogDet`). The inverse solves x = y - g(x) by fixed-point iteration
     (thesis Algorithm 1) to a per-sample residual tolerance, with the error bound of Lemma 4.5 taken from
-    ``g.lipschitz_bound()`` when g has one; it is differentiable by implicit differentiation.
+    ``g.lipschitz_bound()``; it is differentiable by implicit differentiation (backward: v = u - J_g^T v).
 
     Arguments:
-        g: The residual branch, a map from shape (B, ...) to the same shape, e.g.
-            :class:`~invertnet.layers.LipschitzMLP` or :class:`~invertnet.layers.LipschitzConvNet`.
+        g: The residual branch, a map from shape (B, ...) to the same shape: a
+            :class:`~invertnet.layers.ResidualBranch` such as :class:`~invertnet.layers.LipschitzMLP` or
+            :class:`~invertnet.layers.LipschitzConvNet`, or any ``nn.Module`` (then with the branch defaults:
+            2-norm, unknown Lipschitz bound).
         log_det: The log-det estimator (default: power series with 10 terms and one Gaussian probe).
         atol, rtol: Default residual tolerances of the inverse (``None``: by dtype, see
             :func:`~invertnet.solvers.default_tolerances`).
@@ -55,15 +62,13 @@ class InvertibleResidual(IterativeInvertibleModule):
         *,
         atol: float | None = None,
         rtol: float | None = None,
-        max_iter: int = 1000,
+        max_iter: int = FIXED_POINT_MAX_ITER,
         solver: Literal["iteration", "anderson"] = "iteration",
     ) -> None:
         super().__init__()
         self.g = g
         self.log_det_estimator = PowerSeriesLogDet() if log_det is None else log_det
-        self.atol = atol
-        self.rtol = rtol
-        self.max_iter = max_iter
+        self.solver_options = SolverOptions(atol=atol, rtol=rtol, max_iter=max_iter)
         if solver not in ("iteration", "anderson"):
             raise ValueError(f"InvertibleResidual: solver must be 'iteration' or 'anderson', got {solver!r}")
         self.solver = solver
@@ -73,20 +78,34 @@ class InvertibleResidual(IterativeInvertibleModule):
         return isinstance(self.log_det_estimator, ExactLogDet)
 
     @property
-    def norm_order(self) -> float:
+    def branch(self) -> ResidualBranch:
+        """g's declarations (norm, Lipschitz bound, input check): g itself, or the defaults for plain modules."""
+        return self.g if isinstance(self.g, ResidualBranch) else _DEFAULT_BRANCH
+
+    @property
+    def norm_order(self) -> float:  # type: ignore[override]
         """Order p of the norm in which Lip(g) is bounded and residuals are measured."""
-        return float(getattr(self.g, "norm_order", 2.0))
+        return float(self.branch.norm_order)
 
     def lipschitz_bound(self) -> float | None:
-        """g's own Lipschitz bound (thesis Eq. 4.6) if it offers one, else ``None``."""
-        bound = getattr(self.g, "lipschitz_bound", None)
-        return None if bound is None else float(bound())
+        """g's own Lipschitz bound (thesis Eq. 4.6), or ``None`` if it declares none."""
+        bound = self.branch.lipschitz_bound()
+        return None if bound is None else float(bound)
 
-    def _check(self, x: Tensor, where: str) -> None:
+    def use_log_det_estimator(self, estimator: LogDetEstimator) -> None:
+        """Compute the forward log-det with ``estimator`` from now on (e.g. a longer series for evaluation).
+
+        Arguments:
+            estimator: (g, x) -> (g(x), log_det), e.g. :class:`~invertnet.logdet.ExactLogDet`,
+                :class:`~invertnet.logdet.PowerSeriesLogDet`, :class:`~invertnet.logdet.UnbiasedLogDet`.
+        """
+        if not callable(estimator):
+            raise TypeError(f"InvertibleResidual: the estimator must be callable, got {type(estimator).__name__}")
+        self.log_det_estimator = estimator
+
+    def validate(self, x: Tensor, where: str) -> None:
         check_input(x, None, f"{type(self).__name__}.{where}")
-        check_shape = getattr(self.g, "check_input_shape", None)
-        if check_shape is not None:
-            check_shape(x, f"{type(self).__name__}.{where}")
+        self.branch.check_input_shape(x, f"{type(self).__name__}.{where}")
 
     def inverse_lipschitz_bound(self) -> float | None:
         """1 / (1 - Lip(g)) (thesis Lemma 4.6) when g's bound is below 1 and in the 2-norm, else ``None``."""
@@ -96,65 +115,40 @@ class InvertibleResidual(IterativeInvertibleModule):
         return 1.0 / (1.0 - lipschitz)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x, "forward")
+        self.validate(x, "forward")
         return x + self.g(x)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x, "forward_and_log_det")
+        self.validate(x, "forward_and_log_det")
         g_x, log_det = self.log_det_estimator(self.g, x)
         return x + g_x, log_det
 
-    def inverse_result(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-    ) -> InverseResult:
-        """Solve F(x) = y without raising; returns the :class:`~invertnet.InverseResult`.
+    def solve(self, y: Tensor, options: SolverOptions) -> InverseResult:
+        """The fixed point of T(x) = y - g(x) from x = y (thesis Algorithm 1), in g's norm, with its bound."""
+        return fixed_point(
+            lambda x: y - self.g(x),
+            y.detach(),
+            atol=options.atol,
+            rtol=options.rtol,
+            max_iter=options.max_iter,
+            norm=self.norm_order,
+            lipschitz=self.lipschitz_bound(),
+            method=self.solver,
+            strict=False,
+        )
 
-        The residual branch is evaluated in eval mode, so the solve does not move the power iterations.
-        """
-        self._check(y, "inverse")
-        with frozen_mode(self.g):
-            lipschitz = self.lipschitz_bound()
-            return fixed_point(
-                lambda x: y - self.g(x),
-                y.detach(),
-                atol=self.atol if atol is None else atol,
-                rtol=self.rtol if rtol is None else rtol,
-                max_iter=self.max_iter if max_iter is None else max_iter,
-                norm=self.norm_order,
-                lipschitz=lipschitz,
-                method=self.solver,
-                strict=False,
-            )
+    def transposed_solver(self, x: Tensor, options: SolverOptions) -> TransposedSolve:
+        """(I + J_g(x))^T v = u by the fixed-point iteration v = u - J_g^T v, at the forward's tolerances."""
+        return residual_transposed_solve(
+            lipschitz=self.lipschitz_bound(), atol=options.atol, rtol=options.rtol, max_iter=options.max_iter
+        )
 
-    def inverse(
-        self,
-        y: Tensor,
-        *,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int | None = None,
-        strict: bool = True,
-    ) -> Tensor:
-        result = self.inverse_result(y, atol=atol, rtol=rtol, max_iter=max_iter)
-        if strict:
-            result.raise_if_failed()
-        if not torch.is_grad_enabled():
-            return result.value
-        with frozen_mode(self.g):
-            return attach_inverse_gradient(
-                result.value,
-                y,
-                self.g,
-                lipschitz=self.lipschitz_bound(),
-                atol=self.atol if atol is None else atol,
-                rtol=self.rtol if rtol is None else rtol,
-                max_iter=self.max_iter if max_iter is None else max_iter,
-            )
+    def implicit_map(self, x: Tensor) -> Tensor:
+        """g: F - g is the identity, which has no parameters."""
+        return self.g(x)
 
     def extra_repr(self) -> str:
-        return f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, max_iter={self.max_iter}"
+        return (
+            f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, "
+            f"max_iter={self.solver_options.max_iter}"
+        )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from invertnet.core import InvertibleModule, check_input
+from invertnet.core import InvertibleModule, SolverOptions, check_input
 
 __all__ = ["Flatten", "InjectivePad", "Squeeze"]
 
@@ -32,7 +32,7 @@ class Squeeze(InvertibleModule):
             raise ValueError(f"Squeeze.forward: expected (B, C, H, W) with even H and W, got {tuple(x.shape)}")
         return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, None, "Squeeze.inverse")
         if y.dim() != 4 or y.shape[1] % 4:
             raise ValueError(f"Squeeze.inverse: expected (B, 4C, H, W), got {tuple(y.shape)}")
@@ -65,7 +65,7 @@ class Flatten(InvertibleModule):
         check_input(x, self.event_shape, "Flatten.forward")
         return x.reshape(x.shape[0], self.features), x.new_zeros(x.shape[0])
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, (self.features,), "Flatten.inverse")
         return y.reshape(y.shape[0], *self.event_shape), y.new_zeros(y.shape[0])
 
@@ -118,7 +118,7 @@ class InjectivePad(InvertibleModule):
         zeros = x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
         return torch.cat([x, zeros], dim=1), x.new_zeros(x.shape[0])
 
-    def inverse_and_log_det(self, y: Tensor, **options: object) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, None, "InjectivePad.inverse")
         if y.dim() < 2 or y.shape[1] <= self.extra_channels:
             raise ValueError(

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 
 from invertnet.core import ConvergenceError, SolverStatus
 
-__all__ = ["PowerIterationResult", "SpectralNormConv2d", "SpectralNormLinear", "refine_spectral_norms"]
+__all__ = [
+    "PowerIterationResult",
+    "SpectralNormConv2d",
+    "SpectralNormLayer",
+    "SpectralNormLinear",
+    "refine_spectral_norms",
+]
 
 
 @dataclass
@@ -72,8 +78,9 @@ def _conjugate(order: float) -> float:
     return order / (order - 1)
 
 
-class _SpectralNormMixin(nn.Module):
-    """Shared machinery: persistent power-iteration vectors u, v and the scaling of Eq. 4.9.
+class SpectralNormLayer(nn.Module):
+    """Base of the spectrally normalised layers: persistent power-iteration vectors u, v and the scaling of
+    Eq. 4.9. In training mode each call advances the power iteration by one step; in eval mode it does not.
 
     Subclasses provide ``weight``, ``operator(weight, v)`` (the linear map without bias), its adjoint
     ``adjoint(weight, u)`` and ``affine(x, weight)`` (with bias), all batched, and call
@@ -201,7 +208,7 @@ class _SpectralNormMixin(nn.Module):
         return f"{super().extra_repr()}, coeff={self.coeff}, n_power_iterations={self.n_power_iterations}{orders}"
 
 
-class SpectralNormLinear(_SpectralNormMixin, nn.Linear):
+class SpectralNormLinear(SpectralNormLayer, nn.Linear):
     r"""Linear layer y = \tilde W x + b with \tilde W from Eq. 4.9 of the thesis.
 
     Arguments:
@@ -269,7 +276,7 @@ def conv2d_adjoint(
     return F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=output_padding)
 
 
-class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
+class SpectralNormConv2d(SpectralNormLayer, nn.Conv2d):
     r"""2-D convolution whose *operator* norm, on the actual input size, is normalised by Eq. 4.9.
 
     The power iteration alternates the convolution A (without bias) and its adjoint, the transposed
@@ -329,7 +336,7 @@ def refine_spectral_norms(
     """
     records = []
     for name, module in model.named_modules():
-        if isinstance(module, _SpectralNormMixin):
+        if isinstance(module, SpectralNormLayer):
             record = module.refine_spectral_norm(rtol=rtol, max_iter=max_iter)
             record.layer = name or type(module).__name__
             if strict and not record.success:

@@ -2,7 +2,6 @@
 
 from invertnet.logdet.bounds import log_det_bounds as log_det_bounds
 from invertnet.logdet.exact import ExactLogDet as ExactLogDet
-from invertnet.logdet.exact import batched_jacobian as batched_jacobian
 from invertnet.logdet.series import PowerSeriesLogDet as PowerSeriesLogDet
 from invertnet.logdet.series import UnbiasedLogDet as UnbiasedLogDet
 from invertnet.logdet.series import n_terms_for_bias as n_terms_for_bias
@@ -12,7 +11,6 @@ __all__ = [
     "ExactLogDet",
     "PowerSeriesLogDet",
     "UnbiasedLogDet",
-    "batched_jacobian",
     "log_det_bounds",
     "n_terms_for_bias",
     "truncation_error_bound",

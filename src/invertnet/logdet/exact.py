@@ -10,24 +10,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ExactLogDet", "batched_jacobian"]
+from invertnet.solvers.common import batched_jacobian
+
+__all__ = ["ExactLogDet"]
 
 #: Above this event size the determinant is taken one sample at a time (batched float64 slogdet of large
 #: matrices has been seen to hang in MKL on CPU).
 _BATCHED_SLOGDET_MAX_DIM = 128
-
-
-def batched_jacobian(outputs: Tensor, inputs: Tensor, create_graph: bool = False) -> Tensor:
-    """Per-sample Jacobians d outputs[b] / d inputs[b], shape (B, d_out, d_in), for a batch-independent map.
-
-    One backward pass per output coordinate; ``inputs`` must be part of ``outputs``' graph.
-    """
-    flat = outputs.flatten(1)
-    rows = []
-    for i in range(flat.shape[1]):
-        (row,) = torch.autograd.grad(flat[:, i].sum(), inputs, retain_graph=True, create_graph=create_graph)
-        rows.append(row.flatten(1))
-    return torch.stack(rows, dim=1)
 
 
 def _logabsdet(matrices: Tensor) -> Tensor:
@@ -55,9 +44,7 @@ class ExactLogDet:
         """Return ``(g(x), log_det)`` with log_det of shape (B,) for x of shape (B, ...)."""
         need_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-            g_x = g(x_in)
-            jacobian = batched_jacobian(g_x, x_in, create_graph=need_graph)
+            g_x, jacobian = batched_jacobian(g, x, create_graph=need_graph)
             eye = torch.eye(jacobian.shape[-1], dtype=jacobian.dtype, device=jacobian.device)
             log_det = _logabsdet(eye + jacobian)
         if not need_graph:

@@ -124,7 +124,7 @@ class PowerSeriesLogDet:
     averaged over ``n_samples`` probes. Unbiased for PS(J_g, n); its bias with respect to the log-det is at
     most :func:`truncation_error_bound` (thesis Theorem 5.8).
 
-    The gradient is the truncated Neumann series of seed 001's proof of Theorem 4,
+    The gradient is the truncated Neumann series of Behrmann et al. 2019's proof of Theorem 4,
     :math:`\partial_\theta \mathrm{PS}(J_g, n) = \operatorname{tr}\big(\sum_{k=0}^{n-1} (-1)^k J_g^k\,
     \partial_\theta J_g\big)`, estimated with the same probe as :math:`w^T (\partial_\theta J_g) v`,
     :math:`w^T = \sum_{k<n} (-1)^k v^T J_g^k`: in expectation the gradient of PS(J_g, n), at the memory of

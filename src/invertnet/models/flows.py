@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from invertnet.core import InvertibleModule
+from invertnet.layers.residual import InvertibleResidual
+from invertnet.layers.spectral import refine_spectral_norms
+from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncation_error_bound
 
 __all__ = ["FlowDistribution", "standard_normal"]
 
@@ -108,3 +111,41 @@ class FlowDistribution(nn.Module):
         if parameter is not None:
             z = z.to(device=parameter.device, dtype=parameter.dtype)
         return self.transform.inverse(z, **solver_options)
+
+    def residual_blocks(self) -> list[InvertibleResidual]:
+        """The i-ResNet blocks of the transform, in module order."""
+        return [module for module in self.transform.modules() if isinstance(module, InvertibleResidual)]
+
+    def use_evaluation_estimator(
+        self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200
+    ) -> dict[str, float]:
+        r"""Install the evaluation log-det estimator of every residual block (thesis A.2) and report its bias.
+
+        Refines the spectral norms (so that the Lipschitz bounds are certain), takes L, the largest block
+        bound, and the shortest power series whose truncation error (thesis Theorem 5.8) is below
+        ``bias_bits`` bits per dimension over all T blocks:
+
+        .. math:: n = \min\{n : T \cdot \mathrm{err}(L, d, n) \le \text{bias\_bits} \cdot d \ln 2\},
+
+        capped at ``max_terms``; each block then uses ``PowerSeriesLogDet(n, probe="rademacher")``. Flows
+        without residual blocks, or whose blocks all use exact log-dets, are left unchanged.
+
+        Arguments:
+            dim: The number d of entries of one data sample (bits/dim divide by it).
+            bias_bits: Bound on the bits/dim bias of the truncated series.
+            max_terms: Most series terms.
+
+        Returns:
+            ``{"n_terms", "bias_bound_bits", "lipschitz_bound"}`` (``n_terms`` 0 and bias 0 when unchanged).
+        """
+        blocks = [block for block in self.residual_blocks() if not block.exact_log_det]
+        if not blocks:
+            return {"n_terms": 0, "bias_bound_bits": 0.0}
+        refine_spectral_norms(self)
+        lipschitz = max(block.lipschitz_bound() or 0.0 for block in blocks)
+        per_block_nats = bias_bits * dim * math.log(2) / len(blocks)
+        n_terms = min(n_terms_for_bias(lipschitz, dim, per_block_nats), max_terms)
+        bias = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
+        for block in blocks:
+            block.use_log_det_estimator(PowerSeriesLogDet(n_terms, probe="rademacher"))
+        return {"n_terms": n_terms, "bias_bound_bits": bias, "lipschitz_bound": lipschitz}

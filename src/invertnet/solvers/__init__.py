@@ -1,30 +1,35 @@
 """Iterative solvers that report iterations, residuals and convergence, and never fail silently.
 
-``fixed_point`` (contractions), ``newton`` (dense or Jacobian-free Newton-Krylov), ``gmres``; derivatives of
-inverses (``inverse_jvp``, ``inverse_vjp``); implicit differentiation (``implicit_fixed_point``,
-``attach_implicit_gradient``) and the triangular solves of MintNet.
+``fixed_point`` (contractions), ``newton`` (dense or Jacobian-free Newton-Krylov), ``gmres``, the triangular
+solves of MintNet (``triangular_newton``, ``sequential_solve``); derivatives of inverses (``inverse_jvp``,
+``inverse_vjp``) and implicit differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What
+they share (tolerances, budgets, the status decision, Jacobians and condition numbers) is in
+:mod:`invertnet.solvers.common`. Every solver takes ``strict`` and raises :class:`~invertnet.ConvergenceError`
+by default.
 """
 
-from invertnet.solvers.fixed_point import default_tolerances as default_tolerances
+from invertnet.core import attach_implicit_gradient as attach_implicit_gradient
+from invertnet.solvers.common import batched_jacobian as batched_jacobian
+from invertnet.solvers.common import condition_numbers as condition_numbers
+from invertnet.solvers.common import decide_status as decide_status
+from invertnet.solvers.common import default_max_condition as default_max_condition
+from invertnet.solvers.common import default_tolerances as default_tolerances
 from invertnet.solvers.fixed_point import fixed_point as fixed_point
-from invertnet.solvers.implicit import attach_implicit_gradient as attach_implicit_gradient
-from invertnet.solvers.implicit import attach_inverse_gradient as attach_inverse_gradient
 from invertnet.solvers.implicit import implicit_fixed_point as implicit_fixed_point
+from invertnet.solvers.implicit import residual_transposed_solve as residual_transposed_solve
 from invertnet.solvers.inverse_derivatives import inverse_jvp as inverse_jvp
 from invertnet.solvers.inverse_derivatives import inverse_vjp as inverse_vjp
-from invertnet.solvers.krylov import default_max_condition as default_max_condition
 from invertnet.solvers.krylov import gmres as gmres
-from invertnet.solvers.newton import batched_jacobian as batched_jacobian
 from invertnet.solvers.newton import newton as newton
-from invertnet.solvers.triangular import attach_triangular_inverse_gradient as attach_triangular_inverse_gradient
 from invertnet.solvers.triangular import sequential_solve as sequential_solve
 from invertnet.solvers.triangular import triangular_newton as triangular_newton
+from invertnet.solvers.triangular import triangular_transposed_solve as triangular_transposed_solve
 
 __all__ = [
     "attach_implicit_gradient",
-    "attach_inverse_gradient",
-    "attach_triangular_inverse_gradient",
     "batched_jacobian",
+    "condition_numbers",
+    "decide_status",
     "default_max_condition",
     "default_tolerances",
     "fixed_point",
@@ -33,6 +38,8 @@ __all__ = [
     "inverse_jvp",
     "inverse_vjp",
     "newton",
+    "residual_transposed_solve",
     "sequential_solve",
     "triangular_newton",
+    "triangular_transposed_solve",
 ]

@@ -13,34 +13,22 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from invertnet.core import InverseResult, SolverStatus
+from invertnet.core import InverseResult
+from invertnet.solvers.common import (
+    DIVERGENCE_FACTOR,
+    FIXED_POINT_MAX_ITER,
+    check_max_iter,
+    decide_status,
+    finish,
+    per_sample_norm,
+    resolve_tolerances,
+)
 
-__all__ = ["default_tolerances", "fixed_point"]
+__all__ = ["fixed_point"]
 
-#: Growth of the residual over its first value beyond which the iteration is declared divergent.
-DIVERGENCE_FACTOR = 1e8
 #: Anderson mixes only while the last step shrank the residual by less than this factor; faster-contracting
 #: steps are left to plain iteration, which Anderson's extrapolation only perturbs (measured in float32).
 ANDERSON_ONSET = 0.5
-
-_TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """Return ``(atol, rtol)`` suited to ``dtype``: 1e-10 for float64, 1e-5 for float32, 1e-2 for halves."""
-    if dtype not in _TOLERANCES:
-        raise TypeError(f"fixed_point: unsupported dtype {dtype}; use a floating-point tensor")
-    return _TOLERANCES[dtype]
-
-
-def _per_sample_norm(v: Tensor, order: float) -> Tensor:
-    return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
-
 
 def _anderson_step(residuals: list[Tensor], images: list[Tensor], regularization: float) -> Tensor:
     """Type-II Anderson mixing: sum_i alpha_i T(x_i) with alpha minimising |sum_i alpha_i (T(x_i) - x_i)|.
@@ -74,7 +62,7 @@ def fixed_point(
     *,
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 1000,
+    max_iter: int = FIXED_POINT_MAX_ITER,
     reference: Tensor | None = None,
     norm: float = 2.0,
     lipschitz: float | None = None,
@@ -100,14 +88,16 @@ def fixed_point(
     Arguments:
         map: The map T, acting on tensors of the shape of ``x0``; it must act per sample.
         x0: Starting point with shape (B, ...).
-        atol, rtol: Absolute and relative residual tolerances; ``None`` takes :func:`default_tolerances`.
-        max_iter: Maximal number of evaluations of T.
+        atol, rtol: Absolute and relative residual tolerances; ``None`` takes
+            :func:`~invertnet.solvers.default_tolerances`.
+        max_iter: Maximal number of evaluations of T (default
+            :data:`~invertnet.solvers.common.FIXED_POINT_MAX_ITER`).
         reference: Per-sample norms with shape (B,) that ``rtol`` multiplies; default |x0|_p.
         norm: The order p of the per-sample vector norm.
         lipschitz: A bound on Lip(T) in the p-norm, or ``None`` if unknown. A bound >= 1 makes the status
             ``NOT_CONTRACTIVE`` whatever the residual: uniqueness of the fixed point is not guaranteed.
-        method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, not in
-            the seeds; one evaluation of T per iteration). Anderson pays off when the map contracts slowly
+        method: ``"iteration"`` for x <- T(x), ``"anderson"`` for Anderson acceleration (type II, Walker & Ni 2011;
+            one evaluation of T per iteration). Anderson pays off when the map contracts slowly
             (rate near 1), so it takes plain steps while the residual shrinks by more than 2x per step and
             mixes only when it does not; when the largest residual has not improved for ``anderson_memory``
             iterations, its history is cleared and it restarts from a plain step.
@@ -116,7 +106,9 @@ def fixed_point(
         strict: Raise :class:`~invertnet.ConvergenceError` (carrying the record) unless the solve succeeded.
 
     Returns:
-        An :class:`~invertnet.InverseResult`.
+        An :class:`~invertnet.InverseResult`; its status follows the order of
+        :func:`~invertnet.solvers.common.decide_status` (non-finite iterates, divergence by
+        :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR`, a Lipschitz bound >= 1, success, budget).
 
     Raises:
         ConvergenceError: With ``strict=True``, when the status is not ``SUCCESS``.
@@ -128,17 +120,12 @@ def fixed_point(
     """
     if method not in ("iteration", "anderson"):
         raise ValueError(f"fixed_point: method must be 'iteration' or 'anderson', got {method!r}")
-    if max_iter < 1:
-        raise ValueError(f"fixed_point: max_iter must be at least 1, got {max_iter}")
+    check_max_iter(max_iter, "fixed_point")
     if anderson_memory < 1:
         raise ValueError(f"fixed_point: anderson_memory must be at least 1, got {anderson_memory}")
-    default_atol, default_rtol = default_tolerances(x0.dtype)
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-    if atol < 0 or rtol < 0 or atol + rtol == 0:
-        raise ValueError(f"fixed_point: need atol, rtol >= 0 and not both zero, got atol={atol}, rtol={rtol}")
+    atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
     if reference is None:
-        reference = _per_sample_norm(x0, norm)
+        reference = per_sample_norm(x0, norm)
     threshold = atol + rtol * reference
 
     x = x0
@@ -149,26 +136,21 @@ def fixed_point(
     differences: list[Tensor] = []
     images: list[Tensor] = []
     best, since_best = float("inf"), 0
-    status = SolverStatus.MAX_ITER
+    nonfinite = diverged = False
     iterations = 0
     with torch.no_grad():
         for iterations in range(1, max_iter + 1):
             image = map(x)
             difference = image - x
-            step_residual = _per_sample_norm(difference, norm)
+            step_residual = per_sample_norm(difference, norm)
             active = ~converged & finite
             finite = finite & torch.isfinite(step_residual)
             residual = torch.where(active & finite, step_residual, residual)
             converged = converged | (active & finite & (step_residual <= threshold))
             history.append(residual[finite].max().item() if finite.any() else float("inf"))
-            if not finite.all():
-                status = SolverStatus.NONFINITE
-                break
-            if converged.all():
-                status = SolverStatus.SUCCESS
-                break
-            if history[-1] > DIVERGENCE_FACTOR * max(history[0], torch.finfo(x.dtype).tiny):
-                status = SolverStatus.DIVERGED
+            nonfinite = not bool(finite.all())
+            diverged = history[-1] > DIVERGENCE_FACTOR * max(history[0], torch.finfo(x.dtype).tiny)
+            if nonfinite or diverged or bool(converged.all()):
                 break
             if iterations == max_iter:
                 break
@@ -189,8 +171,10 @@ def fixed_point(
     error_bound = None
     if lipschitz is not None and lipschitz < 1:
         error_bound = residual / (1.0 - lipschitz)
-    if lipschitz is not None and lipschitz >= 1:
-        status = SolverStatus.NOT_CONTRACTIVE
+    not_contractive = lipschitz is not None and lipschitz >= 1
+    status = decide_status(
+        converged=converged, nonfinite=nonfinite, diverged=diverged, not_contractive=not_contractive
+    )
     result = InverseResult(
         value=x,
         converged=converged,
@@ -200,6 +184,4 @@ def fixed_point(
         status=status,
         residual_history=history,
     )
-    if strict:
-        result.raise_if_failed()
-    return result
+    return finish(result, strict)

@@ -1,6 +1,6 @@
 r"""Implicit differentiation of fixed points: inverses of residual blocks and deep equilibrium layers.
 
-For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (seed 002, Theorem 3) gives
+For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (formalML IFT notes, Theorem 3) gives
 
 .. math::
     \frac{\partial x^*}{\partial y} = (I + J_g(x^*))^{-1}, \qquad
@@ -9,7 +9,7 @@ For F(x) = x + g(x; theta) and x* = F^{-1}(y), the implicit function theorem (se
 Backpropagating a cotangent u therefore needs v = (I + J_g)^{-T} u, the fixed point of v = u - J_g^T v,
 which contracts at rate Lip(g) < 1. Memory does not grow with the number of forward iterations.
 
-The same holds for any fixed point z* = f(z*, x; theta) (the DEQ section of seed 002): with
+The same holds for any fixed point z* = f(z*, x; theta) (the DEQ section of formalML IFT notes): with
 J = df/dz at z*, dz*/d(x, theta) = (I - J)^{-1} df/d(x, theta), and backpropagation solves (I - J)^T v = g.
 """
 
@@ -21,83 +21,39 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from invertnet.core import InverseResult
+from invertnet.core import InverseResult, TransposedProduct, TransposedSolve, attach_implicit_gradient
+from invertnet.solvers.common import FIXED_POINT_MAX_ITER
 from invertnet.solvers.fixed_point import fixed_point
 from invertnet.solvers.krylov import gmres
 
-__all__ = ["attach_implicit_gradient", "attach_inverse_gradient", "implicit_fixed_point"]
+__all__ = ["implicit_fixed_point", "residual_transposed_solve"]
 
-#: v -> J_h(x*)^T v, the vector-Jacobian product of the map h at the solution.
-TransposedProduct = Callable[[Tensor], Tensor]
-
-
-def attach_implicit_gradient(
-    x_star: Tensor,
-    y: Tensor,
-    h: Callable[[Tensor], Tensor],
-    solve_transposed: Callable[[Tensor, TransposedProduct], Tensor],
-) -> Tensor:
-    r"""Return ``x_star`` (value unchanged) carrying the implicit gradient of a solution of x* = y - h(x*).
-
-    Implicit differentiation (seed 002, Theorem 3): the image y - h(x*) has derivative I in y and
-    -dh/dtheta in the parameters of h; its cotangent u is replaced by v = solve_transposed(u, vjp), which
-    must solve the transposed linear system of the inverse (e.g. (I + J_g)^T v = u for residual blocks,
-    J_r^T v = u for triangular maps) using ``vjp(v) = J_h(x*)^T v``. Memory does not depend on the forward
-    solve's iterations; only first-order gradients are supported.
-
-    Arguments:
-        x_star: The solution with shape (B, ...).
-        y: The input of the inverse, shape (B, ...).
-        h: The map whose parameters receive gradients.
-        solve_transposed: (cotangent, vjp) -> the solution v of the transposed system.
-    """
-    x_star = x_star.detach()
-    with torch.enable_grad():
-        x_leaf = x_star.clone().requires_grad_(True)
-        h_of_x = h(x_leaf)
-        image = y - h(x_star)
-    if not image.requires_grad:
-        return x_star
-
-    def vjp(v: Tensor) -> Tensor:
-        with torch.enable_grad():
-            return torch.autograd.grad(h_of_x, x_leaf, v, retain_graph=True)[0]
-
-    def backward_hook(cotangent: Tensor | None) -> Tensor | None:
-        return None if cotangent is None else solve_transposed(cotangent, vjp)  # undefined stays undefined
-
-    image.register_hook(backward_hook)
-    return x_star + (image - image.detach())
-
-
-def attach_inverse_gradient(
-    x_star: Tensor,
-    y: Tensor,
-    g: Callable[[Tensor], Tensor],
+def residual_transposed_solve(
     *,
     lipschitz: float | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 1000,
-) -> Tensor:
-    """Return ``x_star`` (value unchanged) carrying the implicit gradient of x* = (id + g)^{-1}(y).
+    max_iter: int = FIXED_POINT_MAX_ITER,
+) -> TransposedSolve:
+    r"""The transposed solve of a residual block's inverse: v with (I + J_g(x*))^T v = u.
 
-    Gradients flow to ``y`` and to the parameters of ``g``. Only first-order gradients are supported.
-    The backward fixed-point solve raises :class:`~invertnet.ConvergenceError` if it does not converge.
+    v is the fixed point of v = u - J_g^T v, found by :func:`~invertnet.solvers.fixed_point` from v = u; the
+    iteration contracts at rate Lip(g) < 1 (Behrmann et al. 2019, Theorem 1), the rate that made the forward
+    solve converge. A backward solve that fails raises :class:`~invertnet.ConvergenceError`.
 
     Arguments:
-        x_star: The converged inverse with shape (B, ...), as returned by the forward solve.
-        y: The input of the inverse with shape (B, ...).
-        g: The residual branch.
         lipschitz: A bound on Lip(g), for the backward solve's error bound and contractivity check.
-        atol, rtol, max_iter: Tolerances of the backward solve (defaults follow the dtype).
+        atol, rtol, max_iter: Tolerances and budget of the backward solve (defaults follow the dtype).
+
+    Returns:
+        (u, vjp) -> v, for :func:`~invertnet.solvers.attach_implicit_gradient` with h = g.
     """
 
     def solve(cotangent: Tensor, vjp: TransposedProduct) -> Tensor:
         options = dict(atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz)
-        return fixed_point(lambda v: cotangent - vjp(v), cotangent, **options).value
+        return fixed_point(lambda v: cotangent - vjp(v), cotangent, **options).value  # type: ignore[arg-type]
 
-    return attach_implicit_gradient(x_star, y, g, solve)
+    return solve
 
 
 def implicit_fixed_point(
@@ -109,18 +65,18 @@ def implicit_fixed_point(
     backward: Literal["iteration", "gmres"] = "iteration",
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 500,
-    backward_max_iter: int = 500,
+    max_iter: int = FIXED_POINT_MAX_ITER,
+    backward_max_iter: int = FIXED_POINT_MAX_ITER,
     lipschitz: float | None = None,
 ) -> tuple[Tensor, InverseResult]:
     r"""The fixed point z* = f(z*, x; theta), differentiable in x and theta by the implicit function theorem.
 
-    Forward: :func:`~invertnet.solvers.fixed_point` on z -> f(z, x) without building a graph. Backward (seed
-    002, Theorem 3 and the DEQ section): a cotangent g of z* becomes v with (I - J_f)^T v = g, J_f = df/dz at
-    z*, then flows through one evaluation of f(z*, x) to x and theta. ``backward="iteration"`` (default)
+    Forward: :func:`~invertnet.solvers.fixed_point` on z -> f(z, x) without building a graph. Backward
+    (formalML IFT notes, Theorem 3 and the DEQ section): a cotangent g of z* becomes v with (I - J_f)^T v = g, J_f =
+    df/dz at z*, then flows through one evaluation of f(z*, x) to x and theta. ``backward="iteration"`` (default)
     solves v = g + J_f^T v, which converges at the rate Lip_z(f) < 1 that made the forward solve converge;
-    ``"gmres"`` solves the linear system with vector-Jacobian products, also when the iteration would not
-    contract as long as I - J_f is regular, at the price of a Krylov basis of up to 51 copies of z.
+    ``"gmres"`` solves the linear system with vector-Jacobian products, also when the iteration would not contract
+    as long as I - J_f is regular, at the price of a Krylov basis of up to 51 copies of z.
     Memory: one evaluation of f is stored, whatever the number of forward iterations. A backward solve that
     fails raises :class:`~invertnet.ConvergenceError`. Only first-order gradients are supported.
 

@@ -1,4 +1,4 @@
-r"""Derivatives of inverses without inverting a matrix (seed 002, Proposition 1 and Remark 7).
+r"""Derivatives of inverses without inverting a matrix (formalML IFT notes, Proposition 1 and Remark 7).
 
 For a bijection F with x = F^{-1}(y), Proposition 1 gives J_{F^{-1}}(y) = J_F(x)^{-1}. So the derivative of the
 inverse along v is the solution w of J_F(x) w = v, and the cotangent u pulls back to the solution of
@@ -15,8 +15,9 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from invertnet.core import InverseResult, InvertibleModule, frozen_mode
-from invertnet.solvers.krylov import conditioned_result, default_max_condition, gmres
-from invertnet.solvers.newton import DENSE_LIMIT, _condition_numbers, batched_jacobian
+from invertnet.solvers.common import batched_jacobian, condition_numbers, conditioned_result, default_max_condition
+from invertnet.solvers.krylov import gmres
+from invertnet.solvers.newton import DENSE_LIMIT
 
 __all__ = ["inverse_jvp", "inverse_vjp"]
 
@@ -92,10 +93,10 @@ def _solve(
                 _, pullback = vjp(module, x)
                 return gmres(lambda w: pullback(w)[0], rhs, **options)  # type: ignore[arg-type]
             return gmres(lambda w: jvp(module, (x,), (w,))[1], rhs, **options)  # type: ignore[arg-type]
-        matrix = batched_jacobian(module, x)
+        matrix = batched_jacobian(module, x)[1]
         if transposed:
             matrix = matrix.transpose(1, 2)
-        condition = _condition_numbers(matrix)
+        condition = condition_numbers(matrix)
         solution, info = torch.linalg.solve_ex(matrix, rhs.reshape(rhs.shape[0], -1, 1))
         residual = torch.linalg.vector_norm((matrix @ solution).squeeze(-1) - rhs.reshape(rhs.shape[0], -1), dim=1)
     max_condition = options.get("max_condition", default_max_condition(y.dtype))

@@ -1,4 +1,4 @@
-r"""Batched restarted GMRES for the linear systems of Newton steps and implicit gradients (seed 002, Remark 7:
+r"""Batched restarted GMRES for the linear systems of Newton steps and implicit gradients (formalML IFT notes, Remark 7:
 solve, never invert).
 
 Every sample b of a batch has its own system A_b w_b = r_b with A_b known only through products; the
@@ -13,16 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from invertnet.core import InverseResult, SolverStatus
-from invertnet.solvers.fixed_point import default_tolerances
+from invertnet.core import InverseResult
+from invertnet.solvers.common import check_max_iter, conditioned_result, default_max_condition, resolve_tolerances
 
-__all__ = ["conditioned_result", "default_max_condition", "gmres"]
-
-
-def default_max_condition(dtype: torch.dtype) -> float:
-    """1 / (1000 eps): a Jacobian with a larger condition number leaves fewer than about 3 reliable digits in
-    a solve (seed 002, Remark 7), so solvers report it as ``SINGULAR``; 4.5e12 in float64, 8.4e3 in float32."""
-    return 1.0 / (1000.0 * torch.finfo(dtype).eps)
+__all__ = ["gmres"]
 
 
 def _batched_norm(v: Tensor) -> Tensor:
@@ -57,9 +51,9 @@ def gmres(
         x0: Starting guess (default zero).
         atol, rtol: Residual tolerances (``None``: :func:`~invertnet.solvers.default_tolerances`).
         restart: Krylov dimension m per cycle (capped at the dimension d).
-        max_iter: Maximal number of products in all (default 10 d).
+        max_iter: Maximal number of products in all (default 10 d: in exact arithmetic GMRES is exact after d).
         max_condition: Condition estimate beyond which the status is ``SINGULAR``
-            (default :func:`default_max_condition`).
+            (default :func:`~invertnet.solvers.default_max_condition`).
         strict: Raise :class:`~invertnet.ConvergenceError` unless the solve succeeded.
 
     Returns:
@@ -77,11 +71,8 @@ def gmres(
     dimension = b[0].numel()
     restart = max(1, min(restart, dimension))
     max_iter = 10 * dimension if max_iter is None else max_iter
-    if max_iter < 1:
-        raise ValueError(f"gmres: max_iter must be at least 1, got {max_iter}")
-    default_atol, default_rtol = default_tolerances(b.dtype)
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
+    check_max_iter(max_iter, "gmres")
+    atol, rtol = resolve_tolerances(b.dtype, atol, rtol)
     max_condition = default_max_condition(b.dtype) if max_condition is None else max_condition
 
     def apply(v: Tensor) -> Tensor:
@@ -148,46 +139,3 @@ def gmres(
         stalled=torch.full_like(converged, stalled),
         strict=strict,
     )
-
-
-def conditioned_result(
-    value: Tensor,
-    residual: Tensor,
-    condition: Tensor,
-    iterations: int,
-    history: list[float],
-    *,
-    converged: Tensor,
-    singular: Tensor,
-    stalled: Tensor,
-    strict: bool,
-) -> InverseResult:
-    """The record of a solve that measures conditioning (GMRES, Newton), raising if ``strict`` and failed.
-
-    Per-sample flags (B,) decide the status, first match wins: a non-finite residual (``NONFINITE``), a
-    singular Jacobian (``SINGULAR``, those samples do not count as converged), all converged (``SUCCESS``),
-    no progress (``STALLED``), else ``MAX_ITER``.
-    """
-    if not torch.isfinite(residual).all():
-        status = SolverStatus.NONFINITE
-    elif singular.any():
-        status = SolverStatus.SINGULAR
-    elif converged.all():
-        status = SolverStatus.SUCCESS
-    elif stalled.any():
-        status = SolverStatus.STALLED
-    else:
-        status = SolverStatus.MAX_ITER
-    result = InverseResult(
-        value=value,
-        converged=converged & ~singular,
-        iterations=iterations,
-        residual=residual,
-        error_bound=None,
-        status=status,
-        residual_history=history,
-        condition_number=condition,
-    )
-    if strict:
-        result.raise_if_failed()
-    return result

@@ -1,5 +1,5 @@
 r"""Newton's method for square maps f(x) = y, batched per sample, with a backtracking line search and the
-condition of every Jacobian reported (seed 002: Remark 5, Newton as a super-contraction; Remark 7, the
+condition of every Jacobian reported (formalML IFT notes: Remark 5, Newton as a super-contraction; Remark 7, the
 condition number decides whether an invertible map is numerically invertible).
 
 Small dimensions use the dense per-sample Jacobian (d vector-Jacobian products, then an LU solve and an SVD
@@ -14,13 +14,22 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp
 
 from invertnet.core import InverseResult
-from invertnet.solvers.fixed_point import default_tolerances
-from invertnet.solvers.krylov import conditioned_result, default_max_condition, gmres
+from invertnet.solvers.common import (
+    NEWTON_MAX_ITER,
+    batched_jacobian,
+    check_max_iter,
+    condition_numbers,
+    conditioned_result,
+    default_max_condition,
+    per_sample_norm,
+    resolve_tolerances,
+)
+from invertnet.solvers.krylov import gmres
 
-__all__ = ["DENSE_LIMIT", "batched_jacobian", "newton"]
+__all__ = ["DENSE_LIMIT", "newton"]
 
 #: Largest per-sample dimension for which ``jacobian="auto"`` forms dense Jacobians.
 DENSE_LIMIT = 256
@@ -28,39 +37,6 @@ DENSE_LIMIT = 256
 ARMIJO = 1e-4
 #: Halvings of the step before the line search gives up.
 MAX_HALVINGS = 30
-
-
-def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Per-sample Jacobians (B, d_out, d) of a map f acting per sample, from one forward pass and d_out
-    vector-Jacobian products (vectorised with ``vmap``).
-
-    Because f acts per sample, pulling back the i-th basis vector in every sample gives the i-th row of every
-    sample's Jacobian at once.
-
-    Arguments:
-        f: Map from (B, ...) to (B, ...), sample b of the output depending only on sample b of the input.
-        x: Point (B, ...).
-    """
-    batch = x.shape[0]
-    output, pullback = vjp(f, x)
-    size = output[0].numel()
-    basis = torch.eye(size, dtype=output.dtype, device=output.device)
-    cotangents = basis.unsqueeze(1).expand(size, batch, size).reshape(size, *output.shape)
-    rows = vmap(lambda cotangent: pullback(cotangent)[0].reshape(batch, -1))(cotangents)
-    return rows.permute(1, 0, 2).detach()
-
-
-def _condition_numbers(matrices: Tensor) -> Tensor:
-    """2-norm condition numbers of (B, d, d) matrices; inf for singular or non-finite ones."""
-    condition = torch.full(matrices.shape[:1], float("inf"), dtype=matrices.dtype, device=matrices.device)
-    finite = torch.isfinite(matrices).flatten(1).all(1)
-    if finite.any():
-        condition[finite] = torch.nan_to_num(torch.linalg.cond(matrices[finite]), nan=float("inf"))
-    return condition
-
-
-def _norm(v: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
 
 
 def newton(
@@ -71,7 +47,7 @@ def newton(
     jacobian: Literal["auto", "dense", "krylov"] = "auto",
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 50,
+    max_iter: int = NEWTON_MAX_ITER,
     line_search: bool = True,
     max_condition: float | None = None,
     krylov_rtol: float = 1e-3,
@@ -83,13 +59,13 @@ def newton(
     Sample b has converged when |f(x_b) - y_b|_2 <= atol + rtol |y_b|_2. With ``line_search`` the step t is
     the largest of 1, 1/2, 1/4, ... with |f(x + t dx) - y| <= (1 - 1e-4 t) |f(x) - y| (Armijo backtracking),
     so the residual decreases monotonically and near a regular root the full step gives quadratic convergence
-    (the Newton map has derivative 0 at the root, seed 002 Remark 5).
+    (the Newton map has derivative 0 at the root, formalML IFT notes, Remark 5).
 
     Jacobians: ``"dense"`` forms J per sample (:func:`batched_jacobian`), solves by LU and reports the exact
     2-norm condition number; ``"krylov"`` solves by :func:`~invertnet.solvers.gmres` with Jacobian-vector
     products to relative accuracy ``krylov_rtol`` (inexact Newton) and reports GMRES's lower bound on the
     condition number; ``"auto"`` is dense up to :data:`DENSE_LIMIT` dimensions per sample. A Jacobian whose
-    condition number exceeds ``max_condition`` (default 1 / (1000 eps), seed 002 Remark 7) at a step or at
+    condition number exceeds ``max_condition`` (default 1 / (1000 eps), formalML IFT notes, Remark 7) at a step or at
     the returned point makes the status ``SINGULAR``: the solution, if any, is not locally unique or has no
     reliable digits, and the affected samples stop where they are.
 
@@ -98,7 +74,7 @@ def newton(
         x0: Starting point (B, ...).
         y: Target (default zero: a root of f).
         jacobian, atol, rtol, max_iter, line_search, max_condition, krylov_rtol, krylov_restart: As above;
-            ``max_iter`` counts Newton steps.
+            ``max_iter`` counts Newton steps (default :data:`~invertnet.solvers.common.NEWTON_MAX_ITER`).
         strict: Raise :class:`~invertnet.ConvergenceError` unless the solve succeeded.
 
     Returns:
@@ -111,22 +87,19 @@ def newton(
     """
     if jacobian not in ("auto", "dense", "krylov"):
         raise ValueError(f"newton: jacobian must be 'auto', 'dense' or 'krylov', got {jacobian!r}")
-    if max_iter < 1:
-        raise ValueError(f"newton: max_iter must be at least 1, got {max_iter}")
+    check_max_iter(max_iter, "newton")
     y = torch.zeros_like(x0) if y is None else y
     if y.shape != x0.shape:
         raise ValueError(f"newton: y {tuple(y.shape)} and x0 {tuple(x0.shape)} must have the same shape")
-    default_atol, default_rtol = default_tolerances(x0.dtype)
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
+    atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
     max_condition = default_max_condition(x0.dtype) if max_condition is None else max_condition
     dense = jacobian == "dense" or (jacobian == "auto" and x0[0].numel() <= DENSE_LIMIT)
-    threshold = atol + rtol * _norm(y)
+    threshold = atol + rtol * per_sample_norm(y)
 
     x = x0.detach().clone()
     with torch.no_grad():
         r = y - f(x)
-    residual = _norm(r)
+    residual = per_sample_norm(r)
     finite = torch.isfinite(residual)
     converged = finite & (residual <= threshold)
     singular = torch.zeros_like(converged)
@@ -170,8 +143,8 @@ def _newton_step(
 ) -> tuple[Tensor, Tensor]:
     """(dx, condition number) with J_f(x) dx = r, dense or by GMRES with Jacobian-vector products."""
     if dense:
-        matrix = batched_jacobian(f, x)
-        condition = _condition_numbers(matrix)
+        matrix = batched_jacobian(f, x)[1]
+        condition = condition_numbers(matrix)
         solution, info = torch.linalg.solve_ex(matrix, r.reshape(r.shape[0], -1, 1))
         return solution.view_as(x), torch.where(info > 0, torch.full_like(condition, float("inf")), condition)
     result = gmres(  # relative accuracy only: an absolute floor would zero the last, smallest steps
@@ -205,7 +178,7 @@ def _line_search(
         for _ in range(MAX_HALVINGS if enabled else 1):
             trial = x + scale.view(-1, *([1] * (x.dim() - 1))) * step
             trial_r = y - f(trial)
-            trial_residual = _norm(trial_r)
+            trial_residual = per_sample_norm(trial_r)
             good = active & ~accepted
             if enabled:
                 good = good & torch.isfinite(trial_residual) & (trial_residual <= (1 - ARMIJO * scale) * residual)
@@ -222,7 +195,7 @@ def _line_search(
 def _condition_at(f: Callable[[Tensor], Tensor], x: Tensor, dense: bool, restart: int) -> Tensor:
     """The condition number of J_f(x) per sample: exact when dense, GMRES's lower bound otherwise."""
     if dense:
-        return _condition_numbers(batched_jacobian(f, x))
+        return condition_numbers(batched_jacobian(f, x)[1])
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
     result = gmres(
         lambda v: jvp(f, (x,), (v,))[1],

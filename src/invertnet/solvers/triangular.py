@@ -1,7 +1,7 @@
-r"""Inverses of maps with triangular Jacobians and a positive diagonal (seed 000, Theorem 1).
+r"""Inverses of maps with triangular Jacobians and a positive diagonal (Song et al. 2019, Theorem 1).
 
 Let r: R^n -> R^n have a lower (or upper) triangular Jacobian whose diagonal is at least t > 0 everywhere.
-Then r_p depends only on x_1..x_p (Lemma 1 of the seed's proof) and is strictly increasing in x_p with
+Then r_p depends only on x_1..x_p (Lemma 1 in the proof of Song et al. 2019) and is strictly increasing in x_p with
 slope >= t, hence onto R: given the earlier coordinates, x_p is the unique root of a monotone univariate
 equation, and x = r^{-1}(y) follows by solving the n equations in order (the proof of Theorem 1).
 
@@ -14,8 +14,8 @@ Two solvers share one safeguarded Newton update, applied to every coordinate p a
   coordinate moved by more than the tolerance, since its equation then changed, and when it collapsed
   while the residual is still above the tolerance.
 
-:func:`triangular_newton` updates all coordinates in parallel (the seed samples with 5 such Newton
-steps; its reference code scales the step by a constant hand-tuned per data set, which the bracket makes
+:func:`triangular_newton` updates all coordinates in parallel (Song et al. 2019 sample with 5 such Newton
+steps; their reference code scales the step by a constant hand-tuned per data set, which the bracket makes
 unnecessary). :func:`sequential_solve` solves one coordinate at a time in the triangular order, the exact
 procedure of the proof, as a reference for small inputs. Both report iterations, per-sample residuals
 max_p |r_p(x) - y_p| and a :class:`~invertnet.SolverStatus`, and never fail silently.
@@ -29,11 +29,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from invertnet.core import InverseResult, SolverStatus
-from invertnet.solvers.fixed_point import default_tolerances, fixed_point
-from invertnet.solvers.implicit import attach_implicit_gradient
+from invertnet.core import InverseResult, TransposedProduct, TransposedSolve
+from invertnet.solvers.common import (
+    DIVERGENCE_FACTOR,
+    FIXED_POINT_MAX_ITER,
+    TRIANGULAR_MAX_ITER,
+    check_max_iter,
+    decide_status,
+    finish,
+    resolve_tolerances,
+)
+from invertnet.solvers.fixed_point import fixed_point
 
-__all__ = ["MapAndDiagonal", "attach_triangular_inverse_gradient", "sequential_solve", "triangular_newton"]
+__all__ = ["MapAndDiagonal", "sequential_solve", "triangular_newton", "triangular_transposed_solve"]
 
 #: x -> (r(x), diagonal of the Jacobian of r at x), both with the shape of x.
 MapAndDiagonal = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -76,18 +84,12 @@ def _after_moved(moved: Tensor, lower: bool) -> Tensor:
     return before.view_as(moved)
 
 
-#: Default (atol, rtol) by dtype. Newton converges quadratically, so float64 solves go 100x below the
-#: fixed-point default (about one more iteration): the error is the residual times the condition number of
-#: J. float32 and halves keep the fixed-point defaults, a few ulps above their rounding floor.
-_TOLERANCES = {torch.float64: (1e-12, 1e-12)}
-
-
 def _resolve(y: Tensor, atol: float | None, rtol: float | None, max_iter: int) -> tuple[float, float]:
-    """Tolerances, by default ``_TOLERANCES`` or :func:`~invertnet.solvers.default_tolerances`."""
-    if max_iter < 1:
-        raise ValueError(f"triangular solver: max_iter must be at least 1, got {max_iter}")
-    default_atol, default_rtol = _TOLERANCES.get(y.dtype) or default_tolerances(y.dtype)
-    return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
+    """Tolerances, by default the ``tight`` ones of :func:`~invertnet.solvers.default_tolerances`: Newton
+    converges quadratically, so float64 solves go 100x below the fixed-point default for about one more
+    iteration (the error is the residual times the condition number of J)."""
+    check_max_iter(max_iter, "triangular solver")
+    return resolve_tolerances(y.dtype, atol, rtol, "tight")
 
 
 def _per_sample_max(v: Tensor) -> Tensor:
@@ -103,7 +105,8 @@ def triangular_newton(
     x0: Tensor | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 200,
+    max_iter: int = TRIANGULAR_MAX_ITER,
+    strict: bool = True,
 ) -> InverseResult:
     r"""Solve r(x) = y for r with a triangular Jacobian and diagonal >= ``min_slope`` by parallel Newton.
 
@@ -120,11 +123,19 @@ def triangular_newton(
         x0: Initial iterate (default: y).
         atol, rtol: Per-sample tolerance max_p |r_p(x) - y_p| - rtol |y_p| <= atol; defaults by dtype
             (1e-12 for float64; :func:`~invertnet.solvers.default_tolerances` otherwise, 1e-5 for float32).
-        max_iter: Most evaluations of ``map_and_diagonal``.
+        max_iter: Most evaluations of ``map_and_diagonal`` (default
+            :data:`~invertnet.solvers.common.TRIANGULAR_MAX_ITER`).
+        strict: Raise :class:`~invertnet.ConvergenceError` (carrying the record) unless the solve succeeded.
 
     Returns:
         An :class:`~invertnet.InverseResult`; ``residual`` is the per-sample max-abs residual and
-        ``error_bound`` is ``None`` (a bound would need the norm of the inverse Jacobian).
+        ``error_bound`` is ``None`` (a bound would need the norm of the inverse Jacobian). The status is
+        ``NONFINITE`` for NaN or infinite values, ``DIVERGED`` when the largest residual grew
+        :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR`-fold (e.g. a ``min_slope`` that is not a lower
+        bound of the diagonal), ``SUCCESS`` or ``MAX_ITER``.
+
+    Raises:
+        ConvergenceError: With ``strict=True``, when the status is not ``SUCCESS``.
 
     Example:
         >>> slope = torch.tensor(0.5, dtype=torch.float64)
@@ -136,7 +147,7 @@ def triangular_newton(
         >>> result.status.name, bool((r(result.value)[0] - torch.tensor([[3.0, -2.0]])).abs().max() < 1e-9)
         ('SUCCESS', True)
     """
-    return _solve(map_and_diagonal, y, min_slope, x0, atol, rtol, max_iter, lower)
+    return finish(_solve(map_and_diagonal, y, min_slope, x0, atol, rtol, max_iter, lower), strict)
 
 
 def sequential_solve(
@@ -147,9 +158,10 @@ def sequential_solve(
     lower: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter_per_coordinate: int = 100,
+    max_iter_per_coordinate: int = TRIANGULAR_MAX_ITER,
+    strict: bool = True,
 ) -> InverseResult:
-    """Solve r(x) = y one coordinate at a time in the triangular order (the proof of seed 000, Theorem 1).
+    """Solve r(x) = y one coordinate at a time in the triangular order (the proof of Song et al. 2019, Theorem 1).
 
     The coordinates of a sample, flattened, are visited in ascending order for a lower triangular Jacobian
     and descending for an upper one; each is solved by the safeguarded scalar Newton iteration with the
@@ -157,8 +169,11 @@ def sequential_solve(
     coordinate) evaluations of r, so it is a reference for small inputs, not a sampler.
 
     Arguments:
-        map_and_diagonal, y, min_slope, lower, atol, rtol: As for :func:`triangular_newton`.
+        map_and_diagonal, y, min_slope, lower, atol, rtol, strict: As for :func:`triangular_newton`.
         max_iter_per_coordinate: Iteration budget of each scalar solve.
+
+    Returns:
+        An :class:`~invertnet.InverseResult`, with the status of the first scalar solve that failed, if any.
     """
     n = y[0].numel()
     x = y.detach().clone()
@@ -173,11 +188,12 @@ def sequential_solve(
         x, total = record.value, total + record.iterations
         history.extend(record.residual_history)
         if not record.success:
-            return InverseResult(x, record.converged, total, record.residual, None, record.status, history)
+            failed = InverseResult(x, record.converged, total, record.residual, None, record.status, history)
+            return finish(failed, strict)
     final = _solve(map_and_diagonal, y, min_slope, x, atol, rtol, 1, lower)
-    return InverseResult(
-        final.value, final.converged, total + 1, final.residual, None, final.status, history + final.residual_history
-    )
+    history = history + final.residual_history
+    record = InverseResult(final.value, final.converged, total + 1, final.residual, None, final.status, history)
+    return finish(record, strict)
 
 
 def _solve(
@@ -207,7 +223,7 @@ def _solve(
     brackets = _Brackets(x, slope)
     tolerance = atol + rtol * y.abs()
     history: list[float] = []
-    status = SolverStatus.MAX_ITER
+    nonfinite = diverged = False
     with torch.no_grad():
         for iteration in range(1, max_iter + 1):
             value, diagonal = map_and_diagonal(x)
@@ -217,14 +233,10 @@ def _solve(
                 excess = torch.where(active, excess, -tolerance)
             per_sample = _per_sample_max(residual.abs() if active is None else residual.abs() * active)
             history.append(per_sample.max().item())
-            if not bool(torch.isfinite(residual).all() and torch.isfinite(diagonal).all()):
-                status = SolverStatus.NONFINITE
-                break
+            nonfinite = not bool(torch.isfinite(residual).all() and torch.isfinite(diagonal).all())
+            diverged = history[-1] > DIVERGENCE_FACTOR * max(history[0], torch.finfo(y.dtype).tiny)
             converged = _per_sample_max(excess) <= 0
-            if bool(converged.all()):
-                status = SolverStatus.SUCCESS
-                break
-            if iteration == max_iter:
+            if nonfinite or diverged or bool(converged.all()) or iteration == max_iter:
                 break
             proposal = brackets.step(x, residual, diagonal)
             if active is not None:
@@ -233,10 +245,10 @@ def _solve(
             collapsed = (brackets.hi - brackets.lo <= tolerance) & (excess > 0)  # stale by sub-tolerance moves
             brackets.forget(moved_before | collapsed)
             x = proposal
-    failed = status is SolverStatus.NONFINITE
+    status = decide_status(converged=converged, nonfinite=nonfinite, diverged=diverged)
     return InverseResult(
         value=x,
-        converged=torch.zeros_like(per_sample, dtype=torch.bool) if failed else converged,
+        converged=torch.zeros_like(converged) if nonfinite else converged,
         iterations=iteration,
         residual=per_sample,
         error_bound=None,
@@ -245,40 +257,37 @@ def _solve(
     )
 
 
-def attach_triangular_inverse_gradient(
-    x_star: Tensor,
-    y: Tensor,
-    forward: Callable[[Tensor], Tensor],
+def triangular_transposed_solve(
     diagonal: Tensor,
     *,
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 1000,
-) -> Tensor:
-    r"""Return ``x_star`` (value unchanged) carrying the implicit gradient of x* = r^{-1}(y).
+    max_iter: int = FIXED_POINT_MAX_ITER,
+) -> TransposedSolve:
+    r"""The transposed solve of a triangular inverse: v = J^{-T} u at the solution x* of r(x*) = y.
 
     With J = J_r(x*) = D + N (D its diagonal, N strictly triangular), backpropagating a cotangent u needs
-    v = J^{-T} u (seed 002, Proposition 1: solve, never invert). The Jacobi iteration
-    v <- v + D^{-1}(u - J^T v) has the nilpotent error map -D^{-1} N^T, so it is exact after at most n steps
-    and in practice stops far earlier, at the per-sample tolerance |D^{-1}(u - J^T v)|_max <= atol + rtol
-    |D^{-1} u|_max of :func:`~invertnet.solvers.fixed_point`. Each step is one vector-Jacobian product of r;
-    memory does not depend on the forward solve's iterations. A backward solve that does not converge raises
-    :class:`~invertnet.ConvergenceError`.
+    v = J^{-T} u (formalML, "Inverse and Implicit Function Theorems", Proposition 1: solve, never invert).
+    The Jacobi iteration v <- v + D^{-1}(u - J^T v) has the nilpotent error map -D^{-1} N^T, so it is exact
+    after at most n steps and in practice stops far earlier, at the per-sample tolerance
+    |D^{-1}(u - J^T v)|_max <= atol + rtol |D^{-1} u|_max of :func:`~invertnet.solvers.fixed_point`. Each step
+    is one vector-Jacobian product of r; memory does not depend on the forward solve's iterations. A
+    backward solve that does not converge raises :class:`~invertnet.ConvergenceError`.
 
     Arguments:
-        x_star: The solution with shape (B, ...).
-        y: The input of the inverse, shape (B, ...); gradients flow to it and to r's parameters.
-        forward: x -> r(x).
-        diagonal: The diagonal of J_r(x*), shaped like ``x_star``.
-        atol, rtol, max_iter: The backward solve's tolerance and budget (defaults follow the dtype).
+        diagonal: The diagonal of J_r(x*), shaped like x*.
+        atol, rtol, max_iter: The backward solve's tolerance (default: the ``tight`` ones by dtype) and budget.
+
+    Returns:
+        (u, vjp) -> v, for :func:`~invertnet.solvers.attach_implicit_gradient` with h = r.
     """
     diagonal = diagonal.detach()
-    atol, rtol = _resolve(x_star, atol, rtol, max_iter)
+    atol, rtol = _resolve(diagonal, atol, rtol, max_iter)
 
-    def solve(cotangent: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
+    def solve(cotangent: Tensor, vjp: TransposedProduct) -> Tensor:
         start = cotangent / diagonal
         reference = _per_sample_max(start.abs())
         options = dict(atol=atol, rtol=rtol, max_iter=max_iter, reference=reference, norm=math.inf)
-        return fixed_point(lambda v: v + (cotangent - vjp(v)) / diagonal, start, **options).value
+        return fixed_point(lambda v: v + (cotangent - vjp(v)) / diagonal, start, **options).value  # type: ignore[arg-type]
 
-    return attach_implicit_gradient(x_star, y, forward, solve)
+    return solve

@@ -1,12 +1,11 @@
-"""Training: the trainer, its objectives (maximum likelihood, classification, GAN), atomic, verified checkpoints and
-memory-saving backpropagation through invertible compositions."""
+"""Training: the trainer, its objectives (maximum likelihood, classification, GAN) and atomic, verified checkpoints.
+Memory-saving backpropagation through invertible compositions is the layer
+``invertnet.layers.MemorySavingSequential``."""
 
 from invertnet.training.checkpoint import CheckpointError as CheckpointError
 from invertnet.training.checkpoint import latest_checkpoint as latest_checkpoint
 from invertnet.training.checkpoint import load_checkpoint as load_checkpoint
 from invertnet.training.checkpoint import save_checkpoint as save_checkpoint
-from invertnet.training.memory_saving import MemorySavingSequential as MemorySavingSequential
-from invertnet.training.memory_saving import saved_activation_bytes as saved_activation_bytes
 from invertnet.training.objectives import AdversarialLoss as AdversarialLoss
 from invertnet.training.objectives import BitsPerDim as BitsPerDim
 from invertnet.training.objectives import ConditionalGAN as ConditionalGAN
@@ -22,7 +21,6 @@ __all__ = [
     "CheckpointError",
     "ConditionalGAN",
     "CrossEntropy",
-    "MemorySavingSequential",
     "TrainConfig",
     "Trainer",
     "bits_per_sample",
@@ -30,5 +28,4 @@ __all__ = [
     "load_checkpoint",
     "mean_and_standard_error",
     "save_checkpoint",
-    "saved_activation_bytes",
 ]

@@ -21,10 +21,10 @@ from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.app.kinds.fields import MintNetLayers
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure
-from invertnet.layers import InvertibleResidual, UniformDequantization, refine_spectral_norms
-from invertnet.logdet import ExactLogDet, PowerSeriesLogDet, UnbiasedLogDet, n_terms_for_bias, truncation_error_bound
+from invertnet.layers import MemorySavingSequential, UniformDequantization
+from invertnet.logdet import ExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import FlowDistribution, dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
-from invertnet.training import BitsPerDim, MemorySavingSequential
+from invertnet.training import BitsPerDim
 from invertnet.training.objectives import bits_per_sample, mean_and_standard_error
 
 if TYPE_CHECKING:
@@ -93,10 +93,6 @@ class MintNetFlowConfig(MintNetLayers, _FlowConfig):
     actnorm: bool = Field(True, description="ActNorm before every grouped layer")
 
 
-def _residual_blocks(flow: FlowDistribution) -> list[InvertibleResidual]:
-    return [module for module in flow.modules() if isinstance(module, InvertibleResidual)]
-
-
 class FlowKind(ModelKind):
     """A normalising flow (:class:`~invertnet.models.FlowDistribution`) trained on unlabelled data."""
 
@@ -119,7 +115,9 @@ class FlowKind(ModelKind):
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
         flow: FlowDistribution = model  # type: ignore[assignment]
         summary: dict[str, Any] = {"run_dir": str(run_dir)}
-        summary["evaluation_estimator"] = _use_evaluation_estimator(flow, config, data.test[0].numel())
+        summary["evaluation_estimator"] = flow.use_evaluation_estimator(
+            data.test[0].numel(), bias_bits=config.evaluation.bias_bits, max_terms=config.evaluation.max_terms
+        )
         summary["test"] = _bits_per_dim(flow, data.test, config)
         summary["reconstruction"] = reconstruction(flow, data.test[:256])
         _figures(flow, run_dir, data.levels, data.test)
@@ -135,21 +133,6 @@ class FlowKind(ModelKind):
         return model.transform  # type: ignore[return-value]
 
 
-def _use_evaluation_estimator(flow: FlowDistribution, config: RunConfig, dim: int) -> dict[str, float]:
-    """Thesis A.2: pick the series length so that the truncation bias is below ``bias_bits`` bits/dim."""
-    blocks = _residual_blocks(flow)
-    if getattr(config.model, "log_det", None) == "exact" or not blocks:
-        return {"n_terms": 0, "bias_bound_bits": 0.0}
-    refine_spectral_norms(flow)
-    lipschitz = max(block.lipschitz_bound() or 0.0 for block in blocks)
-    per_block_nats = config.evaluation.bias_bits * dim * math.log(2) / len(blocks)
-    n_terms = min(n_terms_for_bias(lipschitz, dim, per_block_nats), config.evaluation.max_terms)
-    bias_bits = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
-    for block in blocks:
-        block.log_det_estimator = PowerSeriesLogDet(n_terms, probe="rademacher")
-    return {"n_terms": n_terms, "bias_bound_bits": bias_bits, "lipschitz_bound": lipschitz}
-
-
 @torch.no_grad()
 def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch_size: int = 256) -> dict[str, Any]:
     """Test bits/dim averaged over passes with fresh probes until the probe standard error is small (thesis A.2).
@@ -157,7 +140,7 @@ def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch
     ``standard_error`` is over test samples (the data's spread, the usual error bar); ``probe_standard_error``
     is the Monte-Carlo error of the log-det estimator, from the spread of the pass means.
     """
-    stochastic = any(not block.log_det_estimator.exact for block in _residual_blocks(flow))
+    stochastic = any(not block.log_det_estimator.exact for block in flow.residual_blocks())
     passes: list[Tensor] = []
     while True:
         passes.append(bits_per_sample(flow, data, batch_size))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from invertnet.core import InvertibleModule, InvertibleSequential, check_input
-from invertnet.layers.spectral import _SpectralNormMixin
+from invertnet.layers.spectral import SpectralNormLayer
 
 __all__ = ["MemorySavingSequential", "saved_activation_bytes"]
 
@@ -85,7 +85,7 @@ def _as_in_forward(part: nn.Module, record: _PartRecord, from_start: bool) -> It
     Restores the current buffers afterwards."""
     current = dict(part.named_buffers())
     start = record.initial_buffers if from_start else None
-    spectral = [m for m in part.modules() if isinstance(m, _SpectralNormMixin) and m.training]
+    spectral = [m for m in part.modules() if isinstance(m, SpectralNormLayer) and m.training]
     frozen = spectral if start is None else []
     _assign_buffers(part, record.buffers if start is None else start)
     for module in frozen:
@@ -305,7 +305,7 @@ class MemorySavingSequential(InvertibleSequential):
     def _check_reconstructible(self) -> None:
         for index, part in enumerate(self.parts):
             for module in part.modules():
-                if module.training and getattr(module, "batch_statistics_in_training", False):
+                if isinstance(module, InvertibleModule) and module.training and module.batch_statistics_in_training:
                     raise ValueError(
                         f"MemorySavingSequential: part {index} ({type(part).__name__}) contains a "
                         f"{type(module).__name__} in training mode; its output depends on the batch statistics and "

@@ -1,0 +1,255 @@
+"""The generic solver suite: every solver on every problem it applies to, through the same checks (STYLE.md 4-5).
+
+A problem is a map F acting per sample with a target y; a solver adapter solves F(x) = y and says in which
+per-sample norm it measures the residual. The expected status of each (problem, solver) pair is listed
+explicitly, so a success is as much a claim as a reported failure (lineax ``tests/test_singular.py``).
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from invertnet import ConvergenceError, InverseResult, SolverStatus
+from invertnet.solvers import fixed_point, gmres, newton, sequential_solve, triangular_newton
+
+DOUBLE = torch.float64
+BATCH, DIM = 3, 4
+
+
+@dataclass
+class Problem:
+    """F(x) = y per sample; ``diagonal`` (triangular problems) is the diagonal of J_F and ``min_slope`` its
+    lower bound; ``lipschitz`` bounds Lip(F - id) when that is a contraction; ``matrix`` for linear maps."""
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    y: torch.Tensor
+    x0: torch.Tensor
+    lipschitz: float | None = None
+    diagonal: Callable[[torch.Tensor], torch.Tensor] | None = None
+    min_slope: float | None = None
+    linear: bool = False
+
+
+def _matrix(scale: float) -> torch.Tensor:
+    """A fixed random matrix with spectral norm ``scale``."""
+    a = torch.randn(DIM, DIM, dtype=DOUBLE, generator=torch.Generator().manual_seed(1))
+    return scale * a / torch.linalg.matrix_norm(a, ord=2)
+
+
+def _apply(matrix: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x @ matrix.T
+
+
+def _targets() -> torch.Tensor:
+    return torch.randn(BATCH, DIM, dtype=DOUBLE, generator=torch.Generator().manual_seed(2))
+
+
+def _contraction() -> Problem:
+    """F(x) = x + 0.6 tanh(A x), ||A|| = 1: Lip(F - id) = 0.6 (Banach: one root, found by iteration)."""
+    a = _matrix(1.0)
+    y = _targets()
+    return Problem(lambda x: x + 0.6 * torch.tanh(x @ a.T), y, y.clone(), lipschitz=0.6)
+
+
+def _linear() -> Problem:
+    """F(x) = (I + B) x with ||B|| = 0.3: well conditioned, also a contraction in fixed-point form."""
+    matrix = torch.eye(DIM, dtype=DOUBLE) + _matrix(0.3)
+    y = _targets()
+    return Problem(_apply(matrix), y, y.clone(), lipschitz=0.3, linear=True)
+
+
+def _smooth() -> Problem:
+    """F(x) = x^3 + x + 0.5 A x with ||A|| = 1, from a far start: not a contraction, Newton's problem."""
+    a = _matrix(1.0)
+    y = 5 * _targets()
+    return Problem(lambda x: x**3 + x + 0.5 * x @ a.T, y, torch.zeros_like(y))
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+def _triangular() -> Problem:
+    """F_p(x) = x_p / 2 + tanh(x_p + x_{p-1}): lower triangular Jacobian with diagonal >= 1/2."""
+    y = 2 * _targets()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + torch.tanh(x + _shift(x))
+
+    def diagonal(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + 1 - torch.tanh(x + _shift(x)) ** 2
+
+    return Problem(f, y, y.clone(), diagonal=diagonal, min_slope=0.5)
+
+
+def _singular() -> Problem:
+    """F(x) = P x with P the projection on the first two coordinates, y outside the range: no solution."""
+    projection = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=DOUBLE))
+    y = _targets()
+    return Problem(_apply(projection), y, torch.zeros_like(y), linear=True)
+
+
+def _divergent() -> Problem:
+    """F(x) = -2x: harmless for Newton and GMRES, but x <- y - g(x) with g(x) = -3x expands threefold."""
+    y = _targets()
+    return Problem(lambda x: -2 * x, y, y.clone(), linear=True)
+
+
+def _decreasing_triangular() -> Problem:
+    """F(x) = -2 x claimed increasing with slope >= 1: the triangular solvers' precondition is violated."""
+    y = _targets()
+    return Problem(lambda x: -2 * x, y, y.clone(), diagonal=lambda x: torch.full_like(x, -2.0), min_slope=1.0)
+
+
+def _with_nan(problem: Problem) -> Problem:
+    y = problem.y.clone()
+    y[1, 2] = float("nan")
+    problem.y = y
+    problem.x0 = torch.where(torch.isfinite(problem.x0), problem.x0, 0.0)
+    return problem
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "contraction": _contraction,
+    "linear": _linear,
+    "smooth": _smooth,
+    "triangular": _triangular,
+    "singular": _singular,
+    "divergent": _divergent,
+    "decreasing_triangular": _decreasing_triangular,
+    "nan_contraction": lambda: _with_nan(_contraction()),
+    "nan_linear": lambda: _with_nan(_linear()),
+    "nan_triangular": lambda: _with_nan(_triangular()),
+}
+
+
+@dataclass
+class Solver:
+    """An adapter: ``solve(problem, strict)`` and the order of the norm its residual is measured in."""
+
+    solve: Callable[[Problem, bool], InverseResult]
+    norm: float
+
+
+def _fixed_point(method: str) -> Solver:
+    def solve(p: Problem, strict: bool) -> InverseResult:
+        return fixed_point(lambda x: x - (p.f(x) - p.y), p.x0, lipschitz=p.lipschitz, method=method, strict=strict)
+
+    return Solver(solve, 2.0)
+
+
+def _newton(jacobian: str) -> Solver:
+    return Solver(lambda p, strict: newton(p.f, p.x0, p.y, jacobian=jacobian, strict=strict), 2.0)
+
+
+def _gmres(p: Problem, strict: bool) -> InverseResult:
+    return gmres(p.f, p.y, strict=strict)
+
+
+def _map_and_diagonal(p: Problem) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return lambda x: (p.f(x), p.diagonal(x))
+
+
+def _triangular_newton(p: Problem, strict: bool) -> InverseResult:
+    return triangular_newton(_map_and_diagonal(p), p.y, p.min_slope, x0=p.x0, strict=strict)
+
+
+def _sequential(p: Problem, strict: bool) -> InverseResult:
+    return sequential_solve(_map_and_diagonal(p), p.y, p.min_slope, strict=strict)
+
+
+SOLVERS: dict[str, Solver] = {
+    "fixed_point": _fixed_point("iteration"),
+    "anderson": _fixed_point("anderson"),
+    "newton_dense": _newton("dense"),
+    "newton_krylov": _newton("krylov"),
+    "gmres": Solver(_gmres, 2.0),
+    "triangular_newton": Solver(_triangular_newton, math.inf),
+    "sequential": Solver(_sequential, math.inf),
+}
+
+S = SolverStatus
+#: (problem, solver) -> expected status, for every pair where the solver applies: fixed-point solvers need
+#: F - id contractive or report why not, GMRES needs a linear map, triangular solvers a triangular one.
+EXPECTED: dict[tuple[str, str], SolverStatus] = {
+    **{("contraction", s): S.SUCCESS for s in ("fixed_point", "anderson", "newton_dense", "newton_krylov")},
+    **{("linear", s): S.SUCCESS for s in ("fixed_point", "anderson", "newton_dense", "newton_krylov", "gmres")},
+    **{("smooth", s): S.SUCCESS for s in ("newton_dense", "newton_krylov")},
+    ("smooth", "fixed_point"): S.DIVERGED,  # x <- y - x^3 - 0.5 A x blows up from the far start
+    **{("triangular", s): S.SUCCESS for s in ("triangular_newton", "sequential", "newton_dense", "newton_krylov")},
+    ("singular", "newton_dense"): S.SINGULAR,
+    ("singular", "newton_krylov"): S.SINGULAR,
+    ("singular", "gmres"): S.SINGULAR,  # the Hessenberg matrix's condition number bounds cond(P) = inf
+    ("singular", "fixed_point"): S.MAX_ITER,
+    ("divergent", "fixed_point"): S.DIVERGED,
+    ("divergent", "newton_dense"): S.SUCCESS,
+    ("divergent", "gmres"): S.SUCCESS,
+    ("decreasing_triangular", "triangular_newton"): S.DIVERGED,
+    ("decreasing_triangular", "sequential"): S.MAX_ITER,  # its brackets walk away from the root, more slowly
+    **{("nan_contraction", s): S.NONFINITE for s in ("fixed_point", "anderson", "newton_dense", "newton_krylov")},
+    ("nan_linear", "gmres"): S.NONFINITE,
+    **{("nan_triangular", s): S.NONFINITE for s in ("triangular_newton", "sequential")},
+}
+CASES = sorted(EXPECTED)
+
+
+def test_every_solver_and_problem_is_exercised():
+    assert {solver for _, solver in EXPECTED} == set(SOLVERS)
+    assert {problem for problem, _ in EXPECTED} == set(PROBLEMS)
+
+
+@pytest.fixture(params=CASES, ids=[f"{problem}-{solver}" for problem, solver in CASES])
+def case(request):
+    problem_name, solver_name = request.param
+    return PROBLEMS[problem_name](), SOLVERS[solver_name], EXPECTED[request.param]
+
+
+def _residual(problem: Problem, x: torch.Tensor, order: float) -> torch.Tensor:
+    return torch.linalg.vector_norm((problem.f(x) - problem.y).flatten(1), ord=order, dim=1)
+
+
+def test_status_and_record(case):
+    problem, solver, expected = case
+    result = solver.solve(problem, False)
+    assert result.status is expected, result.summary()
+    assert result.value.shape == problem.y.shape
+    assert result.converged.shape == (BATCH,) and result.converged.dtype == torch.bool
+    assert result.residual is not None and result.residual.shape == (BATCH,)
+    assert result.residual_history
+    assert result.success == (expected is S.SUCCESS)
+    if expected is S.NONFINITE:  # found before or at the first evaluation
+        assert not result.converged.all()
+        return
+    assert result.iterations >= 1
+    # the recorded residual is that of the returned value
+    torch.testing.assert_close(result.residual, _residual(problem, result.value, solver.norm), rtol=1e-6, atol=1e-14)
+    if expected is S.SUCCESS:
+        assert result.converged.all()
+        tolerance = 1e-10 * (1 + torch.linalg.vector_norm(problem.y.flatten(1), ord=solver.norm, dim=1))
+        assert (result.residual <= tolerance).all()
+    else:
+        assert not result.converged.all()
+
+
+def test_strict_raises_naming_the_status(case):
+    problem, solver, expected = case
+    if expected is S.SUCCESS:
+        assert solver.solve(problem, True).status is S.SUCCESS
+        return
+    with pytest.raises(ConvergenceError, match=expected.name.lower()) as caught:
+        solver.solve(problem, True)
+    assert caught.value.result.status is expected
+    assert expected.value in str(caught.value)
+
+
+def test_error_bound_holds_where_a_lipschitz_bound_is_known():
+    """Lemma 4.5 of the thesis restarted at x: |x - x*| <= |F(x) - y| / (1 - L), checked against a tight solve."""
+    problem = _contraction()
+    loose = fixed_point(lambda x: x - (problem.f(x) - problem.y), problem.x0, atol=1e-4, rtol=0.0, lipschitz=0.6)
+    exact = fixed_point(lambda x: x - (problem.f(x) - problem.y), problem.x0, atol=1e-14, rtol=0.0, lipschitz=0.6)
+    distance = torch.linalg.vector_norm(loose.value - exact.value, dim=1)
+    assert loose.error_bound is not None and (distance <= loose.error_bound).all()
+    assert (distance > 0).all()

@@ -24,7 +24,6 @@ from torch import Tensor  # noqa: E402
 
 from invertnet.analysis import (  # noqa: E402
     Certificate,
-    IndependenceCrossEntropy,
     certify,
     metameric_sample,
     nuisance_probe,
@@ -50,6 +49,7 @@ from invertnet.logdet import (  # noqa: E402
     truncation_error_bound,
 )
 from invertnet.models import (  # noqa: E402
+    ConditionalGAN,
     FlowDistribution,
     FullyInvertibleClassifier,
     InvertibleClassifier,
@@ -64,8 +64,8 @@ from invertnet.recovery.gan_runs import build_gan, finish_gan, gan_images, recov
 from invertnet.spectra_runs import build_spectra_model, finish_spectra, is_spectra, load_spectra  # noqa: E402
 from invertnet.training import (  # noqa: E402
     AdversarialLoss,
-    ConditionalGAN,
     CrossEntropy,
+    IndependenceCrossEntropy,
     MemorySavingSequential,
     TrainConfig,
     Trainer,

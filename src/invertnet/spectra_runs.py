@@ -22,10 +22,10 @@ from torch import Tensor, nn  # noqa: E402
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins  # noqa: E402
 from invertnet.config import DataConfig, RunConfig  # noqa: E402
 from invertnet.data import SpectraDataset, isotope_pattern_bin_counts, read_imzml, synthetic_spectra  # noqa: E402
+from invertnet.data.folds import grouped_folds  # noqa: E402
 from invertnet.figures import save_figure  # noqa: E402
 from invertnet.models.spectra import IsotopeNet, ResidualNet  # noqa: E402
-from invertnet.training.crossval import balanced_accuracy, grouped_folds  # noqa: E402
-from invertnet.training.objectives import CrossEntropy  # noqa: E402
+from invertnet.training.objectives import CrossEntropy, balanced_accuracy  # noqa: E402
 
 __all__ = [
     "build_spectra_model",

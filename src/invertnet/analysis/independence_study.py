@@ -15,16 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from invertnet.analysis.invariance import (  # noqa: E402
-    IndependenceCrossEntropy,
-    metameric_sample,
-    nuisance_probe,
-)
+from invertnet.analysis.invariance import metameric_sample, nuisance_probe  # noqa: E402
 from invertnet.data import load_digits  # noqa: E402
 from invertnet.figures import save_figure  # noqa: E402
 from invertnet.layers import refine_spectral_norms  # noqa: E402
 from invertnet.models.classifiers import FullyInvertibleClassifier, fully_invertible_classifier  # noqa: E402
-from invertnet.training.objectives import CrossEntropy  # noqa: E402
+from invertnet.training.objectives import CrossEntropy, IndependenceCrossEntropy  # noqa: E402
 
 __all__ = ["independence_study", "partners_of_other_classes"]
 

@@ -16,10 +16,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from invertnet.config import RunConfig  # noqa: E402
+from invertnet.models.gan import ConditionalGAN  # noqa: E402
 from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator, save_generator  # noqa: E402
 from invertnet.recovery.masks import make_mask  # noqa: E402
 from invertnet.recovery.recover import recover  # noqa: E402
-from invertnet.training.objectives import AdversarialLoss, ConditionalGAN  # noqa: E402
+from invertnet.training.objectives import AdversarialLoss  # noqa: E402
 
 __all__ = ["build_gan", "finish_gan", "gan_images", "recovery_check"]
 

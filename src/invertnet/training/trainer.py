@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ class Trainer:
         """One optimiser step; returns the batch's loss (for flows: mean bits/dim, training-mode estimate)."""
         return self._run(self.step + 1, progress=False)[0]
 
-    def _run(self, until: int, progress: bool, callback: Any = None) -> list[float]:
+    def _run(self, until: int, progress: bool, callback: Callable[[int, float], None] | None = None) -> list[float]:
         return run_steps(
             self.loss,
             self._batches,

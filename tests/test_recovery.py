@@ -220,8 +220,8 @@ def test_png_images_and_masks_are_read_with_their_value_range(tmp_path):
 
 
 def test_adversarial_loss_gives_each_player_only_its_own_gradient():
-    from invertnet.models import DCGANDiscriminator
-    from invertnet.training import AdversarialLoss, ConditionalGAN
+    from invertnet.models import ConditionalGAN, DCGANDiscriminator
+    from invertnet.training import AdversarialLoss
 
     gan = ConditionalGAN(DCGANGenerator(4, 3, 1, 2, 8), DCGANDiscriminator(3, 1, 2, 8), latent_dim=4).double()
     images, labels = torch.rand(6, 1, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
+from invertnet.data import grouped_folds
 from invertnet.models.spectra import IsotopeNet, LocallyConnected1d, ResidualLayer1d, ResidualNet, receptive_field
-from invertnet.training.crossval import balanced_accuracy, grouped_folds
+from invertnet.training import balanced_accuracy
 
 
 def _trainable(module: nn.Module) -> int:

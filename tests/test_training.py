@@ -38,7 +38,7 @@ def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(tmp_p
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=name)
-    torch.testing.assert_close(resumed.ema[0], uninterrupted.ema[0], atol=0, rtol=0)
+    torch.testing.assert_close(resumed.state.ema[0], uninterrupted.state.ema[0], atol=0, rtol=0)
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
@@ -117,12 +117,10 @@ def test_invalid_config_names_the_setting(settings, match):
 
 
 def test_step_schedule_with_milestones():
-    from invertnet.training.trainer import _optimizer, _schedule
-
     config = TrainConfig(lr=1.0, schedule="step", gamma=0.1, milestones=[2, 4])
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = _optimizer(config, [parameter])
-    schedule = _schedule(config, optimizer)
+    optimizer = config.make_optimizer([parameter])
+    schedule = config.make_schedule(optimizer)
     rates = []
     for _ in range(5):
         rates.append(optimizer.param_groups[0]["lr"])

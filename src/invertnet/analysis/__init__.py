@@ -1,13 +1,12 @@
 """Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages,
-inverse stability, invariance (metameric sampling; the adversarial spheres in ``analysis.spheres``)."""
+inverse stability, invariance (metameric sampling, the nuisance probe; the adversarial spheres in
+``analysis.spheres``)."""
 
 from invertnet.analysis.certificates import BlockCertificate as BlockCertificate
 from invertnet.analysis.certificates import Certificate as Certificate
 from invertnet.analysis.certificates import LayerNorm as LayerNorm
 from invertnet.analysis.certificates import certify as certify
 from invertnet.analysis.certificates import plot_certificate as plot_certificate
-from invertnet.analysis.invariance import IndependenceCrossEntropy as IndependenceCrossEntropy
-from invertnet.analysis.invariance import IndependenceLosses as IndependenceLosses
 from invertnet.analysis.invariance import metameric_sample as metameric_sample
 from invertnet.analysis.invariance import nuisance_probe as nuisance_probe
 from invertnet.analysis.preimages import PreimageResult as PreimageResult
@@ -24,7 +23,6 @@ from invertnet.analysis.stability import plot_layer_spectra as plot_layer_spectr
 
 __all__ = [
     "BlockCertificate",
-    "IndependenceCrossEntropy",
     "Certificate",
     "ConvNormBounds",
     "LayerNorm",
@@ -37,6 +35,7 @@ __all__ = [
     "layer_spectra",
     "lemma_3_5_bounds",
     "metameric_sample",
+    "nuisance_probe",
     "plot_certificate",
     "plot_layer_spectra",
     "relu_mlp_preimages",

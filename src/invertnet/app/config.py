@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from invertnet.app.kinds import KINDS
+from invertnet.training import TrainConfig
 
 __all__ = [
     "CONFIG_VERSION",
@@ -74,26 +75,6 @@ class DataConfig(_Strict):
     fold: int = Field(0, ge=0, description="spectra: the fold used as test data")
 
 
-class TrainSettings(_Strict):
-    """Fields of :class:`~invertnet.training.TrainConfig`."""
-
-    steps: int = Field(1000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamax", "amsgrad"] = "adam"
-    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the optimiser")
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_size: int = Field(1000, gt=0)
-    gamma: float = Field(0.5, gt=0)
-    milestones: list[int] = Field([], description="step schedule: steps at which the rate is multiplied by gamma")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    eval_every: int = Field(0, ge=0)
-    checkpoint_every: int = Field(0, ge=0)
-    seed: int = 0
-
-
 class EvalSettings(_Strict):
     """Evaluation (thesis A.2): series terms chosen so that the truncation bias is below ``bias_bits``, and
     passes with fresh Hutchinson probes averaged until their standard error is below ``probe_standard_error_bits``."""
@@ -110,7 +91,7 @@ class RunConfig(_Strict):
     name: str
     data: DataConfig
     model: ModelConfig  # type: ignore[valid-type]
-    train: TrainSettings = TrainSettings()
+    train: TrainConfig = TrainConfig()
     evaluation: EvalSettings = EvalSettings()
     output_dir: str = "runs"
     config_version: Literal[2] = Field(CONFIG_VERSION, description="layout of this file (run folders record it)")

@@ -22,7 +22,7 @@ from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
 from invertnet.figures import save_figure
-from invertnet.training import TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+from invertnet.training import Trainer, latest_checkpoint, load_checkpoint
 from invertnet.training.distributed import is_main_process
 
 __all__ = [
@@ -82,9 +82,8 @@ def train_run(
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
-    settings = TrainConfig(**config.train.model_dump())
     objective = kind.objective(model, config)
-    trainer = Trainer(model, data.train, settings, run_dir, test_data=None, progress=progress, objective=objective)
+    trainer = Trainer(model, data.train, config.train, run_dir, test_data=None, progress=progress, objective=objective)
     if resume:
         trainer.resume()
     trainer.fit()

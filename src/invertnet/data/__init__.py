@@ -1,7 +1,8 @@
 """Data: 2-D toy densities, scikit-learn's digits, MNIST, CIFAR-10, image folders and mass spectra (synthetic
-peptide spectra, imzML files) from local files. Nothing downloads."""
+peptide spectra, imzML files) from local files, and cross-validation folds by groups. Nothing downloads."""
 
 from invertnet.data.folders import load_image_folder as load_image_folder
+from invertnet.data.folds import grouped_folds as grouped_folds
 from invertnet.data.images import DIGITS_LEVELS as DIGITS_LEVELS
 from invertnet.data.images import load_cifar10 as load_cifar10
 from invertnet.data.images import load_digits as load_digits
@@ -25,6 +26,7 @@ __all__ = [
     "SpectraDataset",
     "averagine_formula",
     "centered_levels",
+    "grouped_folds",
     "isotope_pattern",
     "isotope_pattern_bin_counts",
     "isotope_pattern_bins",

@@ -11,16 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertnet.analysis.invariance import (
-    IndependenceCrossEntropy,
-    metameric_sample,
-    nuisance_probe,
-)
+from invertnet.analysis.invariance import metameric_sample, nuisance_probe
 from invertnet.data import DIGITS_LEVELS, centered_levels, load_digits
 from invertnet.figures import save_figure
 from invertnet.layers import refine_spectral_norms
 from invertnet.models.classifiers import FullyInvertibleClassifier, fully_invertible_classifier
-from invertnet.training.objectives import CrossEntropy
+from invertnet.training import CrossEntropy, IndependenceCrossEntropy, fit
 
 __all__ = ["independence_study", "partners_of_other_classes"]
 
@@ -36,20 +32,6 @@ def partners_of_other_classes(labels: Tensor, generator: torch.Generator) -> Ten
     return partners
 
 
-def _fit(objective: nn.Module, data: tuple[Tensor, Tensor], steps: int) -> None:
-    """Adam (lr 3e-3, cosine schedule) on ``objective((x, y))`` over random batches of 64, all its parameters."""
-    optimizer = torch.optim.Adam(objective.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    x, y = data
-    for _ in range(steps):
-        batch = torch.randint(0, len(x), (64,))
-        value = objective((x[batch], y[batch]))
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-        schedule.step()
-
-
 def _judge(train: tuple[Tensor, Tensor], steps: int) -> nn.Module:
     """An ordinary CNN (not invertible, trained apart) that says which digit an image shows."""
     net = nn.Sequential(
@@ -60,7 +42,7 @@ def _judge(train: tuple[Tensor, Tensor], steps: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 16, 10),
     )
-    _fit(CrossEntropy(net), train, steps)
+    fit(CrossEntropy(net), train, steps=steps, lr=3e-3, schedule="cosine")
     return net.eval()
 
 
@@ -95,7 +77,8 @@ def independence_study(
         torch.manual_seed(seed)
         model = fully_invertible_classifier((1, 8, 8), 10, 4, 32, 2, 0.9, dense_blocks=dense_blocks)
         independent = name == "independence"
-        _fit(IndependenceCrossEntropy(model, 64 - 10) if independent else CrossEntropy(model), train, steps)
+        objective = IndependenceCrossEntropy(model, 64 - 10) if independent else CrossEntropy(model)
+        fit(objective, train, steps=steps, lr=3e-3, schedule="cosine", seed=seed)
         refine_spectral_norms(model)
         model.eval()
         samples[name] = _metameric(model, x, reference)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertnet.analysis.certificates import certify
@@ -27,6 +26,7 @@ from invertnet.core import InvertibleSequential
 from invertnet.data import DIGITS_LEVELS, centered_levels, load_digits
 from invertnet.figures import save_figure
 from invertnet.layers import InvertibleResidual, LipschitzMLP, refine_spectral_norms
+from invertnet.training import CrossEntropy, fit
 
 __all__ = [
     "cnn_spectra_study",
@@ -38,19 +38,6 @@ __all__ = [
 ]
 
 _KINDS = ("unbounded", "polytope", "point")
-
-
-def _train_classifier(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, seed: int) -> None:
-    """Adam on the cross-entropy, batches of 64 drawn with a seeded generator, in training mode."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(x), (64,), generator=generator)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 def two_circles(n: int, generator: torch.Generator, noise: float = 0.08) -> tuple[Tensor, Tensor]:
@@ -69,11 +56,8 @@ def two_circles_study(output_dir: str | Path, resolution: int = 40, steps: int =
     x, y = two_circles(1000, generator)
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).double()
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
+    fit(CrossEntropy(net), (x, y), steps=steps, batch_size=len(x), lr=0.02)  # full batch
+    net.eval()
     accuracy = (net(x).argmax(1) == y).double().mean().item()
     axis = torch.linspace(-1.5, 1.5, resolution, dtype=torch.float64)
     grid = torch.cartesian_prod(axis, axis)[:, [1, 0]]  # row-major over (x2, x1)
@@ -141,7 +125,8 @@ def vanilla_vs_iresnet(
     for name, constrained in (("vanilla", False), ("i-resnet", True)):
         torch.manual_seed(seed)
         model = _residual_classifier(constrained, width, n_blocks, coeff)
-        _train_classifier(nn.Sequential(model["body"], model["head"]), x_train, y_train, steps, 1e-3, seed)
+        classifier = nn.Sequential(model["body"], model["head"])
+        fit(CrossEntropy(classifier), (x_train, y_train), steps=steps, lr=1e-3, seed=seed)
         refine_spectral_norms(model)
         model.eval()
         with torch.no_grad():
@@ -177,7 +162,7 @@ def cnn_spectra_study(output_dir: str | Path, steps: int = 400, seed: int = 0) -
         nn.Flatten(),
         nn.Linear(64, 10),
     )
-    _train_classifier(net, x_train, y_train, steps, 3e-3, seed)
+    fit(CrossEntropy(net), (x_train, y_train), steps=steps, lr=3e-3, seed=seed)
     spectra = layer_spectra(net, x_test[0])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +220,7 @@ def reconstruction_study(
         model = iresnet_classifier(
             (1, 8, 8), 10, n_blocks=2, hidden_channels=32, n_stages=2, coeff=coeff, pad_channels=4
         )
-        _train_classifier(model, x_train, y_train, steps, 3e-3, seed)
+        fit(CrossEntropy(model), (x_train, y_train), steps=steps, lr=3e-3, seed=seed)
         refine_spectral_norms(model)
         pad, *parts = model.body.double().eval()  # the padding is applied, not inverted
         body = InvertibleSequential(*parts)

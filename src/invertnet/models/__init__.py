@@ -1,5 +1,5 @@
-"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers, generative networks, and the
-mass-spectra classifiers IsotopeNet and ResidualNet (thesis ch. 7)."""
+"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers, generative networks and a
+conditional GAN, and the mass-spectra classifiers IsotopeNet and ResidualNet (thesis ch. 7)."""
 
 from invertnet.models.classifiers import FullyInvertibleClassifier as FullyInvertibleClassifier
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
@@ -8,6 +8,7 @@ from invertnet.models.classifiers import iresnet_classifier as iresnet_classifie
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
+from invertnet.models.gan import ConditionalGAN as ConditionalGAN
 from invertnet.models.generators import DCGANDiscriminator as DCGANDiscriminator
 from invertnet.models.generators import DCGANGenerator as DCGANGenerator
 from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
@@ -22,6 +23,7 @@ from invertnet.models.spectra import ResidualNet as ResidualNet
 __all__ = [
     "IsotopeNet",
     "ResidualNet",
+    "ConditionalGAN",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "FlowDistribution",

@@ -1,31 +1,46 @@
-"""Training: the trainer, its objectives (maximum likelihood, classification, GAN) and atomic, verified checkpoints.
-Memory-saving backpropagation through invertible compositions is the layer
-``invertnet.layers.MemorySavingSequential``."""
+"""Training: one loop that needs no files (:func:`fit`), the :class:`Trainer` that adds run folders (checkpoints,
+metrics, evaluation, exact resume, DDP) on top of it, the settings both use, the objectives (maximum likelihood,
+classification, GAN, independence cross-entropy) and atomic verified checkpoints. Memory-saving backpropagation
+through invertible compositions is the layer ``invertnet.layers.MemorySavingSequential``."""
 
+from invertnet.training.batches import batch_source as batch_source
 from invertnet.training.checkpoint import CheckpointError as CheckpointError
 from invertnet.training.checkpoint import latest_checkpoint as latest_checkpoint
 from invertnet.training.checkpoint import load_checkpoint as load_checkpoint
 from invertnet.training.checkpoint import save_checkpoint as save_checkpoint
+from invertnet.training.loop import FitResult as FitResult
+from invertnet.training.loop import TrainState as TrainState
+from invertnet.training.loop import fit as fit
 from invertnet.training.objectives import AdversarialLoss as AdversarialLoss
 from invertnet.training.objectives import BitsPerDim as BitsPerDim
-from invertnet.training.objectives import ConditionalGAN as ConditionalGAN
 from invertnet.training.objectives import CrossEntropy as CrossEntropy
+from invertnet.training.objectives import IndependenceCrossEntropy as IndependenceCrossEntropy
+from invertnet.training.objectives import IndependenceLosses as IndependenceLosses
+from invertnet.training.objectives import balanced_accuracy as balanced_accuracy
 from invertnet.training.objectives import bits_per_sample as bits_per_sample
 from invertnet.training.objectives import mean_and_standard_error as mean_and_standard_error
-from invertnet.training.trainer import TrainConfig as TrainConfig
+from invertnet.training.objectives import random_shift as random_shift
+from invertnet.training.settings import TrainConfig as TrainConfig
 from invertnet.training.trainer import Trainer as Trainer
 
 __all__ = [
     "AdversarialLoss",
     "BitsPerDim",
     "CheckpointError",
-    "ConditionalGAN",
     "CrossEntropy",
+    "FitResult",
+    "IndependenceCrossEntropy",
+    "IndependenceLosses",
     "TrainConfig",
+    "TrainState",
     "Trainer",
+    "balanced_accuracy",
+    "batch_source",
     "bits_per_sample",
+    "fit",
     "latest_checkpoint",
     "load_checkpoint",
     "mean_and_standard_error",
+    "random_shift",
     "save_checkpoint",
 ]

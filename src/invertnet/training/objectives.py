@@ -7,24 +7,28 @@ An objective maps a batch to a scalar loss (``forward``) and a data set to its t
 from __future__ import annotations
 
 import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from invertnet.models.classifiers import FullyInvertibleClassifier
 from invertnet.models.flows import FlowDistribution
+from invertnet.models.gan import ConditionalGAN
 
 __all__ = [
     "AdversarialLoss",
     "BitsPerDim",
-    "ConditionalGAN",
     "CrossEntropy",
+    "IndependenceCrossEntropy",
+    "IndependenceLosses",
+    "balanced_accuracy",
     "bits_per_sample",
     "mean_and_standard_error",
+    "random_shift",
 ]
-
-Batch = Tensor | tuple[Tensor, ...]
 
 
 @torch.no_grad()
@@ -36,6 +40,20 @@ def bits_per_sample(flow: FlowDistribution, data: Tensor, batch_size: int = 256)
 def mean_and_standard_error(bits: Tensor) -> dict[str, float]:
     """``{"bits_per_dim": mean, "standard_error": std / sqrt(N)}`` over samples."""
     return {"bits_per_dim": bits.mean().item(), "standard_error": (bits.std() / math.sqrt(len(bits))).item()}
+
+
+def balanced_accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """The mean over classes of the recall, (1/C) sum_c TP_c / P_c (thesis 7.4.1: for two classes
+    (TP/P + TN/N) / 2); classes absent from ``labels`` are skipped.
+
+    Example:
+        >>> balanced_accuracy(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 1]))  # recalls 1 and 1/2
+        0.75
+    """
+    if predictions.shape != labels.shape:
+        raise ValueError(f"balanced_accuracy: predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)}")
+    recalls = [(predictions[labels == c] == c).double().mean() for c in torch.unique(labels)]
+    return torch.stack(recalls).mean().item()
 
 
 class BitsPerDim(nn.Module):
@@ -105,25 +123,6 @@ class CrossEntropy(nn.Module):
         }
 
 
-class ConditionalGAN(nn.Module):
-    """A generator and a discriminator trained together (seed 003, 4.3); the trainer's model for GANs.
-
-    Arguments:
-        generator: Maps (z (B, latent_dim), labels (B,)) to images.
-        discriminator: Maps (images, labels) to logits (B,).
-        latent_dim: Dimension of z, drawn from N(0, I).
-    """
-
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, latent_dim: int) -> None:
-        super().__init__()
-        self.generator, self.discriminator, self.latent_dim = generator, discriminator, latent_dim
-
-    def sample(self, labels: Tensor) -> Tensor:
-        """Images G(z, labels) for fresh z ~ N(0, I), one per label."""
-        z = torch.randn(len(labels), self.latent_dim, device=labels.device, dtype=next(self.parameters()).dtype)
-        return self.generator(z, labels)
-
-
 class AdversarialLoss(nn.Module):
     r"""The non-saturating GAN objective as one scalar whose gradient trains both players in one step.
 
@@ -136,7 +135,7 @@ class AdversarialLoss(nn.Module):
     gradient step of the min-max game. Batches are ``(images, labels)``.
 
     Arguments:
-        gan: The :class:`ConditionalGAN`.
+        gan: The :class:`~invertnet.models.ConditionalGAN`.
     """
 
     name = "gan_loss"
@@ -179,4 +178,155 @@ class AdversarialLoss(nn.Module):
             "discriminator_loss": d_total / n,
             "generator_loss": g_total / n,
             "discriminator_accuracy": correct / (2 * n),
+        }
+
+
+NUISANCE_OBJECTIVES = ("confusion", "cross_entropy")
+
+
+class IndependenceLosses(NamedTuple):
+    """The terms of the independence cross-entropy for one batch (batch means)."""
+
+    semantic: Tensor
+    """CE(z_s, y): the logits' cross-entropy (L_sCE of Def. 6.14)."""
+    adversary: Tensor
+    """CE(D_nc(z_n), y) with z_n detached: what the nuisance classifier minimises (-L_nCE)."""
+    nuisance: Tensor
+    """What the bijection minimises through z_n, D_nc's parameters detached: -CE(D_nc(z_n), y) (Def. 6.14) or
+    the confusion CE(D_nc(z_n), uniform) = -mean_j log D_nc(z_n)_j."""
+    nuisance_nll: Tensor
+    """-(log p(z_n) + log|det J_F(x)|) / d in nats per input dimension (L_MLEn of Eq. 6.13)."""
+
+
+class IndependenceCrossEntropy(nn.Module):
+    r"""The independence cross-entropy (Jacobsen, Behrmann, Zemel and Bethge, ICLR 2019; Behrmann's thesis,
+    Definition 6.14) with the likelihood term of the thesis' Eq. 6.13, as one scalar for simultaneous training
+    of the bijection and the nuisance classifier.
+
+    The nuisance classifier D_nc learns to predict y from the nuisance variables z_n; the bijection F_theta
+    (with (z_s, z_n) = F_theta(x) split into logits and nuisance, Definition 6.7) minimises
+
+    .. math:: \mathrm{CE}(z_s, y) + \lambda\, N(D_{\theta_{nc}}(z_n), y)
+        - \frac{\mu}{d} \Big(\sum_k \log p_k\big((z_n)_k\big) + \log|\det J_{F_\theta}(x)|\Big)
+
+    with p_k = N(beta_k, gamma_k^2) a factorial prior with learned beta, gamma (Eq. 6.13). The nuisance term N
+    is, with ``nuisance_objective="cross_entropy"``, -CE(D(z_n), y): exactly the min-max problem
+    min_theta max_theta_nc L_iCE of Def. 6.14, which decreases the variational bound on I(Y; Z_n)
+    (Lemma 6.15). That cross-entropy is unbounded above: the bijection can win by making D confidently
+    wrong instead of uninformed, and on digits it does (the game oscillates and the logits lose about 25
+    points of accuracy, see the issue note). The default ``"confusion"`` makes z_n uninformative by driving D's
+    prediction to the uniform distribution, N = -(1/C) sum_j log D(z_n)_j >= log C, a bounded objective with
+    the same optimum: under the Bayes-optimal D, N = log C exactly when p(y | z_n) is uniform, i.e. z_n holds
+    no information about a balanced label (the bounded divergence the thesis suggests in Remark 6.20).
+    The likelihood term makes z_s and z_n independent (Lemma 6.19) and keeps z_n where the prior puts it; its
+    log-determinant is the body's own (power series and Hutchinson for i-ResNet blocks, thesis 5.1), per
+    input dimension like bits/dim.
+
+    The returned loss is semantic + adversary + lambda nuisance + mu nuisance_nll (see
+    :class:`IndependenceLosses`): the nuisance classifier's parameters receive only the gradient of its own
+    cross-entropy and the bijection's and prior's only that of the objective above
+    (``torch.func.functional_call``), so one optimiser step is a simultaneous gradient step of the game.
+    Batches are ``(x, y)``; pass this module to :func:`~invertnet.training.fit`, or as the trainer's model (it
+    holds both players' parameters) and as its objective. Whether z_n really hides y is for a fresh classifier
+    to tell: :func:`~invertnet.analysis.nuisance_probe`.
+
+    Arguments:
+        classifier: The :class:`~invertnet.models.FullyInvertibleClassifier`; give it dense blocks
+            (``fully_invertible_classifier(dense_blocks=...)``) so that the label can leave every z_n entry.
+        nuisance_features: d - C, the number of nuisance variables.
+        nuisance_classifier: A module mapping z_n (B, d - C) to logits (B, C); by default an MLP with one
+            hidden layer of ``hidden`` units.
+        nuisance_weight: lambda (1 in Def. 6.14).
+        likelihood_weight: mu (1 in Eq. 6.13; 0 for Def. 6.14 alone).
+        nuisance_objective: ``"confusion"`` (default) or ``"cross_entropy"`` (Def. 6.14 as written).
+
+    Example:
+        >>> from invertnet.models import fully_invertible_classifier
+        >>> model = fully_invertible_classifier((1, 4, 4), 2, n_blocks=1, hidden_channels=4, dense_blocks=1)
+        >>> objective = IndependenceCrossEntropy(model, nuisance_features=14, hidden=8)
+        >>> objective((torch.randn(8, 1, 4, 4), torch.randint(0, 2, (8,)))).shape
+        torch.Size([])
+    """
+
+    name = "independence_cross_entropy"
+
+    def __init__(
+        self,
+        classifier: FullyInvertibleClassifier,
+        nuisance_features: int,
+        nuisance_classifier: nn.Module | None = None,
+        hidden: int = 128,
+        nuisance_weight: float = 1.0,
+        likelihood_weight: float = 1.0,
+        nuisance_objective: Literal["confusion", "cross_entropy"] = "confusion",
+    ) -> None:
+        super().__init__()
+        for label, value in (("nuisance_weight", nuisance_weight), ("likelihood_weight", likelihood_weight)):
+            if value < 0:
+                raise ValueError(f"IndependenceCrossEntropy: {label} must be >= 0, got {value}")
+        if nuisance_objective not in NUISANCE_OBJECTIVES:
+            raise ValueError(
+                f"IndependenceCrossEntropy: nuisance_objective must be one of {NUISANCE_OBJECTIVES}, "
+                f"got {nuisance_objective!r}"
+            )
+        if nuisance_features < 1:
+            raise ValueError(f"IndependenceCrossEntropy: need at least one nuisance feature, got {nuisance_features}")
+        self.nuisance_weight, self.likelihood_weight = nuisance_weight, likelihood_weight
+        self.nuisance_objective = nuisance_objective
+        if nuisance_classifier is None:
+            nuisance_classifier = nn.Sequential(
+                nn.Linear(nuisance_features, hidden), nn.ELU(), nn.Linear(hidden, classifier.n_classes)
+            )
+        self.classifier, self.nuisance_classifier = classifier, nuisance_classifier
+        self.prior_mean = nn.Parameter(torch.zeros(nuisance_features))
+        self.prior_log_scale = nn.Parameter(torch.zeros(nuisance_features))
+
+    def losses(self, x: Tensor, y: Tensor) -> IndependenceLosses:
+        """The terms of the objective on a batch x (B, ...), y (B,) (see :class:`IndependenceLosses`)."""
+        z, log_det = self.classifier.body.forward_and_log_det(x)
+        semantic, nuisance = self.classifier.split(z)
+        if nuisance.shape[1] != self.prior_mean.numel():
+            raise ValueError(
+                f"IndependenceCrossEntropy: {nuisance.shape[1]} nuisance variables, built for {self.prior_mean.numel()}"
+            )
+        adversary = self.nuisance_classifier
+        frozen = {name: value.detach() for name, value in adversary.named_parameters()}
+        log_probabilities = functional_call(adversary, frozen, (nuisance,)).log_softmax(1)
+        if self.nuisance_objective == "confusion":
+            nuisance_term = -log_probabilities.mean(1).mean()
+        else:
+            nuisance_term = -F.nll_loss(log_probabilities, y)
+        standardized = (nuisance - self.prior_mean) * torch.exp(-self.prior_log_scale)
+        log_prior = -0.5 * (standardized.square() + math.log(2 * math.pi)) - self.prior_log_scale
+        return IndependenceLosses(
+            semantic=F.cross_entropy(semantic, y),
+            adversary=F.cross_entropy(adversary(nuisance.detach()), y),
+            nuisance=nuisance_term,
+            nuisance_nll=-((log_prior.sum(1) + log_det) / x[0].numel()).mean(),
+        )
+
+    def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        terms = self.losses(*batch)
+        return (
+            terms.semantic
+            + terms.adversary
+            + self.nuisance_weight * terms.nuisance
+            + self.likelihood_weight * terms.nuisance_nll
+        )
+
+    @torch.no_grad()
+    def evaluate(self, data: tuple[Tensor, Tensor], batch_size: int = 256) -> dict[str, float]:
+        """Accuracy and cross-entropy of the logits and of the co-trained nuisance classifier."""
+        x, y = data
+        semantic, nuisance = [], []
+        for chunk in x.split(batch_size):
+            logits, rest = self.classifier.split(self.classifier.features(chunk))
+            semantic.append(logits)
+            nuisance.append(self.nuisance_classifier(rest))
+        semantic_logits, nuisance_logits = torch.cat(semantic), torch.cat(nuisance)
+        return {
+            "accuracy": (semantic_logits.argmax(1) == y).double().mean().item(),
+            "cross_entropy": F.cross_entropy(semantic_logits, y).item(),
+            "nuisance_accuracy": (nuisance_logits.argmax(1) == y).double().mean().item(),
+            "nuisance_cross_entropy": F.cross_entropy(nuisance_logits, y).item(),
         }

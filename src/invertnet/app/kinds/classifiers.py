@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from invertnet.analysis import IndependenceCrossEntropy, nuisance_probe
+from invertnet.analysis import nuisance_probe
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import ModelKind, RunData
 from invertnet.app.kinds.fields import MintNetLayers, ResidualStages
@@ -31,7 +31,7 @@ from invertnet.models import (
     iresnet_classifier,
     mintnet_classifier,
 )
-from invertnet.training import CrossEntropy
+from invertnet.training import CrossEntropy, IndependenceCrossEntropy
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.figures import save_figure
+from invertnet.models.gan import ConditionalGAN
 from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator, save_generator
 from invertnet.recovery.masks import make_mask
 from invertnet.recovery.recover import recover
-from invertnet.training.objectives import AdversarialLoss, ConditionalGAN
+from invertnet.training.objectives import AdversarialLoss
 
 if TYPE_CHECKING:
     from invertnet.app.config import RunConfig

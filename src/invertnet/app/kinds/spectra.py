@@ -18,11 +18,10 @@ from torch import Tensor, nn
 
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
-from invertnet.data import SpectraDataset, read_imzml, synthetic_spectra
+from invertnet.data import SpectraDataset, grouped_folds, read_imzml, synthetic_spectra
 from invertnet.figures import save_figure
 from invertnet.models.spectra import IsotopeNet, ResidualNet
-from invertnet.training.crossval import balanced_accuracy, grouped_folds
-from invertnet.training.objectives import CrossEntropy
+from invertnet.training.objectives import CrossEntropy, balanced_accuracy
 
 if TYPE_CHECKING:
     from invertnet.app.config import DataConfig, RunConfig

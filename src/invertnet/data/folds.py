@@ -1,12 +1,12 @@
-r"""Cross-validation by groups and the balanced accuracy (thesis 7.4: 4-fold cross-validation on the level of
-tissue microarrays, so that spectra of one patient or core never sit in both training and test data)."""
+r"""Cross-validation folds by groups (Behrmann's thesis, 7.4: 4-fold cross-validation on the level of tissue
+microarrays, so that spectra of one patient or core never sit in both training and test data)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_accuracy", "grouped_folds"]
+__all__ = ["grouped_folds"]
 
 
 def grouped_folds(
@@ -58,17 +58,3 @@ def grouped_folds(
         test = torch.isin(groups, torch.stack(fold_groups))
         folds.append((torch.nonzero(~test).flatten(), torch.nonzero(test).flatten()))
     return folds
-
-
-def balanced_accuracy(predictions: Tensor, labels: Tensor) -> float:
-    """The mean over classes of the recall, (1/C) sum_c TP_c / P_c (thesis 7.4.1: for two classes
-    (TP/P + TN/N) / 2); classes absent from ``labels`` are skipped.
-
-    Example:
-        >>> balanced_accuracy(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 1]))  # recalls 1 and 1/2
-        0.75
-    """
-    if predictions.shape != labels.shape:
-        raise ValueError(f"balanced_accuracy: predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)}")
-    recalls = [(predictions[labels == c] == c).double().mean() for c in torch.unique(labels)]
-    return torch.stack(recalls).mean().item()

@@ -1,0 +1,218 @@
+r"""One training loop that needs no files: :func:`fit`, and the step it repeats, shared with the
+:class:`~invertnet.training.Trainer`.
+
+A step draws the step's batch, puts the objective in training mode, computes the loss, checks that it is
+finite, backpropagates, clips the gradient norm, steps the optimiser and the learning-rate schedule, and
+updates the exponential moving average (EMA) of the weights:
+
+.. math:: \bar\theta_{t+1} = \alpha\, \bar\theta_t + (1 - \alpha)\, \theta_{t+1}
+
+with :math:`\alpha` = ``ema_decay``: exponentially weighted iterate averaging (after Polyak and Juditsky, 1992),
+with which Behrmann's thesis (appendix A.2) evaluates flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from invertnet.training.batches import BatchSource, TrainData, batch_source, shard
+from invertnet.training.settings import TrainConfig
+
+__all__ = ["FitResult", "TrainState", "fit", "run_steps", "train_step"]
+
+Objective = nn.Module | Callable[[Any], Tensor]
+Callback = Callable[[int, float], None]
+
+
+class TrainState:
+    """What a training run carries from step to step: the trained parameters, their optimiser, the
+    learning-rate schedule, the EMA of the parameters and the number of steps done.
+
+    Arguments:
+        config: The :class:`~invertnet.training.TrainConfig` (optimiser, schedule, clipping, EMA).
+        parameters: The parameters trained (a list, in a fixed order: the EMA and checkpoints follow it).
+    """
+
+    def __init__(self, config: TrainConfig, parameters: list[nn.Parameter]) -> None:
+        if not parameters:
+            raise ValueError("TrainState: no trainable parameters (every parameter has requires_grad=False?)")
+        self.config = config
+        self.parameters = parameters
+        self.optimizer = config.make_optimizer(parameters)
+        self.schedule = config.make_schedule(self.optimizer)
+        self.ema = [p.detach().clone() for p in parameters] if config.ema_decay else None
+        self.step = 0
+
+    def update(self, loss: Tensor) -> float:
+        """One optimiser step on the scalar ``loss``; returns its value.
+
+        Raises:
+            FloatingPointError: The loss is NaN or infinite; the message names the step (1-based).
+        """
+        value = loss.item()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {value} at step {self.step + 1}; lower the lr or clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for average, parameter in zip(self.ema, self.parameters, strict=True):
+                    average.lerp_(parameter, 1 - self.config.ema_decay)
+        self.step += 1
+        return value
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Context manager putting the EMA weights in place of the parameters, and the trained ones back after
+        (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            for parameter, average in zip(self.parameters, self.ema, strict=True):
+                parameter.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved, strict=True):
+                    parameter.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"ema", "optimizer", "schedule"}``: tensors and JSON values, for a checkpoint."""
+        return {"ema": self.ema or [], "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """Restore :meth:`state_dict` (as read back from JSON) at ``step`` steps done."""
+        optimizer_state = dict(state["optimizer"])
+        optimizer_state["state"] = {int(key): value for key, value in optimizer_state["state"].items()}
+        self.optimizer.load_state_dict(optimizer_state)
+        self.schedule.load_state_dict(dict(state["schedule"]))  # LambdaLR's lambdas are saved as None, kept as built
+        if self.ema is not None:
+            for average, saved in zip(self.ema, state["ema"], strict=True):
+                average.copy_(saved)
+        self.step = step
+
+
+def train_step(objective: Objective, batch: Any, state: TrainState) -> float:
+    """The step of every training loop: ``objective(batch)`` in training mode, then :meth:`TrainState.update`.
+
+    Returns the batch's loss (a training-mode value: for flows with stochastic log-det estimators an estimate).
+    """
+    if isinstance(objective, nn.Module):
+        objective.train()
+    return state.update(objective(batch))
+
+
+def run_steps(
+    objective: Objective,
+    source: BatchSource,
+    state: TrainState,
+    until: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    callback: Callback | None = None,
+    progress: bool = False,
+    name: str = "loss",
+) -> list[float]:
+    """Run :func:`train_step` on ``source.batch(state.step)`` (rows ``rank::world_size`` of it) until
+    ``state.step == until``, calling ``callback(step, loss)`` after each; returns the losses."""
+    losses = []
+    with tqdm(total=until, initial=state.step, disable=not progress, desc="train", unit="step") as bar:
+        while state.step < until:
+            loss = train_step(objective, shard(source.batch(state.step), rank, world_size), state)
+            losses.append(loss)
+            bar.set_postfix({name: f"{loss:.3f}"})
+            bar.update(1)
+            if callback is not None:
+                callback(state.step, loss)
+    return losses
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns."""
+
+    losses: Tensor
+    """(steps,) float64: the loss of every step, in training mode."""
+    state: TrainState
+    """The optimiser, schedule and EMA after the last step."""
+
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager with the EMA weights in place of the parameters (see :meth:`TrainState.ema_weights`)."""
+        return self.state.ema_weights()
+
+
+def fit(
+    objective: Objective,
+    data: TrainData,
+    config: TrainConfig | None = None,
+    *,
+    parameters: Iterable[nn.Parameter] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    **settings: Any,
+) -> FitResult:
+    r"""Minimise ``objective`` over batches of ``data`` for ``steps`` optimiser steps, in memory.
+
+    Writes no files and leaves torch's global RNG to the caller (seed it for reproducible log-det probes or
+    augmentations); the batch order is a function of ``seed`` (:mod:`invertnet.training.batches`). For
+    checkpoints, metrics files, evaluation, exact resume and multi-process training use the
+    :class:`~invertnet.training.Trainer`, which repeats the same :func:`train_step`.
+
+    Arguments:
+        objective: Maps a batch to a scalar loss, e.g. :class:`~invertnet.training.BitsPerDim` of a flow
+            (batches (B, ...)) or :class:`~invertnet.training.CrossEntropy` of a classifier (batches ``(x, y)``).
+            A module is put in training mode before every step.
+        data: A tensor (N, ...), a tuple of tensors with N rows, a map-style ``Dataset`` or a ``DataLoader``
+            (whose own batch size and order are used); batches are moved to the parameters' device.
+        config: A :class:`~invertnet.training.TrainConfig`; default ``TrainConfig()``.
+        parameters: What is trained; default every parameter of ``objective`` with ``requires_grad``.
+        callback: Called as ``callback(step, loss)`` after every step, with the number of steps done (1 to
+            ``steps``) and the step's loss as a float: for logging, or evaluation (which may leave the model in
+            eval mode: the next step sets training mode again). An exception raised there stops training.
+        progress: Show a progress bar.
+        **settings: Fields of :class:`~invertnet.training.TrainConfig` (``steps``, ``batch_size``, ``lr``,
+            ...), overriding those of ``config``.
+
+    Returns:
+        A :class:`FitResult`: the (steps,) losses, and the final :class:`TrainState` (optimiser, schedule, EMA;
+        ``result.ema_weights()`` puts the EMA weights in place).
+
+    Raises:
+        pydantic.ValidationError: A setting is unknown or invalid (the error names it).
+        TypeError, ValueError: ``data`` is of an unsupported type, empty, or smaller than ``batch_size``.
+        FloatingPointError: The loss became NaN or infinite; the message names the step.
+
+    Example:
+        >>> from invertnet.models import dense_iresnet_flow
+        >>> from invertnet.training import BitsPerDim
+        >>> flow = dense_iresnet_flow(2, n_blocks=1, hidden_features=8)
+        >>> result = fit(BitsPerDim(flow), torch.randn(256, 2), steps=20, batch_size=64, lr=1e-2)
+        >>> result.losses.shape
+        torch.Size([20])
+    """
+    if config is None or settings:
+        config = TrainConfig.model_validate({**(config.model_dump() if config else {}), **settings})
+    if parameters is None:
+        if not isinstance(objective, nn.Module):
+            raise TypeError("fit: pass parameters= when the objective is a function and not a module")
+        parameters = objective.parameters()
+    state = TrainState(config, [p for p in parameters if p.requires_grad])
+    source = batch_source(data, config.batch_size, config.seed, device=state.parameters[0].device)
+    name = getattr(objective, "name", "loss")
+    losses = run_steps(objective, source, state, config.steps, callback=callback, progress=progress, name=name)
+    return FitResult(torch.tensor(losses, dtype=torch.float64), state)

@@ -8,6 +8,7 @@ from invertnet.core import IterativeInvertibleModule as IterativeInvertibleModul
 from invertnet.core import SolverStatus as SolverStatus
 
 __version__ = "0.1.0"
+"""The package version; the only place it is written (pyproject.toml reads it, so the wheel's metadata agrees)."""
 
 __all__ = [
     "ConvergenceError",

@@ -192,7 +192,7 @@ def test_every_require_names_an_extra_that_installs_the_module():
     assert len(calls) >= 6, calls  # figures, isotopes (2), imzml, images, folders
     for file, module, extra in calls:
         assert extra in EXTRAS, f"{file}: require({module!r}, {extra!r}) names no extra of pyproject.toml"
-        distribution = _name(_optional.DISTRIBUTIONS[module.partition(".")[0]])
+        distribution = _name(_optional.distribution(module))
         assert distribution in _extra_names(extra), f"{file}: extra {extra!r} does not install {distribution}"
         assert distribution in _extra_names("all"), f"{distribution} is missing from the 'all' extra"
 
@@ -254,3 +254,9 @@ def test_one_version_source():
     import invertnet
 
     assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", invertnet.__version__)
+
+
+def test_require_returns_the_module_and_refuses_unknown_ones():
+    assert _optional.require("torch.utils.tensorboard", "tensorboard").__name__ == "torch.utils.tensorboard"
+    with pytest.raises(KeyError, match="not an optional dependency"):
+        _optional.require("torch.nn", "plots")

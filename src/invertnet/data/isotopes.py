@@ -113,7 +113,8 @@ def isotope_pattern(mass: float, threshold: float = 0.005) -> tuple[np.ndarray, 
 @lru_cache(maxsize=4096)
 def _nominal_pattern(formula: tuple[tuple[str, int], ...], threshold: float) -> tuple[np.ndarray, np.ndarray]:
     text = "".join(f"{element}{count}" for element, count in formula if count > 0)
-    distribution = require("IsoSpecPy", "spectra", "invertnet.data.isotopes").IsoTotalProb(_COVERED_PROBABILITY, formula=text)
+    isospec = require("IsoSpecPy", "spectra", "invertnet.data.isotopes")
+    distribution = isospec.IsoTotalProb(_COVERED_PROBABILITY, formula=text)
     fine_masses, fine_probabilities = distribution.np_masses(), distribution.np_probs()
     monoisotopic_masses = _periodic_table().symbol_to_monoisotopic_mass
     monoisotopic = sum(count * monoisotopic_masses[element] for element, count in formula)

@@ -1,17 +1,19 @@
-# `make run` and `make test` each create .venv when it is missing, install torch (pinned, CPU wheel)
-# and the package with its extras, then run.
+# `make run` and `make test` each create .venv when it is missing, install torch (pinned, the CPU wheel) and the
+# package with every extra the tests and the default run need, at the versions of constraints.txt, then run.
+# pyproject.toml itself states ranges; the exact pins live here and in constraints.txt only.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/pip install --quiet -c constraints.txt
 
 .PHONY: run test bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(PIP_INSTALL) -e '.[all,test,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -21,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --hypothesis-profile=ci
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP_INSTALL) -e '.[all,bench]'
 	$(BIN)/python benchmarks/iresnet_block.py
 	$(BIN)/python benchmarks/digits_density.py
 	$(BIN)/python benchmarks/mintnet_layer.py

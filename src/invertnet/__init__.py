@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     )
 
 __version__ = "0.1.0"
+"""The package version; the only place it is written (pyproject.toml reads it, so the wheel's metadata agrees)."""
 
 __all__ = [
     "ConvergenceError",

@@ -16,15 +16,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor, nn
 
 from invertnet.analysis.spectral import conv_norm_bounds
-from invertnet.figures import save_figure  # noqa: E402
+from invertnet.figures import save_figure, subplots
 from invertnet.layers.activations import ELU, LipSwish, Softplus
 from invertnet.layers.residual import InvertibleResidual
 
@@ -193,7 +189,7 @@ def _layer_bounds(layer: nn.Module, input_shape: tuple[int, ...], rtol: float) -
 
 @torch.no_grad()
 def certify(model: nn.Module, x: Tensor, *, rtol: float = 1e-8) -> Certificate:
-    r"""Certify every residual block of ``model`` (thesis Remark 4.9; seed 001, appendix B).
+    r"""Certify every residual block of ``model`` (thesis Remark 4.9; Behrmann et al. 2019, appendix B).
 
     Arguments:
         model: Any module containing :class:`~invertnet.layers.InvertibleResidual` blocks.
@@ -237,8 +233,12 @@ def certify(model: nn.Module, x: Tensor, *, rtol: float = 1e-8) -> Certificate:
 
 def plot_certificate(certificate: Certificate, path: str | Path) -> Path:
     """Save the largest singular value of every linear layer, block by block (thesis Fig. 4.2), with each
-    block's bound on Lip(g); bars above 1 are the ones that break the certificate."""
-    figure, (layers_axis, blocks_axis) = plt.subplots(1, 2, figsize=(12, 4))
+    block's bound on Lip(g); bars above 1 are the ones that break the certificate.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
+    """
+    figure, (layers_axis, blocks_axis) = subplots(1, 2, figsize=(12, 4), feature="plot_certificate")
     position = 0
     for block in certificate.blocks:
         uppers = [layer.upper for layer in block.layers]

@@ -14,14 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from invertnet.figures import save_figure  # noqa: E402
+from invertnet.figures import save_figure, subplots
 
 __all__ = [
     "AttackResult",
@@ -126,8 +122,17 @@ def accuracy_under_attack(attack: AttackResult, budgets: Tensor) -> Tensor:
 
 
 def plot_sphere_attacks(curves: dict[str, tuple[Tensor, Tensor]], path: str | Path) -> Path:
-    """Accuracy against the perturbation budget, one curve per (attack, sphere) (thesis Fig. 6.3)."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    """Accuracy against the perturbation budget, one curve per (attack, sphere) (thesis Fig. 6.3).
+
+    Arguments:
+        curves: ``label -> (budgets, accuracy)``, two tensors of shape (K,) each, e.g. from
+            :func:`accuracy_under_attack`.
+        path: The image file to write.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
+    """
+    figure, axis = subplots(figsize=(6, 4), feature="plot_sphere_attacks")
     for label, (budgets, accuracy) in curves.items():
         axis.plot(budgets.numpy(), accuracy.numpy(), label=label)
     axis.set(xlabel="l2 bound on the perturbation", ylabel="accuracy", ylim=(-0.02, 1.02), title="adversarial spheres")

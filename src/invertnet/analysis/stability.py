@@ -8,14 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from invertnet.figures import save_figure  # noqa: E402
+from invertnet.figures import save_figure, subplots
 
 __all__ = ["LayerSpectrum", "layer_spectra", "lemma_3_5_bounds", "plot_layer_spectra"]
 
@@ -96,8 +92,12 @@ def lemma_3_5_bounds(A: Tensor, removed: Sequence[int]) -> tuple[float, float | 
 
 
 def plot_layer_spectra(spectra: Sequence[LayerSpectrum], path: str | Path, title: str = "") -> Path:
-    """Save the singular values of every prefix Jacobian on a log scale (thesis Fig. 3.4)."""
-    figure, axis = plt.subplots(figsize=(7, 4))
+    """Save the singular values of every prefix Jacobian on a log scale (thesis Fig. 3.4).
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
+    """
+    figure, axis = subplots(figsize=(7, 4), feature="plot_layer_spectra")
     for spectrum in spectra:
         values = spectrum.singular_values.clamp_min(1e-16)
         label = f"{spectrum.name} (rank {spectrum.rank}, cond {spectrum.condition_number:.1e})"

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from invertnet._optional import require
 from invertnet.models.generators import load_generator
 from invertnet.recovery.masks import Mask, make_mask
 from invertnet.recovery.recover import recover
@@ -40,9 +41,8 @@ def read_image(path: str | Path, value_range: tuple[float, float] = (0.0, 1.0)) 
     if path.suffix == ".safetensors":
         image = _named_tensor(path, "image", "read_image").double()
     elif path.suffix == ".png":
-        import matplotlib.image
-
-        pixels = torch.from_numpy(matplotlib.image.imread(str(path))).double()
+        image_io = require("matplotlib.image", "plots", "reading a .png image")
+        pixels = torch.from_numpy(image_io.imread(str(path))).double()
         pixels = pixels[..., :3] if pixels.dim() == 3 else pixels  # drop alpha
         image = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels
         low, high = value_range
@@ -66,9 +66,8 @@ def _save_png(image: Tensor, path: Path) -> None:
     image = image.detach().cpu().double()
     image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
     array = image[0].numpy() if image.shape[0] == 1 else image[:3].permute(1, 2, 0).numpy()
-    import matplotlib.image
-
-    matplotlib.image.imsave(str(path), array, cmap="gray" if image.shape[0] == 1 else None)
+    image_io = require("matplotlib.image", "plots", "writing the completed image")
+    image_io.imsave(str(path), array, cmap="gray" if image.shape[0] == 1 else None)
 
 
 def recover_file(

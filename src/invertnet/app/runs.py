@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.training import Trainer, latest_checkpoint, load_checkpoint
 from invertnet.training.distributed import is_main_process
 
@@ -173,10 +173,7 @@ def metameric_run(run_dir: str | Path, n: int = 8) -> dict[str, Any]:
 
 
 def _plot_metameric(grid: Tensor, n: int, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(n, 3.3))
-    axes = figure.subplots(3, n, squeeze=False)
+    figure, axes = subplots(3, n, figsize=(n, 3.3), squeeze=False, feature="metameric.png")
     for axis, image in zip(axes.flat, grid, strict=True):
         axis.imshow(image[0].numpy(), cmap="gray")
         axis.axis("off")

@@ -1,41 +1,54 @@
-r"""Images from a folder of files (e.g. CelebA's ``img_align_celeba``), as grey levels at a fixed size."""
+r"""Images from a folder of files (e.g. CelebA's ``img_align_celeba``), as grey levels at a fixed size.
+
+Files are read with pillow, from the ``data`` extra (``pip install 'invertnet[data]'``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from invertnet._optional import require
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["IMAGE_SUFFIXES", "load_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def _square(image: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop to a square, resize to size x size, grey levels 0..255."""
+def _square(image: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
+    """Centre-crop to a square, resize to size x size with ``resample``, grey levels 0..255."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    image = (
-        image.convert("L").crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
-    )
+    image = image.convert("L").crop((left, top, left + side, top + side)).resize((size, size), resample)
     return np.asarray(image, dtype=np.float32)
 
 
 def load_image_folder(
     root: str | Path, split: str = "train", image_size: int = 64, test_fraction: float = 0.1, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """``(images, labels)`` from every image file in ``root``: images (N, 1, S, S) with levels 0..255 (the seed
-    rescales CelebA to 64x64 grey images), labels all 0. The split is a seeded random ``test_fraction``.
+    """``(images, labels)`` from every image file in ``root``: images (N, 1, S, S) with levels 0..255
+    (Ma, Ayaz & Karaman 2018 rescale CelebA to 64x64 grey images), labels all 0. The split is a seeded random
+    ``test_fraction``.
 
     Arguments:
         root: Folder of ``.png``, ``.jpg``, ``.jpeg`` or ``.bmp`` files (searched recursively).
         split: ``"train"`` or ``"test"``.
         image_size: Side S of the square images.
+
+    Raises:
+        ImportError: pillow is not installed (``pip install 'invertnet[data]'``).
+        FileNotFoundError: ``root`` is not a folder or holds fewer than 2 image files.
+        ValueError: a bad ``split``, or a file that pillow cannot read (the message names it).
     """
+    pil = require("PIL.Image", "data", "load_image_folder")
     if split not in ("train", "test"):
         raise ValueError(f"load_image_folder: split must be 'train' or 'test', got {split!r}")
     root = Path(root)
@@ -52,9 +65,9 @@ def load_image_folder(
     arrays = []
     for index in chosen.tolist():
         try:
-            with Image.open(files[index]) as image:
-                arrays.append(_square(image, image_size))
-        except (UnidentifiedImageError, OSError) as error:
+            with pil.open(files[index]) as image:
+                arrays.append(_square(image, image_size, pil.Resampling.BILINEAR))
+        except (pil.UnidentifiedImageError, OSError) as error:
             raise ValueError(f"load_image_folder: cannot read {files[index]} ({error})") from error
     images = torch.from_numpy(np.stack(arrays))[:, None]
     return images, torch.zeros(len(images), dtype=torch.long)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from invertnet._optional import require
+
 __all__ = ["DIGITS_LEVELS", "load_cifar10", "load_digits", "load_mnist", "read_idx"]
 
 #: scikit-learn's digits hold 17 grey levels, 0..16.
@@ -39,11 +41,13 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0)
     """scikit-learn's 8x8 digits (1797 images, 17 levels) with a fixed, seeded train/test split.
 
     Returns images of shape (N, 1, 8, 8) with levels 0..16 and labels of shape (N,).
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
 
+    Raises:
+        ImportError: scikit-learn is not installed (``pip install 'invertnet[data]'``).
+    """
+    datasets = require("sklearn.datasets", "data", "load_digits")
     _check_split(split, {"train": None, "test": None})
-    digits = sklearn_digits()
+    digits = datasets.load_digits()
     order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(order)))
     chosen = order[:n_test] if split == "test" else order[n_test:]

@@ -2,21 +2,26 @@ r"""imzML imaging mass spectrometry files (thesis 7.2: MALDI IMS, one spectrum p
 
 An imzML data set is an XML file ``NAME.imzML`` (metadata, pixel coordinates, offsets) and its binary companion
 ``NAME.ibd`` (the m/z and intensity arrays), read with pyimzML. In continuous mode every pixel shares one m/z
-array; in processed mode each pixel has its own, and the spectra are binned onto a common grid.
+array; in processed mode each pixel has its own, and the spectra are binned onto a common grid. pyimzML comes with
+the ``spectra`` extra (``pip install 'invertnet[spectra]'``).
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.etree.ElementTree import ParseError, iterparse
 
 import numpy as np
 import torch
-from pyimzml.ImzMLParser import ImzMLParser
 from torch import Tensor
 
+from invertnet._optional import require
 from invertnet.data.spectra import SpectraDataset
+
+if TYPE_CHECKING:
+    from pyimzml.ImzMLParser import ImzMLParser
 
 __all__ = ["read_imzml"]
 
@@ -50,10 +55,12 @@ def read_imzml(
         ``source``, ``storage`` ("continuous" or "processed") and ``binned``.
 
     Raises:
+        ImportError: pyimzML is not installed (``pip install 'invertnet[spectra]'``).
         FileNotFoundError: ``path`` or its ``.ibd`` companion is missing.
         ValueError: malformed XML, a truncated ``.ibd``, inconsistent array lengths, compressed arrays (not
             supported), no spectra, a processed file without a grid, or a bad labels CSV; the message names the file.
     """
+    parser_module = require("pyimzml.ImzMLParser", "spectra", "read_imzml")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -64,7 +71,7 @@ def read_imzml(
         raise ValueError("read_imzml: give either mz_edges or n_bins / mz_range, not both")
     with open(binary_path, "rb") as binary:
         try:
-            parser = ImzMLParser(str(path), ibd_file=binary)
+            parser = parser_module.ImzMLParser(str(path), ibd_file=binary)
         except _PARSER_ERRORS as error:
             raise ValueError(f"read_imzml: {path} is not a valid imzML file: {_diagnose(path, error)}") from error
         _check_layout(parser, path, binary_path)

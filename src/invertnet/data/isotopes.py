@@ -3,7 +3,7 @@ r"""Isotope patterns of peptides and their size in m/z bins (thesis 7.3.2, "Esti
 A peptide of average mass M is modelled by Averagine (Senko et al. 1995), an average amino acid of composition
 C 4.9384, H 7.7583, N 1.3577, O 1.4773, S 0.0417 and average mass 111.1254 Da. Its isotope distribution is computed
 with IsoSpecPy, merged to nominal isotope peaks about 1 Da apart, and cut at ``threshold`` (the thesis' t_iso = 0.005)
-times the most abundant peak.
+times the most abundant peak. IsoSpecPy comes with the ``spectra`` extra (``pip install 'invertnet[spectra]'``).
 
 Width model. Each peak of an ion at m/z m is a Gaussian with full width at half maximum FWHM = m / R, where R is
 the resolving power (default 10 000, a MALDI-TOF in reflectron mode measuring peptides; a linear TOF has R of a
@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from types import ModuleType
 
-import IsoSpecPy
 import numpy as np
-from IsoSpecPy.PeriodicTbl import symbol_to_avg_mass, symbol_to_monoisotopic_mass
 from numpy.typing import ArrayLike
+
+from invertnet._optional import require
 
 __all__ = [
     "AVERAGINE",
@@ -54,10 +55,19 @@ _COVERED_PROBABILITY = 1 - 1e-6  # fine-structure probability IsoSpecPy computes
 _FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
 
 
+def _periodic_table() -> ModuleType:
+    """IsoSpecPy's element masses (``symbol_to_avg_mass``, ``symbol_to_monoisotopic_mass``), imported on first use."""
+    return require("IsoSpecPy.PeriodicTbl", "spectra", "invertnet.data.isotopes")
+
+
 def averagine_formula(mass: float) -> dict[str, int]:
     """Averagine composition of a peptide of average mass ``mass`` (Da): the residue composition scaled by
     mass / 111.1254 and rounded, then hydrogens added or removed until the formula's average mass is within half a
     hydrogen (0.504 Da) of ``mass`` (Senko et al. 1995).
+
+    Raises:
+        ImportError: IsoSpecPy is not installed (``pip install 'invertnet[spectra]'``).
+        ValueError: ``mass`` is not a positive number of Da, or too small for the Averagine model.
 
     >>> averagine_formula(1000.0)
     {'C': 44, 'H': 95, 'N': 12, 'O': 13, 'S': 0}
@@ -66,14 +76,15 @@ def averagine_formula(mass: float) -> dict[str, int]:
         raise ValueError(f"averagine_formula: mass must be a positive number of Da, got {mass}")
     residues = mass / AVERAGINE_MASS
     formula = {element: round(count * residues) for element, count in AVERAGINE.items()}
-    formula["H"] += round((mass - _average_mass(formula)) / symbol_to_avg_mass["H"])
+    formula["H"] += round((mass - _average_mass(formula)) / _periodic_table().symbol_to_avg_mass["H"])
     if formula["H"] < 0 or not any(formula.values()):
         raise ValueError(f"averagine_formula: {mass} Da is too small for the Averagine model (no or negative atoms)")
     return formula
 
 
 def _average_mass(formula: dict[str, int]) -> float:
-    return sum(count * symbol_to_avg_mass[element] for element, count in formula.items())
+    masses = _periodic_table().symbol_to_avg_mass
+    return sum(count * masses[element] for element, count in formula.items())
 
 
 def isotope_pattern(mass: float, threshold: float = 0.005) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +113,11 @@ def isotope_pattern(mass: float, threshold: float = 0.005) -> tuple[np.ndarray, 
 @lru_cache(maxsize=4096)
 def _nominal_pattern(formula: tuple[tuple[str, int], ...], threshold: float) -> tuple[np.ndarray, np.ndarray]:
     text = "".join(f"{element}{count}" for element, count in formula if count > 0)
-    distribution = IsoSpecPy.IsoTotalProb(_COVERED_PROBABILITY, formula=text)
+    isospec = require("IsoSpecPy", "spectra", "invertnet.data.isotopes")
+    distribution = isospec.IsoTotalProb(_COVERED_PROBABILITY, formula=text)
     fine_masses, fine_probabilities = distribution.np_masses(), distribution.np_probs()
-    monoisotopic = sum(count * symbol_to_monoisotopic_mass[element] for element, count in formula)
+    monoisotopic_masses = _periodic_table().symbol_to_monoisotopic_mass
+    monoisotopic = sum(count * monoisotopic_masses[element] for element, count in formula)
     neutrons = np.rint(fine_masses - monoisotopic).astype(np.int64)
     probabilities = np.bincount(neutrons, weights=fine_probabilities)
     present = probabilities > 0

@@ -1,4 +1,4 @@
-r"""Two-dimensional toy densities (thesis Fig. 5.2; seed 001 C.3), sampled with torch's RNG.
+r"""Two-dimensional toy densities (thesis Fig. 5.2; Behrmann et al. 2019, appendix C.3), sampled with torch's RNG.
 
 Each sampler returns a float tensor of shape (n, 2), roughly standardised to [-4, 4]^2.
 """

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from invertnet.analysis.invariance import metameric_sample, nuisance_probe
 from invertnet.data import DIGITS_LEVELS, centered_levels, load_digits
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.layers import refine_spectral_norms
 from invertnet.models.classifiers import FullyInvertibleClassifier, fully_invertible_classifier
 from invertnet.training import CrossEntropy, IndependenceCrossEntropy, fit
@@ -111,10 +111,9 @@ def _plot(x: Tensor, reference: Tensor, samples: dict[str, Tensor], path: Path) 
         ("metameric, CE", samples["cross_entropy"]),
         ("metameric, iCE", samples["independence"]),
     ]
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(columns * 0.9, len(rows) * 1.05))
-    axes = figure.subplots(len(rows), columns, squeeze=False)
+    figure, axes = subplots(
+        len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.05), squeeze=False, feature="independence_study"
+    )
     for row, (title, images) in enumerate(rows):
         for column in range(columns):
             axes[row][column].imshow(images[column, 0].numpy(), cmap="gray", vmin=-0.5, vmax=0.5)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from invertnet.data import isotope_pattern_bin_counts
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.models.spectra import IsotopeNet
 
 __all__ = ["receptive_field_study"]
@@ -30,10 +30,7 @@ def receptive_field_study(
     bins = isotope_pattern_bin_counts(masses, edges, edges=True).tolist()
     network = IsotopeNet(n_bins)
     field, with_local = network.receptive_field(), network.receptive_field(include_locally_connected=True)
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 3.5))
-    axis = figure.subplots()
+    figure, axis = subplots(figsize=(7, 3.5), feature="receptive_field_study")
     axis.plot(masses, bins, label="isotope pattern (Averagine, t_iso = 0.005)")
     axis.axhline(field, color="tab:red", label=f"IsotopeNet convolutions ({field} bins)")
     axis.axhline(with_local, color="tab:red", linestyle="--", label=f"with the locally connected layer ({with_local})")

@@ -24,7 +24,7 @@ from invertnet.analysis.spheres import (
 from invertnet.analysis.stability import layer_spectra, plot_layer_spectra
 from invertnet.core import InvertibleSequential
 from invertnet.data import DIGITS_LEVELS, centered_levels, load_digits
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.layers import InvertibleResidual, LipschitzMLP, refine_spectral_norms
 from invertnet.training import CrossEntropy, fit
 
@@ -74,10 +74,7 @@ def two_circles_study(output_dir: str | Path, resolution: int = 40, steps: int =
             conditions.append((values[0] / values[-1]).item() if len(values) == 2 else 0.0)  # 0: rank deficient
     kind_map = torch.tensor(kinds).view(resolution, resolution)
     condition_map = torch.tensor(conditions).view(resolution, resolution)
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(15, 4.5))
-    axes = figure.subplots(1, 3)
+    figure, axes = subplots(1, 3, figsize=(15, 4.5), feature="two_circles_study")
     extent = (-1.5, 1.5, -1.5, 1.5)
     axes[0].imshow(prediction.numpy(), origin="lower", extent=extent, cmap="coolwarm", alpha=0.6)
     axes[0].scatter(x[:300, 0], x[:300, 1], c=y[:300], s=4, cmap="coolwarm")
@@ -211,10 +208,7 @@ def reconstruction_study(
     (x_train, y_train), (x_test, _) = load_digits("train"), load_digits("test")
     x_train, x_test = centered_levels(x_train, DIGITS_LEVELS), centered_levels(x_test[:128], DIGITS_LEVELS).double()
     errors: dict[str, list[float]] = {}
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
+    figure, axis = subplots(figsize=(6, 4), feature="reconstruction_study")
     for coeff in coefficients:
         torch.manual_seed(seed)
         model = iresnet_classifier(

@@ -1,4 +1,4 @@
-r"""Invertible classifiers: an invertible feature extractor with a pooling read-out (seed 000, 5.1)."""
+r"""Invertible classifiers: an invertible feature extractor with a pooling read-out (Song, Meng & Ermon 2019, 5.1)."""
 
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ def mintnet_classifier(
     kernel_size: int = 3,
     activation: Literal["elu", "softplus"] = "elu",
 ) -> InvertibleClassifier:
-    r"""The MintNet classifier of seed 000, 5.1.
+    r"""The MintNet classifier of Song, Meng & Ermon 2019, section 5.1.
 
     Zero padding to ``pad_channels`` channels (:class:`~invertnet.layers.InjectivePad`), then ``n_blocks``
     grouped layers, each a lower and an upper :class:`~invertnet.layers.MintLayer` with an
     :class:`~invertnet.layers.InvertibleBatchNorm` before each, squeezes at :func:`squeeze_positions`, and
-    global average pooling with a linear read-out. The seed's CIFAR-10 model: 19 grouped layers (38
+    global average pooling with a linear read-out. Their CIFAR-10 model: 19 grouped layers (38
     residual layers of three 3x3 convolutions), 2 squeezes, hidden_factor 1 (16, 64, 256 filters as the
     ResNet it is compared with); trained with AMSGrad, lr 1e-3, cosine schedule, batch 128.
 

@@ -1,4 +1,4 @@
-r"""Expansive transposed-convolution generators G: latent z -> image (seed 003, Eq. 2, sections 4.2-4.3)."""
+r"""Expansive transposed-convolution generators G: latent z -> image (Ma, Ayaz & Karaman 2018, Eq. 2, 4.2-4.3)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def _activation(name: str) -> nn.Module:
 
 
 class TransposedConvGenerator(nn.Module):
-    r"""G(z) = h(W_d ... h(W_1 z)): transposed convolutions, each followed by the activation h (seed 003, Eq. 2).
+    r"""G(z) = h(W_d ... h(W_1 z)): transposed convolutions, each followed by the activation h.
+
+    Ma, Ayaz & Karaman 2018, Eq. 2.
 
     Shapes: z (B, C_0, H_0, W_0) -> (B, C_d, H_d, W_d), with H_i = (H_{i-1} - 1) s + k. The theory setting
     of Theorem 1 is stride = kernel size (the default), so the filters of different input pixels never
@@ -130,8 +132,8 @@ class TransposedConvGenerator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-    r"""The conditional DCGAN generator of seed 003, 4.3: transposed convolutions with batch norm and leaky ReLU,
-    tanh output.
+    r"""The conditional DCGAN generator of Ma, Ayaz & Karaman 2018, 4.3: transposed convolutions with batch norm and
+    leaky ReLU, tanh output.
 
     z (B, latent_dim) and labels (B,) -> images (B, C, H, W) in [-1, 1]. The label enters as a one-hot vector
     concatenated to z; a 4x4 projection is followed by ``n_layers - 1`` stride-2 transposed convolutions, each
@@ -139,7 +141,7 @@ class DCGANGenerator(nn.Module):
     (8 for digits with 2 layers, 32 for MNIST with 4, 64 for CelebA with 5).
 
     Arguments:
-        latent_dim: Dimension of z (the seed uses 10 so that the network is expansive).
+        latent_dim: Dimension of z (Ma, Ayaz & Karaman use 10 so that the network is expansive).
         n_classes: Number of labels (0 for an unconditional generator).
         channels: Channels C of the images.
         n_layers: Number of transposed convolutions.
@@ -196,11 +198,11 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    r"""The conditional DCGAN discriminator of seed 003, 4.3: the mirror image of :class:`DCGANGenerator`.
+    r"""The conditional DCGAN discriminator of Ma, Ayaz & Karaman 2018, 4.3: the mirror of :class:`DCGANGenerator`.
 
     Images (B, C, H, W) and labels (B,) -> logits (B,) of "real". The label enters as one constant channel per
     class; ``n_layers - 1`` stride-2 convolutions halve the resolution (batch norm from the second, leaky ReLU),
-    and a final 4x4 convolution gives the logit (the seed ends in a sigmoid; the loss takes logits instead,
+    and a final 4x4 convolution gives the logit (Ma, Ayaz & Karaman end in a sigmoid; the loss takes logits instead,
     which is the same model and numerically safer).
 
     Example:

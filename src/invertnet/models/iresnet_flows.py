@@ -1,4 +1,5 @@
-r"""i-ResNet flow architectures: the dense flow of seed 001 C.3 and the multi-scale image flow of thesis A.2."""
+r"""i-ResNet flow architectures: the dense flow of Behrmann et al. 2019 (appendix C.3) and the multi-scale image flow
+of the thesis (appendix A.2)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def dense_iresnet_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
 ) -> FlowDistribution:
-    """The dense i-ResNet flow for 2-D and tabular data (seed 001, C.3 "Toy Densities").
+    """The dense i-ResNet flow for 2-D and tabular data (Behrmann et al. 2019, appendix C.3 "Toy Densities").
 
     ``n_blocks`` blocks of ActNorm followed by a residual block x + g(x), g an MLP
-    features-hidden-...-hidden-features (the seed: 2-64-64-64-2, ELU, 100 blocks); standard normal base.
+    features-hidden-...-hidden-features (Behrmann et al. 2019: 2-64-64-64-2, ELU, 100 blocks); standard normal base.
     Given an event shape such as (1, 8, 8) instead of a number of features, the flow flattens its input
     (:class:`~invertnet.layers.Flatten`), so small images can be modelled densely.
 
@@ -39,8 +40,8 @@ def dense_iresnet_flow(
         features: Data dimension d (data with shape (B, d)), or the event shape of one sample.
         n_blocks, hidden_features, n_layers, coeff, activation: The residual branches (see
             :class:`~invertnet.layers.LipschitzMLP`).
-        log_det: Log-det estimator of every block (default: power series with 10 terms; the seed computed
-            the exact log-det, :class:`~invertnet.logdet.ExactLogDet`, which is affordable in 2-D).
+        log_det: Log-det estimator of every block (default: power series with 10 terms; Behrmann et al. 2019
+            computed the exact log-det, :class:`~invertnet.logdet.ExactLogDet`, which is affordable in 2-D).
         levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
@@ -79,7 +80,7 @@ def multiscale_iresnet_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
 ) -> FlowDistribution:
-    r"""The multi-scale i-ResNet image flow (thesis A.2; seed 001 C.3 "MNIST and CIFAR").
+    r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 
     ``n_scales`` scale-blocks of ``n_blocks`` i-ResNet blocks (convolutions 3x3-1x1-3x3 with ELU in between,
     each block preceded by ActNorm), with a squeeze (C, H, W) -> (4C, H/2, W/2) after every scale-block but

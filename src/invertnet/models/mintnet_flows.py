@@ -1,4 +1,4 @@
-r"""MintNet density models: grouped masked-convolution layers with squeezes (seed 000, section 5.2)."""
+r"""MintNet density models: grouped masked-convolution layers with squeezes (Song, Meng & Ermon 2019, section 5.2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["mintnet_flow", "squeeze_positions"]
 
 def squeeze_positions(n_blocks: int, n_squeezes: int) -> list[int]:
     """Indices of the grouped layers that a squeeze precedes: evenly spaced, ``n_blocks // (n_squeezes + 1)``
-    apart (the seed's reference layout; 20 layers, 2 squeezes: before layers 6 and 12).
+    apart (the layout of Song, Meng & Ermon's reference code; 20 layers, 2 squeezes: before layers 6 and 12).
 
     Example:
         >>> squeeze_positions(20, 2)
@@ -45,10 +45,11 @@ def mintnet_flow(
 ) -> FlowDistribution:
     r"""A MintNet flow: ``n_blocks`` grouped layers (:class:`~invertnet.layers.MintBlock`) with squeezes.
 
-    The seed's density models: MNIST, 20 grouped layers with hidden_factor 45; CIFAR-10, 16 grouped layers
-    with hidden_factor 85 (255 hidden channels at 3 channels); both with two squeezes. The log-det is exact.
-    ``actnorm`` puts an :class:`~invertnet.layers.ActNorm` before every grouped layer (the seed's density
-    models use none; with it, training is less sensitive to the data's scale).
+    The density models of Song, Meng & Ermon 2019: MNIST, 20 grouped layers with hidden_factor 45; CIFAR-10, 16
+    grouped layers with hidden_factor 85 (255 hidden channels at 3 channels); both with two squeezes. The log-det
+    is exact.
+    ``actnorm`` puts an :class:`~invertnet.layers.ActNorm` before every grouped layer (Song, Meng & Ermon's
+    density models use none; with it, training is less sensitive to the data's scale).
 
     Arguments:
         input_shape: (C, H, W); H and W divisible by 2^n_squeezes.

@@ -1,4 +1,4 @@
-"""Latent-code recovery for generative networks from partial measurements (seed 003)."""
+"""Latent-code recovery for generative networks from partial measurements (Ma, Ayaz & Karaman 2018)."""
 
 from invertnet.recovery.masks import MASK_KINDS as MASK_KINDS
 from invertnet.recovery.masks import Mask as Mask

@@ -1,4 +1,4 @@
-r"""Sub-sampling operators A of seed 003 (rows of the identity), stored as boolean masks, never as matrices.
+r"""Sub-sampling operators A (Ma, Ayaz & Karaman 2018): rows of the identity, stored as boolean masks, not matrices.
 
 A mask keeps the pixels where it is ``True``; every channel of a kept pixel is observed. ``A x`` is
 represented as ``mask * x`` (zeros where unobserved), so that J(z) = 1/2 |A (G(z) - x)|^2 needs no gather and
@@ -21,7 +21,7 @@ MASK_KINDS: tuple[str, ...] = ("uniform", "top", "bottom", "left", "right", "bor
 
 
 class Mask:
-    r"""The sampling operator A of y = A G(z) (seed 003, section 2), as a boolean tensor.
+    r"""The sampling operator A of y = A G(z) (Ma, Ayaz & Karaman 2018, section 2), as a boolean tensor.
 
     Arguments:
         keep: Boolean tensor of shape (H, W) (one pattern for all problems) or (B, H, W) (one per problem);
@@ -91,7 +91,7 @@ def make_mask(
     batch: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Mask:
-    r"""A sampling pattern of seed 003 (Fig. 5; the discussion after Theorem 4) observing a fraction ``rate``.
+    r"""A sampling pattern observing a fraction ``rate`` (Ma, Ayaz & Karaman 2018, Fig. 5 and after Theorem 4).
 
     * ``"uniform"``: round(rate * H * W) pixels drawn uniformly without replacement;
     * ``"top"``, ``"bottom"``, ``"left"``, ``"right"``: the first ceil(rate * H) rows (or W columns) from that

@@ -1,4 +1,4 @@
-r"""Recover latent codes from partial measurements y = A G(z) by first-order descent (seed 003, Eq. 3).
+r"""Recover latent codes from partial measurements y = A G(z) by first-order descent (Ma, Ayaz & Karaman 2018, Eq. 3).
 
 .. math:: \hat z = \arg\min_z J(z), \qquad J(z) = \tfrac12 \| A (G(z) - y) \|^2
 
@@ -6,7 +6,7 @@ Many problems (and random restarts of each) are solved as one batch: each latent
 and stops when its relative residual |A (G(z) - y)| / |A y| reaches ``rtol`` or when it stalls; only the
 latents still running are evaluated, so a batch costs what its running problems cost. Gradient descent adapts one step
 size per latent (accepted steps grow it 1.2x; a step that increases J is undone and the step halved), so no
-learning rate needs tuning; Adam uses the seed's learning rate 0.1 by default.
+learning rate needs tuning; Adam uses the learning rate 0.1 of Ma, Ayaz & Karaman 2018 by default.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class RecoveryResult:
         relative_error: |z - z*| / |z*| when the truth z* was given, else ``None``.
         non_unique: True where a second latent code, differing from the returned one by more than the
             uniqueness tolerance, also reproduces the measurements (another converged restart, or the given
-            truth): the measurements do not determine z (seed 003, Fig. 4d), shape (B,).
+            truth): the measurements do not determine z (Ma, Ayaz & Karaman 2018, Fig. 4d), shape (B,).
     """
 
     z: Tensor
@@ -127,7 +127,7 @@ def recover(
     seed: int | None = None,
     progress: bool = False,
 ) -> RecoveryResult:
-    r"""Recover z from y = A G(z) for a batch of problems (seed 003, Eq. 3; Theorems 1 and 4).
+    r"""Recover z from y = A G(z) for a batch of problems (Ma, Ayaz & Karaman 2018, Eq. 3; Theorems 1 and 4).
 
     Arguments:
         generator: G, mapping latents (N, *latent_shape) to images (N, C, H, W); called as
@@ -138,7 +138,8 @@ def recover(
         latent_shape: Shape of one latent (default: ``generator.latent_shape``).
         z_true: The true codes (B, *latent_shape), to report ``relative_error`` and detect non-uniqueness.
         condition: Per-problem conditioning (B, ...) passed to the generator.
-        method: ``"adam"`` (lr 0.1, the seed's setting) or ``"gd"`` (adaptive step, starting at ``lr`` or 0.1).
+        method: ``"adam"`` (lr 0.1, the setting of Ma, Ayaz & Karaman 2018) or ``"gd"`` (adaptive step, starting
+            at ``lr`` or 0.1).
         max_iter: Iteration budget.
         rtol: Stop a latent when |A (G(z) - y)| <= rtol |A y|.
         restarts: Random initialisations per problem, z_0 ~ N(0, init_std^2); the best is returned, and

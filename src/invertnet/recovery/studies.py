@@ -1,5 +1,5 @@
-r"""The experiments of seed 003: loss landscapes over a 2-D latent space (Fig. 4) and the phase transition of
-exact recovery in the sampling rate (the discussion after Theorem 4)."""
+r"""The experiments of Ma, Ayaz & Karaman 2018: loss landscapes over a 2-D latent space (Fig. 4) and the phase
+transition of exact recovery in the sampling rate (the discussion after Theorem 4)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from invertnet.figures import save_figure  # noqa: E402
-from invertnet.models.generators import TransposedConvGenerator  # noqa: E402
-from invertnet.recovery.masks import MASK_KINDS, Mask, make_mask  # noqa: E402
-from invertnet.recovery.recover import recover  # noqa: E402
+from invertnet.figures import save_figure, subplots
+from invertnet.models.generators import TransposedConvGenerator
+from invertnet.recovery.masks import MASK_KINDS, Mask, make_mask
+from invertnet.recovery.recover import recover
 
 __all__ = [
     "Landscape",
@@ -53,7 +49,7 @@ def loss_landscape(
     title: str = "",
 ) -> Landscape:
     r"""J(z) = 1/2 |A (G(z) - G(z*))|^2 on a ``resolution`` x ``resolution`` grid of half-width ``extent``
-    centred at z*, for a generator with a 2-D latent space (seed 003, Fig. 4).
+    centred at z*, for a generator with a 2-D latent space (Ma, Ayaz & Karaman 2018, Fig. 4).
 
     Arguments:
         generator: G with latents of shape (N, 2, 1, 1) (or any shape with 2 entries).
@@ -74,8 +70,15 @@ def loss_landscape(
 
 
 def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:
-    """Save the landscapes side by side as log10(J) heat maps with the true code marked (Fig. 4 a-d)."""
-    figure, axes = plt.subplots(1, len(landscapes), figsize=(4 * len(landscapes), 4), squeeze=False)
+    """Save the landscapes side by side as log10(J) heat maps with the true code marked.
+
+    Ma, Ayaz & Karaman 2018, Fig. 4 a-d.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
+    """
+    width = 4 * len(landscapes)
+    figure, axes = subplots(1, len(landscapes), figsize=(width, 4), squeeze=False, feature="plot_landscapes")
     for axis, landscape in zip(axes[0], landscapes, strict=True):
         extent = (
             landscape.axis_x[0].item(),
@@ -175,8 +178,12 @@ def write_phase_transition_csv(rows: Sequence[PhaseTransitionRow], path: str | P
 
 
 def plot_phase_transition(rows: Sequence[PhaseTransitionRow], path: str | Path) -> Path:
-    """Save probability of exact recovery against the sampling rate, one curve per mask kind."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    """Save probability of exact recovery against the sampling rate, one curve per mask kind.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
+    """
+    figure, axis = subplots(figsize=(6, 4), feature="plot_phase_transition")
     for kind in dict.fromkeys(row.mask for row in rows):
         mine = sorted((row for row in rows if row.mask == kind), key=lambda row: row.rate)
         axis.plot([row.observed_rate for row in mine], [row.probability for row in mine], marker="o", label=kind)

@@ -20,7 +20,7 @@ from invertnet.app.datasets import unlabelled_data
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.app.kinds.fields import MintNetLayers
 from invertnet.core import InvertibleSequential
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization
 from invertnet.logdet import ExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import FlowDistribution, dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
@@ -173,13 +173,11 @@ def reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, Any]:
 @torch.no_grad()
 def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Tensor) -> None:
     """``samples.png`` (8 x 8 samples) for images, ``density.png`` (model density and samples) for 2-D data."""
-    from matplotlib.figure import Figure
-
     samples = flow.sample((64,)).cpu()
     if samples.dim() == 4:
         grid = samples[:, 0] if samples.shape[1] == 1 else samples.permute(0, 2, 3, 1) / (levels or 1)
-        figure = Figure(figsize=(6, 6))
-        for axis, image in zip(figure.subplots(8, 8).flat, grid, strict=False):
+        figure, axes = subplots(8, 8, figsize=(6, 6), feature="samples.png")
+        for axis, image in zip(axes.flat, grid, strict=False):
             axis.imshow(image.numpy(), cmap="gray")
             axis.axis("off")
         save_figure(figure, run_dir / "samples.png")
@@ -188,8 +186,7 @@ def _figures(flow: FlowDistribution, run_dir: Path, levels: int | None, data: Te
         points = torch.cartesian_prod(side, side)
         density = torch.cat([flow.log_prob(chunk).exp() for chunk in points.split(4096)]).view(200, 200)
         more = flow.sample((2000,)).cpu()
-        figure = Figure(figsize=(10, 5))
-        left, right = figure.subplots(1, 2)
+        figure, (left, right) = subplots(1, 2, figsize=(10, 5), feature="density.png")
         left.imshow(density.T.numpy(), origin="lower", extent=(-5, 5, -5, 5))
         left.set_title("model density")
         right.scatter(more[:, 0], more[:, 1], s=1, label="samples")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.models.gan import ConditionalGAN
 from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator, save_generator
 from invertnet.recovery.masks import make_mask
@@ -121,11 +121,9 @@ def recovery_check(generator: DCGANGenerator, n: int = 64, rate: float = 0.5, se
 def _sample_grid(gan: ConditionalGAN, path: Path, n_classes: int) -> None:
     device = next(gan.parameters()).device
     labels = torch.arange(max(n_classes, 1), device=device).repeat_interleave(8)
-    from matplotlib.figure import Figure
-
     images = gan.sample(labels).cpu()
-    figure = Figure(figsize=(8, max(n_classes, 1)))
-    for axis, image in zip(figure.subplots(max(n_classes, 1), 8, squeeze=False).flat, images, strict=True):
+    figure, axes = subplots(max(n_classes, 1), 8, figsize=(8, max(n_classes, 1)), squeeze=False, feature="samples.png")
+    for axis, image in zip(axes.flat, images, strict=True):
         axis.imshow(image[0].numpy() if image.shape[0] == 1 else (image.permute(1, 2, 0).numpy() + 1) / 2, cmap="gray")
         axis.axis("off")
     save_figure(figure, path)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.data import SpectraDataset, grouped_folds, read_imzml, synthetic_spectra
-from invertnet.figures import save_figure
+from invertnet.figures import save_figure, subplots
 from invertnet.models.spectra import IsotopeNet, ResidualNet
 from invertnet.training.objectives import CrossEntropy, balanced_accuracy
 
@@ -158,11 +158,8 @@ def sensitivity_report(sensitivity: Tensor, dataset: SpectraDataset) -> dict[str
 
 def plot_sensitivity(sensitivity: Tensor, x: Tensor, y: Tensor, dataset: SpectraDataset, path: Path) -> Path:
     """The mean spectrum per class above the sensitivity map, the differing peptides marked (synthetic data)."""
-    from matplotlib.figure import Figure
-
     mz = dataset.mz.numpy()
-    figure = Figure(figsize=(10, 5))
-    top, bottom = figure.subplots(2, 1, sharex=True)
+    figure, (top, bottom) = subplots(2, 1, figsize=(10, 5), feature="sensitivity.png", sharex=True)
     for label in torch.unique(y).tolist():
         top.plot(mz, x[y == label, 0].mean(0).numpy(), linewidth=0.7, label=f"class {label} mean")
     top.set(ylabel="TIC-normalised intensity")

@@ -1,5 +1,5 @@
-"""Benchmark implicit differentiation (seed 002, Theorem 3) against backpropagation through the iterations, and
-Newton against fixed-point iteration for inverses.
+"""Benchmark implicit differentiation (the formalML IFT tutorial, Theorem 3) against backpropagation through the
+iterations, and Newton against fixed-point iteration for inverses.
 
 Run from the repository root::
 

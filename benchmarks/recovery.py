@@ -1,4 +1,5 @@
-"""Latent recovery (seed 003): throughput of batched recovery, Adam vs gradient descent, success per mask kind.
+"""Latent recovery (Ma, Ayaz & Karaman 2018): throughput of batched recovery, Adam vs gradient descent, success
+per mask kind.
 
 Run from the repository root::
 

@@ -1,4 +1,5 @@
-"""The worked examples of seed 002 with invertnet's solvers: run ``python examples/implicit_functions.py``.
+"""The worked examples of the formalML tutorial "Inverse and Implicit Function Theorems" with invertnet's solvers:
+run ``python examples/implicit_functions.py``.
 
 - Example 12: x = cos x by fixed-point iteration, with the contraction rate sin(1) and the a-priori bound.
 - Examples 6 and 8: the unit circle x^2 + y^2 = 1 as the implicit function y = g(x), found by Newton, with

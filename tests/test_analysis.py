@@ -72,6 +72,7 @@ def _trained_flow() -> tuple[InvertibleSequential, torch.Tensor]:
     return flow.eval(), x
 
 
+@pytest.mark.integration
 def test_trained_iresnet_is_certified_with_valid_constants_and_log_det_bounds():
     flow, x = _trained_flow()
     certificate = certify(flow, x)

@@ -52,6 +52,7 @@ class _Pairs(Dataset):
         return self.x[index], self.y[index]
 
 
+@pytest.mark.integration
 def test_fit_reduces_a_flows_test_bits():
     """Measured: 2.82 -> 2.56 test bits/dim on two moons after 150 steps (6 s on one thread); a Gaussian fitted
     to the data gets 2.68 (test_training.py)."""
@@ -68,6 +69,7 @@ def test_fit_reduces_a_flows_test_bits():
     assert result.losses.shape == (150,) and result.losses[-20:].mean() < result.losses[:20].mean()
 
 
+@pytest.mark.integration
 def test_fit_trains_a_classifier():
     train, test = _labelled(512), _labelled(512, seed=1)
     torch.manual_seed(0)

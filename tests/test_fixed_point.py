@@ -30,7 +30,7 @@ def _per_sample_residual(block, x, y):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_cos_fixed_point_matches_closed_form(method):
-    # x = cos x on [0, 1]: |sin x| <= sin 1 < 0.85 there (seed 002's contraction example).
+    # x = cos x on [0, 1]: |sin x| <= sin 1 < 0.85 there (the IFT tutorial's contraction example).
     result = fixed_point(torch.cos, torch.zeros(3, 1, dtype=torch.float64), lipschitz=math.sin(1.0), method=method)
     dottie = 0.7390851332151607
     assert result.success

@@ -1,4 +1,4 @@
-"""The dense (seed 001 C.3) and multi-scale (thesis A.2) i-ResNet flows."""
+"""The dense (Behrmann et al. 2019, appendix C.3) and multi-scale (thesis A.2) i-ResNet flows."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""MintNet layers (seed 000): triangular masks, the exact diagonal, and the Newton / sequential inverses."""
+"""MintNet layers (Song, Meng & Ermon 2019): triangular masks, the exact diagonal, the Newton / sequential inverses."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Latent recovery from partial measurements (seed 003): generators, masks, recover, landscapes, phase transition."""
+"""Latent recovery from partial measurements (Ma, Ayaz & Karaman 2018): generators, masks, recover, landscapes,
+phase transition."""
 
 import json
 import math
@@ -62,6 +63,7 @@ def test_masks_observe_the_requested_pixels():
         Mask(torch.zeros(4, 4, dtype=torch.bool))
 
 
+@pytest.mark.integration
 def test_theorem_generator_recovers_codes_from_half_the_pixels():
     """Seed 003, Theorems 1 and 4: 100 trials (10 networks x 10 codes), 50% uniform samples."""
     recovered = 0
@@ -140,6 +142,7 @@ def test_landscape_has_its_minimum_at_the_truth(tmp_path):
     assert plot_landscapes([landscape], tmp_path / "landscape.png").stat().st_size > 0
 
 
+@pytest.mark.integration
 def test_phase_transition_success_grows_with_the_rate(tmp_path):
     rows = phase_transition([0.05, 0.5], kinds=("uniform", "top"), n_networks=2, n_codes=5, max_iter=1500)
     by_setting = {(row.mask, row.rate): row.probability for row in rows}
@@ -252,9 +255,8 @@ def test_dcgan_config_trains_saves_its_generator_and_checks_recovery(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert 0 <= summary["test"]["discriminator_accuracy"] <= 1
-    for kind in ("uniform", "top"):
-        assert 0 <= summary["recovery"][kind]["exact_recovery"] <= 1
+    for kind in ("uniform", "top"):  # fractions of the 64 recovery problems (exact in binary)
+        assert (summary["recovery"][kind]["exact_recovery"] * 64).is_integer()
     generator = load_generator(summary["generator"])
     assert generator(torch.zeros(2, 10), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
     assert (tmp_path / "samples.png").is_file()

@@ -3,6 +3,7 @@ against the peptides that differ, cross-validation, and the receptive field agai
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from invertnet.app.cli import main
@@ -10,6 +11,7 @@ from invertnet.app.cli import main
 SMALL = ["--set", "data.n_per_class=60", "--set", "data.spectrum_length=600", "--set", "train.steps=150", "--quiet"]
 
 
+@pytest.mark.integration
 def test_isotopenet_learns_the_differing_peptides(tmp_path):
     """On synthetic two-class spectra that differ in three peptides, IsotopeNet reaches a high balanced accuracy
     on a held-out group fold and its averaged sensitivity map peaks at those peptides."""
@@ -49,8 +51,9 @@ def test_receptive_field_covers_the_isotope_patterns(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["receptive_field_bins"] == 49 and report["receptive_field_with_locally_connected_bins"] == 79
-    assert report["covered_by_convolutions"] == (report["largest_pattern_bins"] <= 49)
-    assert report["covered_with_locally_connected"] and 20 < report["largest_pattern_bins"] < 79
+    # on the TOF-like grid the widest Averagine patterns (near 850 Da) outgrow the convolutions' 49 bins
+    assert not report["covered_by_convolutions"] and 49 < report["largest_pattern_bins"] < 79
+    assert report["covered_with_locally_connected"]
     assert (tmp_path / "receptive_field.png").is_file()
 
 
@@ -82,7 +85,8 @@ def test_training_on_an_imzml_file_with_a_labels_csv(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert 0 <= summary["test"]["balanced_accuracy"] <= 1 and "discriminative_found" not in summary["sensitivity"]
+    assert "discriminative_found" not in summary["sensitivity"]  # real data: the differing peptides are unknown
+    assert all(800.0 <= mz <= 900.0 for mz in summary["sensitivity"]["top_mz"])  # the file's m/z axis
     broken = tmp_path / "broken.imzML"
     broken.write_text("<?xml version='1.0'?><mzML")
     (tmp_path / "broken.ibd").write_bytes(b"")

@@ -75,6 +75,7 @@ def test_two_circles_study_links_preimages_and_conditioning(tmp_path):
     assert record["preimage_fractions"]["point"] > 0  # where 2 units are active the 2-D input is determined
 
 
+@pytest.mark.integration
 def test_vanilla_blocks_fail_the_certificate_and_i_resnet_blocks_invert():
     from invertnet.experiments.stability import vanilla_vs_iresnet
 
@@ -113,6 +114,7 @@ def test_spectra_leave_the_callers_model_alone_and_edge_cases():
     assert lemma_3_5_bounds(torch.zeros(3, 2), [0]) == (0.0, None)
 
 
+@pytest.mark.integration
 def test_reconstruction_error_falls_with_iterations_and_faster_for_smaller_c(tmp_path):
     from invertnet.experiments.stability import reconstruction_study
 

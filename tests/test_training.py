@@ -69,6 +69,7 @@ def test_truncated_or_edited_checkpoints_are_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.integration
 def test_flow_learns_two_moons_better_than_a_fitted_gaussian(tmp_path):
     """Measured: 2.52 +- 0.01 test bits/dim against the fitted Gaussian's 2.68 (4 blocks, 300 steps, 5 s);
     the trained density integrates to 1 on a grid."""

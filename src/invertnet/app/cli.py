@@ -237,7 +237,8 @@ def recover(
 def recover_study(
     experiment: str, output_dir: Path, rates: str, kinds: str, networks: int, codes: int, seed: int, quiet: bool
 ) -> None:
-    """The seed 003 experiments: loss landscapes (Fig. 4) or the phase transition in the sampling rate."""
+    """The experiments of Ma, Ayaz & Karaman (2018): loss landscapes (Fig. 4) or the phase transition in the
+    sampling rate."""
     from invertnet.experiments.recovery import study_landscapes, study_phase_transition
 
     try:
@@ -264,7 +265,7 @@ def recover_study(
 @click.option("--seed", default=0, show_default=True)
 def stability(experiment: str, output_dir: Path, seed: int) -> None:
     """Invertibility experiments: ReLU preimages and conditioning over the plane (thesis Fig. 3.1), singular
-    values of a ReLU CNN's prefix Jacobians (Fig. 3.4), vanilla ResNets against i-ResNets (seed 001
+    values of a ReLU CNN's prefix Jacobians (Fig. 3.4), vanilla ResNets against i-ResNets (Behrmann et al. 2019,
     appendix B: certificates and reconstruction through the inverse), reconstruction error against fixed-point
     iterations for several Lipschitz coefficients (Fig. 4.4), the adversarial spheres (Fig. 6.3), or
     cross-entropy against independence cross-entropy on metameric samples (Fig. 6.5)."""

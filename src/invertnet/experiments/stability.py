@@ -1,5 +1,5 @@
 r"""The invertibility experiments of the thesis: the two-circles picture of Fig. 3.1 (preimages and condition
-numbers of a tiny ReLU network over the input plane) and vanilla ResNets against i-ResNets (seed 001,
+numbers of a tiny ReLU network over the input plane) and vanilla ResNets against i-ResNets (Behrmann et al. 2019,
 appendix B: are the residual blocks of a trained network invertible, and do inputs come back?)."""
 
 from __future__ import annotations

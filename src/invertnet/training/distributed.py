@@ -1,6 +1,6 @@
 r"""Multi-process training with PyTorch's own engine: DistributedDataParallel under ``torchrun``.
 
-``torchrun --nproc_per_node=N -m invertnet.cli train ...`` sets ``WORLD_SIZE``/``RANK``; :func:`setup` then joins
+``torchrun --nproc_per_node=N -m invertnet.app.cli train ...`` sets ``WORLD_SIZE``/``RANK``; :func:`setup` then joins
 the process group (gloo on CPU, nccl on GPU). Each rank computes the loss on its shard of every batch and DDP
 averages the gradients, so N ranks with batch B behave like one process with batch B.
 """

@@ -9,6 +9,7 @@ from invertnet.models.classifiers import mintnet_classifier as mintnet_classifie
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
 from invertnet.models.gan import ConditionalGAN as ConditionalGAN
+from invertnet.models.gan import conditional_dcgan as conditional_dcgan
 from invertnet.models.generators import DCGANDiscriminator as DCGANDiscriminator
 from invertnet.models.generators import DCGANGenerator as DCGANGenerator
 from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
@@ -21,22 +22,23 @@ from invertnet.models.spectra import IsotopeNet as IsotopeNet
 from invertnet.models.spectra import ResidualNet as ResidualNet
 
 __all__ = [
-    "IsotopeNet",
-    "ResidualNet",
     "ConditionalGAN",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "FlowDistribution",
     "FullyInvertibleClassifier",
     "InvertibleClassifier",
+    "IsotopeNet",
+    "ResidualNet",
+    "TransposedConvGenerator",
+    "conditional_dcgan",
     "dense_iresnet_flow",
     "fully_invertible_classifier",
     "iresnet_classifier",
+    "load_generator",
     "mintnet_classifier",
     "mintnet_flow",
     "multiscale_iresnet_flow",
-    "standard_normal",
-    "TransposedConvGenerator",
-    "load_generator",
     "save_generator",
+    "standard_normal",
 ]

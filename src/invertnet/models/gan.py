@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConditionalGAN"]
+from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator
+
+__all__ = ["ConditionalGAN", "conditional_dcgan"]
 
 
 class ConditionalGAN(nn.Module):
@@ -38,3 +40,19 @@ class ConditionalGAN(nn.Module):
         """Images G(z, labels) for fresh z ~ N(0, I) (torch's global RNG), one per label of ``labels`` (B,)."""
         z = torch.randn(len(labels), self.latent_dim, device=labels.device, dtype=next(self.parameters()).dtype)
         return self.generator(z, labels)
+
+
+def conditional_dcgan(
+    n_classes: int, channels: int = 1, latent_dim: int = 10, n_layers: int = 4, width: int = 128
+) -> ConditionalGAN:
+    """The conditional DCGAN of Ma, Ayaz & Karaman (2018, section 4.3): a :class:`~invertnet.models.DCGANGenerator`
+    and a :class:`~invertnet.models.DCGANDiscriminator` of the same depth and width, images of side
+    4 * 2^(n_layers - 1).
+
+    Example:
+        >>> gan = conditional_dcgan(n_classes=3, latent_dim=4, n_layers=2, width=8)
+        >>> gan.sample(torch.tensor([0, 2])).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    generator = DCGANGenerator(latent_dim, n_classes, channels, n_layers, width)
+    return ConditionalGAN(generator, DCGANDiscriminator(n_classes, channels, n_layers, width), latent_dim)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.figures import save_figure, subplots
-from invertnet.models.gan import ConditionalGAN
-from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator, save_generator
+from invertnet.models.gan import ConditionalGAN, conditional_dcgan
+from invertnet.models.generators import DCGANGenerator, save_generator
 from invertnet.recovery.masks import make_mask
 from invertnet.recovery.recover import recover
 from invertnet.training.objectives import AdversarialLoss
@@ -29,9 +29,10 @@ __all__ = ["DCGANConfig", "GANKind", "gan_images", "recovery_check"]
 
 
 class DCGANConfig(KindConfig):
-    """``dcgan``: :class:`~invertnet.models.DCGANGenerator` and :class:`~invertnet.models.DCGANDiscriminator`."""
+    """``dcgan``: :func:`~invertnet.models.conditional_dcgan`."""
 
     kind: Literal["dcgan"] = "dcgan"
+    builder: ClassVar = staticmethod(conditional_dcgan)
     latent_dim: int = Field(10, gt=0, description="latent dimension (small keeps the generator expansive)")
     n_layers: int = Field(3, gt=0, description="transposed convolutions of the generator")
     width: int = Field(64, gt=0, description="channels of the first feature map")
@@ -48,10 +49,8 @@ class GANKind(ModelKind):
         return RunData(gan_images(train, size), gan_images(test, size), n_classes=n_classes)
 
     def build(self, config: RunConfig, data: RunData) -> nn.Module:
-        model, channels = config.model, data.train[0].shape[1]
-        generator = DCGANGenerator(model.latent_dim, data.n_classes, channels, model.n_layers, model.width)
-        discriminator = DCGANDiscriminator(data.n_classes, channels, model.n_layers, model.width)
-        return ConditionalGAN(generator, discriminator, model.latent_dim)
+        model = config.model
+        return model.builder(data.n_classes, data.train[0].shape[1], **model.builder_arguments())
 
     def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
         return AdversarialLoss(model)  # type: ignore[arg-type]

@@ -59,7 +59,8 @@ def configs() -> None:
 def train(
     config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool, device: str
 ) -> None:
-    """Train a flow or an invertible classifier, evaluate it and write its run folder; prints the summary as JSON."""
+    """Train the model a config describes (any registered kind), evaluate it and write its run folder; prints the
+    summary as JSON."""
     from invertnet.app.config import load_config
     from invertnet.app.runs import train_run
     from invertnet.training import distributed

@@ -113,7 +113,7 @@ def _residual_classifier(constrained: bool, width: int, n_blocks: int, coeff: fl
 def vanilla_vs_iresnet(
     steps: int = 600, n_blocks: int = 4, width: int = 128, coeff: float = 0.9, seed: int = 0
 ) -> dict[str, Any]:
-    """Seed 001, appendix B: residual classifiers on digits (flattened, scaled to [0, 1]) with plain branches and
+    """Behrmann et al. 2019, appendix B: residual classifiers on digits (flattened, scaled to [0, 1]) with plain branches and
     with spectrally normalised ones (``coeff``), trained alike; then the certificate of every block, the test
     accuracy, and the reconstruction of test inputs from the last features through the fixed-point inverse."""
     (x_train, y_train), (x_test, y_test) = load_digits("train"), load_digits("test")

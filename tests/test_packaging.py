@@ -258,3 +258,11 @@ def test_require_returns_the_module_and_refuses_unknown_ones():
     assert _optional.require("torch.utils.tensorboard", "tensorboard").__name__ == "torch.utils.tensorboard"
     with pytest.raises(KeyError, match="not an optional dependency"):
         _optional.require("torch.nn", "plots")
+
+
+def test_the_embedded_configs_ship_as_package_data():
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["invertnet.app"]
+    shipped = {path.name for pattern in patterns for path in (SRC / "app").glob(pattern)}
+    from invertnet.app.config import embedded_configs
+
+    assert shipped == {f"{name}.json" for name in embedded_configs()} and len(shipped) > 10

@@ -6,7 +6,7 @@ Run from the repository root::
 
 Progress and tables go to stderr, one JSON object to stdout.
 
-* Timing, at the seed's MNIST setting (one grouped layer, 1 channel at 28x28, hidden_factor 45, 3x3 kernels,
+* Timing, at Song, Meng & Ermon's MNIST setting (one grouped layer, 1 channel at 28x28, hidden_factor 45, 3x3 kernels,
   batch 64, float32, torch's default threads): forward only; forward + exact log-det
   (``forward_and_log_det``); forward + log-det + backward of a maximum-likelihood loss. Median of ``reps``.
 * Inversion of the same layer with Xavier-gain-1 weights (far from the near-identity initialisation) to a

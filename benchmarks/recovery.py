@@ -10,7 +10,7 @@ network of Theorem 1 (latent (10, 1, 1), channels (16, 1), kernel = stride = 4, 
 weights), in float64, with torch's default threads.
 
 * Throughput: 256 problems (one network, random codes, a fresh 50% uniform mask each) recovered as one batch
-  to relative residual 1e-7, for Adam (lr 0.1, the seed's setting) and gradient descent with the adaptive
+  to relative residual 1e-7, for Adam (lr 0.1, Ma, Ayaz & Karaman's setting) and gradient descent with the adaptive
   step; against solving 16 of the same problems one at a time (the per-problem loop other code uses).
 * Iterations to tolerance: median and maximum over the 256 problems (the batch stops at the slowest).
 * Success at r = 0.5 for each mask kind: 10 networks x 10 codes, relative latent error < 1e-3.

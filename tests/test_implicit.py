@@ -288,3 +288,13 @@ def test_seed_002_worked_examples():
     from_solves, direct = examples.polar_inverse_jacobian(points)  # Example 4, Proposition 1
     torch.testing.assert_close(from_solves, direct, atol=1e-12, rtol=0)
     torch.testing.assert_close(from_solves[0], torch.tensor([[0.5**0.5, 0.5**0.5], [-0.5, 0.5]], dtype=DOUBLE))
+
+
+def test_implicit_fixed_point_raises_on_a_failed_forward_solve_unless_told_not_to():
+    x = torch.ones(2, 3, dtype=torch.float64)
+    expanding = lambda z, x: 2 * z + x  # noqa: E731 - no fixed point reachable by iteration
+    with pytest.raises(ConvergenceError):
+        implicit_fixed_point(expanding, x, method="iteration", max_iter=50)
+    z, record = implicit_fixed_point(expanding, x, method="iteration", max_iter=50, strict=False)
+    assert record.status in (SolverStatus.DIVERGED, SolverStatus.MAX_ITER, SolverStatus.NONFINITE)
+    assert not record.converged.any() and z.shape == x.shape

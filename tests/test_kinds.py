@@ -9,28 +9,25 @@ import pytest
 import torch
 
 from invertnet.app.config import embedded_configs, load_config
-from invertnet.app.kinds import KINDS, KindConfig, ModelKind, UnsupportedOperation, kind_of
+from invertnet.app.kinds import KINDS, KindConfig, UnsupportedOperation, kind_of
 from invertnet.app.runs import certify_run, evaluate_run, invert_run, metameric_run, sample_run, train_run
 
-# The embedded configs that train on shipped data (the others read MNIST, CIFAR-10 or CelebA from disk).
+# The embedded configs that train on shipped data (the others read MNIST, CIFAR-10 or CelebA from disk), with
+# overrides that keep them small, and the run steps each kind has: invert, sample, certify, metameric.
 SHIPPED = {
-    "digits": [],
-    "digits_dense": ["model.n_blocks=1"],
-    "two_moons": ["model.n_blocks=1", "data.n_train=256", "data.n_test=128"],
-    "mintnet_digits": ["model.n_blocks=2", "model.hidden_factor=1"],
-    "mintnet_classifier_digits": ["model.n_blocks=2", "model.hidden_factor=1"],
-    "iresnet_classifier_digits": ["model.n_blocks=1"],
-    "fully_invertible_classifier_digits": ["model.n_blocks=1", "model.dense_blocks=1"],
-    "independence_digits": ["model.n_blocks=1", "model.dense_blocks=1"],
-    "dcgan_digits": ["model.width=8"],
-    "isotopenet_synthetic": ["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"],
-    "residualnet_synthetic": ["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"],
+    "digits": ([], "IS C"),
+    "digits_dense": (["model.n_blocks=1"], "IS C"),
+    "two_moons": (["model.n_blocks=1", "data.n_train=256", "data.n_test=128"], "IS C"),
+    "mintnet_digits": (["model.n_blocks=2", "model.hidden_factor=1"], "IS"),
+    "mintnet_classifier_digits": (["model.n_blocks=2", "model.hidden_factor=1"], "I"),
+    "iresnet_classifier_digits": (["model.n_blocks=1"], "I C"),
+    "fully_invertible_classifier_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
+    "independence_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
+    "dcgan_digits": (["model.width=8"], "IS"),
+    "isotopenet_synthetic": (["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"], ""),
+    "residualnet_synthetic": (["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"], ""),
 }
 TINY = ["train.steps=2", "train.batch_size=16", "train.checkpoint_every=2", "evaluation.max_passes=2"]
-
-
-def _overridden(kind: ModelKind, step: str) -> bool:
-    return getattr(type(kind), step) is not getattr(ModelKind, step)
 
 
 def test_every_kind_has_a_config_on_shipped_data_and_every_config_validates():
@@ -53,29 +50,35 @@ def test_the_registry_is_keyed_by_each_config_class_kind():
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_each_kind_trains_and_runs_every_step_it_has(name, tmp_path):
     torch.set_num_threads(1)
-    config = load_config(name, TINY + SHIPPED[name])
-    kind = KINDS[config.model.kind]
+    overrides, steps = SHIPPED[name]
+    config = load_config(name, TINY + overrides)
     summary = train_run(config, tmp_path, progress=False)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert "test" in summary and (tmp_path / "latest").is_file()
     assert evaluate_run(tmp_path).keys() == summary.keys()
-    steps = {
-        "invert": lambda: invert_run(tmp_path),
-        "sample": lambda: sample_run(tmp_path, 3),
-        "invertible_part": lambda: certify_run(tmp_path),
-        "metameric_classifier": lambda: metameric_run(tmp_path, 2),
+    calls = {
+        "I": lambda: invert_run(tmp_path),
+        "S": lambda: sample_run(tmp_path, 3),
+        "C": lambda: certify_run(tmp_path),
+        "M": lambda: metameric_run(tmp_path, 2),
     }
-    for step, call in steps.items():
-        supported = _overridden(kind, step)
-        if step == "metameric_classifier":  # the classifier kinds share it; only a bijection has a nuisance part
-            supported = config.model.kind == "fully_invertible_classifier"
-        if supported:
-            result = call()
-            if step == "sample":
-                assert len(result) == 3 and torch.isfinite(result).all()
-        else:
+    for step, call in calls.items():
+        if step not in steps:
             with pytest.raises(UnsupportedOperation, match=f"model kind '{config.model.kind}'"):
                 call()
+            continue
+        result = call()
+        if step == "I" and config.model.kind != "dcgan":
+            assert result["status"] == "success" and result["max_abs_error"] < 1e-3, result
+        if step == "I" and config.model.kind == "dcgan":
+            assert {"uniform", "top"} <= set(result)
+        if step == "S":
+            assert len(result) == 3 and torch.isfinite(result).all()
+        if step == "C":
+            certificate, figure = result
+            assert certificate.blocks and figure.is_file()
+        if step == "M":
+            assert result["max_logit_difference"] < 1e-6
 
 
 def test_a_kind_without_a_step_names_the_kind_and_the_step():
@@ -84,3 +87,49 @@ def test_a_kind_without_a_step_names_the_kind_and_the_step():
         classifier.sample(torch.nn.Identity(), 3)
     with pytest.raises(UnsupportedOperation, match=r"'residualnet' \(spectrum classifier\) cannot invert"):
         KINDS["residualnet"].invert(torch.nn.Identity(), None, None)  # type: ignore[arg-type]
+
+
+# The flat model section of invertnet 0.1 with its defaults; each kind's conversion must keep what that kind read.
+_FLAT_DEFAULTS = {
+    "n_blocks": 4, "hidden": 32, "n_layers": 3, "n_scales": 2, "hidden_factor": 8, "kernel_size": 3, "dropout": 0.3,
+    "actnorm": True, "pad_channels": 16, "memory_saving": False, "dense_blocks": 0, "dense_hidden": 128,
+    "independence": False, "independence_weight": 1.0, "nuisance_objective": "confusion", "likelihood_weight": 1.0,
+    "variant": "iresnet", "latent_dim": 10, "width": 64, "logit_alpha": 0.05, "kernel_sizes": [3, 1, 3],
+    "coeff": 0.97, "activation": "elu", "log_det": "power_series", "n_terms": 5,
+}  # fmt: skip
+_CONVERTED = {
+    "mintnet": ({"n_scales": 3, "hidden": 99}, {"n_squeezes": 2, "hidden_factor": 8, "actnorm": True}),
+    "mintnet_classifier": ({"n_scales": 1}, {"n_squeezes": 0, "pad_channels": 16}),
+    "iresnet_classifier": ({"n_scales": 3, "hidden": 12}, {"n_stages": 3, "hidden_channels": 12, "coeff": 0.97}),
+    "fully_invertible_classifier": (
+        {"independence": True, "independence_weight": 2.0, "n_scales": 1},
+        {"n_stages": 1, "independence": {"nuisance_weight": 2.0, "likelihood_weight": 1.0,
+                                         "nuisance_objective": "confusion"}},
+    ),
+    "isotopenet": ({"kernel_size": 5, "dropout": 0.1}, {"locally_connected_kernel": 5, "dropout": 0.1}),
+    "dense": ({"hidden": 7}, {"hidden_features": 7, "n_layers": 3, "n_terms": 5}),
+    "multiscale": ({"hidden": 7, "n_scales": 3}, {"hidden_channels": 7, "n_scales": 3}),
+    "dcgan": ({"width": 16, "n_layers": 2}, {"width": 16, "n_layers": 2, "latent_dim": 10}),
+    "residualnet": ({"hidden": 7}, {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_flat_invertnet_0_1_model_section_converts_to_what_the_kind_read(kind):
+    changed, expected = _CONVERTED[kind]
+    section = KINDS[kind].config.from_legacy({**_FLAT_DEFAULTS, **changed, "kind": kind})
+    model = KINDS[kind].config.model_validate(section)
+    assert {name: getattr(model, name) for name in expected} == {
+        name: value if not isinstance(value, dict) else getattr(model, name).__class__(**value)
+        for name, value in expected.items()
+    }
+    assert set(section) <= set(KINDS[kind].config.model_fields)
+
+
+def test_a_run_needing_a_missing_extra_says_so_before_training(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the plots extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'invertnet\[plots\]'"):
+        train_run(load_config("two_moons", TINY), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

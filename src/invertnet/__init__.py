@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         SolverStatus,
     )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 """The package version; the only place it is written (pyproject.toml reads it, so the wheel's metadata agrees)."""
 
 __all__ = [

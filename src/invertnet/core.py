@@ -327,8 +327,14 @@ class InvertibleModule(nn.Module):
         """Invert without raising on a failed solve and return the full :class:`InverseResult`.
 
         For analytic inverses the record says so: status ``ANALYTIC``, zero iterations, every sample
-        converged and no residual (none was measured).
+        converged and no residual (none was measured). A layer with an iterative inverse must derive from
+        :class:`IterativeInvertibleModule`, whose record reports the solve; here it is refused.
         """
+        if not self.analytic_inverse:
+            raise TypeError(
+                f"{type(self).__name__}: analytic_inverse is False, so its inverse is a solve whose record this base "
+                "cannot give; derive from IterativeInvertibleModule"
+            )
         with torch.no_grad():
             x = self.inverse(y, options, **overrides)
         return InverseResult(

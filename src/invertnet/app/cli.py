@@ -26,10 +26,11 @@ def _fail(error: Exception) -> None:
 
 
 def _on_run(action: Callable[..., T], run_dir: Path, *args: object) -> T:
-    """Call ``action(run_dir, *args)``, turning a missing or invalid run folder into a CLI error."""
+    """Call ``action(run_dir, *args)``, turning a missing or invalid run folder (or a missing extra) into a CLI
+    error."""
     try:
         return action(run_dir, *args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(error)
         raise  # unreachable: _fail raises
 
@@ -43,7 +44,7 @@ def main() -> None:
 @main.command()
 def configs() -> None:
     """List the embedded configs."""
-    from invertnet.app.config import embedded_configs
+    from invertnet.app.embedded import embedded_configs
 
     for name in embedded_configs():
         click.echo(name)
@@ -77,7 +78,7 @@ def train(
         summary = train_run(
             config, run_dir=run_dir, resume=resume, progress=not quiet, device=distributed.resolve_device(device)
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(error)
     finally:
         distributed.teardown()
@@ -99,7 +100,7 @@ def crossvalidate(config_name: str, overrides: tuple[str, ...], run_dir: Path, q
     try:
         config = load_config(config_name, list(overrides))
         _echo_json(run_crossvalidation(config, run_dir, progress=not quiet))
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(error)
 
 
@@ -221,7 +222,7 @@ def recover(
             restarts=restarts,
             max_iter=max_iter,
         )
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         _fail(error)
     _echo_json(record)
 
@@ -250,7 +251,7 @@ def recover_study(
             record = study_phase_transition(
                 output_dir, rate_values, kinds.split(","), networks, codes, seed=seed, progress=not quiet
             )
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         _fail(error)
     _echo_json(record)
 

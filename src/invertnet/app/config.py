@@ -9,12 +9,12 @@ valid JSON.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from invertnet.app.embedded import embedded_config_text, embedded_configs
 from invertnet.app.kinds import KINDS
 from invertnet.training import TrainConfig
 
@@ -97,12 +97,6 @@ class RunConfig(_Strict):
     config_version: Literal[2] = Field(CONFIG_VERSION, description="layout of this file (run folders record it)")
 
 
-def embedded_configs() -> list[str]:
-    """Names of the configs shipped with invertnet."""
-    folder = resources.files("invertnet.app") / "configs"
-    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides to a raw config dict; values are parsed as JSON when possible."""
     for override in overrides:
@@ -135,13 +129,15 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
             raise ValueError(f"config file {path} not found")
         text = path.read_text()
     elif name_or_path in embedded_configs():
-        text = (resources.files("invertnet.app") / "configs" / f"{name_or_path}.json").read_text()
+        text = embedded_config_text(name_or_path)
     else:
         raise ValueError(f"unknown config {name_or_path!r}: not a file, and not one of {embedded_configs()}")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"config {name_or_path}: invalid JSON ({error})") from error
+    if _is_flat_legacy(raw):  # e.g. a run_config.json of invertnet 0.1 given as --config
+        raw = _upgraded(raw)
     return _validate(apply_overrides(raw, overrides or []), f"config {name_or_path}")
 
 
@@ -160,12 +156,29 @@ def read_run_config(path: str | Path) -> RunConfig:
         raise ValueError(f"{path}: not a readable run config ({error})") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ValueError(f"{path}: not a run config (no 'model' section)")
-    if "config_version" not in raw:  # invertnet 0.1: the flat model section
-        kind = KINDS.get(str(raw["model"].get("kind")))
-        if kind is None:
-            raise ValueError(f"{path}: model kind {raw['model'].get('kind')!r} is unknown to this invertnet")
-        raw = {**raw, "model": kind.config.from_legacy(raw["model"])}
+    if "config_version" not in raw:  # run folders of invertnet 0.1 recorded the flat model section
+        raw = _upgraded(raw, str(path))
     return _validate(raw, str(path))
+
+
+# The fields every invertnet 0.1 run folder recorded in its one flat model section (later 0.1 releases added more).
+_FLAT_MODEL_FIELDS = frozenset(
+    {"kind", "n_blocks", "hidden", "n_layers", "n_scales", "hidden_factor", "kernel_size", "kernel_sizes", "coeff"}
+)
+
+
+def _is_flat_legacy(raw: Any) -> bool:
+    """Whether ``raw`` is a config of invertnet 0.1: no version, a model section with all the flat fields."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return "config_version" not in raw and isinstance(model, dict) and _FLAT_MODEL_FIELDS <= set(model)
+
+
+def _upgraded(raw: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """``raw`` with its flat invertnet 0.1 model section converted to its kind's section (``from_legacy``)."""
+    kind = KINDS.get(str(raw["model"].get("kind")))
+    if kind is None:
+        raise ValueError(f"{where}: model kind {raw['model'].get('kind')!r} is unknown to this invertnet")
+    return {**raw, "model": kind.config.from_legacy(raw["model"])}
 
 
 def _validate(raw: Any, where: str) -> RunConfig:
@@ -181,9 +194,23 @@ def _problem(error: Any, raw: Any) -> str:
     loc = [str(part) for part in error["loc"]]
     if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in KINDS:
         kind, loc = KINDS[loc[1]], loc[:1] + loc[2:]
-        if error["type"] == "extra_forbidden":
-            fields = ", ".join(name for name in kind.config.model_fields if name != "kind")
+        if error["type"] == "extra_forbidden" and len(loc) == 2:
+            fields = ", ".join(name for name in kind.config.model_fields if name != "kind") or "none"
             return f"{'.'.join(loc)}: not a setting of model kind {kind.name!r} (its settings: {fields})"
+        if error["type"] == "extra_forbidden":
+            section = _section_class(kind.config, loc[1:-1])
+            fields = ", ".join(section.model_fields) if section else "see the docs"
+            return f"{'.'.join(loc)}: not a setting of {'.'.join(loc[:-1])} (its settings: {fields})"
     if loc == ["model"] and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         return f"model.kind: must be one of {sorted(KINDS)}"
     return f"{'.'.join(loc)}: {error['msg']}"
+
+
+def _section_class(config: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    """The pydantic class of the nested section at ``path`` (field names) of ``config``, if there is one."""
+    current: type[BaseModel] | None = config
+    for name in path:
+        field = current.model_fields.get(name) if current else None
+        candidates = [field.annotation, *get_args(field.annotation)] if field else []
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current

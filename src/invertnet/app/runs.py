@@ -51,8 +51,10 @@ class OpenRun:
 
 
 def build(config: RunConfig) -> tuple[ModelKind, nn.Module, RunData]:
-    """The config's kind, its untrained model and its data."""
+    """The config's kind, its untrained model and its data; a missing optional dependency of the kind raises
+    its named ``ImportError`` first."""
     kind = KINDS[config.model.kind]
+    kind.check_requirements()
     data = kind.load_data(config)
     return kind, kind.build(config, data), data
 
@@ -83,7 +85,8 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
     objective = kind.objective(model, config)
-    trainer = Trainer(model, data.train, config.train, run_dir, test_data=None, progress=progress, objective=objective)
+    test_data = data.test if config.train.eval_every else None  # evaluated every eval_every steps and at the end
+    trainer = Trainer(model, data.train, config.train, run_dir, test_data, progress=progress, objective=objective)
     if resume:
         trainer.resume()
     trainer.fit()

@@ -113,11 +113,12 @@ def _residual_classifier(constrained: bool, width: int, n_blocks: int, coeff: fl
 def vanilla_vs_iresnet(
     steps: int = 600, n_blocks: int = 4, width: int = 128, coeff: float = 0.9, seed: int = 0
 ) -> dict[str, Any]:
-    """Behrmann et al. 2019, appendix B: residual classifiers on digits (flattened, scaled to [0, 1]) with plain branches and
-    with spectrally normalised ones (``coeff``), trained alike; then the certificate of every block, the test
-    accuracy, and the reconstruction of test inputs from the last features through the fixed-point inverse."""
+    """Behrmann et al. 2019, appendix B: residual classifiers on digits (flattened, scaled to [0, 1]) with plain
+    branches and with spectrally normalised ones (``coeff``), trained alike; then the certificate of every block,
+    the test accuracy, and the reconstruction of test inputs from the last features through the fixed-point
+    inverse."""
     (x_train, y_train), (x_test, y_test) = load_digits("train"), load_digits("test")
-    x_train, x_test = x_train.flatten(1) / 16, x_test.flatten(1) / 16
+    x_train, x_test = x_train.flatten(1) / (DIGITS_LEVELS - 1), x_test.flatten(1) / (DIGITS_LEVELS - 1)
     report: dict[str, Any] = {}
     for name, constrained in (("vanilla", False), ("i-resnet", True)):
         torch.manual_seed(seed)
@@ -147,7 +148,7 @@ def cnn_spectra_study(output_dir: str | Path, steps: int = 400, seed: int = 0) -
     then a linear read-out) trained on digits; the singular values of every prefix Jacobian at a test digit.
     Saves ``layer_spectra.png``; returns each prefix's rank and condition number."""
     (x_train, y_train), (x_test, _) = load_digits("train"), load_digits("test")
-    x_train, x_test = x_train / 16, x_test / 16
+    x_train, x_test = x_train / (DIGITS_LEVELS - 1), x_test / (DIGITS_LEVELS - 1)
     torch.manual_seed(seed)
     net = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),

@@ -68,6 +68,7 @@ def implicit_fixed_point(
     max_iter: int = FIXED_POINT_MAX_ITER,
     backward_max_iter: int = FIXED_POINT_MAX_ITER,
     lipschitz: float | None = None,
+    strict: bool = True,
 ) -> tuple[Tensor, InverseResult]:
     r"""The fixed point z* = f(z*, x; theta), differentiable in x and theta by the implicit function theorem.
 
@@ -89,9 +90,12 @@ def implicit_fixed_point(
         atol, rtol, max_iter: Forward tolerances and budget (``None``: by dtype); ``backward_max_iter`` for
             the backward solve, which uses the same tolerances.
         lipschitz: A bound on Lip_z(f) < 1 if known, for the forward error bound.
+        strict: A failed forward solve raises :class:`~invertnet.ConvergenceError` (default); ``False`` returns
+            the best iterate with its record. The backward solve always raises on failure: a gradient it cannot
+            vouch for is never returned.
 
     Returns:
-        (z*, the forward solve's :class:`~invertnet.InverseResult`). A failed forward solve raises.
+        (z*, the forward solve's :class:`~invertnet.InverseResult`).
 
     Example:
         >>> x = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
@@ -105,7 +109,8 @@ def implicit_fixed_point(
     z0 = torch.zeros_like(x) if z0 is None else z0.detach()
     with torch.no_grad():
         record = fixed_point(
-            lambda z: f(z, x), z0, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz, method=method
+            lambda z: f(z, x), z0, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz, method=method,
+            strict=strict,
         )
 
     def solve(cotangent: Tensor, vjp: TransposedProduct) -> Tensor:  # vjp(v) = -J_f^T v here

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from invertnet._optional import require
+
 if TYPE_CHECKING:
     from invertnet.analysis import Certificate
     from invertnet.app.config import RunConfig
@@ -50,7 +52,7 @@ class KindConfig(BaseModel):
 
     @classmethod
     def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
-        """This kind's section from a flat invertnet 0.1 model section (all 29 fields): renamed fields are
+        """This kind's section from a flat invertnet 0.1 model section (all 26 fields): renamed fields are
         renamed, fields this kind never used are dropped."""
         section = {}
         for key, value in flat.items():
@@ -100,10 +102,18 @@ class ModelKind:
     """
 
     family: ClassVar[str] = "model"
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    """Optional dependencies a run of this kind needs, as (module, extra, what needs it): checked before training,
+    so that a missing one is named before the run's time is spent, not after."""
 
     def __init__(self, config: type[KindConfig]) -> None:
         self.config = config
         self.name: str = config.model_fields["kind"].default
+
+    def check_requirements(self) -> None:
+        """Raise the ``ImportError`` naming the extra of the first missing optional dependency."""
+        for module, extra, feature in self.requires:
+            require(module, extra, feature)
 
     def _unsupported(self, step: str, hint: str = "") -> UnsupportedOperation:
         return UnsupportedOperation(f"model kind {self.name!r} ({self.family}) cannot {step}{hint}")
@@ -130,7 +140,7 @@ class ModelKind:
 
     def sample(self, model: nn.Module, n: int) -> Tensor:
         """``n`` samples of a generative model."""
-        raise self._unsupported("sample", ": it is not a generative model; use evaluate or invert")
+        raise self._unsupported("sample", ": it is not a generative model")
 
     def invertible_part(self, model: nn.Module) -> nn.Module:
         """The invertible network whose residual blocks ``certify`` checks."""
@@ -139,8 +149,12 @@ class ModelKind:
     def certify(self, model: nn.Module, data: RunData) -> Certificate:
         """Certificates of every residual block (thesis Remark 4.9) on a batch of test inputs."""
         from invertnet.analysis import certify
+        from invertnet.layers import InvertibleResidual
 
-        return certify(self.invertible_part(model), data.test_inputs[:16])
+        part = self.invertible_part(model)
+        if not any(isinstance(module, InvertibleResidual) for module in part.modules()):
+            raise self._unsupported("certify", ": it has no residual blocks (its inverse needs no Lip(g) < 1)")
+        return certify(part, data.test_inputs[:16])
 
     def metameric_classifier(self, model: nn.Module) -> nn.Module:
         """The fully invertible classifier (thesis Def. 6.7) of a trained model, for metameric sampling."""

@@ -97,6 +97,9 @@ class FlowKind(ModelKind):
     """A normalising flow (:class:`~invertnet.models.FlowDistribution`) trained on unlabelled data."""
 
     family: ClassVar[str] = "flow"
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("matplotlib.figure", "plots", "a flow run's samples.png / density.png"),
+    )
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, levels = unlabelled_data(config.data)

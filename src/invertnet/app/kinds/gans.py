@@ -42,6 +42,9 @@ class GANKind(ModelKind):
     """A conditional GAN (generator and discriminator in one module), trained by one adversarial objective."""
 
     family: ClassVar[str] = "GAN"
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("matplotlib.figure", "plots", "a GAN run's samples.png"),
+    )
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)
@@ -71,7 +74,7 @@ class GANKind(ModelKind):
 
 def gan_images(data: tuple[Tensor, Tensor], image_size: int) -> tuple[Tensor, Tensor]:
     """Images in [-0.5, 0.5] (as loaded for classifiers) mapped to tanh's [-1, 1] and padded with -1 (black
-    background) to the generator's size, e.g. MNIST 28x28 -> 32x32 as in the seed."""
+    background) to the generator's size, e.g. MNIST 28x28 -> 32x32 as in Ma, Ayaz & Karaman (2018)."""
     images, labels = data
     missing = image_size - images.shape[-1]
     if missing < 0 or image_size - images.shape[-2] != missing:

@@ -57,6 +57,9 @@ class SpectraKind(ModelKind):
     """A spectrum classifier trained with cross-entropy on one fold of grouped cross-validation."""
 
     family: ClassVar[str] = "spectrum classifier"
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("matplotlib.figure", "plots", "a spectra run's sensitivity.png"),
+    )
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, dataset = load_spectra(config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -78,6 +78,8 @@ def _relative_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Adam:
+    """Adam (betas 0.9, 0.999) on every latent, moving only the active ones."""
+
     def __init__(self, z: Tensor, lr: float) -> None:
         self.lr, self.m, self.v, self.t = lr, torch.zeros_like(z), torch.zeros_like(z), 0
 
@@ -160,6 +162,27 @@ def recover(
         >>> bool(result.converged.all()), bool(result.relative_error.max() < 1e-4)
         (True, True)
     """
+    latent_shape = _check_arguments(generator, y, latent_shape, method, restarts, max_iter, z_true)
+    y = y.detach()
+    problems = _Problems.stack(generator, y, mask, condition, restarts)
+    z = _initial_codes((restarts * y.shape[0], *latent_shape), init_std, seed, y)
+    optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
+    state = _descend(problems, z, optimiser, rtol, patience, max_iter, progress)
+    _restore_best_accepted(state, optimiser, problems.scale)
+    return _result(state, generator, condition, restarts, rtol, uniqueness_tol, z_true)
+
+
+def _check_arguments(
+    generator: Generator,
+    y: Tensor,
+    latent_shape: tuple[int, ...] | None,
+    method: str,
+    restarts: int,
+    max_iter: int,
+    z_true: Tensor | None,
+) -> tuple[int, ...]:
+    """The latent shape (given, else ``generator.latent_shape``), after refusing images y that are not finite
+    (B, C, H, W), an unknown method, non-positive budgets and true codes not of shape (B, *latent_shape)."""
     latent_shape = tuple(latent_shape or getattr(generator, "latent_shape", ()))
     if not latent_shape:
         raise ValueError("recover: pass latent_shape for a generator without a latent_shape attribute")
@@ -171,66 +194,176 @@ def recover(
         raise ValueError(f"recover: restarts and max_iter must be positive, got {restarts}, {max_iter}")
     if not torch.isfinite(y).all():
         raise ValueError("recover: the measurements y contain NaN or infinite values")
-    y = y.detach()
-    batch = y.shape[0]
-    if z_true is not None and tuple(z_true.shape) != (batch, *latent_shape):
-        raise ValueError(f"recover: z_true must have shape {(batch, *latent_shape)}, got {tuple(z_true.shape)}")
-    stacked = mask.repeat(restarts)
-    target = stacked(y.repeat(restarts, 1, 1, 1))
-    scale = target.flatten(1).norm(dim=1).clamp_min(1e-30)
-    repeated_condition = None if condition is None else condition.repeat(restarts, *[1] * (condition.dim() - 1))
-    rng = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-    z = (init_std * torch.randn((restarts * batch, *latent_shape), generator=rng, dtype=y.dtype)).to(y.device)
-    optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
-    active_shape = (-1,) + (1,) * len(latent_shape)
+    expected = (y.shape[0], *latent_shape)
+    if z_true is not None and tuple(z_true.shape) != expected:
+        raise ValueError(f"recover: z_true must have shape {expected}, got {tuple(z_true.shape)}")
+    return latent_shape
 
-    def evaluate(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """J, its gradient and the relative residual of the latents ``index`` (only those are computed)."""
+
+@dataclass
+class _Problems:
+    """B problems x R restarts as one batch of N = R B latents (restart-major): the generator G, the stacked
+    sampling operator A, the measurements A y (N, C, H, W), their norms |A y| (N,) and the conditioning
+    (N, ...) or ``None``."""
+
+    generator: Generator
+    mask: Mask
+    target: Tensor
+    scale: Tensor
+    condition: Tensor | None
+
+    @classmethod
+    def stack(cls, generator: Generator, y: Tensor, mask: Mask, condition: Tensor | None, restarts: int) -> _Problems:
+        """Repeat the problems y (B, C, H, W), their mask and conditioning (B, ...) ``restarts`` times."""
+        stacked = mask.repeat(restarts)
+        target = stacked(y.repeat(restarts, 1, 1, 1))
+        scale = target.flatten(1).norm(dim=1).clamp_min(1e-30)
+        repeated = None if condition is None else condition.repeat(restarts, *[1] * (condition.dim() - 1))
+        return cls(generator=generator, mask=stacked, target=target, scale=scale, condition=repeated)
+
+    def evaluate(self, z: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """J, its gradient and the relative residual of the latents z[index] (only those are computed), with
+        shapes (n,), (n, *latent_shape) and (n,) for n indices."""
         codes = z[index].detach().requires_grad_(True)
-        image = generator(codes) if repeated_condition is None else generator(codes, repeated_condition[index])
-        residual = stacked.select(index)(image) - target[index]
+        image = self.generator(codes) if self.condition is None else self.generator(codes, self.condition[index])
+        residual = self.mask.select(index)(image) - self.target[index]
         loss = 0.5 * residual.flatten(1).square().sum(dim=1)
         (gradient,) = torch.autograd.grad(loss.sum(), codes)
-        return loss.detach(), gradient, residual.detach().flatten(1).norm(dim=1) / scale[index]
+        return loss.detach(), gradient, residual.detach().flatten(1).norm(dim=1) / self.scale[index]
 
-    total = restarts * batch
-    loss = torch.full((total,), math.inf, dtype=y.dtype, device=y.device)
-    relative = torch.full_like(loss, math.inf)
-    gradient = torch.zeros_like(z)
-    best_loss, last_improvement = torch.full_like(loss, math.inf), torch.zeros(total, dtype=torch.long)
-    active = torch.ones(total, dtype=torch.bool, device=y.device)
-    history: list[Tensor] = []
+
+def _initial_codes(shape: tuple[int, ...], init_std: float, seed: int | None, y: Tensor) -> Tensor:
+    """z_0 ~ N(0, init_std^2) of ``shape`` (N, *latent_shape), drawn on the CPU from ``seed`` (``None``: torch's
+    global generator), in the dtype and on the device of y."""
+    rng = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    return (init_std * torch.randn(shape, generator=rng, dtype=y.dtype)).to(y.device)
+
+
+def _per_latent(values: Tensor, z: Tensor) -> Tensor:
+    """Per-latent values (N,) viewed to broadcast against latents z (N, *latent_shape)."""
+    return values.view((-1,) + (1,) * (z.dim() - 1))
+
+
+@dataclass
+class _DescentState:
+    """The batched descent after ``iteration`` evaluations: latents z and gradients (N, *latent_shape); J,
+    relative residuals, best J, the iteration of its last 0.1% improvement (on the CPU) and the running flags
+    (N,); ``history`` holds J of every latent after each evaluation."""
+
+    z: Tensor
+    loss: Tensor
+    relative: Tensor
+    gradient: Tensor
+    best_loss: Tensor
+    last_improvement: Tensor
+    active: Tensor
+    history: list[Tensor] = field(default_factory=list)
+    iteration: int = 0
+
+    @classmethod
+    def start(cls, z: Tensor) -> _DescentState:
+        """Every latent of z (N, *latent_shape) running, nothing evaluated yet (J = inf)."""
+        total = z.shape[0]
+        loss = torch.full((total,), math.inf, dtype=z.dtype, device=z.device)
+        return cls(
+            z=z,
+            loss=loss,
+            relative=torch.full_like(loss, math.inf),
+            gradient=torch.zeros_like(z),
+            best_loss=torch.full_like(loss, math.inf),
+            last_improvement=torch.zeros(total, dtype=torch.long),
+            active=torch.ones(total, dtype=torch.bool, device=z.device),
+        )
+
+    def evaluate(self, problems: _Problems) -> None:
+        """J, gradient and relative residual of the running latents (the others keep theirs); records J (N,).
+
+        Raises:
+            FloatingPointError: When J of a running latent is not finite.
+        """
+        index = self.active.nonzero().squeeze(1)
+        self.loss[index], self.gradient[index], self.relative[index] = problems.evaluate(self.z, index)
+        self.history.append(self.loss.clone())
+        if not torch.isfinite(self.loss[index]).all():
+            raise FloatingPointError(f"recover: J became non-finite at iteration {self.iteration}; lower lr")
+
+    def update_running(self, rtol: float, patience: int) -> bool:
+        """Stop latents that converged (relative residual <= rtol) or stalled (best J not improved by
+        :data:`STALL_IMPROVEMENT` for ``patience`` iterations); True while any latent runs."""
+        improved = self.loss < (1 - STALL_IMPROVEMENT) * self.best_loss
+        self.best_loss = torch.minimum(self.best_loss, self.loss)
+        self.last_improvement[improved.cpu()] = self.iteration
+        stalled = (self.iteration - self.last_improvement >= patience).to(self.z.device)
+        self.active = (self.relative > rtol) & ~stalled
+        return bool(self.active.any())
+
+
+def _descend(
+    problems: _Problems,
+    z: Tensor,
+    optimiser: _Adam | _AdaptiveDescent,
+    rtol: float,
+    patience: int,
+    max_iter: int,
+    progress: bool,
+) -> _DescentState:
+    """Descend on J from the latents z (N, *latent_shape), one optimiser step per iteration for the running
+    latents, until none runs or ``max_iter`` evaluations are spent."""
+    state = _DescentState.start(z)
     with tqdm(total=max_iter, disable=not progress, desc="recover", unit="it") as bar:
         for iteration in range(1, max_iter + 1):
-            index = active.nonzero().squeeze(1)
-            loss[index], gradient[index], relative[index] = evaluate(index)
-            history.append(loss.clone())
-            if not torch.isfinite(loss[index]).all():
-                raise FloatingPointError(f"recover: J became non-finite at iteration {iteration}; lower lr")
-            improved = loss < (1 - STALL_IMPROVEMENT) * best_loss
-            best_loss = torch.minimum(best_loss, loss)
-            last_improvement[improved.cpu()] = iteration
-            stalled = (iteration - last_improvement >= patience).to(y.device)
-            active = (relative > rtol) & ~stalled
+            state.iteration = iteration
+            state.evaluate(problems)
+            running = state.update_running(rtol, patience)
             bar.update(1)
-            if not bool(active.any()) or iteration == max_iter:
+            if not running or iteration == max_iter:
                 break
-            z = optimiser.step(z, loss, gradient, active.view(active_shape)).detach()
-    if isinstance(optimiser, _AdaptiveDescent):  # a rejected last step must not replace the best accepted code
-        better = optimiser.accepted_loss.to(loss.device) < loss
-        z = torch.where(better.view(active_shape), optimiser.accepted_z, z)
-        loss = torch.where(better, optimiser.accepted_loss.to(loss.device), loss)
-        relative = torch.where(better, (2 * loss).sqrt() / scale, relative)  # |A(G(z) - y)| = sqrt(2 J)
-    loss_all, relative_all = loss.view(restarts, batch), relative.view(restarts, batch)
-    codes = z.view(restarts, batch, *latent_shape)
-    best = loss_all.argmin(dim=0)
-    columns = torch.arange(batch, device=y.device)
-    z_best = codes[best, columns]
-    converged = relative_all[best, columns] <= rtol
-    non_unique = torch.zeros(batch, dtype=torch.bool, device=y.device)
-    for restart in range(restarts):  # another converged restart far from the best code
+            active = _per_latent(state.active, state.z)
+            state.z = optimiser.step(state.z, state.loss, state.gradient, active).detach()
+    return state
+
+
+def _restore_best_accepted(state: _DescentState, optimiser: _Adam | _AdaptiveDescent, scale: Tensor) -> None:
+    """For adaptive descent, put back each latent's best accepted code where the last step was rejected, with
+    its J and relative residual sqrt(2 J) / |A y| (``scale``, (N,)); Adam's last iterate stands."""
+    if not isinstance(optimiser, _AdaptiveDescent):
+        return
+    better = optimiser.accepted_loss.to(state.loss.device) < state.loss
+    state.z = torch.where(_per_latent(better, state.z), optimiser.accepted_z, state.z)
+    state.loss = torch.where(better, optimiser.accepted_loss.to(state.loss.device), state.loss)
+    state.relative = torch.where(better, (2 * state.loss).sqrt() / scale, state.relative)
+
+
+def _other_converged_codes(
+    codes: Tensor, relative: Tensor, z_best: Tensor, converged: Tensor, rtol: float, uniqueness_tol: float
+) -> Tensor:
+    """Per problem (B,): whether the best code converged and another converged restart lies at relative
+    distance > ``uniqueness_tol`` from it; ``codes`` (R, B, *latent_shape), ``relative`` (R, B)."""
+    non_unique = torch.zeros(z_best.shape[0], dtype=torch.bool, device=z_best.device)
+    for restart in range(codes.shape[0]):
         far = _relative_distance(codes[restart], z_best) > uniqueness_tol
-        non_unique |= converged & (relative_all[restart] <= rtol) & far
+        non_unique |= converged & (relative[restart] <= rtol) & far
+    return non_unique
+
+
+def _result(
+    state: _DescentState,
+    generator: Generator,
+    condition: Tensor | None,
+    restarts: int,
+    rtol: float,
+    uniqueness_tol: float,
+    z_true: Tensor | None,
+) -> RecoveryResult:
+    """The record: per problem the restart of lowest J, its convergence, non-uniqueness (another converged
+    restart or the truth far from it), the error against ``z_true`` (B, *latent_shape) and G(z)."""
+    batch = state.z.shape[0] // restarts
+    loss, relative = state.loss.view(restarts, batch), state.relative.view(restarts, batch)
+    codes = state.z.view(restarts, batch, *state.z.shape[1:])
+    best, columns = loss.argmin(dim=0), torch.arange(batch, device=state.z.device)
+    z_best = codes[best, columns]
+    converged = relative[best, columns] <= rtol
+    non_unique = _other_converged_codes(codes, relative, z_best, converged, rtol, uniqueness_tol)
     relative_error = None
     if z_true is not None:
         relative_error = (z_best - z_true).flatten(1).norm(dim=1) / z_true.flatten(1).norm(dim=1).clamp_min(1e-30)
@@ -240,11 +373,11 @@ def recover(
     return RecoveryResult(
         z=z_best,
         completed=completed,
-        loss=loss_all[best, columns],
-        relative_residual=relative_all[best, columns],
+        loss=loss[best, columns],
+        relative_residual=relative[best, columns],
         converged=converged,
-        iterations=iteration,
-        loss_history=torch.stack(history).view(len(history), restarts, batch).cpu(),
+        iterations=state.iteration,
+        loss_history=torch.stack(state.history).view(len(state.history), restarts, batch).cpu(),
         relative_error=relative_error,
         non_unique=non_unique,
     )

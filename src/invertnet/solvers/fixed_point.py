@@ -8,6 +8,7 @@ is checked on exactly the quantity its name promises.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,6 +30,7 @@ __all__ = ["fixed_point"]
 #: Anderson mixes only while the last step shrank the residual by less than this factor; faster-contracting
 #: steps are left to plain iteration, which Anderson's extrapolation only perturbs (measured in float32).
 ANDERSON_ONSET = 0.5
+
 
 def _anderson_step(residuals: list[Tensor], images: list[Tensor], regularization: float) -> Tensor:
     """Type-II Anderson mixing: sum_i alpha_i T(x_i) with alpha minimising |sum_i alpha_i (T(x_i) - x_i)|.
@@ -118,70 +120,153 @@ def fixed_point(
         >>> result.status.name, round(result.value.item(), 6)
         ('SUCCESS', 0.739085)
     """
+    _check_options(method, max_iter, anderson_memory)
+    threshold = _thresholds(x0, atol, rtol, reference, norm)
+    mixer = _AndersonMixer(anderson_memory, anderson_regularization) if method == "anderson" else None
+    state = _iterate(map, x0, threshold, norm, max_iter, mixer)
+    return _record(state, lipschitz, strict)
+
+
+def _check_options(method: str, max_iter: int, anderson_memory: int) -> None:
+    """Refuse an unknown ``method``, a ``max_iter`` below 1 and an ``anderson_memory`` below 1."""
     if method not in ("iteration", "anderson"):
         raise ValueError(f"fixed_point: method must be 'iteration' or 'anderson', got {method!r}")
     check_max_iter(max_iter, "fixed_point")
     if anderson_memory < 1:
         raise ValueError(f"fixed_point: anderson_memory must be at least 1, got {anderson_memory}")
+
+
+def _thresholds(x0: Tensor, atol: float | None, rtol: float | None, reference: Tensor | None, norm: float) -> Tensor:
+    """The per-sample tolerance atol + rtol |r_b|_p, shape (B,), with r = ``reference`` (default |x0|_p)."""
     atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
     if reference is None:
         reference = per_sample_norm(x0, norm)
-    threshold = atol + rtol * reference
+    return atol + rtol * reference
 
-    x = x0
-    residual = torch.full_like(threshold, float("inf"))
-    converged = torch.zeros_like(threshold, dtype=torch.bool)
-    finite = torch.ones_like(converged)
-    history: list[float] = []
-    differences: list[Tensor] = []
-    images: list[Tensor] = []
-    best, since_best = float("inf"), 0
-    nonfinite = diverged = False
-    iterations = 0
+
+@dataclass
+class _IterationState:
+    """The state of the iteration after ``iterations`` evaluations of T.
+
+    ``x`` is the iterate (B, ...); ``residual``, ``converged`` and ``finite`` are per sample (B,): the residual
+    |T(x_b) - x_b|_p last measured on an active sample, convergence (frozen samples) and finiteness so far.
+    ``history`` holds the largest finite residual after each evaluation; ``nonfinite`` and ``diverged`` are
+    the solve-wide flags of :func:`~invertnet.solvers.common.decide_status`.
+    """
+
+    x: Tensor
+    residual: Tensor
+    converged: Tensor
+    finite: Tensor
+    history: list[float] = field(default_factory=list)
+    nonfinite: bool = False
+    diverged: bool = False
+    iterations: int = 0
+
+    @classmethod
+    def start(cls, x0: Tensor, threshold: Tensor) -> _IterationState:
+        """Start at x0 (B, ...) with no residual measured: residual inf, nothing converged, all finite (B,)."""
+        converged = torch.zeros_like(threshold, dtype=torch.bool)
+        residual = torch.full_like(threshold, float("inf"))
+        return cls(x=x0, residual=residual, converged=converged, finite=torch.ones_like(converged))
+
+    def measure(self, difference: Tensor, threshold: Tensor, norm: float) -> bool:
+        """Take the residuals |T(x) - x|_p of ``difference`` (B, ...) on the active samples; True to stop.
+
+        Converged and non-finite samples keep their last residual; the stop is on a non-finite sample,
+        divergence by :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR` or every sample converged.
+        """
+        step_residual = per_sample_norm(difference, norm)
+        active = ~self.converged & self.finite
+        self.finite = self.finite & torch.isfinite(step_residual)
+        self.residual = torch.where(active & self.finite, step_residual, self.residual)
+        self.converged = self.converged | (active & self.finite & (step_residual <= threshold))
+        self.history.append(self.residual[self.finite].max().item() if self.finite.any() else float("inf"))
+        self.nonfinite = not bool(self.finite.all())
+        tiny = torch.finfo(self.x.dtype).tiny
+        self.diverged = self.history[-1] > DIVERGENCE_FACTOR * max(self.history[0], tiny)
+        return self.nonfinite or self.diverged or bool(self.converged.all())
+
+    def advance(self, proposal: Tensor) -> None:
+        """Move the unconverged samples to ``proposal`` (B, ...); converged samples stay frozen."""
+        keep = self.converged.view(-1, *([1] * (self.x.dim() - 1)))
+        self.x = torch.where(keep, self.x, proposal)
+
+
+@dataclass
+class _AndersonMixer:
+    """Anderson's history: the last ``memory`` residuals T(x_i) - x_i and images T(x_i), flattened to (B, d),
+    and the number of iterations since the largest residual last improved (the restart test)."""
+
+    memory: int
+    regularization: float
+    differences: list[Tensor] = field(default_factory=list)
+    images: list[Tensor] = field(default_factory=list)
+    best: float = float("inf")
+    since_best: int = 0
+
+    def propose(self, image: Tensor, difference: Tensor, history: list[float]) -> Tensor:
+        """The next iterate (B, ...) from T(x) = ``image`` and T(x) - x = ``difference``.
+
+        Mixes (:func:`_anderson_step`) only while the last step shrank the residual by less than
+        :data:`ANDERSON_ONSET`; after ``memory`` iterations without a new best residual the history is cleared
+        and the plain step T(x) is taken. Non-finite mixed entries fall back to T(x).
+        """
+        improved = history[-1] < self.best
+        self.best, self.since_best = (history[-1], 0) if improved else (self.best, self.since_best + 1)
+        self.differences = [*self.differences, difference.flatten(1)][-self.memory :]
+        self.images = [*self.images, image.flatten(1)][-self.memory :]
+        contracting_fast = len(history) >= 2 and history[-1] <= ANDERSON_ONSET * history[-2]
+        if self.since_best >= self.memory:
+            self.differences, self.images, self.since_best = [], [], 0
+            return image
+        if len(self.images) > 1 and not contracting_fast:
+            mixed = _anderson_step(self.differences, self.images, self.regularization).view_as(image)
+            return torch.where(torch.isfinite(mixed), mixed, image)
+        return image
+
+
+def _iterate(
+    map: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    threshold: Tensor,
+    norm: float,
+    max_iter: int,
+    mixer: _AndersonMixer | None,
+) -> _IterationState:
+    """Iterate x <- T(x) (or Anderson's mixture of past images when ``mixer`` is given) from x0 (B, ...)
+    until :meth:`_IterationState.measure` stops or ``max_iter`` evaluations of T are spent."""
+    state = _IterationState.start(x0, threshold)
     with torch.no_grad():
-        for iterations in range(1, max_iter + 1):
-            image = map(x)
-            difference = image - x
-            step_residual = per_sample_norm(difference, norm)
-            active = ~converged & finite
-            finite = finite & torch.isfinite(step_residual)
-            residual = torch.where(active & finite, step_residual, residual)
-            converged = converged | (active & finite & (step_residual <= threshold))
-            history.append(residual[finite].max().item() if finite.any() else float("inf"))
-            nonfinite = not bool(finite.all())
-            diverged = history[-1] > DIVERGENCE_FACTOR * max(history[0], torch.finfo(x.dtype).tiny)
-            if nonfinite or diverged or bool(converged.all()):
+        for iteration in range(1, max_iter + 1):
+            state.iterations = iteration
+            image = map(state.x)
+            difference = image - state.x
+            if state.measure(difference, threshold, norm) or iteration == max_iter:
                 break
-            if iterations == max_iter:
-                break
-            proposal = image
-            if method == "anderson":
-                best, since_best = (history[-1], 0) if history[-1] < best else (best, since_best + 1)
-                differences = [*differences, difference.flatten(1)][-anderson_memory:]
-                images = [*images, image.flatten(1)][-anderson_memory:]
-                contracting_fast = len(history) >= 2 and history[-1] <= ANDERSON_ONSET * history[-2]
-                if since_best >= anderson_memory:  # stalled: restart from a plain step with an empty history
-                    differences, images, since_best = [], [], 0
-                elif len(images) > 1 and not contracting_fast:
-                    mixed = _anderson_step(differences, images, anderson_regularization).view_as(image)
-                    proposal = torch.where(torch.isfinite(mixed), mixed, image)
-            keep = converged.view(-1, *([1] * (x.dim() - 1)))
-            x = torch.where(keep, x, proposal)
+            state.advance(image if mixer is None else mixer.propose(image, difference, state.history))
+    return state
 
+
+def _record(state: _IterationState, lipschitz: float | None, strict: bool) -> InverseResult:
+    """The :class:`~invertnet.InverseResult` of the final state, with the error bound residual / (1 - L)
+    (B,) when L < 1 is known; raises :class:`~invertnet.ConvergenceError` if ``strict`` and it failed."""
     error_bound = None
     if lipschitz is not None and lipschitz < 1:
-        error_bound = residual / (1.0 - lipschitz)
-    not_contractive = lipschitz is not None and lipschitz >= 1
+        error_bound = state.residual / (1.0 - lipschitz)
     status = decide_status(
-        converged=converged, nonfinite=nonfinite, diverged=diverged, not_contractive=not_contractive
+        converged=state.converged,
+        nonfinite=state.nonfinite,
+        diverged=state.diverged,
+        not_contractive=lipschitz is not None and lipschitz >= 1,
     )
     result = InverseResult(
-        value=x,
-        converged=converged,
-        iterations=iterations,
-        residual=residual,
+        value=state.x,
+        converged=state.converged,
+        iterations=state.iterations,
+        residual=state.residual,
         error_bound=error_bound,
         status=status,
-        residual_history=history,
+        residual_history=state.history,
     )
     return finish(result, strict)

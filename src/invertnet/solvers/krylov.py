@@ -9,6 +9,7 @@ least-squares problems are per sample.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = ["gmres"]
 
 
 def _batched_norm(v: Tensor) -> Tensor:
+    """The 2-norm of each row of v (B, d), shape (B,)."""
     return torch.linalg.vector_norm(v, dim=1)
 
 
@@ -65,77 +67,178 @@ def gmres(
         >>> result.status.name, [round(value, 6) for value in result.value[0].tolist()]
         ('SUCCESS', [0.181818, 0.272727])
     """
+    batch, dimension = b.shape[0], b[0].numel()
+    restart, max_iter, atol, rtol, max_condition = _resolve_options(b, restart, max_iter, atol, rtol, max_condition)
+
+    def apply(v: Tensor) -> Tensor:
+        return matvec(v.view(b.shape)).reshape(batch, dimension)
+
+    rhs = b.reshape(batch, dimension)
+    threshold = atol + rtol * _batched_norm(rhs)
+    state = _KrylovState.start(apply, rhs, x0, threshold)
+    with torch.no_grad():
+        while state.running(max_iter):
+            _cycle(state, apply, rhs, threshold, restart, max_iter)
+    return conditioned_result(
+        state.x.view(b.shape),
+        state.residual,
+        state.condition,
+        state.products,
+        state.history,
+        converged=state.converged,
+        singular=state.condition > max_condition,
+        stalled=torch.full_like(state.converged, state.stalled),
+        strict=strict,
+    )
+
+
+def _resolve_options(
+    b: Tensor, restart: int, max_iter: int | None, atol: float | None, rtol: float | None, max_condition: float | None
+) -> tuple[int, int, float, float, float]:
+    """(restart, max_iter, atol, rtol, max_condition) with the defaults filled in for right-hand sides b (B, ...)
+    of dimension d: restart capped to [1, d], 10 d products, the dtype's tolerances and condition limit."""
     if not b.is_floating_point():
         raise TypeError(f"gmres: b must be floating point, got {b.dtype}")
-    shape, batch = b.shape, b.shape[0]
     dimension = b[0].numel()
     restart = max(1, min(restart, dimension))
     max_iter = 10 * dimension if max_iter is None else max_iter
     check_max_iter(max_iter, "gmres")
     atol, rtol = resolve_tolerances(b.dtype, atol, rtol)
     max_condition = default_max_condition(b.dtype) if max_condition is None else max_condition
+    return restart, max_iter, atol, rtol, max_condition
 
-    def apply(v: Tensor) -> Tensor:
-        return matvec(v.view(shape)).reshape(batch, dimension)
 
-    rhs = b.reshape(batch, dimension)
-    x = torch.zeros_like(rhs) if x0 is None else x0.reshape(batch, dimension).clone()
-    threshold = atol + rtol * _batched_norm(rhs)
-    residual_vector = rhs - apply(x) if x0 is not None else rhs.clone()
-    products = 0 if x0 is None else 1
-    residual = _batched_norm(residual_vector)
-    converged = residual <= threshold
-    history = [residual.max().item()]
-    condition = torch.ones(batch, dtype=rhs.dtype, device=rhs.device)
-    stalled = False
-    with torch.no_grad():
-        while products < max_iter and not converged.all():
-            if not torch.isfinite(residual).all():
-                break
-            beta = residual.clone()
-            basis = [torch.where(beta[:, None] > 0, residual_vector / beta.clamp_min(1e-300)[:, None], 0.0)]
-            hessenberg = torch.zeros(batch, restart + 1, restart, dtype=rhs.dtype, device=rhs.device)
-            steps = 0
-            for j in range(min(restart, max_iter - products)):
-                w = apply(basis[j])
-                products += 1
-                stacked = torch.stack(basis, dim=2)  # (B, d, j + 1)
-                for _ in range(2):  # CGS2
-                    coefficients = (stacked.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)
-                    w = w - (stacked @ coefficients.unsqueeze(-1)).squeeze(-1)
-                    hessenberg[:, : j + 1, j] += coefficients
-                norm = _batched_norm(w)
-                hessenberg[:, j + 1, j] = norm
-                basis.append(torch.where(norm[:, None] > 0, w / norm.clamp_min(1e-300)[:, None], 0.0))
-                steps = j + 1
-                small = hessenberg[:, : steps + 1, :steps]
-                target = torch.zeros(batch, steps + 1, 1, dtype=rhs.dtype, device=rhs.device)
-                target[:, 0, 0] = beta
-                y = torch.linalg.lstsq(small, target).solution
-                estimate = _batched_norm((target - small @ y).squeeze(-1))
-                if ((estimate <= threshold) | converged).all() or bool((norm <= 1e-14 * beta.clamp_min(1e-300)).all()):
-                    break
-            update = (torch.stack(basis[:steps], dim=2) @ y).squeeze(-1)
-            x = torch.where(converged[:, None], x, x + update)
-            singular_values = torch.linalg.svdvals(hessenberg[:, : steps + 1, :steps])
-            cycle_condition = singular_values[:, 0] / singular_values[:, -1].clamp_min(torch.finfo(rhs.dtype).tiny)
-            condition = torch.maximum(condition, cycle_condition)
-            residual_vector = rhs - apply(x)
-            products += 1
-            residual = torch.where(converged, residual, _batched_norm(residual_vector))
-            converged = converged | (residual <= threshold)
-            history.append(residual.max().item())
-            if len(history) > 2 and history[-1] >= history[-2] and not converged.all():
-                stalled = True  # a full cycle without progress: restarting the same space cannot help
-                break
-    return conditioned_result(
-        x.view(shape),
-        residual,
-        condition,
-        products,
-        history,
-        converged=converged,
-        singular=condition > max_condition,
-        stalled=torch.full_like(converged, stalled),
-        strict=strict,
+@dataclass
+class _KrylovState:
+    """The state of restarted GMRES between cycles, on flattened samples.
+
+    ``x`` and ``residual_vector`` = b - A x are (B, d); ``residual`` |b - A x|_2, ``converged`` and the lower
+    bound ``condition`` on cond(A) are (B,); ``products`` counts products with A, ``history`` holds the
+    largest residual after each cycle and ``stalled`` marks a cycle that did not reduce it.
+    """
+
+    x: Tensor
+    residual_vector: Tensor
+    residual: Tensor
+    converged: Tensor
+    condition: Tensor
+    products: int
+    history: list[float]
+    stalled: bool = False
+
+    @classmethod
+    def start(
+        cls, apply: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor | None, threshold: Tensor
+    ) -> _KrylovState:
+        """Start at x0 (default zero; one product for its residual) for right-hand sides ``rhs`` (B, d)."""
+        x = torch.zeros_like(rhs) if x0 is None else x0.reshape(rhs.shape).clone()
+        residual_vector = rhs - apply(x) if x0 is not None else rhs.clone()
+        residual = _batched_norm(residual_vector)
+        return cls(
+            x=x,
+            residual_vector=residual_vector,
+            residual=residual,
+            converged=residual <= threshold,
+            condition=torch.ones(rhs.shape[0], dtype=rhs.dtype, device=rhs.device),
+            products=0 if x0 is None else 1,
+            history=[residual.max().item()],
+        )
+
+    def running(self, max_iter: int) -> bool:
+        """True while the last cycle made progress, products remain, a sample is unconverged and all
+        residuals are finite."""
+        if self.stalled or self.products >= max_iter or self.converged.all():
+            return False
+        return bool(torch.isfinite(self.residual).all())
+
+
+def _cycle(
+    state: _KrylovState,
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    threshold: Tensor,
+    restart: int,
+    max_iter: int,
+) -> None:
+    """One GMRES(m) cycle: x <- x + V y on the unconverged samples, then the true residual b - A x (one product),
+    the condition bound from the Hessenberg matrix, and the stall test (no progress over a full cycle:
+    restarting the same space cannot help)."""
+    beta = state.residual.clone()
+    budget = min(restart, max_iter - state.products)
+    basis, hessenberg, y = _arnoldi(apply, state.residual_vector, beta, threshold, state.converged, budget, restart)
+    steps = len(basis) - 1
+    state.products += steps
+    update = (torch.stack(basis[:steps], dim=2) @ y).squeeze(-1)
+    state.x = torch.where(state.converged[:, None], state.x, state.x + update)
+    state.condition = torch.maximum(state.condition, _hessenberg_condition(hessenberg, steps))
+    state.residual_vector = rhs - apply(state.x)
+    state.products += 1
+    state.residual = torch.where(state.converged, state.residual, _batched_norm(state.residual_vector))
+    state.converged = state.converged | (state.residual <= threshold)
+    state.history.append(state.residual.max().item())
+    history = state.history
+    state.stalled = len(history) > 2 and history[-1] >= history[-2] and not state.converged.all()
+
+
+def _arnoldi(
+    apply: Callable[[Tensor], Tensor],
+    residual_vector: Tensor,
+    beta: Tensor,
+    threshold: Tensor,
+    converged: Tensor,
+    budget: int,
+    restart: int,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Up to ``budget`` Arnoldi steps from r / beta (r = ``residual_vector`` (B, d), beta = |r| (B,)).
+
+    Stops early when every unconverged sample's least-squares residual estimate meets ``threshold`` or the
+    Krylov space became invariant in every sample (happy breakdown). Returns the basis (steps + 1 vectors
+    (B, d)), the Hessenberg matrix H (B, m + 1, m) and the least-squares solution y (B, steps, 1).
+    """
+    basis = [_normalised(residual_vector, beta)]
+    hessenberg = torch.zeros(
+        residual_vector.shape[0], restart + 1, restart, dtype=residual_vector.dtype, device=residual_vector.device
     )
+    for j in range(budget):
+        norm = _extend_basis(apply, basis, hessenberg, j)
+        y, estimate = _least_squares(hessenberg, beta, j + 1)
+        if ((estimate <= threshold) | converged).all() or bool((norm <= 1e-14 * beta.clamp_min(1e-300)).all()):
+            break
+    return basis, hessenberg, y
+
+
+def _normalised(v: Tensor, norm: Tensor) -> Tensor:
+    """v / |v| per row of v (B, d) given its norms (B,); zero rows stay zero."""
+    return torch.where(norm[:, None] > 0, v / norm.clamp_min(1e-300)[:, None], 0.0)
+
+
+def _extend_basis(apply: Callable[[Tensor], Tensor], basis: list[Tensor], hessenberg: Tensor, j: int) -> Tensor:
+    """Arnoldi step j: orthogonalise A v_j against the basis (CGS2), append it normalised to ``basis`` and
+    fill column j of ``hessenberg`` (B, m + 1, m) in place; returns h_{j+1,j} (B,)."""
+    w = apply(basis[j])
+    stacked = torch.stack(basis, dim=2)  # (B, d, j + 1)
+    for _ in range(2):  # CGS2
+        coefficients = (stacked.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)
+        w = w - (stacked @ coefficients.unsqueeze(-1)).squeeze(-1)
+        hessenberg[:, : j + 1, j] += coefficients
+    norm = _batched_norm(w)
+    hessenberg[:, j + 1, j] = norm
+    basis.append(_normalised(w, norm))
+    return norm
+
+
+def _least_squares(hessenberg: Tensor, beta: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """y minimising |beta e_1 - H y| over the leading (steps + 1) x steps block of H (B, m + 1, m), per sample;
+    returns y (B, steps, 1) and that minimum (B,), the residual estimate."""
+    small = hessenberg[:, : steps + 1, :steps]
+    target = torch.zeros(hessenberg.shape[0], steps + 1, 1, dtype=hessenberg.dtype, device=hessenberg.device)
+    target[:, 0, 0] = beta
+    y = torch.linalg.lstsq(small, target).solution
+    return y, _batched_norm((target - small @ y).squeeze(-1))
+
+
+def _hessenberg_condition(hessenberg: Tensor, steps: int) -> Tensor:
+    """sigma_max / sigma_min (B,) of the leading (steps + 1) x steps block of H (B, m + 1, m): a lower bound
+    on cond(A)."""
+    singular_values = torch.linalg.svdvals(hessenberg[:, : steps + 1, :steps])
+    return singular_values[:, 0] / singular_values[:, -1].clamp_min(torch.finfo(hessenberg.dtype).tiny)

@@ -10,6 +10,7 @@ GMRES with Jacobian-vector products, never forming J.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -88,52 +89,137 @@ def newton(
     if jacobian not in ("auto", "dense", "krylov"):
         raise ValueError(f"newton: jacobian must be 'auto', 'dense' or 'krylov', got {jacobian!r}")
     check_max_iter(max_iter, "newton")
+    y = _target(x0, y)
+    atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
+    options = _Options(
+        dense=jacobian == "dense" or (jacobian == "auto" and x0[0].numel() <= DENSE_LIMIT),
+        line_search=line_search,
+        max_condition=default_max_condition(x0.dtype) if max_condition is None else max_condition,
+        krylov_rtol=krylov_rtol,
+        krylov_restart=krylov_restart,
+    )
+    threshold = atol + rtol * per_sample_norm(y)
+    state = _NewtonState.start(f, x0, y, threshold)
+    for _ in range(max_iter):
+        active = state.active()
+        if not active.any():
+            break
+        _iterate(state, active, f, y, threshold, options)
+    return _record(state, f, options, strict)
+
+
+def _target(x0: Tensor, y: Tensor | None) -> Tensor:
+    """The target y (default zero: a root of f), refused unless it has the shape of x0 (B, ...)."""
     y = torch.zeros_like(x0) if y is None else y
     if y.shape != x0.shape:
         raise ValueError(f"newton: y {tuple(y.shape)} and x0 {tuple(x0.shape)} must have the same shape")
-    atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
-    max_condition = default_max_condition(x0.dtype) if max_condition is None else max_condition
-    dense = jacobian == "dense" or (jacobian == "auto" and x0[0].numel() <= DENSE_LIMIT)
-    threshold = atol + rtol * per_sample_norm(y)
+    return y
 
-    x = x0.detach().clone()
-    with torch.no_grad():
-        r = y - f(x)
-    residual = per_sample_norm(r)
-    finite = torch.isfinite(residual)
-    converged = finite & (residual <= threshold)
-    singular = torch.zeros_like(converged)
-    stalled = torch.zeros_like(converged)
-    condition = torch.ones_like(residual)
-    history = [residual.max().item()]
-    iterations = 0
-    while iterations < max_iter:
-        active = ~converged & ~singular & ~stalled & finite
-        if not active.any():
-            break
-        iterations += 1
-        step, step_condition = _newton_step(f, x, r, dense, krylov_rtol, krylov_restart)
-        condition = torch.where(active, step_condition, condition)
-        singular = singular | (active & ((step_condition > max_condition) | ~torch.isfinite(step).flatten(1).all(1)))
-        active = active & ~singular
-        mask = active.view(-1, *([1] * (x.dim() - 1)))
-        step = torch.where(mask, step, torch.zeros_like(step))
-        x, r, residual, accepted = _line_search(f, x, y, r, step, residual, active, line_search)
-        stalled = stalled | (active & ~accepted)
+
+@dataclass(frozen=True)
+class _Options:
+    """The resolved settings of a solve: dense or Newton-Krylov steps, the line search, the condition limit
+    and the GMRES accuracy and restart length of Krylov steps."""
+
+    dense: bool
+    line_search: bool
+    max_condition: float
+    krylov_rtol: float
+    krylov_restart: int
+
+
+@dataclass
+class _NewtonState:
+    """The state of the iteration after ``iterations`` Newton steps.
+
+    ``x`` and ``r`` = y - f(x) are (B, ...); ``residual`` |r|_2, the flags ``finite``, ``converged``,
+    ``singular`` and ``stalled``, and ``condition`` (that of the last Jacobian used) are (B,); ``history``
+    holds the largest finite residual after each step.
+    """
+
+    x: Tensor
+    r: Tensor
+    residual: Tensor
+    finite: Tensor
+    converged: Tensor
+    singular: Tensor
+    stalled: Tensor
+    condition: Tensor
+    history: list[float]
+    iterations: int = 0
+
+    @classmethod
+    def start(cls, f: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, threshold: Tensor) -> _NewtonState:
+        """Start at (a detached copy of) x0 (B, ...) with its residual y - f(x0); ``threshold`` is (B,)."""
+        x = x0.detach().clone()
+        with torch.no_grad():
+            r = y - f(x)
+        residual = per_sample_norm(r)
         finite = torch.isfinite(residual)
-        converged = converged | (finite & (residual <= threshold))
-        history.append(residual[finite].max().item() if finite.any() else float("inf"))
-    final_condition = _condition_at(f, x, dense, krylov_restart)
-    condition = torch.where(converged, final_condition, torch.maximum(condition, final_condition))
+        converged = finite & (residual <= threshold)
+        return cls(
+            x=x,
+            r=r,
+            residual=residual,
+            finite=finite,
+            converged=converged,
+            singular=torch.zeros_like(converged),
+            stalled=torch.zeros_like(converged),
+            condition=torch.ones_like(residual),
+            history=[residual.max().item()],
+        )
+
+    def active(self) -> Tensor:
+        """The samples (B,) still iterating: finite, not converged, singular or stalled."""
+        return ~self.converged & ~self.singular & ~self.stalled & self.finite
+
+    def measure(self, threshold: Tensor) -> None:
+        """Update finiteness and convergence (B,) from the current residual and append its largest finite value."""
+        self.finite = torch.isfinite(self.residual)
+        self.converged = self.converged | (self.finite & (self.residual <= threshold))
+        self.history.append(self.residual[self.finite].max().item() if self.finite.any() else float("inf"))
+
+
+def _iterate(
+    state: _NewtonState,
+    active: Tensor,
+    f: Callable[[Tensor], Tensor],
+    y: Tensor,
+    threshold: Tensor,
+    options: _Options,
+) -> None:
+    """One Newton step on the ``active`` samples (B,): solve J dx = r, stop samples whose Jacobian is too badly
+    conditioned or whose step is not finite (singular), search along dx and mark samples without an acceptable
+    step as stalled."""
+    state.iterations += 1
+    step, step_condition = _newton_step(f, state.x, state.r, options.dense, options.krylov_rtol, options.krylov_restart)
+    state.condition = torch.where(active, step_condition, state.condition)
+    unusable = (step_condition > options.max_condition) | ~torch.isfinite(step).flatten(1).all(1)
+    state.singular = state.singular | (active & unusable)
+    active = active & ~state.singular
+    mask = active.view(-1, *([1] * (state.x.dim() - 1)))
+    step = torch.where(mask, step, torch.zeros_like(step))
+    state.x, state.r, state.residual, accepted = _line_search(
+        f, state.x, y, state.r, step, state.residual, active, options.line_search
+    )
+    state.stalled = state.stalled | (active & ~accepted)
+    state.measure(threshold)
+
+
+def _record(state: _NewtonState, f: Callable[[Tensor], Tensor], options: _Options, strict: bool) -> InverseResult:
+    """The record at the returned point: its condition number (B,) (at least the largest seen on the way for
+    unconverged samples), ``SINGULAR`` beyond ``max_condition``; raises if ``strict`` and the solve failed."""
+    final_condition = _condition_at(f, state.x, options.dense, options.krylov_restart)
+    condition = torch.where(state.converged, final_condition, torch.maximum(state.condition, final_condition))
     return conditioned_result(
-        x,
-        residual,
+        state.x,
+        state.residual,
         condition,
-        iterations,
-        history,
-        converged=converged,
-        singular=singular | (condition > max_condition),
-        stalled=stalled,
+        state.iterations,
+        state.history,
+        converged=state.converged,
+        singular=state.singular | (condition > options.max_condition),
+        stalled=state.stalled,
         strict=strict,
     )
 

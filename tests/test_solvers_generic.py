@@ -253,3 +253,14 @@ def test_error_bound_holds_where_a_lipschitz_bound_is_known():
     distance = torch.linalg.vector_norm(loose.value - exact.value, dim=1)
     assert loose.error_bound is not None and (distance <= loose.error_bound).all()
     assert (distance > 0).all()
+
+
+def test_gmres_gives_the_same_answer_twice():
+    """Restarted GMRES solves the same small least-squares problems each time: bit-identical results."""
+    from invertnet.solvers import gmres
+
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 12, 12, generator=generator, dtype=torch.float64) + 3 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    runs = [gmres(lambda v: (a @ v.unsqueeze(-1)).squeeze(-1), b, restart=3, max_iter=60, strict=False) for _ in "ab"]
+    assert torch.equal(runs[0].value, runs[1].value) and runs[0].iterations == runs[1].iterations

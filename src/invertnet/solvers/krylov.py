@@ -233,7 +233,10 @@ def _least_squares(hessenberg: Tensor, beta: Tensor, steps: int) -> tuple[Tensor
     small = hessenberg[:, : steps + 1, :steps]
     target = torch.zeros(hessenberg.shape[0], steps + 1, 1, dtype=hessenberg.dtype, device=hessenberg.device)
     target[:, 0, 0] = beta
-    y = torch.linalg.lstsq(small, target).solution
+    # CPU: the SVD driver; the default gelsy reads uninitialised memory (pytorch/pytorch#71222), which made two
+    # identical solves differ. CUDA has only gels (QR), which is deterministic.
+    driver = "gelsd" if small.device.type == "cpu" else None
+    y = torch.linalg.lstsq(small, target, driver=driver).solution
     return y, _batched_norm((target - small @ y).squeeze(-1))
 
 

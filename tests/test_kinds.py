@@ -4,6 +4,7 @@ kind does not have it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,3 +134,22 @@ def test_a_run_needing_a_missing_extra_says_so_before_training(tmp_path, monkeyp
     with pytest.raises(ImportError, match=r"pip install 'invertnet\[plots\]'"):
         train_run(load_config("two_moons", TINY), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("digits", ["data.name=two_moons"], "model kind 'multiscale' needs images"),
+        ("digits_dense", ["data.name=synthetic_spectra"], "'synthetic_spectra' is not an image data set"),
+        ("two_moons", ["model.n_terms=3"], "log_det 'exact' does not read it"),
+        ("digits", ["data.augment_shift=2"], "a flow does not read it"),
+        ("dcgan_digits", ["data.augment_shift=2"], "a GAN does not read it"),
+        ("independence_digits", ["model.independence.bogus=1"], "not a setting of model.independence (its settings"),
+        ("residualnet_synthetic", ["model.width=3"], "(its settings: none)"),
+    ],
+)
+def test_settings_a_kind_does_not_read_are_refused_by_name(name, overrides, message):
+    from invertnet.app.runs import build
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(load_config(name, overrides))

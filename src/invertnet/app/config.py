@@ -203,7 +203,7 @@ def _problem(error: Any, raw: Any) -> str:
             return f"{'.'.join(loc)}: not a setting of {'.'.join(loc[:-1])} (its settings: {fields})"
     if loc == ["model"] and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         return f"model.kind: must be one of {sorted(KINDS)}"
-    return f"{'.'.join(loc)}: {error['msg']}"
+    return f"{'.'.join(loc)}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def _section_class(config: type[BaseModel], path: list[str]) -> type[BaseModel] | None:

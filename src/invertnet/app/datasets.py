@@ -29,6 +29,8 @@ def _images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
     """``((x, y) train, (x, y) test, K)`` for the image data sets, images as levels 0..K-1."""
     if data.name == "digits":
         return load_digits("train"), load_digits("test"), DIGITS_LEVELS
+    if data.name not in ("mnist", "cifar10", "image_folder"):
+        raise ValueError(f"data.name: {data.name!r} is not an image data set, which this model kind needs")
     if data.root is None:
         raise ValueError(f"data.root: the folder holding the {data.name} files is required")
     if data.name == "image_folder":
@@ -37,8 +39,6 @@ def _images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
             load_image_folder(data.root, "test", data.image_size),
             256,
         )
-    if data.name not in ("mnist", "cifar10"):
-        raise ValueError(f"data.name: {data.name!r} is not an image data set")
     loader = load_mnist if data.name == "mnist" else load_cifar10
     return loader(data.root, "train"), loader(data.root, "test"), 256
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from invertnet.app.datasets import unlabelled_data
@@ -37,6 +37,8 @@ LogDetChoice = Literal["power_series", "unbiased", "exact"]
 
 class _FlowConfig(KindConfig):
     application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving"})
+    image_data: ClassVar[bool] = True
+    """The builder takes images (C, H, W); the dense flow takes any event shape."""
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
     memory_saving: bool = Field(
         False, description="recompute activations through the inverses in backward (memory flat in depth)"
@@ -49,7 +51,21 @@ class _ResidualFlowConfig(_FlowConfig):
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
     activation: Literal["elu", "softplus", "lipswish"] = "elu"
     log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
-    n_terms: int = Field(5, gt=0, description="power_series: terms during training")
+    n_terms: int | None = Field(None, gt=0, description="power_series: terms during training (None: 5)")
+
+    @model_validator(mode="after")
+    def _n_terms_needs_the_power_series(self) -> _ResidualFlowConfig:
+        if self.n_terms is not None and self.log_det != "power_series":
+            raise ValueError(f"n_terms sets the power series' length; log_det {self.log_det!r} does not read it")
+        return self
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
+        """invertnet 0.1 recorded ``n_terms`` whatever the estimator; only the power series reads it."""
+        section = super().from_legacy(flat)
+        if section.get("log_det", "power_series") != "power_series":
+            section.pop("n_terms", None)
+        return section
 
     def builder_arguments(self) -> dict[str, Any]:
         """The fields as keywords, with the training log-det estimator the config names."""
@@ -61,7 +77,7 @@ class _ResidualFlowConfig(_FlowConfig):
             return ExactLogDet()
         if self.log_det == "unbiased":
             return UnbiasedLogDet()
-        return PowerSeriesLogDet(self.n_terms)
+        return PowerSeriesLogDet(5 if self.n_terms is None else self.n_terms)
 
 
 class DenseFlowConfig(_ResidualFlowConfig):
@@ -69,6 +85,7 @@ class DenseFlowConfig(_ResidualFlowConfig):
 
     kind: Literal["dense"] = "dense"
     builder: ClassVar = staticmethod(dense_iresnet_flow)
+    image_data: ClassVar[bool] = False
     hidden_features: int = Field(32, gt=0, description="width of the residual branches")
     n_layers: int = Field(3, gt=0, description="linear layers per residual branch")
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
@@ -102,7 +119,14 @@ class FlowKind(ModelKind):
     )
 
     def load_data(self, config: RunConfig) -> RunData:
+        if config.data.augment_shift:
+            raise ValueError("data.augment_shift: random shifts augment classifier training; a flow does not read it")
         train, test, levels = unlabelled_data(config.data)
+        if config.model.image_data and train.dim() != 4:
+            raise ValueError(
+                f"model kind {self.name!r} needs images (N, C, H, W); data.name {config.data.name!r} gives samples "
+                f"of shape {tuple(train.shape[1:])} (the dense kind takes any shape)"
+            )
         return RunData(train, test, levels=levels)
 
     def build(self, config: RunConfig, data: RunData) -> nn.Module:

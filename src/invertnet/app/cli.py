@@ -162,7 +162,7 @@ def metameric(run_dir: Path, count: int) -> None:
 @click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:
-    """Draw samples from a trained flow run and save them as safetensors."""
+    """Draw samples from a trained generative run (flows, GANs) and save them as safetensors."""
     from safetensors.torch import save_file
 
     from invertnet.app.runs import sample_run

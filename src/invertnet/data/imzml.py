@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 from xml.etree.ElementTree import ParseError, iterparse
 
 import numpy as np
@@ -62,64 +63,23 @@ def read_imzml(
     """
     parser_module = require("pyimzml.ImzMLParser", "spectra", "read_imzml")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"read_imzml: {path} does not exist (an imzML data set is NAME.imzML with its binary NAME.ibd beside it)"
-        )
     binary_path = _companion(path)
     if mz_edges is not None and (n_bins is not None or mz_range is not None):
         raise ValueError("read_imzml: give either mz_edges or n_bins / mz_range, not both")
     with open(binary_path, "rb") as binary:
-        try:
-            parser = parser_module.ImzMLParser(str(path), ibd_file=binary)
-        except _PARSER_ERRORS as error:
-            raise ValueError(f"read_imzml: {path} is not a valid imzML file: {_diagnose(path, error)}") from error
-        _check_layout(parser, path, binary_path)
-        continuous = len(set(zip(parser.mzOffsets, parser.mzLengths, strict=True))) == 1
-        binned = not continuous or mz_edges is not None or n_bins is not None
-        if binned:
-            if mz_edges is None and n_bins is None:
-                raise ValueError(
-                    f"read_imzml: {path} is in processed mode (each pixel has its own m/z values); "
-                    "pass mz_edges or n_bins (and mz_range) to bin it onto one grid"
-                )
-            edges = _grid(parser, mz_edges, mz_range, n_bins, path)
-            mz = (edges[1:] + edges[:-1]) / 2
-            spectra = np.empty((len(parser.coordinates), len(mz)), dtype=np.float32)
-            for index in range(len(spectra)):
-                spectra[index] = _bin(*parser.getspectrum(index), edges)
-        else:
-            mz, spectra = _continuous(parser, mz_range, path)
-    if not np.isfinite(spectra).all():
-        bad = int((~np.isfinite(spectra)).any(axis=1).sum())
-        raise ValueError(f"read_imzml: {path} holds non-finite intensities in {bad} spectra")
+        parser = _parse(parser_module, path, binary, binary_path)
+        mz, spectra, metadata = _read_spectra(parser, mz_edges, mz_range, n_bins, path)
     coordinates = np.asarray(parser.coordinates, dtype=np.int64)
-    metadata: dict[str, object] = {
-        "source": str(path),
-        "storage": "continuous" if continuous else "processed",
-        "binned": binned,
-    }
-    class_ids = group_ids = np.zeros(len(coordinates), dtype=np.int64)
-    class_names = None
-    if labels is not None:
-        keep, class_ids, group_ids, class_names, group_names = _match_labels(Path(labels), coordinates, path)
-        spectra, coordinates = spectra[keep], coordinates[keep]
-        metadata["dropped_pixels"] = int((~keep).sum())
-        if group_names is not None:
-            metadata["group_names"] = group_names
-    return SpectraDataset(
-        spectra=torch.from_numpy(np.ascontiguousarray(spectra)),
-        labels=torch.from_numpy(class_ids),
-        groups=torch.from_numpy(group_ids),
-        mz=torch.from_numpy(np.ascontiguousarray(mz, dtype=np.float64)),
-        coordinates=torch.from_numpy(coordinates),
-        class_names=class_names,
-        metadata=metadata,
-    )
+    return _labelled_dataset(spectra, mz, coordinates, metadata, labels, path)
 
 
 def _companion(path: Path) -> Path:
-    """The .ibd file beside ``path`` with the same stem (any case of the suffix)."""
+    """The .ibd file beside the imzML file ``path`` with the same stem (any case of the suffix); FileNotFoundError
+    naming whichever of the two is missing."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"read_imzml: {path} does not exist (an imzML data set is NAME.imzML with its binary NAME.ibd beside it)"
+        )
     for candidate in sorted(path.parent.glob(f"{path.stem}.*")):
         if candidate.suffix.lower() == ".ibd" and candidate.is_file():
             return candidate
@@ -127,6 +87,17 @@ def _companion(path: Path) -> Path:
         f"read_imzml: the binary companion {path.with_suffix('.ibd')} of {path} is missing "
         "(imzML keeps the spectra in NAME.ibd beside NAME.imzML)"
     )
+
+
+def _parse(parser_module: ModuleType, path: Path, binary: BinaryIO, binary_path: Path) -> ImzMLParser:
+    """The pyimzML parser of ``path`` reading the open ``binary`` file (at ``binary_path``); a ValueError naming the
+    file if the XML is malformed or the arrays cannot be read as declared (:func:`_check_layout`)."""
+    try:
+        parser = parser_module.ImzMLParser(str(path), ibd_file=binary)
+    except _PARSER_ERRORS as error:
+        raise ValueError(f"read_imzml: {path} is not a valid imzML file: {_diagnose(path, error)}") from error
+    _check_layout(parser, path, binary_path)
+    return parser
 
 
 def _diagnose(path: Path, error: Exception) -> str:
@@ -175,6 +146,37 @@ def _check_layout(parser: ImzMLParser, path: Path, binary_path: Path) -> None:
         )
 
 
+def _read_spectra(
+    parser: ImzMLParser,
+    mz_edges: Tensor | np.ndarray | None,
+    mz_range: tuple[float, float] | None,
+    n_bins: int | None,
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """``(mz, spectra, metadata)``: the grid (L,), the finite (N, L) float32 intensities on it, kept as stored
+    (continuous mode, no grid asked for) or binned, and how they were read (``source``, ``storage``, ``binned``)."""
+    continuous = len(set(zip(parser.mzOffsets, parser.mzLengths, strict=True))) == 1
+    binned = not continuous or mz_edges is not None or n_bins is not None
+    if binned:
+        mz, spectra = _binned(parser, mz_edges, mz_range, n_bins, path)
+    else:
+        mz, spectra = _continuous(parser, mz_range, path)
+    _check_finite(spectra, path)
+    metadata: dict[str, object] = {
+        "source": str(path),
+        "storage": "continuous" if continuous else "processed",
+        "binned": binned,
+    }
+    return mz, spectra, metadata
+
+
+def _check_finite(spectra: np.ndarray, path: Path) -> None:
+    """Refuse (N, L) ``spectra`` with NaN or infinite intensities, counting the spectra that hold them."""
+    if not np.isfinite(spectra).all():
+        bad = int((~np.isfinite(spectra)).any(axis=1).sum())
+        raise ValueError(f"read_imzml: {path} holds non-finite intensities in {bad} spectra")
+
+
 def _continuous(parser: ImzMLParser, mz_range: tuple[float, float] | None, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The shared m/z array (restricted to ``mz_range``) and the (N, L) float32 intensities on it."""
     mz = parser.getspectrum(0)[0].astype(np.float64)
@@ -189,6 +191,28 @@ def _continuous(parser: ImzMLParser, mz_range: tuple[float, float] | None, path:
     for index in range(len(spectra)):
         spectra[index] = parser.getspectrum(index)[1][keep]
     return mz[keep], spectra
+
+
+def _binned(
+    parser: ImzMLParser,
+    mz_edges: Tensor | np.ndarray | None,
+    mz_range: tuple[float, float] | None,
+    n_bins: int | None,
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bin centres (L,) of the grid from :func:`_grid` and the (N, L) float32 intensities of every spectrum
+    summed into its bins; a file that must be binned (processed mode) without ``mz_edges`` or ``n_bins`` is refused."""
+    if mz_edges is None and n_bins is None:
+        raise ValueError(
+            f"read_imzml: {path} is in processed mode (each pixel has its own m/z values); "
+            "pass mz_edges or n_bins (and mz_range) to bin it onto one grid"
+        )
+    edges = _grid(parser, mz_edges, mz_range, n_bins, path)
+    mz = (edges[1:] + edges[:-1]) / 2
+    spectra = np.empty((len(parser.coordinates), len(mz)), dtype=np.float32)
+    for index in range(len(spectra)):
+        spectra[index] = _bin(*parser.getspectrum(index), edges)
+    return mz, spectra
 
 
 def _grid(
@@ -230,6 +254,36 @@ def _bin(mz_values: np.ndarray, intensities: np.ndarray, edges: np.ndarray) -> n
     index[mz_values == edges[-1]] = n_bins - 1
     inside = (index >= 0) & (index < n_bins)
     return np.bincount(index[inside], weights=intensities[inside], minlength=n_bins)
+
+
+def _labelled_dataset(
+    spectra: np.ndarray,
+    mz: np.ndarray,
+    coordinates: np.ndarray,
+    metadata: dict[str, object],
+    labels: str | Path | None,
+    path: Path,
+) -> SpectraDataset:
+    """The data set of the (N, L) ``spectra`` on the grid ``mz`` (L,) at the pixel ``coordinates`` (N, 3): all labels
+    and groups 0, or only the pixels listed in the ``labels`` CSV, with its labels and groups (``metadata`` gains
+    ``dropped_pixels`` and any ``group_names``)."""
+    class_ids = group_ids = np.zeros(len(coordinates), dtype=np.int64)
+    class_names = None
+    if labels is not None:
+        keep, class_ids, group_ids, class_names, group_names = _match_labels(Path(labels), coordinates, path)
+        spectra, coordinates = spectra[keep], coordinates[keep]
+        metadata["dropped_pixels"] = int((~keep).sum())
+        if group_names is not None:
+            metadata["group_names"] = group_names
+    return SpectraDataset(
+        spectra=torch.from_numpy(np.ascontiguousarray(spectra)),
+        labels=torch.from_numpy(class_ids),
+        groups=torch.from_numpy(group_ids),
+        mz=torch.from_numpy(np.ascontiguousarray(mz, dtype=np.float64)),
+        coordinates=torch.from_numpy(coordinates),
+        class_names=class_names,
+        metadata=metadata,
+    )
 
 
 def _ids(values: list[str]) -> tuple[np.ndarray, tuple[str, ...] | None]:

@@ -167,6 +167,38 @@ def synthetic_spectra(
     >>> tuple(data.spectra.shape), data.labels.bincount().tolist(), sorted(set(data.groups.tolist()))
     ((20, 500), [10, 10], [0, 1, 2, 3])
     """
+    _check_synthetic_settings(n_per_class, length, mz_range, n_peptides, n_discriminative, n_groups, noise, fold_change)
+    rng = np.random.default_rng(seed)
+    edges = tof_bin_edges(mz_range, length).numpy()
+    centres = (edges[1:] + edges[:-1]) / 2
+    peptide_mz, profiles, discriminative = _draw_peptides(
+        rng, edges, mz_range, n_peptides, n_discriminative, resolving_power
+    )
+    labels, groups = _class_groups(n_per_class, n_groups)
+    abundance = _draw_abundances(rng, labels, groups, n_groups, n_peptides, discriminative, fold_change)
+    spectra = _add_instrument_effects(rng, abundance @ profiles, centres, mz_range, noise)
+    order = rng.permutation(len(labels))
+    return SpectraDataset(
+        spectra=torch.from_numpy(spectra[order].astype(np.float32)),
+        labels=torch.from_numpy(labels[order]).long(),
+        groups=torch.from_numpy(groups[order]).long(),
+        mz=torch.from_numpy(centres),
+        discriminative_mz=_monoisotopic_mz(peptide_mz[discriminative]),
+        metadata={"source": "synthetic", "seed": seed, "peptide_mz": peptide_mz.tolist()},
+    )
+
+
+def _check_synthetic_settings(
+    n_per_class: int,
+    length: int,
+    mz_range: tuple[float, float],
+    n_peptides: int,
+    n_discriminative: int,
+    n_groups: int,
+    noise: float,
+    fold_change: float,
+) -> None:
+    """Refuse settings :func:`synthetic_spectra` cannot honour, with a ValueError naming them."""
     if n_per_class < 1 or length < 2:
         raise ValueError(f"synthetic_spectra: need n_per_class >= 1 and length >= 2, got {n_per_class}, {length}")
     if not 1 <= n_discriminative <= n_peptides:
@@ -180,15 +212,28 @@ def synthetic_spectra(
         raise ValueError(f"synthetic_spectra: mz_range must span more than 20 Da above 0, got {mz_range}")
     if noise < 0 or fold_change <= 0:
         raise ValueError(f"synthetic_spectra: need noise >= 0 and fold_change > 0, got {noise}, {fold_change}")
-    rng = np.random.default_rng(seed)
-    edges = tof_bin_edges(mz_range, length).numpy()
-    centres = (edges[1:] + edges[:-1]) / 2
 
+
+def _draw_peptides(
+    rng: np.random.Generator,
+    edges: np.ndarray,
+    mz_range: tuple[float, float],
+    n_peptides: int,
+    n_discriminative: int,
+    resolving_power: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(peptide_mz, profiles, discriminative)``: the sorted average m/z (P,) of the peptides, their binned profiles
+    (P, L) on the grid ``edges`` (L + 1,), and the sorted indices (K,) of the discriminative peptides."""
+    low, high = mz_range
     peptide_mz = np.sort(rng.uniform(low + 2, high - 8, n_peptides))  # whole patterns stay on the grid
     profiles = np.stack([_pattern_profile(edges, mz, resolving_power) for mz in peptide_mz])
     discriminative = np.sort(rng.choice(n_peptides, n_discriminative, replace=False))
+    return peptide_mz, profiles, discriminative
 
-    n = 2 * n_per_class
+
+def _class_groups(n_per_class: int, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, groups)``, each (N,) with N = 2 * n_per_class: class 0 then class 1, the spectra of a class spread
+    over its groups in turn (group g holds class g % 2)."""
     labels = np.repeat([0, 1], n_per_class)
     position = np.tile(np.arange(n_per_class), 2)
     groups_of_class = [np.arange(label, n_groups, 2) for label in (0, 1)]
@@ -197,26 +242,44 @@ def synthetic_spectra(
         groups_of_class[0][position % len(groups_of_class[0])],
         groups_of_class[1][position % len(groups_of_class[1])],
     )
+    return labels, groups
 
+
+def _draw_abundances(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_groups: int,
+    n_peptides: int,
+    discriminative: np.ndarray,
+    fold_change: float,
+) -> np.ndarray:
+    """(N, P) abundances exp(mu_p + delta_gp + eps_np) of the P peptides in the spectra with ``labels`` and
+    ``groups`` (N,); the discriminative peptides (K,) are ``fold_change`` times more abundant in class 1."""
     level = rng.normal(0.0, 0.5, n_peptides)
     signature = rng.normal(0.0, 0.4, (n_groups, n_peptides))
-    log_abundance = level + signature[groups] + rng.normal(0.0, 0.3, (n, n_peptides))
+    log_abundance = level + signature[groups] + rng.normal(0.0, 0.3, (len(labels), n_peptides))
     log_abundance[:, discriminative] += np.log(fold_change) * labels[:, None]
-    spectra = np.exp(log_abundance) @ profiles
+    return np.exp(log_abundance)
 
+
+def _add_instrument_effects(
+    rng: np.random.Generator, spectra: np.ndarray, centres: np.ndarray, mz_range: tuple[float, float], noise: float
+) -> np.ndarray:
+    """The (N, L) ``spectra`` on bin centres ``centres`` (L,), in place, with a decaying baseline, a total-ion-count
+    scale per spectrum and additive N(0, ``noise``^2) noise, clipped at 0."""
+    low, high = mz_range
+    n = len(spectra)
     baseline_height = np.exp(rng.normal(math.log(0.1), 0.3, (n, 1)))
     spectra += baseline_height * np.exp(-(centres - low) / (0.25 * (high - low)))
     spectra *= np.exp(rng.normal(0.0, 0.2, (n, 1)))
     spectra += rng.normal(0.0, noise, spectra.shape)
     np.clip(spectra, 0.0, None, out=spectra)
+    return spectra
 
-    order = rng.permutation(n)
-    monoisotopic = [isotope_pattern(peptide_mz[index] - PROTON_MASS)[0][0] + PROTON_MASS for index in discriminative]
-    return SpectraDataset(
-        spectra=torch.from_numpy(spectra[order].astype(np.float32)),
-        labels=torch.from_numpy(labels[order]).long(),
-        groups=torch.from_numpy(groups[order]).long(),
-        mz=torch.from_numpy(centres),
-        discriminative_mz=torch.tensor(monoisotopic, dtype=torch.float64),
-        metadata={"source": "synthetic", "seed": seed, "peptide_mz": peptide_mz.tolist()},
+
+def _monoisotopic_mz(peptide_mz: np.ndarray) -> Tensor:
+    """(K,) float64 monoisotopic m/z of singly charged Averagine ions at average m/z ``peptide_mz`` (K,)."""
+    return torch.tensor(
+        [isotope_pattern(mz - PROTON_MASS)[0][0] + PROTON_MASS for mz in peptide_mz], dtype=torch.float64
     )

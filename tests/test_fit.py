@@ -135,9 +135,10 @@ def test_ema_follows_its_recurrence_and_is_swapped_in_and_out():
         ema_decay=0.8,
         callback=lambda step, loss: iterates.append(objective.centre.detach().clone()),
     )
-    expected = torch.zeros(2)  # the EMA starts at the initial parameters
-    for iterate in iterates:
-        expected = 0.8 * expected + 0.2 * iterate
+    expected = torch.full((2,), float("nan"))  # the first update copies: the initial parameters never count
+    for step, iterate in enumerate(iterates):
+        decay = min(0.8, step / (step + 10))  # the warm-up: 0, 1/11, 2/12, ...
+        expected = iterate if step == 0 else decay * expected + (1 - decay) * iterate
     torch.testing.assert_close(result.state.ema[0], expected)
     trained = objective.centre.detach().clone()
     assert not torch.allclose(trained, expected)

@@ -234,3 +234,35 @@ def test_run_folders_of_the_flat_config_layout_open(trained_run, tmp_path):
     (old / "run_config.json").write_text(json.dumps(recorded))
     refused = CliRunner().invoke(main, ["invert", str(old)])
     assert refused.exit_code != 0 and "model kind 'glow' is unknown" in refused.output
+
+
+def test_a_run_folder_is_never_mixed_with_another_run(trained_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    fresh = CliRunner().invoke(main, ["train", *TINY_TOY, "--run-dir", str(run_dir)])
+    assert fresh.exit_code != 0 and "is not empty" in fresh.output and "--resume" in fresh.output
+    rings = ["--set", "data.name=rings", "--run-dir", str(run_dir), "--resume"]
+    other = CliRunner().invoke(main, ["train", *TINY_TOY, *rings])
+    assert other.exit_code != 0 and "data.name differ" in other.output
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+    missing = CliRunner().invoke(main, ["train", "--run-dir", str(tmp_path / "nothing"), "--resume"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_resume_without_a_config_continues_with_the_runs_own(trained_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    steps_before = json.loads((run_dir / "run_config.json").read_text())["train"]["steps"]
+    result = CliRunner().invoke(
+        main, ["train", "--run-dir", str(run_dir), "--resume", "--quiet", "--set", f"train.steps={steps_before + 2}"]
+    )
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == steps_before + 2 and steps[-3] == steps_before
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    assert recorded["train"]["steps"] == steps_before + 2 and recorded["model"]["hidden_features"] == 8

@@ -51,27 +51,38 @@ def configs() -> None:
 
 
 @main.command()
-@click.option("--config", "config_name", default="digits", show_default=True, help="Embedded config name or JSON file.")
+@click.option(
+    "--config",
+    "config_name",
+    default=None,
+    help="Embedded config name or JSON file [default: digits; with --resume, the run's own config].",
+)
 @click.option("--set", "overrides", multiple=True, help="Override a setting, e.g. --set train.steps=100.")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Run folder (default: a new one).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def train(
-    config_name: str, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool, device: str
+    config_name: str | None, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, quiet: bool, device: str
 ) -> None:
     """Train the model a config describes (any registered kind), evaluate it and write its run folder; prints the
-    summary as JSON."""
-    from invertnet.app.config import load_config
+    summary as JSON.
+
+    A new run needs a new or empty --run-dir. --resume continues the run in --run-dir with the config it recorded
+    (a --config that differs from it is refused; --set train.steps=N extends it)."""
+    from invertnet.app.config import load_config, read_run_config
     from invertnet.app.runs import train_run
     from invertnet.training import distributed
 
-    try:
-        config = load_config(config_name, list(overrides))
-    except ValueError as error:
-        _fail(error)
     if resume and run_dir is None:
         raise click.UsageError("--resume needs --run-dir, the folder of the run to continue")
+    try:
+        if resume and config_name is None:
+            config = read_run_config(run_dir / "run_config.json", list(overrides))  # type: ignore[operator]
+        else:
+            config = load_config(config_name or "digits", list(overrides))
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
     distributed.setup()
     main_process = distributed.is_main_process()  # decided before teardown, after which every process is rank 0
     try:

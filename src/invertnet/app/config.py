@@ -141,15 +141,18 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     return _validate(apply_overrides(raw, overrides or []), f"config {name_or_path}")
 
 
-def read_run_config(path: str | Path) -> RunConfig:
-    """The config of a run folder's ``run_config.json``. Files written by invertnet 0.1 (no
-    ``config_version``: one flat model section for all kinds) are converted to the kind's section.
+def read_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of a run folder's ``run_config.json``, with ``key.sub=value`` overrides applied. Files written
+    by invertnet 0.1 (no ``config_version``: one flat model section for all kinds) are converted to the kind's
+    section.
 
     Raises:
         ValueError: Naming the file and what is wrong with it (unreadable JSON, an unknown kind, a field that
             no longer validates).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {path.parent} is not a run folder")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -158,7 +161,7 @@ def read_run_config(path: str | Path) -> RunConfig:
         raise ValueError(f"{path}: not a run config (no 'model' section)")
     if "config_version" not in raw:  # run folders of invertnet 0.1 recorded the flat model section
         raw = _upgraded(raw, str(path))
-    return _validate(raw, str(path))
+    return _validate(apply_overrides(raw, overrides or []), str(path))
 
 
 # The fields every invertnet 0.1 run folder recorded in its one flat model section (later 0.1 releases added more).

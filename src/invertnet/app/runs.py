@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
 from invertnet.figures import save_figure, subplots
 from invertnet.training import Trainer, latest_checkpoint, load_checkpoint
-from invertnet.training.distributed import is_main_process
+from invertnet.training.distributed import is_main_process, rank_and_world_size
 
 __all__ = [
     "OpenRun",
@@ -74,16 +75,29 @@ def train_run(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Train the configured model in ``run_dir`` (default: a new folder under ``output_dir``) and evaluate it;
-    returns the summary (also written to ``summary.json``)."""
-    torch.manual_seed(config.train.seed)
-    kind, model, data = build(config)
-    model, data = model.to(device), data.to(device)
+    returns the summary (also written to ``summary.json``).
+
+    A new run (``resume=False``) needs a folder that does not exist or is empty. ``resume=True`` continues the
+    run in ``run_dir`` from its latest checkpoint; ``config`` must be the one the run recorded, except for
+    ``train.steps`` (a larger value extends the run).
+
+    Raises:
+        ValueError: ``run_dir`` holds files of a run and ``resume`` is off; or ``config`` differs from the run's.
+        FileNotFoundError: ``resume`` on a folder without a run config or checkpoint (nothing to resume).
+    """
     if run_dir is None:
         if not is_main_process():
             raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(config.model_dump_json(indent=2))
+    _check_run_dir(run_dir, config, resume)  # every process, before any of them writes
+    torch.manual_seed(config.train.seed)
+    kind, model, data = build(config)
+    model, data = model.to(device), data.to(device)
+    if rank_and_world_size()[1] > 1:
+        torch.distributed.barrier()
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
     objective = kind.objective(model, config)
     test_data = data.test if config.train.eval_every else None  # evaluated every eval_every steps and at the end
     trainer = Trainer(model, data.train, config.train, run_dir, test_data, progress=progress, objective=objective)
@@ -94,6 +108,48 @@ def train_run(
         return {"run_dir": str(run_dir)}
     with trainer.ema_weights():
         return _finish(kind, model, config, run_dir, data)
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse to mix two runs in one folder, or to resume a run with another run's config."""
+    if not resume:
+        entries = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ValueError(
+                f"{run_dir} is not empty ({shown}): continue its run with --resume, or give a new --run-dir"
+            )
+        return
+    config_file = run_dir / "run_config.json"
+    if not config_file.is_file() or latest_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"{run_dir}: nothing to resume (no run_config.json and checkpoint there)")
+    recorded = read_run_config(config_file).model_dump(mode="json")
+    given = config.model_dump(mode="json")
+    recorded["train"]["steps"] = given["train"]["steps"]  # extending a run is allowed
+    differing = sorted(_differences(recorded, given))
+    if differing:
+        raise ValueError(
+            f"{run_dir} was trained with another config ({', '.join(differing)} differ): resume it with its own "
+            "config (omit --config; --set train.steps=N extends it)"
+        )
+
+
+def _differences(recorded: Any, given: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like configs."""
+    if isinstance(recorded, dict) and isinstance(given, dict):
+        return [
+            key
+            for name in recorded.keys() | given.keys()
+            for key in _differences(recorded.get(name), given.get(name), f"{prefix}{name}.")
+        ]
+    return [] if recorded == given else [prefix.rstrip(".")]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by a rename, so that a crash leaves the old file or the new, never half of it."""
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def open_run(run_dir: str | Path) -> OpenRun:

@@ -189,3 +189,27 @@ def test_a_short_run_with_a_slow_average_is_evaluated_on_trained_weights():
     with result.ema_weights():
         averaged = objective.evaluate(test)
     assert averaged["bits_per_dim"] < raw["bits_per_dim"] + 0.05, (averaged, raw)
+
+
+def test_extending_a_cosine_run_replans_the_schedule_to_the_new_horizon():
+    """A 20-step cosine run resumed with steps=30 follows the learning rates of a run planned for 30 steps."""
+    import json
+
+    from invertnet.training import TrainState
+
+    def learning_rates(state, steps):
+        rates = []
+        for _ in range(steps):
+            rates.append(state.optimizer.param_groups[0]["lr"])
+            state.optimizer.step()
+            state.schedule.step()
+        return rates
+
+    short = TrainState(TrainConfig(steps=20, lr=1e-3, schedule="cosine"), [torch.nn.Parameter(torch.zeros(2))])
+    learning_rates(short, 20)
+    saved = json.loads(json.dumps(short.state_dict(), default=lambda tensor: tensor.tolist()))
+    extended = TrainState(TrainConfig(steps=30, lr=1e-3, schedule="cosine"), [torch.nn.Parameter(torch.zeros(2))])
+    extended.load_state_dict(saved, 20)
+    planned = TrainState(TrainConfig(steps=30, lr=1e-3, schedule="cosine"), [torch.nn.Parameter(torch.zeros(2))])
+    assert learning_rates(extended, 10) == pytest.approx(learning_rates(planned, 30)[20:], rel=1e-12, abs=1e-15)
+    assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at the new horizon

@@ -19,6 +19,7 @@ run at ``ema_decay`` 0.999 averaged without warm-up is ~94% its starting point).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,12 @@ class TrainState:
         return {"ema": self.ema or [], "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        """Restore :meth:`state_dict` (as read back from JSON) at ``step`` steps done."""
+        """Restore :meth:`state_dict` (as read back from JSON) at ``step`` steps done.
+
+        A cosine schedule saved with another horizon (a run extended by a larger ``steps``) is re-planned: it
+        continues on the cosine of the new horizon, lr_t = lr_0 (1 + cos(pi t / steps)) / 2 from step t on, as a
+        run planned with ``steps`` from the start would (the restored schedule would otherwise run past its end,
+        where the cosine climbs back to lr_0)."""
         optimizer_state = dict(state["optimizer"])
         optimizer_state["state"] = {int(key): value for key, value in optimizer_state["state"].items()}
         self.optimizer.load_state_dict(optimizer_state)
@@ -115,6 +121,16 @@ class TrainState:
             for average, saved in zip(self.ema, state["ema"], strict=True):
                 average.copy_(saved)
         self.step = step
+        self._replan_cosine()
+
+    def _replan_cosine(self) -> None:
+        schedule = self.schedule
+        if not isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR) or schedule.T_max == self.config.steps:
+            return
+        schedule.T_max = self.config.steps
+        progress = math.cos(math.pi * schedule.last_epoch / schedule.T_max)
+        for group, base in zip(self.optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["lr"] = schedule.eta_min + (base - schedule.eta_min) * (1 + progress) / 2
 
 
 def train_step(objective: Objective, batch: Any, state: TrainState) -> float:

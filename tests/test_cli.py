@@ -266,3 +266,28 @@ def test_resume_without_a_config_continues_with_the_runs_own(trained_run, tmp_pa
     assert steps[-1] == steps_before + 2 and steps[-3] == steps_before
     recorded = json.loads((run_dir / "run_config.json").read_text())
     assert recorded["train"]["steps"] == steps_before + 2 and recorded["model"]["hidden_features"] == 8
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over(trained_run, tmp_path):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    steps = json.loads((run_dir / "run_config.json").read_text())["train"]["steps"]
+    more = ["--run-dir", str(run_dir), "--resume", "--quiet", "--set", f"train.steps={steps + 1}"]
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(f"{living.pid} {socket.gethostname()}\n")
+        refused = CliRunner().invoke(main, ["train", *more])
+        assert refused.exit_code != 0 and f"being trained by process {living.pid}" in refused.output
+    finally:
+        living.kill()
+        living.wait()
+    (run_dir / ".lock").write_text(f"{living.pid} {socket.gethostname()}\n")  # now the lock of a dead process
+    taken = CliRunner().invoke(main, ["train", *more])
+    assert taken.exit_code == 0, taken.output
+    assert not (run_dir / ".lock").exists() and os.listdir(run_dir)

@@ -213,3 +213,19 @@ def test_extending_a_cosine_run_replans_the_schedule_to_the_new_horizon():
     planned = TrainState(TrainConfig(steps=30, lr=1e-3, schedule="cosine"), [torch.nn.Parameter(torch.zeros(2))])
     assert learning_rates(extended, 10) == pytest.approx(learning_rates(planned, 30)[20:], rel=1e-12, abs=1e-15)
     assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at the new horizon
+
+
+def test_a_checkpoint_step_is_written_once_and_partial_writes_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".step-00000002.tmp-{int(dead.stdout)}"  # a write interrupted by kill -9
+    leftover.mkdir(parents=True)
+    trainer = _trainer(tmp_path, steps=4, checkpoint_every=2)
+    saved = []
+    original = trainer.save
+    trainer.save = lambda: saved.append(trainer.step) or original()  # type: ignore[method-assign]
+    trainer.fit()
+    assert saved == [2, 4]  # the last step is a checkpoint step: not saved a second time
+    assert not leftover.exists() and latest_checkpoint(tmp_path).name == "step-00000004"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
+from invertnet.app.lock import LOCK_NAME, RunLock, check_unlocked
 from invertnet.figures import save_figure, subplots
 from invertnet.training import Trainer, latest_checkpoint, load_checkpoint
 from invertnet.training.distributed import is_main_process, rank_and_world_size
@@ -89,15 +90,25 @@ def train_run(
         if not is_main_process():
             raise ValueError("multi-process training needs --run-dir, so that every process writes the same run")
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_unlocked(run_dir)
     _check_run_dir(run_dir, config, resume)  # every process, before any of them writes
     torch.manual_seed(config.train.seed)
     kind, model, data = build(config)
     model, data = model.to(device), data.to(device)
     if rank_and_world_size()[1] > 1:
         torch.distributed.barrier()
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main_process():
+        return _train(kind, model, data, config, run_dir, resume, progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
         _write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
+        return _train(kind, model, data, config, run_dir, resume, progress)
+
+
+def _train(
+    kind: ModelKind, model: nn.Module, data: RunData, config: RunConfig, run_dir: Path, resume: bool, progress: bool
+) -> dict[str, Any]:
+    """Train in a prepared folder and, in the main process, evaluate: the summary."""
     objective = kind.objective(model, config)
     test_data = data.test if config.train.eval_every else None  # evaluated every eval_every steps and at the end
     trainer = Trainer(model, data.train, config.train, run_dir, test_data, progress=progress, objective=objective)
@@ -113,7 +124,7 @@ def train_run(
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
     """Refuse to mix two runs in one folder, or to resume a run with another run's config."""
     if not resume:
-        entries = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+        entries = sorted(path.name for path in run_dir.iterdir() if path.name != LOCK_NAME) if run_dir.is_dir() else []
         if entries:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise ValueError(

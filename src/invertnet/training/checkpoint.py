@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:08d}"
     temporary = run_dir / f".step-{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    _remove_partial_checkpoints(run_dir)
     temporary.mkdir()
     tensors: dict[str, Tensor] = {}
     structure = _split_tensors(state, "state", tensors)
@@ -92,6 +92,25 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     os.replace(temporary, final)
     _write_json_atomically(run_dir / "latest", {"checkpoint": final.name, "step": step})
     return final
+
+
+def _remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete the ``.step-N.tmp-PID`` folders of interrupted writes: this process's, and those of processes that
+    no longer exist (one process trains a run folder at a time)."""
+    for partial in run_dir.glob(".step-*.tmp-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_exists(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -188,7 +188,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
         self._run(until, self.progress, self._after_step)
-        self.save()
+        if not (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
+            self.save()  # the last step, unless its periodic checkpoint was just written (never write one twice)
         if self.test_data is None:
             return {}
         evaluation = self.evaluate(self.test_data)

@@ -61,7 +61,7 @@ class IResNetClassifierConfig(ResidualStages):
     kind: Literal["iresnet_classifier"] = "iresnet_classifier"
     builder: ClassVar = staticmethod(iresnet_classifier)
     kernel_sizes: list[int] = Field([3, 1, 3], min_length=1, description="odd kernel size of each branch layer")
-    coeff: float = Field(0.97, gt=0, description="Lipschitz coefficient of each residual branch (i-ResNet)")
+    coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch (i-ResNet)")
     pad_channels: int = Field(16, gt=0, description="channels after injective zero padding")
     variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
         "iresnet", description="Lipschitz-constrained, or the vanilla / batch-norm baselines"

@@ -93,6 +93,7 @@ def test_resume_continues_a_run(trained_run, tmp_path):
         (["--config", "no_such_config"], "unknown config"),
         (["--config", "mintnet_digits", "--set", "model.n_terms=5"], "model.n_terms: not a setting of model kind"),
         (["--set", "model.kind=nonsense"], "model.kind: must be one of"),
+        (["--set", "name=../../escaped"], "name: String should match pattern"),
     ],
 )
 def test_invalid_configs_are_named(overrides, message):

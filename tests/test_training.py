@@ -229,3 +229,18 @@ def test_a_checkpoint_step_is_written_once_and_partial_writes_of_dead_processes_
     trainer.fit()
     assert saved == [2, 4]  # the last step is a checkpoint step: not saved a second time
     assert not leftover.exists() and latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_latest_names_only_a_checkpoint_of_its_own_folder_and_files_follow_the_umask(tmp_path):
+    import os
+
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit()
+    tensors = latest_checkpoint(tmp_path) / "tensors.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tensors.stat().st_mode & 0o777 == 0o666 & ~umask
+    for planted in ("../other/step-00000002", "/etc", "step-2"):
+        (tmp_path / "latest").write_text(json.dumps({"checkpoint": planted, "step": 2}))
+        with pytest.raises(CheckpointError, match="not a checkpoint folder of this run"):
+            latest_checkpoint(tmp_path)

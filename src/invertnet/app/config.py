@@ -88,7 +88,10 @@ class EvalSettings(_Strict):
 class RunConfig(_Strict):
     """A whole run: data, model, training, evaluation, and where runs are written."""
 
-    name: str
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="run name: letters, digits, '.', '_', '-' (it names the run folder under output_dir)",
+    )
     data: DataConfig
     model: ModelConfig  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()

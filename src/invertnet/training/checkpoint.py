@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     tensors: dict[str, Tensor] = {}
     structure = _split_tensors(state, "state", tensors)
     save_file(tensors, str(temporary / _TENSORS))
+    _follow_umask(temporary / _TENSORS)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -92,6 +94,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     os.replace(temporary, final)
     _write_json_atomically(run_dir / "latest", {"checkpoint": final.name, "step": step})
     return final
+
+
+def _follow_umask(path: Path) -> None:
+    """Give ``path`` the permissions a newly created file gets (safetensors writes 0600 whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _remove_partial_checkpoints(run_dir: Path) -> None:
@@ -122,6 +131,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         name = json.loads(pointer.read_text())["checkpoint"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{pointer}: unreadable pointer to the latest checkpoint ({error})") from error
+    if not isinstance(name, str) or re.fullmatch(r"step-\d{8}", name) is None:
+        raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint folder of this run (step-NNNNNNNN)")
     return Path(run_dir) / name
 
 

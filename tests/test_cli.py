@@ -292,3 +292,18 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_
     taken = CliRunner().invoke(main, ["train", *more])
     assert taken.exit_code == 0, taken.output
     assert not (run_dir / ".lock").exists() and os.listdir(run_dir)
+
+
+def test_a_run_folder_with_planted_symbolic_links_is_refused(trained_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "summary.json").symlink_to(target)
+    for command in (["evaluate", str(run_dir)], ["train", "--run-dir", str(run_dir), "--resume", "--quiet"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code != 0 and "symbolic links (summary.json)" in result.output
+    assert target.read_text() == "keep me"

@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "invertnet"
 LIBRARY = (
-    "core", "layers", "solvers", "logdet", "models", "analysis", "recovery", "data", "training", "figures", "_optional"
+    "core", "layers", "solvers", "logdet", "models", "analysis", "recovery", "data", "training", "figures", "_optional",
+    "_files",
 )  # fmt: skip
 
 

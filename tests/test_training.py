@@ -244,3 +244,18 @@ def test_latest_names_only_a_checkpoint_of_its_own_folder_and_files_follow_the_u
         (tmp_path / "latest").write_text(json.dumps({"checkpoint": planted, "step": 2}))
         with pytest.raises(CheckpointError, match="not a checkpoint folder of this run"):
             latest_checkpoint(tmp_path)
+
+
+def test_every_safetensors_writer_follows_the_umask(tmp_path):
+    import os
+
+    from invertnet._files import save_tensors
+    from invertnet.models import DCGANGenerator, save_generator
+
+    umask = os.umask(0o027)
+    try:
+        written = [save_tensors({"x": torch.ones(2)}, tmp_path / "x.safetensors")]
+        written.append(save_generator(DCGANGenerator(2, 0, 1, 1, 4), tmp_path / "g.safetensors"))
+    finally:
+        os.umask(umask)
+    assert [path.stat().st_mode & 0o777 for path in written] == [0o640, 0o640]

@@ -174,13 +174,12 @@ def metameric(run_dir: Path, count: int) -> None:
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:
     """Draw samples from a trained generative run (flows, GANs) and save them as safetensors."""
-    from safetensors.torch import save_file
-
+    from invertnet._files import save_tensors
     from invertnet.app.runs import sample_run
 
     samples = _on_run(sample_run, run_dir, count)
     output = output or Path(run_dir) / "samples.safetensors"
-    save_file({"samples": samples.contiguous()}, str(output))
+    save_tensors({"samples": samples}, output)
     click.echo(f"{count} samples of shape {tuple(samples.shape[1:])} written to {output}")
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from invertnet._files import save_tensors
 from invertnet._optional import require
 from invertnet.models.generators import load_generator
 from invertnet.recovery.masks import Mask, make_mask
@@ -110,7 +111,7 @@ def recover_file(
     output = Path(output)
     _save_png(result.completed[0], output)
     tensors = {"z": result.z.float(), "completed": result.completed.float(), "mask": mask.keep.to(torch.uint8)}
-    save_file({name: value.contiguous() for name, value in tensors.items()}, str(output.with_suffix(".safetensors")))
+    save_tensors(tensors, output.with_suffix(".safetensors"))
     return {
         "output": str(output),
         "observed_rate": mask.rate,

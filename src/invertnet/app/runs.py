@@ -134,6 +134,7 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
     config_file = run_dir / "run_config.json"
     if not config_file.is_file() or latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"{run_dir}: nothing to resume (no run_config.json and checkpoint there)")
+    _refuse_symlinks(run_dir)
     recorded = read_run_config(config_file).model_dump(mode="json")
     given = config.model_dump(mode="json")
     recorded["train"]["steps"] = given["train"]["steps"]  # extending a run is allowed
@@ -142,6 +143,15 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
         raise ValueError(
             f"{run_dir} was trained with another config ({', '.join(differing)} differ): resume it with its own "
             "config (omit --config; --set train.steps=N extends it)"
+        )
+
+
+def _refuse_symlinks(run_dir: Path) -> None:
+    """A run writes into its folder; a symbolic link there would make it overwrite the link's target."""
+    links = sorted(path.name for path in run_dir.iterdir() if path.is_symlink())
+    if links:
+        raise ValueError(
+            f"{run_dir} holds symbolic links ({', '.join(links)}); a run writes its files in its own folder only"
         )
 
 
@@ -176,6 +186,7 @@ def open_run(run_dir: str | Path) -> OpenRun:
     config_file = run_dir / "run_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: run_config.json is missing")
+    _refuse_symlinks(run_dir)
     config = read_run_config(config_file)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:

@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from invertnet._files import save_tensors
 
 __all__ = ["DCGANDiscriminator", "DCGANGenerator", "TransposedConvGenerator", "load_generator", "save_generator"]
 
@@ -245,7 +247,7 @@ def save_generator(generator: TransposedConvGenerator | DCGANGenerator, path: st
     """Write the generator's weights and architecture to one safetensors file (architecture as JSON metadata)."""
     path = Path(path)
     tensors = {name: value.detach().contiguous().cpu() for name, value in generator.state_dict().items()}
-    save_file(tensors, str(path), metadata={"invertnet_generator": json.dumps(generator.architecture)})
+    save_tensors(tensors, path, metadata={"invertnet_generator": json.dumps(generator.architecture)})
     return path
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from invertnet._files import save_tensors
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -81,8 +83,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     temporary.mkdir()
     tensors: dict[str, Tensor] = {}
     structure = _split_tensors(state, "state", tensors)
-    save_file(tensors, str(temporary / _TENSORS))
-    _follow_umask(temporary / _TENSORS)
+    save_tensors(tensors, temporary / _TENSORS)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -94,13 +95,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     os.replace(temporary, final)
     _write_json_atomically(run_dir / "latest", {"checkpoint": final.name, "step": step})
     return final
-
-
-def _follow_umask(path: Path) -> None:
-    """Give ``path`` the permissions a newly created file gets (safetensors writes 0600 whatever the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
 
 
 def _remove_partial_checkpoints(run_dir: Path) -> None:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from invertnet._files import save_tensors
 from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.data import SpectraDataset, grouped_folds, read_imzml, synthetic_spectra
@@ -139,7 +139,7 @@ def finish_spectra(
     report: dict[str, Any] = {"run_dir": str(run_dir), "test": metrics}
     report["sensitivity"] = sensitivity_report(sensitivity, dataset)
     report["sensitivity"]["figure"] = str(plot_sensitivity(sensitivity, x, y, dataset, run_dir / "sensitivity.png"))
-    save_file({"sensitivity": sensitivity.contiguous().cpu()}, str(run_dir / "sensitivity.safetensors"))
+    save_tensors({"sensitivity": sensitivity}, run_dir / "sensitivity.safetensors")
     if isinstance(model, IsotopeNet):
         report["receptive_field_bins"] = model.receptive_field()
     return report

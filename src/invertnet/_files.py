@@ -1,0 +1,22 @@
+r"""Writing tensors to safetensors files with the permissions of any other new file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = ["save_tensors"]
+
+
+def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` (contiguous CPU copies of ``tensors``), then the file's mode set from the
+    umask as for any new file: safetensors creates its files 0600 whatever the umask. Returns the path."""
+    path = Path(path)
+    save_file({name: value.detach().contiguous().cpu() for name, value in tensors.items()}, str(path), metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path

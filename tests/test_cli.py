@@ -307,3 +307,9 @@ def test_a_run_folder_with_planted_symbolic_links_is_refused(trained_run, tmp_pa
         result = CliRunner().invoke(main, command)
         assert result.exit_code != 0 and "symbolic links (summary.json)" in result.output
     assert target.read_text() == "keep me"
+
+
+def test_a_config_file_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "list.json"), "--set", "train.steps=1"])
+    assert result.exit_code != 0 and "expected a JSON object" in result.output

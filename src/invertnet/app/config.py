@@ -139,6 +139,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"config {name_or_path}: invalid JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {name_or_path}: expected a JSON object with data, model, ... sections")
     if _is_flat_legacy(raw):  # e.g. a run_config.json of invertnet 0.1 given as --config
         raw = _upgraded(raw)
     return _validate(apply_overrides(raw, overrides or []), f"config {name_or_path}")

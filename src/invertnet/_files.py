@@ -1,4 +1,5 @@
-r"""Writing tensors to safetensors files with the permissions of any other new file."""
+r"""Files a run writes: safetensors files with the permissions of any other new file, and whether the process
+that left a partial or lock file still lives."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["save_tensors"]
+__all__ = ["process_exists", "save_tensors"]
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -20,3 +21,14 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[st
     os.umask(umask)
     path.chmod(0o666 & ~umask)
     return path
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
+from invertnet._files import process_exists
+
 __all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "check_unlocked"]
 
 LOCK_NAME = ".lock"
@@ -32,15 +34,7 @@ def _owner(lock: Path) -> tuple[int, str] | None:
 
 def _alive(pid: int, host: str) -> bool:
     """Whether the process ``pid`` of ``host`` lives; a lock of another host is taken to be alive."""
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
+    return host != socket.gethostname() or process_exists(pid)
 
 
 def check_unlocked(run_dir: Path) -> None:

@@ -56,7 +56,7 @@ def build(config: RunConfig) -> tuple[ModelKind, nn.Module, RunData]:
     """The config's kind, its untrained model and its data; a missing optional dependency of the kind raises
     its named ``ImportError`` first."""
     kind = KINDS[config.model.kind]
-    kind.check_requirements()
+    kind.check_requirements(config)
     data = kind.load_data(config)
     return kind, kind.build(config, data), data
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from invertnet._files import save_tensors
+from invertnet._files import process_exists, save_tensors
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -102,18 +102,8 @@ def _remove_partial_checkpoints(run_dir: Path) -> None:
     no longer exist (one process trains a run folder at a time)."""
     for partial in run_dir.glob(".step-*.tmp-*"):
         pid = partial.name.rpartition("-")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_exists(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -102,6 +102,8 @@ class ModelKind:
     """
 
     family: ClassVar[str] = "model"
+    augmented: ClassVar[bool] = False
+    """Whether training reads ``data.augment_shift`` (random shifts of classifier inputs)."""
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     """Optional dependencies a run of this kind needs, as (module, extra, what needs it): checked before training,
     so that a missing one is named before the run's time is spent, not after."""
@@ -110,8 +112,13 @@ class ModelKind:
         self.config = config
         self.name: str = config.model_fields["kind"].default
 
-    def check_requirements(self) -> None:
-        """Raise the ``ImportError`` naming the extra of the first missing optional dependency."""
+    def check_requirements(self, config: RunConfig) -> None:
+        """Raise the ``ImportError`` naming the extra of the first missing optional dependency, or a ``ValueError``
+        for ``data.augment_shift`` on a kind that does not read it."""
+        if config.data.augment_shift and not self.augmented:
+            raise ValueError(
+                f"data.augment_shift: random shifts augment classifier training; a {self.family} does not read it"
+            )
         for module, extra, feature in self.requires:
             require(module, extra, feature)
 

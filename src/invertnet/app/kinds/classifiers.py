@@ -118,6 +118,7 @@ class ClassifierKind(ModelKind):
     classifier)."""
 
     family: ClassVar[str] = "classifier"
+    augmented: ClassVar[bool] = True
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)

@@ -119,8 +119,6 @@ class FlowKind(ModelKind):
     )
 
     def load_data(self, config: RunConfig) -> RunData:
-        if config.data.augment_shift:
-            raise ValueError("data.augment_shift: random shifts augment classifier training; a flow does not read it")
         train, test, levels = unlabelled_data(config.data)
         if config.model.image_data and train.dim() != 4:
             raise ValueError(

@@ -47,8 +47,6 @@ class GANKind(ModelKind):
     )
 
     def load_data(self, config: RunConfig) -> RunData:
-        if config.data.augment_shift:
-            raise ValueError("data.augment_shift: random shifts augment classifier training; a GAN does not read it")
         train, test, n_classes = labelled_images(config.data)
         size = 4 * 2 ** (config.model.n_layers - 1)  # DCGANGenerator's H = W
         return RunData(gan_images(train, size), gan_images(test, size), n_classes=n_classes)

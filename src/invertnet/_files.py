@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["process_exists", "save_tensors"]
+__all__ = ["process_exists", "save_tensors", "write_atomically"]
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -21,6 +21,13 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[st
     os.umask(umask)
     path.chmod(0o666 & ~umask)
     return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by a rename, so that a crash leaves the old file or the new, never half of it."""
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def process_exists(pid: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from invertnet._files import write_atomically
 from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
@@ -101,7 +101,7 @@ def train_run(
         return _train(kind, model, data, config, run_dir, resume, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        _write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
+        write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
         return _train(kind, model, data, config, run_dir, resume, progress)
 
 
@@ -164,13 +164,6 @@ def _differences(recorded: Any, given: Any, prefix: str = "") -> list[str]:
             for key in _differences(recorded.get(name), given.get(name), f"{prefix}{name}.")
         ]
     return [] if recorded == given else [prefix.rstrip(".")]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` by a rename, so that a crash leaves the old file or the new, never half of it."""
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def open_run(run_dir: str | Path) -> OpenRun:

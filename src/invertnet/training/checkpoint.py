@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from invertnet._files import process_exists, save_tensors
+from invertnet._files import process_exists, save_tensors, write_atomically
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -64,12 +64,6 @@ def _join_tensors(tree: Any, tensors: dict[str, Tensor]) -> Any:
     return tree
 
 
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
-
-
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` (nested dicts/lists of tensors and JSON values) as checkpoint ``step`` of ``run_dir``.
 
@@ -93,7 +87,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Pa
     (temporary / _STATE).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
-    _write_json_atomically(run_dir / "latest", {"checkpoint": final.name, "step": step})
+    write_atomically(run_dir / "latest", json.dumps({"checkpoint": final.name, "step": step}, indent=2))
     return final
 
 

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from invertnet._files import save_tensors
 
-__all__ = ["DCGANDiscriminator", "DCGANGenerator", "TransposedConvGenerator", "load_generator", "save_generator"]
+__all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "TransposedConvGenerator",
+    "dcgan_image_size",
+    "load_generator",
+    "save_generator",
+]
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh"]
 WeightLaw = Literal["gaussian", "uniform", "sign"]
@@ -133,6 +140,17 @@ class TransposedConvGenerator(nn.Module):
         )
 
 
+def dcgan_image_size(n_layers: int) -> int:
+    """H = W of the images of a DCGAN with ``n_layers`` transposed convolutions: a 4 x 4 projection doubled by
+    each of the ``n_layers - 1`` stride-2 layers, 4 * 2^(n_layers - 1).
+
+    Example:
+        >>> dcgan_image_size(4)
+        32
+    """
+    return 4 * 2 ** (n_layers - 1)
+
+
 class DCGANGenerator(nn.Module):
     r"""The conditional DCGAN generator of Ma, Ayaz & Karaman 2018, 4.3: transposed convolutions with batch norm and
     leaky ReLU, tanh output.
@@ -164,7 +182,7 @@ class DCGANGenerator(nn.Module):
             )
         self.latent_dim, self.n_classes = latent_dim, n_classes
         self.latent_shape = (latent_dim,)
-        self.image_shape = (channels, 4 * 2 ** (n_layers - 1), 4 * 2 ** (n_layers - 1))
+        self.image_shape = (channels, dcgan_image_size(n_layers), dcgan_image_size(n_layers))
         self.architecture = {
             "kind": "dcgan",
             "latent_dim": latent_dim,
@@ -218,7 +236,7 @@ class DCGANDiscriminator(nn.Module):
         if n_classes < 0 or n_layers < 1 or width < 2 ** (n_layers - 1):
             raise ValueError("DCGANDiscriminator: need n_classes >= 0, n_layers >= 1, width >= 2^(n_layers-1)")
         self.n_classes = n_classes
-        self.image_shape = (channels, 4 * 2 ** (n_layers - 1), 4 * 2 ** (n_layers - 1))
+        self.image_shape = (channels, dcgan_image_size(n_layers), dcgan_image_size(n_layers))
         layers: list[nn.Module] = []
         c_in, c_out = channels + n_classes, width // 2 ** (n_layers - 2) if n_layers > 1 else width
         for index in range(n_layers - 1):

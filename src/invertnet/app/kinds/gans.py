@@ -17,7 +17,7 @@ from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.figures import save_figure, subplots
 from invertnet.models.gan import ConditionalGAN, conditional_dcgan
-from invertnet.models.generators import DCGANGenerator, save_generator
+from invertnet.models.generators import DCGANGenerator, dcgan_image_size, save_generator
 from invertnet.recovery.masks import make_mask
 from invertnet.recovery.recover import recover
 from invertnet.training.objectives import AdversarialLoss
@@ -48,7 +48,7 @@ class GANKind(ModelKind):
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)
-        size = 4 * 2 ** (config.model.n_layers - 1)  # DCGANGenerator's H = W
+        size = dcgan_image_size(config.model.n_layers)
         return RunData(gan_images(train, size), gan_images(test, size), n_classes=n_classes)
 
     def build(self, config: RunConfig, data: RunData) -> nn.Module:

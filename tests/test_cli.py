@@ -56,6 +56,13 @@ def test_train_writes_a_complete_run_folder(trained_run):
     assert summary["test"]["bits_per_dim"] > 0 and summary["reconstruction"]["status"] == "success"
 
 
+def test_the_summary_reports_the_error_estimate_beside_the_bound(trained_run):
+    reconstruction = trained_run[1]["reconstruction"]
+    error, estimate = reconstruction["max_abs_error"], reconstruction["error_estimate"]
+    assert error / 10 <= estimate <= 10 * error  # the issue-15 target: within a factor 10 of the measured error
+    assert reconstruction["error_bound"] >= error  # the 2-norm bound bounds the largest coordinate error
+
+
 def test_evaluate_invert_and_sample_a_trained_run(trained_run):
     run_dir, summary = trained_run
     runner = CliRunner()

@@ -19,6 +19,8 @@ from invertnet.solvers.implicit import implicit_fixed_point as implicit_fixed_po
 from invertnet.solvers.implicit import residual_transposed_solve as residual_transposed_solve
 from invertnet.solvers.inverse_derivatives import inverse_jvp as inverse_jvp
 from invertnet.solvers.inverse_derivatives import inverse_vjp as inverse_vjp
+from invertnet.solvers.inverse_error import jacobian_solve as jacobian_solve
+from invertnet.solvers.inverse_error import linearized_inverse_error as linearized_inverse_error
 from invertnet.solvers.krylov import gmres as gmres
 from invertnet.solvers.newton import newton as newton
 from invertnet.solvers.triangular import sequential_solve as sequential_solve
@@ -37,6 +39,8 @@ __all__ = [
     "implicit_fixed_point",
     "inverse_jvp",
     "inverse_vjp",
+    "jacobian_solve",
+    "linearized_inverse_error",
     "newton",
     "residual_transposed_solve",
     "sequential_solve",

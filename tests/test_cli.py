@@ -1,13 +1,17 @@
 """The command line: configs, train (tiny), evaluate, invert, sample, and named errors."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from invertnet.app.cli import main
 from invertnet.app.config import embedded_configs, load_config
+from invertnet.app.runs import open_run
 from invertnet.data import load_digits
+from invertnet.training import latest_checkpoint, load_checkpoint
 
 TINY_TOY = [
     "--config",
@@ -61,6 +65,40 @@ def test_the_summary_reports_the_error_estimate_beside_the_bound(trained_run):
     error, estimate = reconstruction["max_abs_error"], reconstruction["error_estimate"]
     assert error / 10 <= estimate <= 10 * error  # the issue-15 target: within a factor 10 of the measured error
     assert reconstruction["error_bound"] >= error  # the 2-norm bound bounds the largest coordinate error
+
+
+def test_the_run_keeps_the_weights_that_validate_better_and_open_run_follows_the_record(trained_run, tmp_path):
+    run_dir, summary = trained_run
+    weights = summary["weights"]
+    validation = weights["validation"]
+    assert weights["kept"] == ("ema" if validation["ema"] <= validation["raw"] else "raw")
+    assert set(weights["test"]) == {"raw", "ema"} and weights["criterion"] == "bits_per_dim"
+    record = json.loads((run_dir / "weights.json").read_text())
+    assert record["kept"] == weights["kept"] and record["step"] == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    step, state = load_checkpoint(latest_checkpoint(copy))
+    for kept, expected in (("raw", state["model"]), ("ema", None)):
+        (copy / "weights.json").write_text(json.dumps({**record, "kept": kept}))
+        run = open_run(copy)
+        trained = [p for p in run.model.parameters() if p.requires_grad]
+        if expected is None:
+            assert all(torch.equal(p, average) for p, average in zip(trained, state["ema"], strict=True))
+        else:
+            assert all(torch.equal(t, expected[name]) for name, t in run.model.named_parameters())
+        assert run.weights["kept"] == kept
+    (copy / "weights.json").write_text(json.dumps({**record, "kept": "raw", "step": step - 1}))
+    assert open_run(copy).weights["kept"] == "ema"  # a choice made for another checkpoint does not apply
+
+
+def test_a_short_run_with_a_slow_average_reports_a_test_figure_no_worse_than_the_raw_weights(tmp_path):
+    """Issue 15: 60 steps at EMA 0.999 (an average over ~1000 steps the run never took)."""
+    settings = ["train.steps=60", "train.ema_decay=0.999", "train.checkpoint_every=60", "train.eval_every=0"]
+    command = [*TINY_TOY, *[item for setting in settings for item in ("--set", setting)]]
+    result = CliRunner().invoke(main, ["train", *command, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    weights = json.loads(result.output)["weights"]
+    assert weights["test"][weights["kept"]] <= weights["test"]["raw"] * (1 + 1e-3), weights
 
 
 def test_evaluate_invert_and_sample_a_trained_run(trained_run):

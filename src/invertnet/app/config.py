@@ -64,6 +64,13 @@ class DataConfig(_Strict):
     augment_shift: int = Field(0, ge=0, description="classifiers: random translations of up to this many pixels")
     n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
     n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of the training data held out (fixed seeded draw) to choose between the trained and "
+        "the averaged (EMA) weights; 0: no split (the average is kept unverified); spectra and GANs: unused",
+    )
     labels: str | None = Field(None, description="imzml: CSV with columns x, y, label[, group] per pixel")
     n_bins: int | None = Field(None, gt=0, description="imzml: bin the spectra to this many equal m/z bins")
     mz_min: float | None = Field(None, gt=0, description="imzml: lower end of the m/z range")

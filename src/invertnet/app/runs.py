@@ -2,8 +2,9 @@ r"""Runs: train the model a :class:`~invertnet.app.config.RunConfig` describes i
 evaluate, invert, sample, certify or draw metameric samples from a trained one.
 
 What a run does with its model is its kind's (:mod:`invertnet.app.kinds`); this module owns the run folder:
-``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``summary.json`` and the
-figures the kind writes.
+``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``weights.json`` (which weights
+the finished run keeps, raw or averaged, chosen on the validation split), ``summary.json`` and the figures the
+kind writes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
 from invertnet.app.lock import LOCK_NAME, RunLock, check_unlocked
 from invertnet.figures import save_figure, subplots
-from invertnet.training import Trainer, latest_checkpoint, load_checkpoint
+from invertnet.training import (
+    Trainer,
+    choose_weights,
+    compare_weights,
+    kept_weights,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from invertnet.training.distributed import is_main_process, rank_and_world_size
 
 __all__ = [
@@ -39,17 +47,25 @@ __all__ = [
     "train_run",
 ]
 
+#: The run's choice between its trained and averaged weights (:func:`~invertnet.training.choose_weights`).
+WEIGHTS_FILE = "weights.json"
+
 
 @dataclass
 class OpenRun:
-    """A run rebuilt from its folder: config, kind, the model with the checkpoint's (EMA) weights in eval mode,
-    and its data."""
+    """A run rebuilt from its folder: config, kind, the model in eval mode with the weights the run keeps (see
+    ``weights``), and its data.
+
+    Attributes:
+        weights: The recorded choice between trained and averaged weights: ``{"kept": "ema" | "raw", ...}``.
+    """
 
     run_dir: Path
     config: RunConfig
     kind: ModelKind
     model: nn.Module
     data: RunData
+    weights: dict[str, Any]
 
 
 def build(config: RunConfig) -> tuple[ModelKind, nn.Module, RunData]:
@@ -58,12 +74,16 @@ def build(config: RunConfig) -> tuple[ModelKind, nn.Module, RunData]:
     kind = KINDS[config.model.kind]
     kind.check_requirements(config)
     data = kind.load_data(config)
+    if kind.validated:
+        data = data.with_validation(config.data.validation_fraction)
     return kind, kind.build(config, data), data
 
 
-def _finish(kind: ModelKind, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
+def _finish(
+    kind: ModelKind, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData, weights: dict[str, Any]
+) -> dict[str, Any]:
     model.eval()
-    summary = kind.finish(model, config, run_dir, data)
+    summary = {**kind.finish(model, config, run_dir, data), "weights": weights}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -117,8 +137,12 @@ def _train(
     trainer.fit()
     if not is_main_process():
         return {"run_dir": str(run_dir)}
-    with trainer.ema_weights():
-        return _finish(kind, model, config, run_dir, data)
+    model.eval()
+    choice = choose_weights(trainer.state, objective, data.validation)
+    write_atomically(run_dir / WEIGHTS_FILE, json.dumps({"step": trainer.state.step, **choice.as_dict()}, indent=2))
+    weights = {**choice.as_dict(), "test": compare_weights(trainer.state, objective, data.test)}
+    with kept_weights(trainer.state, choice):
+        return _finish(kind, model, config, run_dir, data, weights)
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
@@ -167,7 +191,8 @@ def _differences(recorded: Any, given: Any, prefix: str = "") -> list[str]:
 
 
 def open_run(run_dir: str | Path) -> OpenRun:
-    """Rebuild a trained run from its folder, with the latest checkpoint's (EMA) weights, in eval mode.
+    """Rebuild a trained run from its folder, with the latest checkpoint's kept weights (``weights.json``; the
+    average when no choice is recorded for that checkpoint), in eval mode.
 
     Raises:
         FileNotFoundError: The folder does not exist, is not a run folder, or holds no checkpoint.
@@ -184,21 +209,38 @@ def open_run(run_dir: str | Path) -> OpenRun:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint (the 'latest' file is missing)")
-    _, state = load_checkpoint(checkpoint)
+    step, state = load_checkpoint(checkpoint)
     kind, model, data = build(config)
     model.load_state_dict(state["model"])
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for parameter, average in zip(parameters, state["ema"], strict=False):
-            parameter.copy_(average)
-    return OpenRun(run_dir, config, kind, model.eval(), data)
+    weights = _recorded_choice(run_dir, step)
+    if weights["kept"] == "ema":
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for parameter, average in zip(parameters, state["ema"], strict=False):
+                parameter.copy_(average)
+    return OpenRun(run_dir, config, kind, model.eval(), data, weights)
+
+
+def _recorded_choice(run_dir: Path, step: int) -> dict[str, Any]:
+    """The weights a run keeps: the choice recorded in ``weights.json`` when it was made for this checkpoint's
+    step, else the average (a run still training, or written before the choice existed)."""
+    path = run_dir / WEIGHTS_FILE
+    record: Any = None
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: unreadable ({error}); delete it to use the averaged weights") from error
+    if isinstance(record, dict) and record.get("step") == step and record.get("kept") in ("ema", "raw"):
+        return record
+    return {"kept": "ema", "reason": f"no choice recorded for step {step}: the weight average (if any) is used"}
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """The trained run's summary, recomputed: its kind's test metrics (flows: bits/dim with the series length
     from the truncation bound; classifiers: accuracy) and the reconstruction error through the inverse."""
     run = open_run(run_dir)
-    return _finish(run.kind, run.model, run.config, run.run_dir, run.data)
+    return _finish(run.kind, run.model, run.config, run.run_dir, run.data, run.weights)
 
 
 def certify_run(run_dir: str | Path) -> tuple[Certificate, Path]:

@@ -22,6 +22,10 @@ from invertnet.training.objectives import mean_and_standard_error as mean_and_st
 from invertnet.training.objectives import random_shift as random_shift
 from invertnet.training.settings import TrainConfig as TrainConfig
 from invertnet.training.trainer import Trainer as Trainer
+from invertnet.training.weights import WeightChoice as WeightChoice
+from invertnet.training.weights import choose_weights as choose_weights
+from invertnet.training.weights import compare_weights as compare_weights
+from invertnet.training.weights import kept_weights as kept_weights
 
 __all__ = [
     "AdversarialLoss",
@@ -34,10 +38,14 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "Trainer",
+    "WeightChoice",
     "balanced_accuracy",
     "batch_source",
     "bits_per_sample",
+    "choose_weights",
+    "compare_weights",
     "fit",
+    "kept_weights",
     "latest_checkpoint",
     "load_checkpoint",
     "mean_and_standard_error",

@@ -8,10 +8,11 @@ on the trained model. Steps a kind does not support (sampling a classifier, inve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
@@ -63,6 +64,10 @@ class KindConfig(BaseModel):
         return section
 
 
+#: Seed of the draw of the validation split (fixed: the same split whatever the run's seed).
+VALIDATION_SEED = 0
+
+
 @dataclass
 class RunData:
     """The data of a run.
@@ -79,14 +84,35 @@ class RunData:
     levels: int | None = None
     n_classes: int | None = None
     extra: Any = None
+    validation: Any = None
 
     def to(self, device: Any) -> RunData:
         """The same data with the tensors moved to ``device``."""
 
         def move(part: Any) -> Any:
+            if part is None:
+                return None
             return tuple(tensor.to(device) for tensor in part) if isinstance(part, tuple) else part.to(device)
 
-        return RunData(move(self.train), move(self.test), self.levels, self.n_classes, self.extra)
+        return replace(self, train=move(self.train), test=move(self.test), validation=move(self.validation))
+
+    def with_validation(self, fraction: float) -> RunData:
+        """The data with ``round(fraction N)`` training samples (at least one, when fraction > 0) moved to
+        ``validation``, drawn by a generator of fixed seed: the same split for every run seed and on resume."""
+        if fraction <= 0:
+            return self
+        n = len(self.train[0] if isinstance(self.train, tuple) else self.train)
+        n_validation = max(1, round(fraction * n))
+        if n_validation >= n:
+            raise ValueError(f"data.validation_fraction: {fraction} of {n} training samples leaves none to train on")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+
+        def take(indices: Tensor) -> Any:
+            if isinstance(self.train, tuple):
+                return tuple(tensor[indices.to(tensor.device)] for tensor in self.train)
+            return self.train[indices.to(self.train.device)]
+
+        return replace(self, train=take(order[n_validation:].sort().values), validation=take(order[:n_validation]))
 
     @property
     def test_inputs(self) -> Tensor:
@@ -103,6 +129,8 @@ class ModelKind:
 
     family: ClassVar[str] = "model"
     augmented: ClassVar[bool] = False
+    validated: ClassVar[bool] = True
+    """Whether runs hold out ``data.validation_fraction`` of the training data to choose their weights."""
     """Whether training reads ``data.augment_shift`` (random shifts of classifier inputs)."""
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     """Optional dependencies a run of this kind needs, as (module, extra, what needs it): checked before training,

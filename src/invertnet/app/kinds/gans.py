@@ -42,6 +42,7 @@ class GANKind(ModelKind):
     """A conditional GAN (generator and discriminator in one module), trained by one adversarial objective."""
 
     family: ClassVar[str] = "GAN"
+    validated: ClassVar[bool] = False  # adversarial losses rank no weights: the generator average is kept
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("matplotlib.figure", "plots", "a GAN run's samples.png"),
     )

@@ -57,6 +57,7 @@ class SpectraKind(ModelKind):
     """A spectrum classifier trained with cross-entropy on one fold of grouped cross-validation."""
 
     family: ClassVar[str] = "spectrum classifier"
+    validated: ClassVar[bool] = False  # grouped folds: a random hold-out would leak groups
     augmented: ClassVar[bool] = True
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("matplotlib.figure", "plots", "a spectra run's sensitivity.png"),

@@ -28,7 +28,7 @@ def _integers(values: np.ndarray, where: str, what: str) -> np.ndarray:
     if fractional.any():
         raise ValueError(
             f"{where}: {what} must be integers, but {int(fractional.sum())} are not "
-            f"(the first is {values[fractional].flat[0]!r})"
+            f"(the first is {values[fractional].flat[0].item()!r})"
         )
     return values.astype(np.int64)
 

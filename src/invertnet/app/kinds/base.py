@@ -249,8 +249,11 @@ class ParameterBudget(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _add(self, func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        shape = _factory_shape(func, args, kwargs)
-        dtype = kwargs.get("dtype") or (args[0].dtype if func in _NEW_FACTORIES else torch.get_default_dtype())
+        try:
+            shape = _factory_shape(func, args, kwargs)
+        except (TypeError, ValueError, IndexError):  # arguments torch itself will refuse, by its own message
+            return
+        dtype = kwargs.get("dtype") or _default_dtype(func, args)
         elements = math.prod(shape)
         self.elements += elements
         self.requested += elements * dtype.itemsize
@@ -261,6 +264,14 @@ class ParameterBudget(TorchFunctionMode):
                 f"above the budget of {self.budget:.3g} bytes; lower the model's sizes (widths, blocks, layers) or "
                 f"raise the budget with the environment variable {PARAMETER_BUDGET_VARIABLE}"
             )
+
+
+def _default_dtype(func: Callable[..., Tensor], args: tuple[Any, ...]) -> torch.dtype:
+    """The dtype a factory call makes without a ``dtype`` keyword: the tensor's for ``Tensor.new_*``, int64 for
+    ``torch.randint``, else the default floating-point dtype."""
+    if func in _NEW_FACTORIES:
+        return args[0].dtype
+    return torch.int64 if func is torch.randint else torch.get_default_dtype()
 
 
 def _factory_shape(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:

@@ -113,3 +113,11 @@ def test_base_distribution_moves_and_casts_with_the_flow():
     x = torch.randn(3, 2, dtype=torch.float64)
     assert flow.log_prob(x).dtype == torch.float64 and flow.sample((4,)).dtype == torch.float64
     assert flow.to("cpu").base.mean.device.type == "cpu"
+
+
+def test_logit_accepts_its_whole_domain_and_names_values_outside_it():
+    layer = Logit(alpha=0.05)
+    slightly_outside_the_data = torch.tensor([[-1e-6, 1 + 1e-6]])
+    assert torch.isfinite(layer(slightly_outside_the_data)).all()  # a computed inverse may leave [0, 1] a little
+    with pytest.raises(ValueError, match=r"expected data in \[0, 1\] \(the map is defined on \(-0.05556, 1.056\)\)"):
+        layer(torch.tensor([[0.0, 255.0]]))

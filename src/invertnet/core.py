@@ -28,6 +28,7 @@ __all__ = [
     "TransposedSolve",
     "attach_implicit_gradient",
     "check_input",
+    "check_dtype",
     "frozen_mode",
 ]
 
@@ -217,6 +218,9 @@ def attach_implicit_gradient(
 def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> None:
     """Raise a ``ValueError`` naming ``where`` unless ``x`` is a finite tensor of shape (B, *event_shape), B >= 1.
 
+    Layers refuse empty batches (B = 0) by name: solvers and log-det estimators reduce over the batch.
+    :meth:`invertnet.models.FlowDistribution.sample` of ``(0,)`` samples returns an empty tensor instead.
+
     Arguments:
         x: The tensor to check.
         event_shape: The expected trailing shape, or ``None`` to check only that x has a batch dimension.
@@ -237,6 +241,23 @@ def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> N
     if not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{where}: input contains {n_bad} NaN or infinite values")
+
+
+def check_dtype(x: Tensor, module: nn.Module, where: str) -> None:
+    """Raise a ``ValueError`` naming ``where``, the input's and the parameters' dtypes when ``x`` is a
+    floating-point tensor of another dtype than the first floating-point parameter of ``module``.
+
+    A comparison of dtypes in Python, without a device synchronisation; integer inputs (levels) and modules
+    without parameters pass.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    dtype = next((parameter.dtype for parameter in module.parameters() if parameter.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        raise ValueError(
+            f"{where}: the input is {x.dtype} but the model's parameters are {dtype}; convert the input "
+            f"(x.to({dtype})) or the model (model.to({x.dtype}))"
+        )
 
 
 @contextmanager
@@ -439,6 +460,7 @@ class IterativeInvertibleModule(InvertibleModule):
     ) -> InverseResult:
         """Solve F(x) = y without raising on a failed solve; returns the :class:`InverseResult`."""
         options = self.resolved_options(options, overrides)
+        check_dtype(y, self, f"{type(self).__name__}.inverse")
         self.validate(y, "inverse")
         with frozen_mode(self), torch.no_grad():
             return self.solve(y, options)
@@ -522,12 +544,17 @@ class InvertibleSequential(InvertibleModule):
     def __getitem__(self, index: int) -> InvertibleModule:
         return self.parts[index]
 
+    def _check(self, x: Tensor, where: str) -> None:
+        check_dtype(x, self, f"{type(self).__name__}.{where}")
+
     def forward(self, x: Tensor) -> Tensor:
+        self._check(x, "forward")
         for part in self.parts:
             x = part(x)
         return x
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x, "forward_and_log_det")
         total = x.new_zeros(x.shape[0])
         for part in self.parts:
             x, log_det = part.forward_and_log_det(x)
@@ -536,11 +563,13 @@ class InvertibleSequential(InvertibleModule):
 
     def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
         options = SolverOptions.of(options, overrides)
+        self._check(y, "inverse")
         for part in reversed(self.parts):
             y = part.inverse(y, options)
         return y
 
     def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
+        self._check(y, "inverse_and_log_det")
         total = y.new_zeros(y.shape[0])
         for part in reversed(self.parts):
             y, log_det = part.inverse_and_log_det(y, options)
@@ -556,6 +585,7 @@ class InvertibleSequential(InvertibleModule):
         ``SUCCESS`` when a part was solved iteratively, and ``ANALYTIC`` when every part is analytic.
         """
         options = SolverOptions.of(options, overrides)
+        self._check(y, "inverse_result")
         records = []
         for part in reversed(self.parts):
             record = part.inverse_result(y, options)

@@ -160,7 +160,9 @@ def certify(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-n", "count", default=8, show_default=True, help="Number of metameric samples.")
+@click.option(
+    "-n", "count", default=8, show_default=True, type=click.IntRange(min=1), help="Number of metameric samples."
+)
 def metameric(run_dir: Path, count: int) -> None:
     """Metameric samples of a trained fully invertible classifier (thesis Def. 6.8); writes metameric.png."""
     from invertnet.app.runs import metameric_run
@@ -170,7 +172,9 @@ def metameric(run_dir: Path, count: int) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-n", "count", default=64, show_default=True, help="Number of samples.")
+@click.option(
+    "-n", "count", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples (>= 1)."
+)
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:
     """Draw samples from a trained generative run (flows, GANs) and save them as safetensors."""

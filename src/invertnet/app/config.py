@@ -35,6 +35,14 @@ CONFIG_VERSION = 2
 ModelConfig = Annotated[Union[tuple(kind.config for kind in KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
+MAX_POINTS = 10_000_000
+"""Most points of a toy density sample (``data.n_train``, ``data.n_test``)."""
+MAX_BINS = 1_000_000
+"""Most m/z bins of a spectrum (``data.n_bins``, ``data.spectrum_length``)."""
+MAX_EVALUATION_TERMS = 5000
+"""Most power-series terms of the evaluation estimator (``evaluation.max_terms``)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,10 +68,12 @@ class DataConfig(_Strict):
         "imzml",
     ]
     root: str | None = None
-    image_size: int = Field(64, gt=0, description="image_folder: side of the square grey images")
-    augment_shift: int = Field(0, ge=0, description="classifiers: random translations of up to this many pixels")
-    n_train: int = Field(20_000, gt=0, description="toy densities: number of training points")
-    n_test: int = Field(5_000, gt=0, description="toy densities: number of test points")
+    image_size: int = Field(64, gt=0, le=4096, description="image_folder: side of the square grey images")
+    augment_shift: int = Field(
+        0, ge=0, le=1024, description="classifiers: random translations of up to this many pixels"
+    )
+    n_train: int = Field(20_000, gt=0, le=MAX_POINTS, description="toy densities: number of training points")
+    n_test: int = Field(5_000, gt=0, le=MAX_POINTS, description="toy densities: number of test points")
     validation_fraction: float = Field(
         0.1,
         ge=0,
@@ -72,13 +82,15 @@ class DataConfig(_Strict):
         "the averaged (EMA) weights; 0: no split (the average is kept unverified); spectra and GANs: unused",
     )
     labels: str | None = Field(None, description="imzml: CSV with columns x, y, label[, group] per pixel")
-    n_bins: int | None = Field(None, gt=0, description="imzml: bin the spectra to this many equal m/z bins")
+    n_bins: int | None = Field(
+        None, gt=0, le=MAX_BINS, description="imzml: bin the spectra to this many equal m/z bins"
+    )
     mz_min: float | None = Field(None, gt=0, description="imzml: lower end of the m/z range")
     mz_max: float | None = Field(None, gt=0, description="imzml: upper end of the m/z range")
-    n_per_class: int = Field(200, gt=0, description="synthetic_spectra: spectra per class")
-    spectrum_length: int = Field(2000, gt=0, description="synthetic_spectra: m/z bins per spectrum")
-    n_groups: int = Field(8, ge=2, description="synthetic_spectra: patients (groups of one class each)")
-    n_folds: int = Field(4, ge=2, description="spectra: grouped cross-validation folds (thesis 7.4)")
+    n_per_class: int = Field(200, gt=0, le=1_000_000, description="synthetic_spectra: spectra per class")
+    spectrum_length: int = Field(2000, gt=0, le=MAX_BINS, description="synthetic_spectra: m/z bins per spectrum")
+    n_groups: int = Field(8, ge=2, le=10_000, description="synthetic_spectra: patients (groups of one class each)")
+    n_folds: int = Field(4, ge=2, le=100, description="spectra: grouped cross-validation folds (thesis 7.4)")
     fold: int = Field(0, ge=0, description="spectra: the fold used as test data")
 
 
@@ -87,9 +99,11 @@ class EvalSettings(_Strict):
     passes with fresh Hutchinson probes averaged until their standard error is below ``probe_standard_error_bits``."""
 
     bias_bits: float = Field(1e-3, gt=0, description="bound on the bits/dim bias of the truncated series")
-    max_terms: int = Field(200, gt=0)
+    max_terms: int = Field(
+        200, gt=0, le=MAX_EVALUATION_TERMS, description="most series terms (one vector-Jacobian product each)"
+    )
     probe_standard_error_bits: float = Field(1e-3, gt=0, description="stop averaging probe passes below this")
-    max_passes: int = Field(20, ge=2, description="most passes over the test set with fresh probes")
+    max_passes: int = Field(20, ge=2, le=1000, description="most passes over the test set with fresh probes")
 
 
 class RunConfig(_Strict):
@@ -218,7 +232,17 @@ def _problem(error: Any, raw: Any) -> str:
             return f"{'.'.join(loc)}: not a setting of {'.'.join(loc[:-1])} (its settings: {fields})"
     if loc == ["model"] and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         return f"model.kind: must be one of {sorted(KINDS)}"
-    return f"{'.'.join(loc)}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{'.'.join(loc)}: {error['msg'].removeprefix('Value error, ')}{_got(error)}"
+
+
+def _got(error: Any) -> str:
+    """`` (got VALUE)`` for a rejected number or short string, so that the message names the value; empty for
+    sections and for messages that already name it."""
+    value = error.get("input")
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or error["type"] == "value_error":
+        return ""
+    text = repr(value)
+    return f" (got {text})" if len(text) <= 40 else ""
 
 
 def _section_class(config: type[BaseModel], path: list[str]) -> type[BaseModel] | None:

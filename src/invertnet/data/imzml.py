@@ -20,6 +20,7 @@ from torch import Tensor
 
 from invertnet._optional import require
 from invertnet.data.spectra import SpectraDataset
+from invertnet.data.values import checked_labels
 
 if TYPE_CHECKING:
     from pyimzml.ImzMLParser import ImzMLParser
@@ -58,8 +59,10 @@ def read_imzml(
     Raises:
         ImportError: pyimzML is not installed (``pip install 'invertnet[spectra]'``).
         FileNotFoundError: ``path`` or its ``.ibd`` companion is missing.
-        ValueError: malformed XML, a truncated ``.ibd``, inconsistent array lengths, compressed arrays (not
-            supported), no spectra, a processed file without a grid, or a bad labels CSV; the message names the file.
+        ValueError: malformed XML, a truncated ``.ibd``, an array offset inside the UUID or another array (a
+            misaligned offset), inconsistent array lengths, compressed arrays (not supported), no spectra, a
+            processed file without a grid, integer labels outside 0..MAX_CLASSES - 1, or a bad labels CSV; the
+            message names the file.
     """
     parser_module = require("pyimzml.ImzMLParser", "spectra", "read_imzml")
     path = Path(path)
@@ -116,7 +119,7 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 def _check_layout(parser: ImzMLParser, path: Path, binary_path: Path) -> None:
     """Refuse files whose arrays cannot be read as declared: unknown or compressed encodings, arrays of different
-    lengths, or a binary file shorter than the offsets and lengths in the XML."""
+    lengths, or offsets and lengths that do not fit the binary file (:func:`_check_ranges`)."""
     if not parser.coordinates:
         raise ValueError(f"read_imzml: {path} holds no spectra")
     if parser.mzPrecision is None or parser.intensityPrecision is None:
@@ -130,20 +133,40 @@ def _check_layout(parser: ImzMLParser, path: Path, binary_path: Path) -> None:
             raise ValueError(
                 f"read_imzml: {path}: spectrum {index} has {mz_length} m/z values but {intensity_length} intensities"
             )
-    mz_size, intensity_size = parser.sizeDict[parser.mzPrecision], parser.sizeDict[parser.intensityPrecision]
-    needed = max(
-        max(offset + length * mz_size for offset, length in zip(parser.mzOffsets, parser.mzLengths, strict=True)),
-        max(
-            offset + length * intensity_size
-            for offset, length in zip(parser.intensityOffsets, parser.intensityLengths, strict=True)
-        ),
-    )
+    _check_ranges(parser, path, binary_path)
+
+
+_UUID_BYTES = 16
+"""An .ibd file starts with the 16-byte UUID of its data set (imzML 1.1); the arrays follow it."""
+
+
+def _check_ranges(parser: ImzMLParser, path: Path, binary_path: Path) -> None:
+    """Refuse offsets and lengths that do not describe disjoint arrays after the UUID inside the binary file: an
+    array reaching past the end (a truncated file), or starting inside the UUID or inside another array (a wrong
+    or misaligned offset, which would read the neighbour's bytes as values). Arrays shared by several spectra
+    (the m/z array of continuous files) are one range."""
+    sizes = {"m/z": parser.sizeDict[parser.mzPrecision], "intensity": parser.sizeDict[parser.intensityPrecision]}
+    ranges: dict[tuple[int, int], str] = {}
+    for what, offsets, lengths in (
+        ("m/z", parser.mzOffsets, parser.mzLengths),
+        ("intensity", parser.intensityOffsets, parser.intensityLengths),
+    ):
+        for index, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+            ranges.setdefault((offset, length * sizes[what]), f"the {what} array of spectrum {index}")
     actual = binary_path.stat().st_size
-    if actual < needed:
-        raise ValueError(
-            f"read_imzml: {binary_path} is truncated: {actual} bytes, "
-            f"but {path.name} points to data up to byte {needed}"
-        )
+    end, previous = _UUID_BYTES, f"the {_UUID_BYTES}-byte UUID"
+    for (offset, size), name in sorted(ranges.items()):
+        if offset < end:
+            raise ValueError(
+                f"read_imzml: {path.name} places {name} at byte {offset}, inside {previous} (bytes up to {end}) of "
+                f"{binary_path}: a wrong or misaligned offset"
+            )
+        if offset + size > actual:
+            raise ValueError(
+                f"read_imzml: {binary_path} is truncated: {actual} bytes, but {path.name} points to data up to "
+                f"byte {offset + size} ({name})"
+            )
+        end, previous = offset + size, name
 
 
 def _read_spectra(
@@ -331,8 +354,8 @@ def _match_labels(
             raise ValueError(f"read_imzml: labels file {labels_path}, line {line}: pixel {pixel} is listed twice")
         pixel_row[pixel] = len(pixel_row)
     class_ids, class_names = _ids([row["label"] for row in rows])
-    if class_names is None and (class_ids < 0).any():
-        raise ValueError(f"read_imzml: labels file {labels_path}: integer labels must be >= 0")
+    if class_names is None:
+        class_ids = checked_labels(class_ids, f"read_imzml: labels file {labels_path}")
     if "group" in columns:
         group_ids, group_names = _ids([row["group"] for row in rows])
     else:

@@ -77,6 +77,9 @@ class UniformDequantization(InvertibleModule):
 class Logit(InvertibleModule):
     r"""y = logit(alpha + (1 - 2 alpha) x) for x in [0, 1] (Dinh et al. 2017), elementwise.
 
+    The map is a bijection from (-alpha / (1 - 2 alpha), (1 - alpha) / (1 - 2 alpha)) onto R; inputs anywhere in
+    that interval are accepted (a computed inverse of data may leave [0, 1] by its error), others are refused.
+
     With p = alpha + (1 - 2 alpha) x,
 
     .. math:: \log|\det J| = \sum_i \big[\log(1 - 2\alpha) - \log p_i - \log(1 - p_i)\big].
@@ -99,11 +102,13 @@ class Logit(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, None, "Logit.forward")
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError(
-                f"Logit.forward: expected inputs in [0, 1], got values in [{x.min().item():g}, {x.max().item():g}]"
-            )
         p = self.alpha + (1 - 2 * self.alpha) * x
+        if p.min() <= 0 or p.max() >= 1:
+            low, high = -self.alpha / (1 - 2 * self.alpha), (1 - self.alpha) / (1 - 2 * self.alpha)
+            raise ValueError(
+                f"Logit.forward: expected data in [0, 1] (the map is defined on ({low:.4g}, {high:.4g})), got values "
+                f"in [{x.min().item():g}, {x.max().item():g}]; scale the data to [0, 1] first"
+            )
         y = torch.log(p) - torch.log1p(-p)
         log_det = (math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p)).flatten(1).sum(dim=1)
         return y, log_det

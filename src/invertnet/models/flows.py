@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from invertnet.core import InvertibleModule
+from invertnet.core import InvertibleModule, check_dtype
 from invertnet.layers.residual import InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
 from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncation_error_bound
@@ -83,7 +83,8 @@ class FlowDistribution(nn.Module):
         return self.base.log_prob(z)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) with shape (B,) for x with shape (B, ...)."""
+        """log p(x) with shape (B,) for x with shape (B, ...) of the transform's dtype (else a named ``ValueError``)."""
+        check_dtype(x, self.transform, "FlowDistribution.log_prob")
         z, log_det = self.transform.forward_and_log_det(x)
         return self._base_log_prob(z) + log_det
 
@@ -95,7 +96,8 @@ class FlowDistribution(nn.Module):
         """Draw x = F^{-1}(z) without gradients; solver failures raise :class:`~invertnet.ConvergenceError`.
 
         Arguments:
-            sample_shape: A single batch size, e.g. ``(64,)``.
+            sample_shape: A single batch size, e.g. ``(64,)``; ``(0,)`` gives an empty tensor of shape
+                (0, *data shape), like ``torch.distributions`` (one latent is inverted to learn the data shape).
             **solver_options: ``atol``, ``rtol``, ``max_iter``, ``strict`` for iterative inverses.
         """
         with torch.no_grad():
@@ -106,19 +108,19 @@ class FlowDistribution(nn.Module):
         shape = torch.Size(sample_shape)
         if len(shape) != 1:
             raise ValueError(f"FlowDistribution: sample_shape must be one batch size such as (64,), got {tuple(shape)}")
-        z = self.base.rsample(shape)
+        empty = shape[0] == 0
+        z = self.base.rsample(torch.Size([1]) if empty else shape)
         parameter = next(self.transform.parameters(), None)
         if parameter is not None:
             z = z.to(device=parameter.device, dtype=parameter.dtype)
-        return self.transform.inverse(z, **solver_options)
+        x = self.transform.inverse(z, **solver_options)
+        return x[:0] if empty else x
 
     def residual_blocks(self) -> list[InvertibleResidual]:
         """The i-ResNet blocks of the transform, in module order."""
         return [module for module in self.transform.modules() if isinstance(module, InvertibleResidual)]
 
-    def use_evaluation_estimator(
-        self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200
-    ) -> dict[str, float]:
+    def use_evaluation_estimator(self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200) -> dict[str, float]:
         r"""Install the evaluation log-det estimator of every residual block (thesis A.2) and report its bias.
 
         Refines the spectral norms (so that the Lipschitz bounds are certain), takes L, the largest block

@@ -10,7 +10,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-__all__ = ["TrainConfig"]
+__all__ = ["MAX_BATCH_SIZE", "MAX_STEPS", "SEED_BITS", "TrainConfig"]
+
+MAX_STEPS = 10**9
+"""Most optimiser steps (and the longest periods) a config may ask for."""
+MAX_BATCH_SIZE = 2**20
+"""Most samples per step."""
+SEED_BITS = 62
+"""Seeds lie in [0, 2^62): torch seeds are 64-bit, and the Trainer seeds step ``s`` with ``seed + 1000 s + rank``."""
 
 
 class TrainConfig(BaseModel):
@@ -33,9 +40,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    steps: int = Field(1000, gt=0, description="number of optimiser steps")
+    steps: int = Field(1000, gt=0, le=MAX_STEPS, description="number of optimiser steps")
     batch_size: int = Field(
-        64, gt=0, description="samples per step (a DataLoader's batches are taken as it yields them)"
+        64, gt=0, le=MAX_BATCH_SIZE, description="samples per step (a DataLoader's batches are taken as it yields them)"
     )
     lr: float = Field(1e-3, gt=0, description="learning rate")
     optimizer: Literal["adam", "adamax", "amsgrad"] = Field("adam", description="the optimiser")
@@ -45,7 +52,7 @@ class TrainConfig(BaseModel):
         description="learning-rate schedule: constant, cosine (to 0 over `steps`), or step (x `gamma` every "
         "`step_size` steps, or at each of the `milestones` when given)",
     )
-    step_size: int = Field(1000, gt=0, description="step schedule: period in steps")
+    step_size: int = Field(1000, gt=0, le=MAX_STEPS, description="step schedule: period in steps")
     gamma: float = Field(0.5, gt=0, description="step schedule: factor of the learning rate")
     milestones: list[int] = Field(
         default_factory=list, description="step schedule: increasing steps at which the rate is multiplied by gamma"
@@ -53,9 +60,25 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty of the optimiser")
     grad_clip: float = Field(0.0, ge=0, description="maximal gradient 2-norm, or 0 for no clipping")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="decay of the weight average (EMA), or 0 for none")
-    eval_every: int = Field(0, ge=0, description="Trainer: evaluation period in steps (0: only at the end)")
-    checkpoint_every: int = Field(0, ge=0, description="Trainer: checkpoint period in steps (0: only at the end)")
-    seed: int = Field(0, description="seed of the batch order; the Trainer also seeds torch's RNG with it")
+    eval_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Trainer: evaluation period in steps (0: only at the end)"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Trainer: checkpoint period in steps (0: only at the end)"
+    )
+    seed: int = Field(
+        0, description=f"seed of the batch order, 0 <= seed < 2^{SEED_BITS}; the Trainer also seeds torch's RNG with it"
+    )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits(cls, seed: int) -> int:
+        if not 0 <= seed < 2**SEED_BITS:
+            raise ValueError(
+                f"seed must be an integer with 0 <= seed < 2^{SEED_BITS} (torch's seeds are 64-bit integers and the "
+                f"Trainer adds the step to it), got {seed}"
+            )
+        return seed
 
     @field_validator("milestones")
     @classmethod

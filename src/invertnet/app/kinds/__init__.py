@@ -5,10 +5,14 @@ subclass; a kind is one line here. ``invertnet.app.config`` builds the ``model``
 registered config classes, discriminated on ``kind``.
 """
 
+from invertnet.app.kinds.base import DEFAULT_PARAMETER_BUDGET as DEFAULT_PARAMETER_BUDGET
+from invertnet.app.kinds.base import PARAMETER_BUDGET_VARIABLE as PARAMETER_BUDGET_VARIABLE
 from invertnet.app.kinds.base import KindConfig as KindConfig
 from invertnet.app.kinds.base import ModelKind as ModelKind
+from invertnet.app.kinds.base import ParameterBudget as ParameterBudget
 from invertnet.app.kinds.base import RunData as RunData
 from invertnet.app.kinds.base import UnsupportedOperation as UnsupportedOperation
+from invertnet.app.kinds.base import parameter_budget as parameter_budget
 from invertnet.app.kinds.classifiers import (
     ClassifierKind,
     FullyInvertibleClassifierConfig,
@@ -19,7 +23,18 @@ from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, MintNetFlowConf
 from invertnet.app.kinds.gans import DCGANConfig, GANKind
 from invertnet.app.kinds.spectra import IsotopeNetConfig, ResidualNetConfig, SpectraKind
 
-__all__ = ["KINDS", "KindConfig", "ModelKind", "RunData", "UnsupportedOperation", "kind_of"]
+__all__ = [
+    "DEFAULT_PARAMETER_BUDGET",
+    "KINDS",
+    "PARAMETER_BUDGET_VARIABLE",
+    "KindConfig",
+    "ModelKind",
+    "ParameterBudget",
+    "RunData",
+    "UnsupportedOperation",
+    "kind_of",
+    "parameter_budget",
+]
 
 _REGISTERED = (
     FlowKind(DenseFlowConfig),

@@ -7,6 +7,8 @@ on the trained model. Steps a kind does not support (sampling a classifier, inve
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from invertnet._optional import require
 
@@ -22,7 +25,23 @@ if TYPE_CHECKING:
     from invertnet.analysis import Certificate
     from invertnet.app.config import RunConfig
 
-__all__ = ["KindConfig", "ModelKind", "RunData", "UnsupportedOperation"]
+__all__ = [
+    "DEFAULT_PARAMETER_BUDGET",
+    "PARAMETER_BUDGET_VARIABLE",
+    "KindConfig",
+    "ModelKind",
+    "RunData",
+    "UnsupportedOperation",
+    "ParameterBudget",
+    "parameter_budget",
+]
+
+PARAMETER_BUDGET_VARIABLE = "INVERTNET_MAX_PARAMETER_BYTES"
+"""Environment variable overriding :data:`DEFAULT_PARAMETER_BUDGET`: the most bytes of parameters and buffers a run
+may build."""
+
+DEFAULT_PARAMETER_BUDGET = 2e9
+"""Bytes of parameters and buffers a run builds at most by default: 500 million float32 weights."""
 
 
 class UnsupportedOperation(ValueError):
@@ -158,7 +177,17 @@ class ModelKind:
         raise NotImplementedError
 
     def build(self, config: RunConfig, data: RunData) -> nn.Module:
-        """The untrained model for data of this shape; the module trained and checkpointed."""
+        """The untrained model for data of this shape; the module trained and checkpointed.
+
+        The sizes are checked before they are allocated: a model whose parameters and buffers would take more
+        than :func:`parameter_budget` bytes is refused with a ``ValueError`` naming the kind, the count and the
+        budget (:class:`ParameterBudget`).
+        """
+        with ParameterBudget(self.name):
+            return self.construct(config, data)
+
+    def construct(self, config: RunConfig, data: RunData) -> nn.Module:
+        """Build the model (the kind's step behind :meth:`build`, which checks its size first)."""
         raise NotImplementedError
 
     def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
@@ -194,3 +223,97 @@ class ModelKind:
     def metameric_classifier(self, model: nn.Module) -> nn.Module:
         """The fully invertible classifier (thesis Def. 6.7) of a trained model, for metameric sampling."""
         raise self._unsupported("draw metameric samples", ": it needs a fully_invertible_classifier")
+
+
+def parameter_budget() -> float:
+    """The most bytes of parameters and buffers a run may build: ``$INVERTNET_MAX_PARAMETER_BYTES`` when set (a
+    positive number such as ``8e9``), else :data:`DEFAULT_PARAMETER_BUDGET`.
+
+    Raises:
+        ValueError: The variable is set to something other than a positive number.
+    """
+    text = os.environ.get(PARAMETER_BUDGET_VARIABLE)
+    if text is None:
+        return DEFAULT_PARAMETER_BUDGET
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not 0 < budget < math.inf:
+        raise ValueError(f"{PARAMETER_BUDGET_VARIABLE}: expected a positive number of bytes such as 8e9, got {text!r}")
+    return budget
+
+
+_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint})
+_NEW_FACTORIES = frozenset({Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full})
+
+
+class ParameterBudget(TorchFunctionMode):
+    """Within this mode, tensor factories (``torch.empty``, ``zeros``, ``randn``, ..., ``Tensor.new_*``) add up the
+    bytes they are asked for, and the call that would take the total above ``budget`` raises a ``ValueError``
+    naming ``kind``, the count so far and the budget, before anything is allocated.
+
+    Building a model creates its parameters and buffers with these factories (``nn.Linear`` and ``nn.Conv2d`` call
+    ``torch.empty``), so the total is the model's size up to small temporaries; for every embedded config it is
+    within 1% of the parameters' and buffers' bytes, or below them (MintNet's masks are not built by factories).
+
+    Arguments:
+        kind: The model kind named in the message.
+        budget: Most bytes (default :func:`parameter_budget`).
+    """
+
+    def __init__(self, kind: str, budget: float | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.budget = parameter_budget() if budget is None else budget
+        self.requested = 0
+        self.elements = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        if func in _FACTORIES or func in _NEW_FACTORIES:
+            self._add(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _add(self, func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            shape = _factory_shape(func, args, kwargs)
+        except (TypeError, ValueError, IndexError):  # arguments torch itself will refuse, by its own message
+            return
+        dtype = kwargs.get("dtype") or _default_dtype(func, args)
+        elements = math.prod(shape)
+        self.elements += elements
+        self.requested += elements * dtype.itemsize
+        if self.requested > self.budget:
+            raise ValueError(
+                f"model kind {self.kind!r}: these settings ask for more than {self.elements:,} parameters and "
+                f"buffers ({self.requested:.3g} bytes, refused before allocating the tensor of shape {shape}), "
+                f"above the budget of {self.budget:.3g} bytes; lower the model's sizes (widths, blocks, layers) or "
+                f"raise the budget with the environment variable {PARAMETER_BUDGET_VARIABLE}"
+            )
+
+
+def _default_dtype(func: Callable[..., Tensor], args: tuple[Any, ...]) -> torch.dtype:
+    """The dtype a factory call makes without a ``dtype`` keyword: the tensor's for ``Tensor.new_*``, int64 for
+    ``torch.randint``, else the default floating-point dtype."""
+    if func in _NEW_FACTORIES:
+        return args[0].dtype
+    return torch.int64 if func is torch.randint else torch.get_default_dtype()
+
+
+def _factory_shape(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """The shape a factory call asks for: ``torch.zeros(2, 3)``, ``torch.zeros((2, 3))``, ``torch.full((2, 3),
+    v)``, ``torch.randint(low, high, (2, 3))``, ``x.new_zeros((2, 3))`` or the keyword ``size``."""
+    if "size" in kwargs:
+        size = kwargs["size"]
+    elif func in _NEW_FACTORIES:
+        size = args[1:] if func is not Tensor.new_full else args[1]
+    elif func is torch.full:
+        size = args[0]
+    elif func is torch.randint:
+        size = args[-1]
+    else:
+        size = args
+    if len(size) == 1 and not isinstance(size[0], int):  # one tuple / torch.Size rather than the sizes
+        size = size[0]
+    return tuple(int(side) for side in size)

@@ -21,7 +21,7 @@ from torch import nn
 from invertnet.analysis import nuisance_probe
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import ModelKind, RunData
-from invertnet.app.kinds.fields import MintNetLayers, ResidualStages
+from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_WIDTH, KernelSizes, MintNetLayers, ResidualStages
 from invertnet.core import InvertibleSequential
 from invertnet.layers import InjectivePad
 from invertnet.models import (
@@ -52,7 +52,7 @@ class MintNetClassifierConfig(MintNetLayers):
 
     kind: Literal["mintnet_classifier"] = "mintnet_classifier"
     builder: ClassVar = staticmethod(mintnet_classifier)
-    pad_channels: int = Field(16, gt=0, description="channels after injective zero padding")
+    pad_channels: int = Field(16, gt=0, le=MAX_WIDTH, description="channels after injective zero padding")
 
 
 class IResNetClassifierConfig(ResidualStages):
@@ -60,9 +60,9 @@ class IResNetClassifierConfig(ResidualStages):
 
     kind: Literal["iresnet_classifier"] = "iresnet_classifier"
     builder: ClassVar = staticmethod(iresnet_classifier)
-    kernel_sizes: list[int] = Field([3, 1, 3], min_length=1, description="odd kernel size of each branch layer")
+    kernel_sizes: KernelSizes = Field([3, 1, 3], description="odd kernel size of each branch layer")
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch (i-ResNet)")
-    pad_channels: int = Field(16, gt=0, description="channels after injective zero padding")
+    pad_channels: int = Field(16, gt=0, le=MAX_WIDTH, description="channels after injective zero padding")
     variant: Literal["iresnet", "vanilla", "batchnorm"] = Field(
         "iresnet", description="Lipschitz-constrained, or the vanilla / batch-norm baselines"
     )
@@ -88,8 +88,10 @@ class FullyInvertibleClassifierConfig(ResidualStages):
     builder: ClassVar = staticmethod(fully_invertible_classifier)
     application_fields: ClassVar[frozenset[str]] = frozenset({"independence"})
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
-    dense_blocks: int = Field(0, ge=0, description="dense blocks on the flattened features after the stages")
-    dense_hidden: int = Field(128, gt=0, description="width of the dense blocks")
+    dense_blocks: int = Field(
+        0, ge=0, le=MAX_BLOCKS, description="dense blocks on the flattened features after the stages"
+    )
+    dense_hidden: int = Field(128, gt=0, le=MAX_WIDTH, description="width of the dense blocks")
     independence: IndependenceSettings | None = Field(
         None, description="train with the independence cross-entropy (thesis Def. 6.14)"
     )
@@ -124,7 +126,7 @@ class ClassifierKind(ModelKind):
         train, test, n_classes = labelled_images(config.data)
         return RunData(train, test, n_classes=n_classes)
 
-    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+    def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         assert data.n_classes is not None
         model = config.model
         classifier = model.builder(tuple(data.train[0].shape[1:]), data.n_classes, **model.builder_arguments())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from invertnet.app.datasets import unlabelled_data
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
-from invertnet.app.kinds.fields import MintNetLayers
+from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, KernelSizes, MintNetLayers
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization
@@ -35,6 +35,9 @@ __all__ = ["DenseFlowConfig", "FlowKind", "MintNetFlowConfig", "MultiscaleFlowCo
 
 LogDetChoice = Literal["power_series", "unbiased", "exact"]
 
+MAX_TRAINING_TERMS = 200
+"""Most power-series terms during training (each term is one vector-Jacobian product per step)."""
+
 
 class _FlowConfig(KindConfig):
     application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving"})
@@ -48,11 +51,13 @@ class _FlowConfig(KindConfig):
 
 class _ResidualFlowConfig(_FlowConfig):
     application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving", "log_det", "n_terms"})
-    n_blocks: int = Field(4, gt=0)
+    n_blocks: int = Field(4, gt=0, le=MAX_BLOCKS)
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
     activation: Literal["elu", "softplus", "lipswish"] = "elu"
     log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
-    n_terms: int | None = Field(None, gt=0, description="power_series: terms during training (None: 5)")
+    n_terms: int | None = Field(
+        None, gt=0, le=MAX_TRAINING_TERMS, description="power_series: terms during training (None: 5)"
+    )
 
     @model_validator(mode="after")
     def _n_terms_needs_the_power_series(self) -> _ResidualFlowConfig:
@@ -87,8 +92,8 @@ class DenseFlowConfig(_ResidualFlowConfig):
     kind: Literal["dense"] = "dense"
     builder: ClassVar = staticmethod(dense_iresnet_flow)
     image_data: ClassVar[bool] = False
-    hidden_features: int = Field(32, gt=0, description="width of the residual branches")
-    n_layers: int = Field(3, gt=0, description="linear layers per residual branch")
+    hidden_features: int = Field(32, gt=0, le=MAX_WIDTH, description="width of the residual branches")
+    n_layers: int = Field(3, gt=0, le=100, description="linear layers per residual branch")
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
 
 
@@ -97,9 +102,9 @@ class MultiscaleFlowConfig(_ResidualFlowConfig):
 
     kind: Literal["multiscale"] = "multiscale"
     builder: ClassVar = staticmethod(multiscale_iresnet_flow)
-    n_scales: int = Field(2, gt=0, description="scales, one squeeze between two")
-    hidden_channels: int = Field(32, gt=0, description="channels of the residual branches")
-    kernel_sizes: list[int] = Field([3, 1, 3], min_length=1, description="odd kernel size of each branch layer")
+    n_scales: int = Field(2, gt=0, le=MAX_SCALES, description="scales, one squeeze between two")
+    hidden_channels: int = Field(32, gt=0, le=MAX_WIDTH, description="channels of the residual branches")
+    kernel_sizes: KernelSizes = Field([3, 1, 3], description="odd kernel size of each branch layer")
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_channels"}
 
 
@@ -128,7 +133,7 @@ class FlowKind(ModelKind):
             )
         return RunData(train, test, levels=levels)
 
-    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+    def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         model = config.model
         flow = model.builder(tuple(data.train.shape[1:]), levels=data.levels, **model.builder_arguments())
         if model.memory_saving:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from invertnet.app.datasets import labelled_images
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
+from invertnet.app.kinds.fields import MAX_WIDTH
 from invertnet.figures import save_figure, subplots
 from invertnet.models.gan import ConditionalGAN, conditional_dcgan
 from invertnet.models.generators import DCGANGenerator, dcgan_image_size, save_generator
@@ -33,9 +34,13 @@ class DCGANConfig(KindConfig):
 
     kind: Literal["dcgan"] = "dcgan"
     builder: ClassVar = staticmethod(conditional_dcgan)
-    latent_dim: int = Field(10, gt=0, description="latent dimension (small keeps the generator expansive)")
-    n_layers: int = Field(3, gt=0, description="transposed convolutions of the generator")
-    width: int = Field(64, gt=0, description="channels of the first feature map")
+    latent_dim: int = Field(
+        10, gt=0, le=MAX_WIDTH, description="latent dimension (small keeps the generator expansive)"
+    )
+    n_layers: int = Field(
+        3, gt=0, le=10, description="transposed convolutions of the generator (images of 4 * 2^(n_layers - 1) pixels)"
+    )
+    width: int = Field(64, gt=0, le=MAX_WIDTH, description="channels of the first feature map")
 
 
 class GANKind(ModelKind):
@@ -43,16 +48,14 @@ class GANKind(ModelKind):
 
     family: ClassVar[str] = "GAN"
     validated: ClassVar[bool] = False  # adversarial losses rank no weights: the generator average is kept
-    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
-        ("matplotlib.figure", "plots", "a GAN run's samples.png"),
-    )
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (("matplotlib.figure", "plots", "a GAN run's samples.png"),)
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)
         size = dcgan_image_size(config.model.n_layers)
         return RunData(gan_images(train, size), gan_images(test, size), n_classes=n_classes)
 
-    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+    def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         model = config.model
         return model.builder(data.n_classes, data.train[0].shape[1], **model.builder_arguments())
 

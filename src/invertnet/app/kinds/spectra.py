@@ -41,7 +41,9 @@ class IsotopeNetConfig(KindConfig):
 
     kind: Literal["isotopenet"] = "isotopenet"
     builder: ClassVar = IsotopeNet
-    locally_connected_kernel: int = Field(3, gt=0, description="odd kernel size of the locally connected layer")
+    locally_connected_kernel: int = Field(
+        3, gt=0, le=1001, description="odd kernel size of the locally connected layer"
+    )
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the locally connected layer")
     legacy_names: ClassVar[dict[str, str]] = {"kernel_size": "locally_connected_kernel"}
 
@@ -67,7 +69,7 @@ class SpectraKind(ModelKind):
         train, test, dataset = load_spectra(config)
         return RunData(train, test, n_classes=max(int(dataset.labels.max()) + 1, 2), extra=dataset)
 
-    def build(self, config: RunConfig, data: RunData) -> nn.Module:
+    def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         model = config.model
         return model.builder(data.train[0].shape[-1], data.n_classes, **model.builder_arguments())
 

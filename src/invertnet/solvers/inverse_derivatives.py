@@ -39,11 +39,13 @@ def inverse_jvp(
         v: Tangents (B, ...) at y.
         x: F^{-1}(y) if already known (else computed by ``module.inverse``).
         method: ``"dense"`` (per-sample Jacobian, LU, exact condition number), ``"krylov"`` (GMRES with
-            Jacobian-vector products) or ``"auto"`` (dense up to 256 dimensions per sample).
-        **gmres_options: ``atol``, ``rtol``, ``restart``, ``max_iter``, ``max_condition``, ``strict``.
+            Jacobian-vector products, a lower bound on it) or ``"auto"`` (dense up to 256 dimensions per sample).
+        **gmres_options: ``atol``, ``rtol``, ``restart``, ``max_iter``, ``max_condition``, ``condition_probe``,
+            ``strict``.
 
     Returns:
-        An :class:`~invertnet.InverseResult` whose ``value`` is w (B, ...), with the condition number of J_F(x).
+        An :class:`~invertnet.InverseResult` whose ``value`` is w (B, ...), with the condition number of J_F(x)
+        and its ``condition_kind`` (``"exact"`` dense, ``"lower_bound"`` by GMRES).
 
     Example:
         >>> from invertnet.layers import ActNorm
@@ -110,5 +112,6 @@ def _solve(
         converged=torch.isfinite(residual),
         singular=singular,
         stalled=torch.zeros_like(singular),
+        condition_kind="exact",
         strict=bool(options.get("strict", True)),
     )

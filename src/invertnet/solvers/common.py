@@ -54,6 +54,7 @@ __all__ = [
     "default_tolerances",
     "finish",
     "per_sample_norm",
+    "resolve_max_condition",
     "resolve_tolerances",
 ]
 
@@ -115,6 +116,16 @@ def default_max_condition(dtype: torch.dtype) -> float:
     a solve (formalML IFT notes, Remark 7), so solvers report it as ``SINGULAR``; 4.5e12 in float64, 8.4e3
     in float32."""
     return 1.0 / (1000.0 * torch.finfo(dtype).eps)
+
+
+def resolve_max_condition(dtype: torch.dtype, max_condition: float | None, where: str) -> float:
+    """``max_condition``, or :func:`default_max_condition` for ``None``; a ``ValueError`` naming ``where``
+    unless it is a number > 1 (``inf`` allowed: never singular or ill-conditioned)."""
+    if max_condition is None:
+        return default_max_condition(dtype)
+    if isinstance(max_condition, bool) or not isinstance(max_condition, int | float) or not max_condition > 1:
+        raise ValueError(f"{where}: max_condition must be a number > 1 (inf allowed) or None, got {max_condition!r}")
+    return float(max_condition)
 
 
 def per_sample_norm(v: Tensor, order: float = 2.0) -> Tensor:

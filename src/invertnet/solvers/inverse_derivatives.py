@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from invertnet.core import InverseResult, InvertibleModule, frozen_mode
-from invertnet.solvers.common import batched_jacobian, condition_numbers, conditioned_result, default_max_condition
+from invertnet.solvers.common import batched_jacobian, condition_numbers, conditioned_result, resolve_max_condition
 from invertnet.solvers.krylov import gmres
 from invertnet.solvers.newton import DENSE_LIMIT
 
@@ -101,8 +101,8 @@ def _solve(
         condition = condition_numbers(matrix)
         solution, info = torch.linalg.solve_ex(matrix, rhs.reshape(rhs.shape[0], -1, 1))
         residual = torch.linalg.vector_norm((matrix @ solution).squeeze(-1) - rhs.reshape(rhs.shape[0], -1), dim=1)
-    max_condition = options.get("max_condition", default_max_condition(y.dtype))
-    singular = (info > 0) | (condition > max_condition)  # type: ignore[operator]
+    max_condition = resolve_max_condition(y.dtype, options.get("max_condition"), "inverse derivative")  # type: ignore[arg-type]
+    singular = (info > 0) | (condition > max_condition)
     return conditioned_result(
         solution.view_as(rhs),
         residual,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from invertnet.core import InverseResult
-from invertnet.solvers.common import check_max_iter, conditioned_result, default_max_condition, resolve_tolerances
+from invertnet.solvers.common import check_max_iter, conditioned_result, resolve_max_condition, resolve_tolerances
 
 __all__ = ["gmres"]
 
@@ -117,7 +117,7 @@ def _resolve_options(
     max_iter = 10 * dimension if max_iter is None else max_iter
     check_max_iter(max_iter, "gmres")
     atol, rtol = resolve_tolerances(b.dtype, atol, rtol)
-    max_condition = default_max_condition(b.dtype) if max_condition is None else max_condition
+    max_condition = resolve_max_condition(b.dtype, max_condition, "gmres")
     return restart, max_iter, atol, rtol, max_condition
 
 

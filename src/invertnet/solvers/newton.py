@@ -17,15 +17,15 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
-from invertnet.core import InverseResult
+from invertnet.core import InverseResult, check_tolerance
 from invertnet.solvers.common import (
     NEWTON_MAX_ITER,
     batched_jacobian,
     check_max_iter,
     condition_numbers,
     conditioned_result,
-    default_max_condition,
     per_sample_norm,
+    resolve_max_condition,
     resolve_tolerances,
 )
 from invertnet.solvers.krylov import gmres
@@ -94,10 +94,11 @@ def newton(
     check_max_iter(max_iter, "newton")
     y = _target(x0, y)
     atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
+    check_tolerance(krylov_rtol, "krylov_rtol", "newton")
     options = _Options(
         dense=jacobian == "dense" or (jacobian == "auto" and x0[0].numel() <= DENSE_LIMIT),
         line_search=line_search,
-        max_condition=default_max_condition(x0.dtype) if max_condition is None else max_condition,
+        max_condition=resolve_max_condition(x0.dtype, max_condition, "newton"),
         krylov_rtol=krylov_rtol,
         krylov_restart=krylov_restart,
     )

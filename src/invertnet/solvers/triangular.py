@@ -46,8 +46,8 @@ from invertnet.solvers.common import (
     TRIANGULAR_MAX_ITER,
     check_max_iter,
     decide_status,
-    default_max_condition,
     finish,
+    resolve_max_condition,
     resolve_tolerances,
 )
 from invertnet.solvers.fixed_point import fixed_point
@@ -179,8 +179,9 @@ def triangular_newton(
         >>> result.status.name, bool((r(result.value)[0] - torch.tensor([[3.0, -2.0]])).abs().max() < 1e-9)
         ('SUCCESS', True)
     """
+    limit = resolve_max_condition(y.dtype, max_condition, "triangular_newton")
     record = _solve(map_and_diagonal, y, min_slope, x0, atol, rtol, max_iter, lower)
-    return finish(_conditioned(record, map_and_diagonal, max_condition), strict)
+    return finish(_conditioned(record, map_and_diagonal, limit), strict)
 
 
 def sequential_solve(
@@ -212,6 +213,7 @@ def sequential_solve(
         and the condition and forward-error estimates of :func:`triangular_newton`.
     """
     check_max_iter(max_iter_per_coordinate, "sequential_solve")
+    limit = resolve_max_condition(y.dtype, max_condition, "sequential_solve")
     n = y[0].numel()
     x = y.detach().clone()
     total = 0
@@ -226,11 +228,11 @@ def sequential_solve(
         history.extend(record.residual_history)
         if not record.success:
             failed = InverseResult(x, record.converged, total, record.residual, None, record.status, history)
-            return finish(_conditioned(failed, map_and_diagonal, max_condition), strict)
+            return finish(_conditioned(failed, map_and_diagonal, limit), strict)
     final = _solve(map_and_diagonal, y, min_slope, x, atol, rtol, 1, lower)
     history = history + final.residual_history
     record = InverseResult(final.value, final.converged, total + 1, final.residual, None, final.status, history)
-    return finish(_conditioned(record, map_and_diagonal, max_condition), strict)
+    return finish(_conditioned(record, map_and_diagonal, limit), strict)
 
 
 def _solve(
@@ -294,15 +296,14 @@ def _solve(
     )
 
 
-def _conditioned(record: InverseResult, map_and_diagonal: MapAndDiagonal, max_condition: float | None) -> InverseResult:
+def _conditioned(record: InverseResult, map_and_diagonal: MapAndDiagonal, max_condition: float) -> InverseResult:
     """``record`` with the condition and forward-error estimates at its value and the status re-decided with
     ``ILL_CONDITIONED`` beyond ``max_condition``; non-finite and diverged records are returned unchanged
     (the Jacobian there says nothing about the solution)."""
     if record.status in (SolverStatus.NONFINITE, SolverStatus.DIVERGED):
         return record
-    limit = default_max_condition(record.value.dtype) if max_condition is None else max_condition
     condition, inverse_norm = triangular_condition(map_and_diagonal, record.value)
-    ill_conditioned = ~(condition <= limit)  # NaN counts as ill-conditioned
+    ill_conditioned = ~(condition <= max_condition)  # NaN counts as ill-conditioned
     assert record.residual is not None  # the triangular solves always measure it
     return dataclasses.replace(
         record,

@@ -360,7 +360,8 @@ def test_gmres_finds_a_numerically_singular_system_its_krylov_space_cannot_see()
     result = gmres(_apply(matrix), b, strict=False)
     assert result.status is S.SINGULAR and not result.converged.any()
     assert result.condition_kind == "lower_bound"
-    assert 0.999e14 <= result.condition_number.item() <= 1e14 * (1 + 1e-9)  # a lower bound on cond(A) = 1e14
+    # cond(A) = 1e14; sigma_min(H) = 1e-14 carries a rounding error of about eps * sigma_max, 1e-2 of itself
+    assert 0.99e14 <= result.condition_number.item() <= 1.01e14
     assert gmres(_apply(matrix), b, strict=False, condition_probe=0).status is S.SUCCESS  # without the probe
     with pytest.raises(ConvergenceError, match="singular"):
         gmres(_apply(matrix), b)

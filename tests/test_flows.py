@@ -113,3 +113,12 @@ def test_base_distribution_moves_and_casts_with_the_flow():
     x = torch.randn(3, 2, dtype=torch.float64)
     assert flow.log_prob(x).dtype == torch.float64 and flow.sample((4,)).dtype == torch.float64
     assert flow.to("cpu").base.mean.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("atol", math.nan), ("rtol", math.inf), ("atol", -1e-6), ("max_iter", 0), ("max_iter", 2.5)]
+)
+def test_sampling_refuses_non_finite_or_meaningless_solver_options(option, value):
+    flow = _two_d_flow(n_blocks=1)
+    with pytest.raises(ValueError, match=f"solver options: {option}"):
+        flow.sample((4,), **{option: value})

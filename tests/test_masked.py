@@ -225,7 +225,6 @@ def test_an_ill_conditioned_layer_is_not_called_a_success():
     with pytest.raises(ConvergenceError, match="ill_conditioned") as caught:
         layer.inverse(y)
     assert "forward error estimate" in str(caught.value)
-    torch.testing.assert_close(layer.inverse(y, strict=False), record.value)
 
 
 def test_a_well_conditioned_layer_reports_its_condition_estimate():

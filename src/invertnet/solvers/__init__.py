@@ -1,8 +1,8 @@
 """Iterative solvers that report iterations, residuals and convergence, and never fail silently.
 
 ``fixed_point`` (contractions), ``newton`` (dense or Jacobian-free Newton-Krylov), ``gmres``, the triangular
-solves of MintNet (``triangular_newton``, ``sequential_solve``); derivatives of inverses (``inverse_jvp``,
-``inverse_vjp``) and implicit differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What
+solves of MintNet (``triangular_newton``, ``sequential_solve``, with the condition estimate
+``triangular_condition``); derivatives of inverses (``inverse_jvp``, ``inverse_vjp``) and implicit differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What
 they share (tolerances, budgets, the status decision, Jacobians and condition numbers) is in
 :mod:`invertnet.solvers.common`. Every solver takes ``strict`` and raises :class:`~invertnet.ConvergenceError`
 by default.
@@ -22,6 +22,7 @@ from invertnet.solvers.inverse_derivatives import inverse_vjp as inverse_vjp
 from invertnet.solvers.krylov import gmres as gmres
 from invertnet.solvers.newton import newton as newton
 from invertnet.solvers.triangular import sequential_solve as sequential_solve
+from invertnet.solvers.triangular import triangular_condition as triangular_condition
 from invertnet.solvers.triangular import triangular_newton as triangular_newton
 from invertnet.solvers.triangular import triangular_transposed_solve as triangular_transposed_solve
 
@@ -40,6 +41,7 @@ __all__ = [
     "newton",
     "residual_transposed_solve",
     "sequential_solve",
+    "triangular_condition",
     "triangular_newton",
     "triangular_transposed_solve",
 ]

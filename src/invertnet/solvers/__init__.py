@@ -2,8 +2,9 @@
 
 ``fixed_point`` (contractions), ``newton`` (dense or Jacobian-free Newton-Krylov), ``gmres``, the triangular
 solves of MintNet (``triangular_newton``, ``sequential_solve``, with the condition estimate
-``triangular_condition``); derivatives of inverses (``inverse_jvp``, ``inverse_vjp``) and implicit differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What
-they share (tolerances, budgets, the status decision, Jacobians and condition numbers) is in
+``triangular_condition``); derivatives of inverses (``inverse_jvp``, ``inverse_vjp``) and implicit
+differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What they share (tolerances,
+budgets, option checks, the status decision, Jacobians and condition numbers) is in
 :mod:`invertnet.solvers.common`. Every solver takes ``strict`` and raises :class:`~invertnet.ConvergenceError`
 by default.
 """

@@ -97,8 +97,8 @@ class InverseResult:
             the kind ``condition_kind`` says, or ``None`` for solvers that do not measure conditioning.
         condition_kind: What ``condition_number`` is: ``"exact"`` (2-norm, from the singular values of the
             dense Jacobian), ``"lower_bound"`` (2-norm, from the Hessenberg matrices of Krylov spaces: GMRES,
-            Newton-Krylov), ``"estimate"`` (infinity-norm, Hager-Higham estimate of a triangular Jacobian: a
-            lower bound that is usually within a factor of a few), or ``None`` with no condition number.
+            Newton-Krylov), ``"estimate"`` (infinity-norm, Hager's estimate for a triangular Jacobian: a lower
+            bound in exact arithmetic, usually close, less reliable beyond 1 / eps), or ``None``.
         forward_error_estimate: Tensor with shape (B,) estimating |x - F^{-1}(y)| in the solver's norm from the
             conditioning (triangular solvers: |J^{-1}|_inf estimate times the max-abs residual, the first-order
             error of a linearised solve), or ``None`` for solvers that do not compute it. An estimate, not a

@@ -323,10 +323,11 @@ def triangular_condition(map_and_diagonal: MapAndDiagonal, x: Tensor) -> tuple[T
     vector), which needs products with the matrix and its transpose: Jacobian-vector and vector-Jacobian
     products of r for J, and for J^{-1} the Jacobi iterations w <- w + D^{-1}(v - J w), exact after at
     most n steps because D^{-1} N is nilpotent, stopped when the correction is :data:`ESTIMATE_RTOL` of w.
-    Each of Hager's values is |B z|_1 / |z|_1 for some z, so in exact arithmetic both are lower bounds; on
-    MintNet layers the product was within 1.2x of the exact cond_inf up to about 1e15 and within 70x beyond
-    (there the Jacobi solves themselves lose digits, in either direction). The condition estimate is their product, and at least max|d| / min|d|, which bounds
-    cond_inf(J) from below (J and J^{-1} contain the entries d_p and 1 / d_p). It costs at most
+    Each of Hager's values is |B z|_1 / |z|_1 for some z, so in exact arithmetic both are lower bounds. The
+    condition estimate is their product, and at least max|d| / min|d|, which bounds cond_inf(J) from below
+    (J and J^{-1} contain the entries d_p and 1 / d_p). On MintNet layers it was within 1.2x of the exact
+    cond_inf up to about 1e15 and within 70x beyond, where the Jacobi solves themselves lose digits (in
+    either direction). It costs at most
     2 (:data:`HAGER_ITERATIONS` + 1) triangular solves and as many products with J and J^T, never forming J.
 
     Arguments:

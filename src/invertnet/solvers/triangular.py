@@ -53,6 +53,7 @@ from invertnet.solvers.common import (
 from invertnet.solvers.fixed_point import fixed_point
 
 __all__ = [
+    "ESTIMATE_RTOL",
     "HAGER_ITERATIONS",
     "MapAndDiagonal",
     "sequential_solve",

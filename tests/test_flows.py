@@ -121,3 +121,12 @@ def test_logit_accepts_its_whole_domain_and_names_values_outside_it():
     assert torch.isfinite(layer(slightly_outside_the_data)).all()  # a computed inverse may leave [0, 1] a little
     with pytest.raises(ValueError, match=r"expected data in \[0, 1\] \(the map is defined on \(-0.05556, 1.056\)\)"):
         layer(torch.tensor([[0.0, 255.0]]))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("atol", math.nan), ("rtol", math.inf), ("atol", -1e-6), ("max_iter", 0), ("max_iter", 2.5)]
+)
+def test_sampling_refuses_non_finite_or_meaningless_solver_options(option, value):
+    flow = _two_d_flow(n_blocks=1)
+    with pytest.raises(ValueError, match=f"solver options: {option}"):
+        flow.sample((4,), **{option: value})

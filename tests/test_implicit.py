@@ -44,8 +44,10 @@ def test_gmres_solves_batched_systems_and_reports_singular_ones():
         assert result.success and result.iterations <= 10 * 30
         exact = torch.linalg.cond(matrices)
         assert (result.condition_number <= exact * (1 + 1e-8)).all()  # a lower bound on cond(A)
-    warm = gmres(_matvec(matrices), b, x0=torch.linalg.solve(matrices, b))
+    warm = gmres(_matvec(matrices), b, x0=torch.linalg.solve(matrices, b), condition_probe=0)
     assert warm.iterations == 1  # the starting residual is already within tolerance
+    probed = gmres(_matvec(matrices), b, x0=torch.linalg.solve(matrices, b))
+    assert probed.iterations == 1 + 10 and probed.condition_kind == "lower_bound"  # the probe's 10 products
     singular = matrices.clone()
     singular[:, :, 0] = 0  # column 0 gone: b is (almost surely) outside the range
     record = gmres(_matvec(singular), b, strict=False)

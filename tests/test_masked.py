@@ -184,3 +184,55 @@ def test_mintnet_classifier_features_invert_to_the_input():
     assert layers[:3] == ["InjectivePad", "InvertibleBatchNorm", "MintLayer"] and layers.count("Squeeze") == 1
     with pytest.raises(ValueError, match="pad_channels"):
         mintnet_classifier((3, 8, 8), pad_channels=2)
+
+
+def _strongly_coupled(hidden_factor: int, log_t: float, solver: str = "newton") -> MintLayer:
+    """A layer far from identity: Xavier gain 5 and t = e^log_t, so that J's off-diagonal part dominates."""
+    torch.manual_seed(0)
+    layer = MintLayer(1, hidden_factor=hidden_factor, init_gain=5.0, solver=solver).double()
+    with torch.no_grad():
+        layer.log_t.fill_(log_t)
+    return layer
+
+
+def test_a_strongly_coupled_layer_is_reported_diverged_not_max_iter():
+    """t = e^-5, gain 5, a 1x16x16 input: the parallel Newton's later coordinates overshoot by orders of
+    magnitude before the earlier ones settle (measured: residual 1e-0 to 4e12 in 4 evaluations)."""
+    layer = _strongly_coupled(4, -5.0)
+    y = layer(torch.randn(1, 1, 16, 16, dtype=torch.float64)).detach()
+    record = layer.inverse_result(y)
+    assert record.status is SolverStatus.DIVERGED and not record.converged.any()
+    assert max(record.residual_history) > 1e8 * record.residual_history[0]
+    assert record.condition_number is None  # no solution to judge the conditioning at
+    with pytest.raises(ConvergenceError, match="diverged"):
+        layer.inverse(y)
+
+
+def test_an_ill_conditioned_layer_is_not_called_a_success():
+    """t = e^-5, gain 5, 1x10x10, sequential solve: residual 1e-11 but cond_inf(J) ~ 2e17, so the unique
+    solution is off by more than 1 (measured 10.8): ILL_CONDITIONED with estimates that say so, not SUCCESS."""
+    layer = _strongly_coupled(2, -5.0, solver="sequential")
+    x = torch.randn(1, 1, 10, 10, dtype=torch.float64)
+    y = layer(x).detach()
+    record = layer.inverse_result(y)
+    assert record.status is SolverStatus.ILL_CONDITIONED and not record.converged.any()
+    assert record.residual.item() < 1e-10
+    error = (record.value - x).abs().max()
+    assert error > 1.0
+    exact = torch.linalg.cond(_jacobian(layer, record.value[0]), p=float("inf"))
+    assert record.condition_kind == "estimate" and exact / 10 <= record.condition_number.item() <= 10 * exact
+    assert record.forward_error_estimate.item() >= error
+    with pytest.raises(ConvergenceError, match="ill_conditioned") as caught:
+        layer.inverse(y)
+    assert "forward error estimate" in str(caught.value)
+
+
+def test_a_well_conditioned_layer_reports_its_condition_estimate():
+    layer = _random_layer("upper")
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    record = layer.inverse_result(layer(x).detach())
+    assert record.success and record.condition_kind == "estimate"
+    for sample in range(2):
+        exact = torch.linalg.cond(_jacobian(layer, record.value[sample]), p=float("inf"))
+        assert exact / 3 <= record.condition_number[sample] <= exact * (1 + 1e-9)  # Hager: a lower estimate
+    assert (record.forward_error_estimate >= (record.value - x).flatten(1).abs().amax(1)).all()

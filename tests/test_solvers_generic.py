@@ -104,6 +104,32 @@ def _decreasing_triangular() -> Problem:
     return Problem(lambda x: -2 * x, y, y.clone(), diagonal=lambda x: torch.full_like(x, -2.0), min_slope=1.0)
 
 
+def _expanding_triangular() -> Problem:
+    """F(x) = -x^3 - x claimed increasing (diagonal 3 x^2 + 1): both triangular solvers run away from the root."""
+    y = _targets()
+    return Problem(lambda x: -(x**3) - x, y, y.clone(), diagonal=lambda x: 3 * x**2 + 1, min_slope=1.0)
+
+
+#: Dimension of the ill-conditioned triangular problem: cond_inf(J) is about 3 * 2^n.
+ILL_DIM = 48
+
+
+def _ill_conditioned_triangular() -> Problem:
+    """F_p(x) = x_p + 2 x_{p-1} + tanh(x_p) / 10: triangular with diagonal in [1, 1.1], a unique root, and
+    J^{-1} with entries up to 2^(n-1), so cond_inf(J) ~ 1e15 > 1 / (1000 eps): a small residual leaves about
+    cond * eps ~ 0.1 of error. The parallel iteration's transient grows like 2^k (Jacobi on a bidiagonal)."""
+    x_true = torch.randn(BATCH, ILL_DIM, dtype=DOUBLE, generator=torch.Generator().manual_seed(4))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 2 * _shift(x) + 0.1 * torch.tanh(x)
+
+    def diagonal(x: torch.Tensor) -> torch.Tensor:
+        return 1 + 0.1 * (1 - torch.tanh(x) ** 2)
+
+    y = f(x_true)
+    return Problem(f, y, y.clone(), diagonal=diagonal, min_slope=1.0)
+
+
 def _with_nan(problem: Problem) -> Problem:
     y = problem.y.clone()
     y[1, 2] = float("nan")
@@ -120,6 +146,8 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "singular": _singular,
     "divergent": _divergent,
     "decreasing_triangular": _decreasing_triangular,
+    "expanding_triangular": _expanding_triangular,
+    "ill_conditioned_triangular": _ill_conditioned_triangular,
     "nan_contraction": lambda: _with_nan(_contraction()),
     "nan_linear": lambda: _with_nan(_linear()),
     "nan_triangular": lambda: _with_nan(_triangular()),
@@ -189,6 +217,9 @@ EXPECTED: dict[tuple[str, str], SolverStatus] = {
     ("divergent", "gmres"): S.SUCCESS,
     ("decreasing_triangular", "triangular_newton"): S.DIVERGED,
     ("decreasing_triangular", "sequential"): S.MAX_ITER,  # its brackets walk away from the root, more slowly
+    **{("expanding_triangular", s): S.DIVERGED for s in ("triangular_newton", "sequential")},
+    ("ill_conditioned_triangular", "sequential"): S.ILL_CONDITIONED,  # residual 1e-12, error ~1e-4
+    ("ill_conditioned_triangular", "triangular_newton"): S.DIVERGED,  # the 2^k transient, before n steps
     **{("nan_contraction", s): S.NONFINITE for s in ("fixed_point", "anderson", "newton_dense", "newton_krylov")},
     ("nan_linear", "gmres"): S.NONFINITE,
     **{("nan_triangular", s): S.NONFINITE for s in ("triangular_newton", "sequential")},
@@ -264,3 +295,119 @@ def test_gmres_gives_the_same_answer_twice():
     b = torch.randn(4, 12, generator=generator, dtype=torch.float64)
     runs = [gmres(lambda v: (a @ v.unsqueeze(-1)).squeeze(-1), b, restart=3, max_iter=60, strict=False) for _ in "ab"]
     assert torch.equal(runs[0].value, runs[1].value) and runs[0].iterations == runs[1].iterations
+
+
+#: What each solver's record says its condition number is (None: it measures no conditioning).
+CONDITION_KIND = {
+    "fixed_point": None,
+    "anderson": None,
+    "newton_dense": "exact",
+    "newton_krylov": "lower_bound",
+    "gmres": "lower_bound",
+    "triangular_newton": "estimate",
+    "sequential": "estimate",
+}
+
+
+def test_the_condition_figure_is_present_and_named(case):
+    """Every conditioning solver reports a condition number per sample and names its kind in the record and
+    the summary; triangular solves skip it after non-finite values or divergence (no solution to judge)."""
+    problem, solver, expected = case
+    result = solver.solve(problem, False)
+    kind = CONDITION_KIND[next(name for name, s in SOLVERS.items() if s is solver)]
+    if kind is None or (kind == "estimate" and expected in (S.NONFINITE, S.DIVERGED)):
+        assert result.condition_number is None and result.condition_kind is None
+        return
+    assert result.condition_kind == kind and result.condition_number.shape == (BATCH,)
+    assert f"condition number ({kind.replace('_', ' ')})" in result.summary()
+    if expected is not S.NONFINITE:
+        assert (result.condition_number >= 1 - 1e-12).all()
+
+
+def test_every_failure_status_a_solver_can_reach_is_exercised():
+    """Divergence for the solvers whose residual can grow (Newton and GMRES decrease it monotonically), NaN
+    for every solver, and ill-conditioning for the triangular ones."""
+    reached = {(solver, status) for (_, solver), status in EXPECTED.items()}
+    for solver in ("fixed_point", "triangular_newton", "sequential"):
+        assert (solver, S.DIVERGED) in reached
+    assert {solver for solver, status in reached if status is S.NONFINITE} == set(SOLVERS)
+    assert {("triangular_newton", S.SUCCESS), ("sequential", S.ILL_CONDITIONED)} <= reached
+
+
+def test_an_ill_conditioned_triangular_solve_estimates_its_condition_and_forward_error():
+    """The estimate is within a factor 3 of the exact cond_inf(J) (Hager's lower estimate, times the exact
+    |J|_inf here), and the forward-error estimate |J^{-1}|_inf |r|_inf is not below the measured error."""
+    problem = _ill_conditioned_triangular()
+    result = sequential_solve(_map_and_diagonal(problem), problem.y, problem.min_slope, strict=False)
+    x_true = torch.randn(BATCH, ILL_DIM, dtype=DOUBLE, generator=torch.Generator().manual_seed(4))
+    jacobian = torch.func.vmap(torch.func.jacrev(lambda v: problem.f(v.unsqueeze(0)).squeeze(0)))(result.value)
+    exact = torch.linalg.cond(jacobian, p=math.inf)
+    assert (exact / 3 <= result.condition_number).all() and (result.condition_number <= 3 * exact).all()
+    error = (result.value - x_true).abs().amax(dim=1)
+    assert (result.residual <= 1e-10).all() and (error > 1e-8).all()  # small residual, large error
+    assert (result.forward_error_estimate >= error).all()
+    with pytest.raises(ConvergenceError, match="ill_conditioned") as caught:
+        sequential_solve(_map_and_diagonal(problem), problem.y, problem.min_slope)
+    assert caught.value.result.forward_error_estimate is not None
+    assert "forward error estimate" in str(caught.value)
+
+
+def test_gmres_finds_a_numerically_singular_system_its_krylov_space_cannot_see():
+    """A = diag(1, 1e-14), b = (1, 1e-14): one Arnoldi step meets atol with x = (1, 1e-14) (the solution is
+    (1, 1)) and a Hessenberg matrix of condition 1; the probe's lower bound 1e14 makes it SINGULAR."""
+    matrix = torch.diag(torch.tensor([1.0, 1e-14], dtype=DOUBLE))
+    b = torch.tensor([[1.0, 1e-14]], dtype=DOUBLE)
+    result = gmres(_apply(matrix), b, strict=False)
+    assert result.status is S.SINGULAR and not result.converged.any()
+    assert result.condition_kind == "lower_bound"
+    # cond(A) = 1e14; sigma_min(H) = 1e-14 carries a rounding error of about eps * sigma_max, 1e-2 of itself
+    assert 0.99e14 <= result.condition_number.item() <= 1.01e14
+    assert gmres(_apply(matrix), b, strict=False, condition_probe=0).status is S.SUCCESS  # without the probe
+    with pytest.raises(ConvergenceError, match="singular"):
+        gmres(_apply(matrix), b)
+
+
+BAD_OPTIONS = [
+    ("atol", float("nan")),
+    ("atol", float("inf")),
+    ("rtol", -1e-3),
+    ("rtol", float("nan")),
+    ("max_iter", 0),
+    ("max_iter", 2.5),
+    ("max_iter", float("nan")),
+]
+
+
+@pytest.mark.parametrize("solver_name", sorted(SOLVERS))
+@pytest.mark.parametrize(("option", "value"), BAD_OPTIONS, ids=[f"{o}={v}" for o, v in BAD_OPTIONS])
+def test_every_solver_refuses_non_finite_negative_or_fractional_options(solver_name, option, value):
+    problem = _triangular()
+    map_and_diagonal = _map_and_diagonal(problem)
+    calls = {
+        "fixed_point": lambda **o: fixed_point(lambda x: x - (problem.f(x) - problem.y), problem.x0, **o),
+        "anderson": lambda **o: fixed_point(lambda x: x, problem.x0, method="anderson", **o),
+        "newton_dense": lambda **o: newton(problem.f, problem.x0, problem.y, jacobian="dense", **o),
+        "newton_krylov": lambda **o: newton(problem.f, problem.x0, problem.y, jacobian="krylov", **o),
+        "gmres": lambda **o: gmres(problem.f, problem.y, **o),
+        "triangular_newton": lambda **o: triangular_newton(map_and_diagonal, problem.y, 0.5, **o),
+        "sequential": lambda **o: sequential_solve(
+            map_and_diagonal,
+            problem.y,
+            0.5,
+            **{"max_iter_per_coordinate" if k == "max_iter" else k: v for k, v in o.items()},
+        ),
+    }
+    with pytest.raises(ValueError, match=option if solver_name != "sequential" else option.split("_")[0]):
+        calls[solver_name](**{option: value})
+
+
+@pytest.mark.parametrize("max_condition", [float("nan"), 0.5, -1.0])
+def test_conditioning_solvers_refuse_a_meaningless_max_condition(max_condition):
+    problem = _triangular()
+    for call in (
+        lambda: newton(problem.f, problem.x0, problem.y, max_condition=max_condition),
+        lambda: gmres(problem.f, problem.y, max_condition=max_condition),
+        lambda: triangular_newton(_map_and_diagonal(problem), problem.y, 0.5, max_condition=max_condition),
+    ):
+        with pytest.raises(ValueError, match="max_condition"):
+            call()

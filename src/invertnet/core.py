@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +56,11 @@ class SolverStatus(enum.Enum):
         "the Jacobian is singular or numerically singular (condition number beyond the solver's "
         "max_condition, 1 / (1000 eps) by default): the inverse is not locally unique or has no reliable digits"
     )
+    ILL_CONDITIONED = (
+        "the solution is unique but the Jacobian is so badly conditioned (condition estimate beyond the solver's "
+        "max_condition, 1 / (1000 eps) by default) that a small residual does not make the solution accurate: "
+        "see the record's forward_error_estimate; solve in float64 or make the map better conditioned"
+    )
     STALLED = (
         "the residual stopped decreasing before reaching the tolerance (GMRES: a cycle without progress; "
         "Newton: no step along the Newton direction reduces it): the system is singular or nearly so, or "
@@ -66,6 +74,10 @@ class SolverStatus(enum.Enum):
 
     def __str__(self) -> str:
         return f"{self.name.lower()}: {self.value}"
+
+
+#: What a record's condition number is (:attr:`InverseResult.condition_kind`).
+ConditionKind = Literal["exact", "lower_bound", "estimate"]
 
 
 @dataclass
@@ -82,8 +94,16 @@ class InverseResult:
         status: A :class:`SolverStatus`; its value is the user-facing message.
         residual_history: Largest per-sample residual after each iteration, for plots and diagnostics.
         parts: For composite modules, the records of the parts, in the order they were inverted.
-        condition_number: Tensor with shape (B,): the condition number of the Jacobian at the returned value
-            (Newton solves: exact for dense Jacobians, an estimate from the Krylov space otherwise), or ``None``.
+        condition_number: Tensor with shape (B,): a condition number of the Jacobian at the returned value, of
+            the kind ``condition_kind`` says, or ``None`` for solvers that do not measure conditioning.
+        condition_kind: What ``condition_number`` is: ``"exact"`` (2-norm, from the singular values of the
+            dense Jacobian), ``"lower_bound"`` (2-norm, from the Hessenberg matrices of Krylov spaces: GMRES,
+            Newton-Krylov), ``"estimate"`` (infinity-norm, Hager's estimate for a triangular Jacobian: a lower
+            bound in exact arithmetic, usually close, less reliable beyond 1 / eps), or ``None``.
+        forward_error_estimate: Tensor with shape (B,) estimating |x - F^{-1}(y)| in the solver's norm from the
+            conditioning (triangular solvers: |J^{-1}|_inf estimate times the max-abs residual, the first-order
+            error of a linearised solve), or ``None`` for solvers that do not compute it. An estimate, not a
+            bound: compare ``error_bound``.
     """
 
     value: Tensor
@@ -95,6 +115,8 @@ class InverseResult:
     residual_history: list[float] = field(default_factory=list)
     parts: list[InverseResult] = field(default_factory=list)
     condition_number: Tensor | None = None
+    condition_kind: ConditionKind | None = None
+    forward_error_estimate: Tensor | None = None
 
     @property
     def success(self) -> bool:
@@ -102,14 +124,20 @@ class InverseResult:
         return self.status in (SolverStatus.SUCCESS, SolverStatus.ANALYTIC)
 
     def summary(self) -> str:
-        """One line per solve: status, iterations and the worst residual / error bound."""
+        """One line per solve: status, iterations, the worst residual / error bound and, when measured, the
+        worst condition number (named by its kind) and forward-error estimate."""
         worst = "n/a" if self.residual is None else f"{self.residual.max().item():.3e}"
         bound = "n/a" if self.error_bound is None else f"{self.error_bound.max().item():.3e}"
         n_ok = int(self.converged.sum())
-        condition = "" if self.condition_number is None else f", max condition number {self.condition_number.max():.3e}"
+        extra = ""
+        if self.condition_number is not None:
+            kind = (self.condition_kind or "unnamed").replace("_", " ")
+            extra += f", max condition number ({kind}) {self.condition_number.max().item():.3e}"
+        if self.forward_error_estimate is not None:
+            extra += f", max forward error estimate {self.forward_error_estimate.max().item():.3e}"
         return (
             f"{self.status.name.lower()}: {n_ok}/{self.converged.numel()} samples converged in "
-            f"{self.iterations} iterations, max residual {worst}, max error bound {bound}{condition}"
+            f"{self.iterations} iterations, max residual {worst}, max error bound {bound}{extra}"
         )
 
     def raise_if_failed(self) -> None:
@@ -150,6 +178,15 @@ class SolverOptions:
     max_iter: int | None = None
     strict: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse a NaN, infinite or negative tolerance and a ``max_iter`` that is not an integer >= 1."""
+        for name in ("atol", "rtol"):
+            check_tolerance(getattr(self, name), name, "solver options")
+        if self.max_iter is not None:
+            check_iteration_budget(self.max_iter, "max_iter", "solver options")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"solver options: strict must be True or False, got {self.strict!r}")
+
     @classmethod
     def of(cls, options: SolverOptions | None, overrides: dict[str, object]) -> SolverOptions:
         """``options`` (default: all defaults) with the keyword ``overrides`` put in; unknown names raise."""
@@ -167,6 +204,25 @@ class SolverOptions:
             max_iter=defaults.max_iter if self.max_iter is None else self.max_iter,
             strict=self.strict,
         )
+
+
+def check_tolerance(value: object, name: str, where: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` and ``name`` unless ``value`` is ``None`` or a finite real >= 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real | Tensor):
+        raise TypeError(f"{where}: {name} must be a non-negative finite number or None, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{where}: {name} must be a non-negative finite number or None, got {number}")
+
+
+def check_iteration_budget(value: object, name: str, where: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` and ``name`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{where}: {name} must be an integer >= 1, got {value}")
 
 
 #: The value of one keyword override of :class:`SolverOptions` (``atol=1e-8``, ``strict=False``, ...).

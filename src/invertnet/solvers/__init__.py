@@ -1,9 +1,10 @@
 """Iterative solvers that report iterations, residuals and convergence, and never fail silently.
 
 ``fixed_point`` (contractions), ``newton`` (dense or Jacobian-free Newton-Krylov), ``gmres``, the triangular
-solves of MintNet (``triangular_newton``, ``sequential_solve``); derivatives of inverses (``inverse_jvp``,
-``inverse_vjp``) and implicit differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What
-they share (tolerances, budgets, the status decision, Jacobians and condition numbers) is in
+solves of MintNet (``triangular_newton``, ``sequential_solve``, with the condition estimate
+``triangular_condition``); derivatives of inverses (``inverse_jvp``, ``inverse_vjp``) and implicit
+differentiation (``implicit_fixed_point``, ``attach_implicit_gradient``). What they share (tolerances,
+budgets, option checks, the status decision, Jacobians and condition numbers) is in
 :mod:`invertnet.solvers.common`. Every solver takes ``strict`` and raises :class:`~invertnet.ConvergenceError`
 by default.
 """
@@ -24,6 +25,7 @@ from invertnet.solvers.inverse_error import linearized_inverse_error as lineariz
 from invertnet.solvers.krylov import gmres as gmres
 from invertnet.solvers.newton import newton as newton
 from invertnet.solvers.triangular import sequential_solve as sequential_solve
+from invertnet.solvers.triangular import triangular_condition as triangular_condition
 from invertnet.solvers.triangular import triangular_newton as triangular_newton
 from invertnet.solvers.triangular import triangular_transposed_solve as triangular_transposed_solve
 
@@ -44,6 +46,7 @@ __all__ = [
     "newton",
     "residual_transposed_solve",
     "sequential_solve",
+    "triangular_condition",
     "triangular_newton",
     "triangular_transposed_solve",
 ]

@@ -6,12 +6,20 @@ Status order. A solve's per-sample flags are turned into one :class:`~invertnet.
 
 1. ``NONFINITE``: an iterate or residual is NaN or infinite (nothing else can be trusted);
 2. ``DIVERGED``: the largest residual grew :data:`DIVERGENCE_FACTOR`-fold over its first value;
-3. ``SINGULAR``: a Jacobian's condition number exceeds the solver's ``max_condition``;
-4. ``NOT_CONTRACTIVE``: a Lipschitz bound >= 1 was given, so even a small residual proves neither existence
+3. ``SINGULAR``: a Jacobian's condition number exceeds the solver's ``max_condition`` (Newton, GMRES,
+   inverse derivatives): the solution, if any, is not locally unique or has no reliable digits;
+4. ``ILL_CONDITIONED``: the solution is unique (triangular maps with a positive diagonal, Song et al. 2019,
+   Theorem 1) but the Jacobian's condition estimate exceeds ``max_condition``, so the forward error can be
+   large however small the residual (Higham 2002, Theorem 7.2: relative error <= cond * relative residual);
+5. ``NOT_CONTRACTIVE``: a Lipschitz bound >= 1 was given, so even a small residual proves neither existence
    nor uniqueness of the solution;
-5. ``SUCCESS``: every sample converged;
-6. ``STALLED``: the residual stopped decreasing before the tolerance;
-7. ``MAX_ITER``: the budget ran out.
+6. ``SUCCESS``: every sample converged;
+7. ``STALLED``: the residual stopped decreasing before the tolerance;
+8. ``MAX_ITER``: the budget ran out.
+
+Options. Tolerances must be finite and >= 0 (not both zero) and budgets integers >= 1: every entry point
+refuses anything else with a ``ValueError`` naming the solver and the option (:class:`~invertnet.SolverOptions`
+checks the same when it is built).
 
 Budgets. ``max_iter`` counts evaluations of the map (fixed point, triangular Newton) or Newton steps, and
 defaults by the solver's rate of convergence: :data:`FIXED_POINT_MAX_ITER` for linearly convergent
@@ -30,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from invertnet.core import InverseResult, SolverStatus
+from invertnet.core import ConditionKind, InverseResult, SolverStatus, check_iteration_budget, check_tolerance
 
 __all__ = [
     "DIVERGENCE_FACTOR",
@@ -46,6 +54,7 @@ __all__ = [
     "default_tolerances",
     "finish",
     "per_sample_norm",
+    "resolve_max_condition",
     "resolve_tolerances",
 ]
 
@@ -85,7 +94,10 @@ def default_tolerances(dtype: torch.dtype, precision: Literal["standard", "tight
 def resolve_tolerances(
     dtype: torch.dtype, atol: float | None, rtol: float | None, precision: Literal["standard", "tight"] = "standard"
 ) -> tuple[float, float]:
-    """``(atol, rtol)`` with ``None`` replaced by :func:`default_tolerances`; refuses negative or all-zero ones."""
+    """``(atol, rtol)`` with ``None`` replaced by :func:`default_tolerances`; refuses NaN, infinite, negative or
+    all-zero ones with a ``ValueError``."""
+    check_tolerance(atol, "atol", "solver")
+    check_tolerance(rtol, "rtol", "solver")
     default_atol, default_rtol = default_tolerances(dtype, precision)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
@@ -95,9 +107,8 @@ def resolve_tolerances(
 
 
 def check_max_iter(max_iter: int, where: str) -> None:
-    """Raise a ``ValueError`` naming ``where`` unless ``max_iter >= 1``."""
-    if max_iter < 1:
-        raise ValueError(f"{where}: max_iter must be at least 1, got {max_iter}")
+    """Raise a ``ValueError`` naming ``where`` unless ``max_iter`` is an integer >= 1."""
+    check_iteration_budget(max_iter, "max_iter", where)
 
 
 def default_max_condition(dtype: torch.dtype) -> float:
@@ -107,14 +118,22 @@ def default_max_condition(dtype: torch.dtype) -> float:
     return 1.0 / (1000.0 * torch.finfo(dtype).eps)
 
 
+def resolve_max_condition(dtype: torch.dtype, max_condition: float | None, where: str) -> float:
+    """``max_condition``, or :func:`default_max_condition` for ``None``; a ``ValueError`` naming ``where``
+    unless it is a number > 1 (``inf`` allowed: never singular or ill-conditioned)."""
+    if max_condition is None:
+        return default_max_condition(dtype)
+    if isinstance(max_condition, bool) or not isinstance(max_condition, int | float) or not max_condition > 1:
+        raise ValueError(f"{where}: max_condition must be a number > 1 (inf allowed) or None, got {max_condition!r}")
+    return float(max_condition)
+
+
 def per_sample_norm(v: Tensor, order: float = 2.0) -> Tensor:
     """The p-norm of each sample of v (B, ...), shape (B,)."""
     return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
 
 
-def batched_jacobian(
-    f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False
-) -> tuple[Tensor, Tensor]:
+def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
     r"""``(f(x), J)`` with J the per-sample Jacobians :math:`\partial f(x)_b / \partial x_b`, shape (B, d_out, d).
 
     Because f acts per sample, pulling back the i-th basis vector in every sample at once gives the i-th row of
@@ -155,6 +174,7 @@ def decide_status(
     nonfinite: bool = False,
     diverged: bool = False,
     singular: Tensor | None = None,
+    ill_conditioned: Tensor | None = None,
     not_contractive: bool = False,
     stalled: Tensor | None = None,
 ) -> SolverStatus:
@@ -165,6 +185,7 @@ def decide_status(
         nonfinite: An iterate or residual was NaN or infinite.
         diverged: The residual grew :data:`DIVERGENCE_FACTOR`-fold.
         singular: Per-sample singular Jacobians, shape (B,), for solvers that measure conditioning.
+        ill_conditioned: Per-sample ill-conditioned Jacobians of solves whose solution is unique, shape (B,).
         not_contractive: A Lipschitz bound >= 1 was given.
         stalled: Per-sample lack of progress, shape (B,).
     """
@@ -174,6 +195,8 @@ def decide_status(
         return SolverStatus.DIVERGED
     if singular is not None and bool(singular.any()):
         return SolverStatus.SINGULAR
+    if ill_conditioned is not None and bool(ill_conditioned.any()):
+        return SolverStatus.ILL_CONDITIONED
     if not_contractive:
         return SolverStatus.NOT_CONTRACTIVE
     if bool(converged.all()):
@@ -200,9 +223,11 @@ def conditioned_result(
     converged: Tensor,
     singular: Tensor,
     stalled: Tensor,
+    condition_kind: ConditionKind,
     strict: bool,
 ) -> InverseResult:
-    """The record of a solve that measures conditioning (GMRES, Newton, inverse derivatives).
+    """The record of a solve that measures conditioning (GMRES, Newton, inverse derivatives); ``condition``
+    (B,) is of the kind ``condition_kind`` (``"exact"`` or ``"lower_bound"``).
 
     The status is :func:`decide_status` of the flags (a non-finite residual is ``NONFINITE``); singular samples
     do not count as converged. Raises :class:`~invertnet.ConvergenceError` if ``strict`` and the solve failed.
@@ -219,5 +244,6 @@ def conditioned_result(
         status=status,
         residual_history=history,
         condition_number=condition,
+        condition_kind=condition_kind,
     )
     return finish(result, strict)

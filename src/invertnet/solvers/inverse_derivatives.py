@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from invertnet.core import InverseResult, InvertibleModule, frozen_mode
-from invertnet.solvers.common import batched_jacobian, condition_numbers, conditioned_result, default_max_condition
+from invertnet.solvers.common import batched_jacobian, condition_numbers, conditioned_result, resolve_max_condition
 from invertnet.solvers.krylov import gmres
 from invertnet.solvers.newton import DENSE_LIMIT
 
@@ -39,11 +39,13 @@ def inverse_jvp(
         v: Tangents (B, ...) at y.
         x: F^{-1}(y) if already known (else computed by ``module.inverse``).
         method: ``"dense"`` (per-sample Jacobian, LU, exact condition number), ``"krylov"`` (GMRES with
-            Jacobian-vector products) or ``"auto"`` (dense up to 256 dimensions per sample).
-        **gmres_options: ``atol``, ``rtol``, ``restart``, ``max_iter``, ``max_condition``, ``strict``.
+            Jacobian-vector products, a lower bound on it) or ``"auto"`` (dense up to 256 dimensions per sample).
+        **gmres_options: ``atol``, ``rtol``, ``restart``, ``max_iter``, ``max_condition``, ``condition_probe``,
+            ``strict``.
 
     Returns:
-        An :class:`~invertnet.InverseResult` whose ``value`` is w (B, ...), with the condition number of J_F(x).
+        An :class:`~invertnet.InverseResult` whose ``value`` is w (B, ...), with the condition number of J_F(x)
+        and its ``condition_kind`` (``"exact"`` dense, ``"lower_bound"`` by GMRES).
 
     Example:
         >>> from invertnet.layers import ActNorm
@@ -99,8 +101,8 @@ def _solve(
         condition = condition_numbers(matrix)
         solution, info = torch.linalg.solve_ex(matrix, rhs.reshape(rhs.shape[0], -1, 1))
         residual = torch.linalg.vector_norm((matrix @ solution).squeeze(-1) - rhs.reshape(rhs.shape[0], -1), dim=1)
-    max_condition = options.get("max_condition", default_max_condition(y.dtype))
-    singular = (info > 0) | (condition > max_condition)  # type: ignore[operator]
+    max_condition = resolve_max_condition(y.dtype, options.get("max_condition"), "inverse derivative")  # type: ignore[arg-type]
+    singular = (info > 0) | (condition > max_condition)
     return conditioned_result(
         solution.view_as(rhs),
         residual,
@@ -110,5 +112,6 @@ def _solve(
         converged=torch.isfinite(residual),
         singular=singular,
         stalled=torch.zeros_like(singular),
+        condition_kind="exact",
         strict=bool(options.get("strict", True)),
     )

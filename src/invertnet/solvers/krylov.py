@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from invertnet.core import InverseResult
-from invertnet.solvers.common import check_max_iter, conditioned_result, default_max_condition, resolve_tolerances
+from invertnet.solvers.common import check_max_iter, conditioned_result, resolve_max_condition, resolve_tolerances
 
 __all__ = ["gmres"]
 
@@ -35,6 +35,7 @@ def gmres(
     restart: int = 50,
     max_iter: int | None = None,
     max_condition: float | None = None,
+    condition_probe: int = 10,
     strict: bool = True,
 ) -> InverseResult:
     r"""Solve A x = b per sample by restarted GMRES(m), with products v -> A v only.
@@ -43,9 +44,13 @@ def gmres(
     classical Gram-Schmidt applied twice (CGS2, orthogonal to working precision), and takes
     x <- x + V y with y minimising |beta e_1 - H y| over the (m + 1) x m Hessenberg matrix H (least squares
     per sample). Sample b has converged when |b - A x|_2 <= atol + rtol |b|_2; converged samples keep their x.
-    The singular values of H lie within [sigma_min(A), sigma_max(A)], so sigma_max(H) / sigma_min(H) is a lower
-    bound on cond(A); it is reported as ``condition_number`` and beyond ``max_condition`` the status is
-    ``SINGULAR``.
+    The singular values of H lie within [sigma_min(A), sigma_max(A)] (A V_m = V_{m+1} H with orthonormal V), so
+    sigma_max(H) / sigma_min(H) is a lower bound on cond_2(A), reported as ``condition_number`` with
+    ``condition_kind`` ``"lower_bound"``; beyond ``max_condition`` the status is ``SINGULAR``. The Krylov space
+    of b alone can miss the conditioning entirely: for A = diag(1, 1e-14) and b = (1, 1e-14) one step meets
+    the tolerance with x = (1, 1e-14) (the solution is (1, 1)) and its H has condition 1. So after the solve
+    ``condition_probe`` further Arnoldi steps from a fixed pseudo-random vector add a second lower bound, here
+    1e14 after two steps, and a status ``SINGULAR``.
 
     Arguments:
         matvec: v -> A v for v of the shape of ``b``, acting per sample.
@@ -54,12 +59,13 @@ def gmres(
         atol, rtol: Residual tolerances (``None``: :func:`~invertnet.solvers.default_tolerances`).
         restart: Krylov dimension m per cycle (capped at the dimension d).
         max_iter: Maximal number of products in all (default 10 d: in exact arithmetic GMRES is exact after d).
-        max_condition: Condition estimate beyond which the status is ``SINGULAR``
+        max_condition: Condition lower bound beyond which the status is ``SINGULAR``
             (default :func:`~invertnet.solvers.default_max_condition`).
+        condition_probe: Arnoldi steps of the probe (capped at d; 0: no probe, only the solve's spaces).
         strict: Raise :class:`~invertnet.ConvergenceError` unless the solve succeeded.
 
     Returns:
-        An :class:`~invertnet.InverseResult` whose ``iterations`` counts products with A.
+        An :class:`~invertnet.InverseResult` whose ``iterations`` counts products with A, the probe's included.
 
     Example:
         >>> A = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
@@ -69,6 +75,8 @@ def gmres(
     """
     batch, dimension = b.shape[0], b[0].numel()
     restart, max_iter, atol, rtol, max_condition = _resolve_options(b, restart, max_iter, atol, rtol, max_condition)
+    if isinstance(condition_probe, bool) or not isinstance(condition_probe, int) or condition_probe < 0:
+        raise ValueError(f"gmres: condition_probe must be an integer >= 0, got {condition_probe!r}")
 
     def apply(v: Tensor) -> Tensor:
         return matvec(v.view(b.shape)).reshape(batch, dimension)
@@ -79,6 +87,10 @@ def gmres(
     with torch.no_grad():
         while state.running(max_iter):
             _cycle(state, apply, rhs, threshold, restart, max_iter)
+        if condition_probe > 0 and bool(torch.isfinite(state.residual).all()):
+            steps = min(condition_probe, dimension)
+            state.condition = torch.maximum(state.condition, _probe_condition(apply, rhs, steps))
+            state.products += steps
     return conditioned_result(
         state.x.view(b.shape),
         state.residual,
@@ -88,6 +100,7 @@ def gmres(
         converged=state.converged,
         singular=state.condition > max_condition,
         stalled=torch.full_like(state.converged, state.stalled),
+        condition_kind="lower_bound",
         strict=strict,
     )
 
@@ -104,7 +117,7 @@ def _resolve_options(
     max_iter = 10 * dimension if max_iter is None else max_iter
     check_max_iter(max_iter, "gmres")
     atol, rtol = resolve_tolerances(b.dtype, atol, rtol)
-    max_condition = default_max_condition(b.dtype) if max_condition is None else max_condition
+    max_condition = resolve_max_condition(b.dtype, max_condition, "gmres")
     return restart, max_iter, atol, rtol, max_condition
 
 
@@ -242,6 +255,26 @@ def _least_squares(hessenberg: Tensor, beta: Tensor, steps: int) -> tuple[Tensor
 
 def _hessenberg_condition(hessenberg: Tensor, steps: int) -> Tensor:
     """sigma_max / sigma_min (B,) of the leading (steps + 1) x steps block of H (B, m + 1, m): a lower bound
-    on cond(A)."""
-    singular_values = torch.linalg.svdvals(hessenberg[:, : steps + 1, :steps])
-    return singular_values[:, 0] / singular_values[:, -1].clamp_min(torch.finfo(hessenberg.dtype).tiny)
+    on cond(A).
+
+    A sample whose Krylov space became invariant after k < steps steps (exact breakdown) has zero columns
+    from k on (its next basis vector is zero); its bound is that of the first k columns, whose non-zero
+    singular values are those of the block."""
+    block = hessenberg[:, : steps + 1, :steps]
+    singular_values = torch.linalg.svdvals(block)
+    columns = (block.abs().sum(dim=1) > 0).sum(dim=1)
+    smallest = singular_values.gather(1, (columns - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    condition = singular_values[:, 0] / smallest.clamp_min(torch.finfo(hessenberg.dtype).tiny)
+    return torch.where(columns > 0, condition, torch.ones_like(condition))
+
+
+def _probe_condition(apply: Callable[[Tensor], Tensor], rhs: Tensor, steps: int) -> Tensor:
+    """The Hessenberg lower bound on cond(A) (B,) of ``steps`` Arnoldi steps from a fixed pseudo-random start
+    (seed 0, one vector per sample, shaped like ``rhs`` (B, d)), independent of the right-hand side."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(rhs.shape, generator=generator, dtype=rhs.dtype).to(rhs.device)
+    basis = [_normalised(start, _batched_norm(start))]
+    hessenberg = torch.zeros(rhs.shape[0], steps + 1, steps, dtype=rhs.dtype, device=rhs.device)
+    for j in range(steps):
+        _extend_basis(apply, basis, hessenberg, j)
+    return _hessenberg_condition(hessenberg, steps)

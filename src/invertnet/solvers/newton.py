@@ -17,15 +17,15 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
-from invertnet.core import InverseResult
+from invertnet.core import InverseResult, check_tolerance
 from invertnet.solvers.common import (
     NEWTON_MAX_ITER,
     batched_jacobian,
     check_max_iter,
     condition_numbers,
     conditioned_result,
-    default_max_condition,
     per_sample_norm,
+    resolve_max_condition,
     resolve_tolerances,
 )
 from invertnet.solvers.krylov import gmres
@@ -63,12 +63,14 @@ def newton(
     (the Newton map has derivative 0 at the root, formalML IFT notes, Remark 5).
 
     Jacobians: ``"dense"`` forms J per sample (:func:`batched_jacobian`), solves by LU and reports the exact
-    2-norm condition number; ``"krylov"`` solves by :func:`~invertnet.solvers.gmres` with Jacobian-vector
-    products to relative accuracy ``krylov_rtol`` (inexact Newton) and reports GMRES's lower bound on the
-    condition number; ``"auto"`` is dense up to :data:`DENSE_LIMIT` dimensions per sample. A Jacobian whose
-    condition number exceeds ``max_condition`` (default 1 / (1000 eps), formalML IFT notes, Remark 7) at a step or at
-    the returned point makes the status ``SINGULAR``: the solution, if any, is not locally unique or has no
-    reliable digits, and the affected samples stop where they are.
+    2-norm condition number from its singular values (``condition_kind`` ``"exact"``); ``"krylov"`` solves by
+    :func:`~invertnet.solvers.gmres` with Jacobian-vector products to relative accuracy ``krylov_rtol``
+    (inexact Newton) and reports GMRES's lower bound on the 2-norm condition number (``condition_kind``
+    ``"lower_bound"``: a Jacobian can be worse conditioned than it says); ``"auto"`` is dense up to
+    :data:`DENSE_LIMIT` dimensions per sample. A Jacobian whose condition number exceeds ``max_condition``
+    (default 1 / (1000 eps), formalML IFT notes, Remark 7) at a step or at the returned point makes the status
+    ``SINGULAR``: the solution, if any, is not locally unique or has no reliable digits, and the affected
+    samples stop where they are.
 
     Arguments:
         f: The map, (B, ...) -> (B, ...) of the same shape, acting per sample.
@@ -79,7 +81,8 @@ def newton(
         strict: Raise :class:`~invertnet.ConvergenceError` unless the solve succeeded.
 
     Returns:
-        An :class:`~invertnet.InverseResult` with ``condition_number`` at the returned point.
+        An :class:`~invertnet.InverseResult` with ``condition_number`` at the returned point and
+        ``condition_kind`` naming it (``"exact"`` or ``"lower_bound"``).
 
     Example:
         >>> result = newton(lambda x: x**3, torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[8.0]]).double())
@@ -91,10 +94,11 @@ def newton(
     check_max_iter(max_iter, "newton")
     y = _target(x0, y)
     atol, rtol = resolve_tolerances(x0.dtype, atol, rtol)
+    check_tolerance(krylov_rtol, "krylov_rtol", "newton")
     options = _Options(
         dense=jacobian == "dense" or (jacobian == "auto" and x0[0].numel() <= DENSE_LIMIT),
         line_search=line_search,
-        max_condition=default_max_condition(x0.dtype) if max_condition is None else max_condition,
+        max_condition=resolve_max_condition(x0.dtype, max_condition, "newton"),
         krylov_rtol=krylov_rtol,
         krylov_restart=krylov_restart,
     )
@@ -220,6 +224,7 @@ def _record(state: _NewtonState, f: Callable[[Tensor], Tensor], options: _Option
         converged=state.converged,
         singular=state.singular | (condition > options.max_condition),
         stalled=state.stalled,
+        condition_kind="exact" if options.dense else "lower_bound",
         strict=strict,
     )
 
@@ -240,6 +245,7 @@ def _newton_step(
         rtol=krylov_rtol,
         restart=restart,
         max_condition=float("inf"),
+        condition_probe=0,  # each step's lower bound comes from its own Krylov space; the final point is probed
         strict=False,
     )
     return result.value, result.condition_number  # type: ignore[return-value]
@@ -290,6 +296,7 @@ def _condition_at(f: Callable[[Tensor], Tensor], x: Tensor, dense: bool, restart
         rtol=1e-6,
         restart=restart,
         max_condition=float("inf"),
+        condition_probe=0,  # the right-hand side is itself the random probe
         strict=False,
     )
     return result.condition_number  # type: ignore[return-value]

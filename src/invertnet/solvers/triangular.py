@@ -19,17 +19,27 @@ steps; their reference code scales the step by a constant hand-tuned per data se
 unnecessary). :func:`sequential_solve` solves one coordinate at a time in the triangular order, the exact
 procedure of the proof, as a reference for small inputs. Both report iterations, per-sample residuals
 max_p |r_p(x) - y_p| and a :class:`~invertnet.SolverStatus`, and never fail silently.
+
+A small residual does not make x accurate when J_r(x) is badly conditioned: the (unique) solution then moves
+by up to cond(J) times the relative residual (Higham 2002, Theorem 7.2). Both solvers therefore end with
+:func:`triangular_condition`: an estimate of the infinity-norm condition number of J_r at the returned x, from
+the diagonal ratio max|d| / min|d| (a lower bound for triangular matrices, whose eigenvalues are the diagonal)
+and Hager's 1-norm estimator (Hager 1984; Higham 2002, section 15.3) applied to J^T and J^{-T}, whose
+triangular solves are Jacobi iterations, exact after at most n steps. Beyond ``max_condition`` the status is
+``ILL_CONDITIONED``; the record carries the estimate and the forward-error estimate |J^{-1}|_inf |r(x) - y|_inf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from invertnet.core import InverseResult, TransposedProduct, TransposedSolve
+from invertnet.core import InverseResult, SolverStatus, TransposedProduct, TransposedSolve
 from invertnet.solvers.common import (
     DIVERGENCE_FACTOR,
     FIXED_POINT_MAX_ITER,
@@ -37,11 +47,26 @@ from invertnet.solvers.common import (
     check_max_iter,
     decide_status,
     finish,
+    resolve_max_condition,
     resolve_tolerances,
 )
 from invertnet.solvers.fixed_point import fixed_point
 
-__all__ = ["MapAndDiagonal", "sequential_solve", "triangular_newton", "triangular_transposed_solve"]
+__all__ = [
+    "ESTIMATE_RTOL",
+    "HAGER_ITERATIONS",
+    "MapAndDiagonal",
+    "sequential_solve",
+    "triangular_condition",
+    "triangular_newton",
+    "triangular_transposed_solve",
+]
+
+#: Most iterations of Hager's estimator per norm (LAPACK's xLACON stops after 5; it rarely needs more than 2).
+HAGER_ITERATIONS = 4
+#: Relative size of the Jacobi correction at which a triangular solve of the condition estimate stops: the
+#: estimate needs a few digits, not the solve's tolerance.
+ESTIMATE_RTOL = 1e-6
 
 #: x -> (r(x), diagonal of the Jacobian of r at x), both with the shape of x.
 MapAndDiagonal = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -106,6 +131,7 @@ def triangular_newton(
     atol: float | None = None,
     rtol: float | None = None,
     max_iter: int = TRIANGULAR_MAX_ITER,
+    max_condition: float | None = None,
     strict: bool = True,
 ) -> InverseResult:
     r"""Solve r(x) = y for r with a triangular Jacobian and diagonal >= ``min_slope`` by parallel Newton.
@@ -125,14 +151,21 @@ def triangular_newton(
             (1e-12 for float64; :func:`~invertnet.solvers.default_tolerances` otherwise, 1e-5 for float32).
         max_iter: Most evaluations of ``map_and_diagonal`` (default
             :data:`~invertnet.solvers.common.TRIANGULAR_MAX_ITER`).
+        max_condition: Condition estimate beyond which the status is ``ILL_CONDITIONED`` (default
+            :func:`~invertnet.solvers.default_max_condition`, 1 / (1000 eps)).
         strict: Raise :class:`~invertnet.ConvergenceError` (carrying the record) unless the solve succeeded.
 
     Returns:
         An :class:`~invertnet.InverseResult`; ``residual`` is the per-sample max-abs residual and
-        ``error_bound`` is ``None`` (a bound would need the norm of the inverse Jacobian). The status is
-        ``NONFINITE`` for NaN or infinite values, ``DIVERGED`` when the largest residual grew
-        :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR`-fold (e.g. a ``min_slope`` that is not a lower
-        bound of the diagonal), ``SUCCESS`` or ``MAX_ITER``.
+        ``error_bound`` is ``None`` (a bound would need a certified bound on |J^{-1}|). Unless the solve
+        produced non-finite values or diverged, ``condition_number`` is :func:`triangular_condition`'s estimate
+        at the returned x (``condition_kind`` ``"estimate"``) and ``forward_error_estimate`` its
+        |J^{-1}|_inf estimate times the residual. The status is ``NONFINITE`` for NaN or infinite values,
+        ``DIVERGED`` when the largest residual grew :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR`-fold
+        (e.g. a ``min_slope`` that is not a lower bound of the diagonal, or a coupling so strong that later
+        coordinates overshoot by orders of magnitude before earlier ones settle), ``ILL_CONDITIONED`` when the
+        condition estimate exceeds ``max_condition`` (ill-conditioned samples do not count as converged),
+        ``SUCCESS`` or ``MAX_ITER``.
 
     Raises:
         ConvergenceError: With ``strict=True``, when the status is not ``SUCCESS``.
@@ -147,7 +180,9 @@ def triangular_newton(
         >>> result.status.name, bool((r(result.value)[0] - torch.tensor([[3.0, -2.0]])).abs().max() < 1e-9)
         ('SUCCESS', True)
     """
-    return finish(_solve(map_and_diagonal, y, min_slope, x0, atol, rtol, max_iter, lower), strict)
+    limit = resolve_max_condition(y.dtype, max_condition, "triangular_newton")
+    record = _solve(map_and_diagonal, y, min_slope, x0, atol, rtol, max_iter, lower)
+    return finish(_conditioned(record, map_and_diagonal, limit), strict)
 
 
 def sequential_solve(
@@ -159,6 +194,7 @@ def sequential_solve(
     atol: float | None = None,
     rtol: float | None = None,
     max_iter_per_coordinate: int = TRIANGULAR_MAX_ITER,
+    max_condition: float | None = None,
     strict: bool = True,
 ) -> InverseResult:
     """Solve r(x) = y one coordinate at a time in the triangular order (the proof of Song et al. 2019, Theorem 1).
@@ -169,12 +205,16 @@ def sequential_solve(
     coordinate) evaluations of r, so it is a reference for small inputs, not a sampler.
 
     Arguments:
-        map_and_diagonal, y, min_slope, lower, atol, rtol, strict: As for :func:`triangular_newton`.
+        map_and_diagonal, y, min_slope, lower, atol, rtol, max_condition, strict: As for
+            :func:`triangular_newton`.
         max_iter_per_coordinate: Iteration budget of each scalar solve.
 
     Returns:
-        An :class:`~invertnet.InverseResult`, with the status of the first scalar solve that failed, if any.
+        An :class:`~invertnet.InverseResult`, with the status of the first scalar solve that failed, if any,
+        and the condition and forward-error estimates of :func:`triangular_newton`.
     """
+    check_max_iter(max_iter_per_coordinate, "sequential_solve")
+    limit = resolve_max_condition(y.dtype, max_condition, "sequential_solve")
     n = y[0].numel()
     x = y.detach().clone()
     total = 0
@@ -189,11 +229,11 @@ def sequential_solve(
         history.extend(record.residual_history)
         if not record.success:
             failed = InverseResult(x, record.converged, total, record.residual, None, record.status, history)
-            return finish(failed, strict)
+            return finish(_conditioned(failed, map_and_diagonal, limit), strict)
     final = _solve(map_and_diagonal, y, min_slope, x, atol, rtol, 1, lower)
     history = history + final.residual_history
     record = InverseResult(final.value, final.converged, total + 1, final.residual, None, final.status, history)
-    return finish(record, strict)
+    return finish(_conditioned(record, map_and_diagonal, limit), strict)
 
 
 def _solve(
@@ -255,6 +295,127 @@ def _solve(
         status=status,
         residual_history=history,
     )
+
+
+def _conditioned(record: InverseResult, map_and_diagonal: MapAndDiagonal, max_condition: float) -> InverseResult:
+    """``record`` with the condition and forward-error estimates at its value and the status re-decided with
+    ``ILL_CONDITIONED`` beyond ``max_condition``; non-finite and diverged records are returned unchanged
+    (the Jacobian there says nothing about the solution)."""
+    if record.status in (SolverStatus.NONFINITE, SolverStatus.DIVERGED):
+        return record
+    condition, inverse_norm = triangular_condition(map_and_diagonal, record.value)
+    ill_conditioned = ~(condition <= max_condition)  # NaN counts as ill-conditioned
+    assert record.residual is not None  # the triangular solves always measure it
+    return dataclasses.replace(
+        record,
+        converged=record.converged & ~ill_conditioned,
+        status=decide_status(converged=record.converged, ill_conditioned=ill_conditioned),
+        condition_number=condition,
+        condition_kind="estimate",
+        forward_error_estimate=inverse_norm * record.residual,
+    )
+
+
+def triangular_condition(map_and_diagonal: MapAndDiagonal, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Estimates of cond_inf(J) and |J^{-1}|_inf per sample for the triangular Jacobian J of r at x.
+
+    With J = D + N (D its diagonal, N strictly triangular), |J|_inf = |J^T|_1 and |J^{-1}|_inf = |J^{-T}|_1 are
+    estimated by Hager's method (Hager 1984; Higham 2002, section 15.3, with its extra alternating-sign test
+    vector), which needs products with the matrix and its transpose: Jacobian-vector and vector-Jacobian
+    products of r for J, and for J^{-1} the Jacobi iterations w <- w + D^{-1}(v - J w), exact after at
+    most n steps because D^{-1} N is nilpotent, stopped when the correction is :data:`ESTIMATE_RTOL` of w.
+    Each of Hager's values is |B z|_1 / |z|_1 for some z, so in exact arithmetic both are lower bounds. The
+    condition estimate is their product, and at least max|d| / min|d|, which bounds cond_inf(J) from below
+    (J and J^{-1} contain the entries d_p and 1 / d_p). On MintNet layers it was within 1.2x of the exact
+    cond_inf up to about 1e15 and within 70x beyond, where the Jacobi solves themselves lose digits (in
+    either direction). It costs at most
+    2 (:data:`HAGER_ITERATIONS` + 1) triangular solves and as many products with J and J^T, never forming J.
+
+    Arguments:
+        map_and_diagonal: x -> (r(x), diagonal of J_r(x)) as for :func:`triangular_newton`; r is
+            differentiated by autograd (forward and reverse mode) and its diagonal must be non-zero.
+        x: The point with shape (B, ...).
+
+    Returns:
+        (condition estimate, |J^{-1}|_inf estimate), both (B,); inf where a solve overflowed.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [-100.0, 1.0]], dtype=torch.float64)
+        >>> def r(x):
+        ...     return x @ J.T, torch.ones_like(x)
+        >>> condition, _ = triangular_condition(r, torch.ones(1, 2, dtype=torch.float64))
+        >>> round(condition.item(), 6), round(torch.linalg.cond(J, p=float("inf")).item(), 6)
+        (10201.0, 10201.0)
+    """
+    x = x.detach()
+    with torch.enable_grad():
+        leaf = x.clone().requires_grad_(True)
+        value, diagonal = map_and_diagonal(leaf)
+    diagonal = diagonal.detach()
+
+    def product(v: Tensor) -> Tensor:
+        with torch.enable_grad(), forward_ad.dual_level():
+            return forward_ad.unpack_dual(map_and_diagonal(forward_ad.make_dual(x, v))[0]).tangent
+
+    def transposed_product(v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return torch.autograd.grad(value, leaf, v, retain_graph=True)[0]
+
+    inverse = _jacobi_inverse(product, diagonal)
+    inverse_transposed = _jacobi_inverse(transposed_product, diagonal)
+    norm = _hager_norm(transposed_product, product, x)
+    inverse_norm = _hager_norm(inverse_transposed, inverse, x)
+    magnitude = diagonal.abs().flatten(1)
+    ratio = magnitude.amax(dim=1) / magnitude.amin(dim=1)
+    condition = torch.maximum(norm * inverse_norm, ratio)
+    return torch.nan_to_num(condition, nan=math.inf), torch.nan_to_num(inverse_norm, nan=math.inf)
+
+
+def _jacobi_inverse(product: Callable[[Tensor], Tensor], diagonal: Tensor) -> Callable[[Tensor], Tensor]:
+    """v -> T^{-1} v for a triangular T with the given diagonal (shaped like v), known through ``product``
+    (v -> T v), by Jacobi iterations from D^{-1} v: at most n steps (exact), fewer once every sample's
+    correction is :data:`ESTIMATE_RTOL` of its iterate in max-abs, or once a value is not finite."""
+
+    def solve(v: Tensor) -> Tensor:
+        w = v / diagonal
+        for _ in range(v[0].numel()):
+            correction = (v - product(w)) / diagonal
+            w = w + correction
+            if not bool(torch.isfinite(w).all()):
+                return torch.full_like(w, math.inf)
+            if bool((_per_sample_max(correction.abs()) <= ESTIMATE_RTOL * _per_sample_max(w.abs())).all()):
+                break
+        return w
+
+    return solve
+
+
+def _hager_norm(
+    apply: Callable[[Tensor], Tensor], apply_transposed: Callable[[Tensor], Tensor], like: Tensor
+) -> Tensor:
+    """Hager's lower estimate of |B|_1 per sample (B,) from v -> B v and v -> B^T v on tensors shaped like
+    ``like`` (B, ...): from z = (1/n, ..., 1/n), |B z|_1 with z moved to the unit vector e_j, j = argmax
+    |B^T sign(B z)|_j, until no sample can improve or :data:`HAGER_ITERATIONS` are done; then the
+    alternating-sign vector b_i = (-1)^i (1 + i / (n - 1)) of Higham 2002, section 15.3, whose
+    |B b|_1 / |b|_1 catches matrices on which the iteration stops early."""
+    batch, n = like.shape[0], like[0].numel()
+    z = torch.full_like(like, 1.0 / n)
+    estimate = torch.zeros(batch, dtype=like.dtype, device=like.device)
+    for _ in range(HAGER_ITERATIONS):
+        image = apply(z)
+        estimate = torch.maximum(estimate, image.abs().flatten(1).sum(dim=1))
+        signs = torch.where(image >= 0, 1.0, -1.0).to(like.dtype)
+        gradient = apply_transposed(signs).flatten(1)
+        largest = gradient.abs().argmax(dim=1)
+        improvable = gradient.abs().amax(dim=1) > (gradient * z.flatten(1)).sum(dim=1)
+        if not bool(improvable.any()):
+            break
+        z = torch.nn.functional.one_hot(largest, n).to(like.dtype).view_as(like)
+    index = torch.arange(n, dtype=like.dtype, device=like.device)
+    alternating = (1 - 2 * (index % 2)) * (1 + index / max(n - 1, 1))
+    probe = alternating.expand(batch, n).reshape(like.shape).clone()
+    tail = apply(probe).abs().flatten(1).sum(dim=1) / alternating.abs().sum()
+    return torch.maximum(estimate, tail)
 
 
 def triangular_transposed_solve(

@@ -7,8 +7,9 @@ tensor file and, when saved with a key, an HMAC-SHA256 of the manifest). Nothing
 The write protocol (:func:`save_checkpoint`), and why a process killed between any two operations leaves a
 loadable run: (1) partial files of this or of dead processes are removed; (2) the folder ``.step-N.tmp-PID`` is
 made, (3) the tensors and (4) ``state.json`` written and flushed to disk in it: a crash up to here leaves only a
-partial folder, which ``latest`` never names and the next save removes; (5) a complete ``step-N`` of an earlier
-write (a run resumed from an older checkpoint) is renamed aside to a partial name; (6) the new folder is renamed
+partial folder, which ``latest`` never names and the next save removes; (5) a ``step-N`` of an earlier write
+that ``latest`` does not name (a run resumed from an older checkpoint) is renamed aside to a partial name (the
+checkpoint ``latest`` names is never rewritten); (6) the new folder is renamed
 to ``step-N``, one atomic rename of a complete folder; (7) ``latest`` is replaced by a rename (its partial
 ``.latest.tmp-PID`` is flushed first), the commit point: before it ``latest`` names the previous checkpoint,
 after it the new one; (8) the folder renamed aside is removed. If ``latest`` names a checkpoint that is missing
@@ -188,6 +189,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], key: 
         key: Optional secret (bytes or text) signing the checkpoint with HMAC-SHA256; loading it then needs it.
 
     Raises:
+        CheckpointError: ``step`` is the checkpoint ``latest`` names (replacing it would leave no checkpoint
+            behind ``latest`` for a moment); a folder of that step that ``latest`` does not name is replaced.
         RunWriteError: A file could not be written (full disk, read-only folder): the message names it and the
             last complete checkpoint, which is left intact; the partial folder is removed.
     """
@@ -198,6 +201,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], key: 
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(run_dir)
     final = run_dir / f"step-{step:08d}"
+    if final.exists() and _named_by_latest(run_dir, final):
+        raise CheckpointError(f"{final} is the run's latest checkpoint: a checkpoint step is written once")
     temporary = run_dir / f".{final.name}.tmp-{os.getpid()}"
     aside = run_dir / f".{final.name}.replaced.tmp-{os.getpid()}"
     try:
@@ -214,6 +219,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], key: 
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def _named_by_latest(run_dir: Path, folder: Path) -> bool:
+    try:
+        return latest_checkpoint(run_dir) == folder
+    except CheckpointError:
+        return False
 
 
 def _write_contents(folder: Path, step: int, state: dict[str, Any], key: Key | None) -> None:

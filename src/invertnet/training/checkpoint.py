@@ -421,8 +421,13 @@ def check_weight_average(average: Any, parameters: Sequence[Tensor], where: str)
 
 
 def _last_intact(run_dir: Path) -> tuple[Path, int] | None:
-    """The newest checkpoint of the run whose files match their checksums, and its step."""
-    for folder in _checkpoint_folders(run_dir, None) if run_dir.is_dir() else []:
+    """The checkpoint a resume takes (as :func:`load_latest_checkpoint`, by checksums alone) and its step."""
+    try:
+        named = latest_checkpoint(run_dir)
+    except CheckpointError:
+        named = None
+    below = None if named is None else int(named.name[5:]) + 1
+    for folder in _checkpoint_folders(run_dir, below) if run_dir.is_dir() else []:
         try:
             return folder, _check_step(folder, _manifest(folder).get("step"))
         except CheckpointError:

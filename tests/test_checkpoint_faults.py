@@ -283,3 +283,23 @@ def test_the_checksum_is_an_unkeyed_sha256_of_the_tensor_file(tmp_path):
     path = save_checkpoint(tmp_path, 0, {"x": torch.ones(2)})
     recorded = json.loads((path / "state.json").read_text())["sha256"]["tensors.safetensors"]
     assert recorded == hashlib.sha256((path / "tensors.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_full_disk_at_the_pointer_names_the_checkpoint_a_resume_takes(tmp_path, monkeypatch):
+    import invertnet.training.checkpoint as checkpoint
+
+    trainer = _trainer(tmp_path)
+    trainer.fit(until=2)
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.with_name(f".{path.name}.tmp-1")))
+
+    monkeypatch.setattr(checkpoint, "write_atomically", full)
+    with pytest.raises(RunWriteError, match=r"\.latest\.tmp-1 .*step-00000002 \(step 2\), is intact"):
+        trainer.fit(until=4)
+    monkeypatch.undo()
+    assert (tmp_path / "step-00000004").is_dir() and load_latest_checkpoint(tmp_path)[1] == 2  # no warning
+    resumed = _trainer(tmp_path)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit()  # rewrites the step-4 folder latest never named
+    assert load_latest_checkpoint(tmp_path)[1] == 6

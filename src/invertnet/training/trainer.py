@@ -10,8 +10,8 @@ a run killed at any moment loses at most the steps since its last checkpoint.
 
 The folder holds ``metrics.jsonl`` (one JSON record per step; a resume drops the records after its checkpoint,
 which are redone), ``train_config.json`` (the :class:`~invertnet.training.TrainConfig`, for reading: it is no
-run config of the application, whose run folders hold the whole config in ``run_config.json``; folders of
-invertnet 0.1 named this file ``config.json``), the checkpoints (``step-NNNNNNNN/`` and ``latest``, see
+run config of the application, whose run folders hold the whole config in ``run_config.json``; earlier
+versions named this file ``config.json``), the checkpoints (``step-NNNNNNNN/`` and ``latest``, see
 :mod:`invertnet.training.checkpoint`) and, with TensorBoard installed, ``tensorboard/``.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,9 +202,7 @@ class Trainer:
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line + "\n")
         with writing_to(self.run_dir):
-            partial = metrics.with_name(f".{metrics.name}.tmp-{os.getpid()}")
-            partial.write_text("".join(kept))
-            os.replace(partial, metrics)
+            write_atomically(metrics, "".join(kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         """Append a record to ``metrics.jsonl``, and to TensorBoard when it is installed (rank 0 only)."""

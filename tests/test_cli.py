@@ -358,3 +358,102 @@ def test_a_config_file_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "list.json"), "--set", "train.steps=1"])
     assert result.exit_code != 0 and "expected a JSON object" in result.output
+
+
+def test_a_run_config_is_a_config_and_a_train_section_is_named(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    again = CliRunner().invoke(
+        main, ["train", "--config", str(run_dir / "run_config.json"), "--quiet", "--run-dir", str(tmp_path / "again")]
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "run_config.json").read_text()) == json.loads(
+        (run_dir / "run_config.json").read_text()
+    )
+    assert not (run_dir / "config.json").exists() and (run_dir / "train_config.json").is_file()
+    refused = CliRunner().invoke(main, ["train", "--config", str(run_dir / "train_config.json")])
+    assert refused.exit_code != 0 and "holds only training settings" in refused.output
+    assert "run_config.json" in refused.output
+
+
+def _tiny_run(tmp_path, *extra):
+    result = CliRunner().invoke(main, ["train", *TINY_TOY, *extra, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    return tmp_path
+
+
+def test_a_full_disk_is_named_without_a_traceback_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import invertnet._files
+
+    original = invertnet._files.save_file
+
+    def full_from_step_4(tensors, filename, metadata=None):
+        if "step-00000004" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return original(tensors, filename, metadata)
+
+    monkeypatch.setattr(invertnet._files, "save_file", full_from_step_4)
+    result = CliRunner().invoke(main, ["train", *TINY_TOY, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert "no space left on device" in result.output and "tensors.safetensors" in result.output
+    assert "step-00000002 (step 2), is intact" in result.output
+    monkeypatch.setattr(invertnet._files, "save_file", original)
+    more = CliRunner().invoke(main, ["train", "--run-dir", str(tmp_path), "--resume", "--quiet"])
+    assert more.exit_code == 0, more.output
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_read_only_run_folder_is_named_before_the_model_is_built(tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    import invertnet.app.runs
+
+    run_dir = _tiny_run(tmp_path)
+    touch = Path.touch
+
+    def read_only(path, *args, **kwargs):
+        if path.parent == run_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    monkeypatch.setattr(invertnet.app.runs, "build", lambda config: pytest.fail("built before the check"))
+    more = ["--run-dir", str(run_dir), "--resume", "--quiet", "--set", "train.steps=6"]
+    result = CliRunner().invoke(main, ["train", *more])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"run folder {run_dir}: read-only file system" in result.output and "step-00000004" in result.output
+
+
+def test_checkpoints_signed_with_the_environment_key_load_only_with_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVERTNET_CHECKPOINT_KEY", "correct horse")
+    run_dir = _tiny_run(tmp_path)
+    assert CliRunner().invoke(main, ["evaluate", str(run_dir)]).exit_code == 0
+    monkeypatch.setenv("INVERTNET_CHECKPOINT_KEY", "battery staple")
+    wrong = CliRunner().invoke(main, ["evaluate", str(run_dir)])
+    assert wrong.exit_code != 0 and "does not match the key" in wrong.output
+    monkeypatch.delenv("INVERTNET_CHECKPOINT_KEY")
+    missing = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--set", "train.steps=6"])
+    assert missing.exit_code != 0 and "is signed (HMAC-SHA256)" in missing.output
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
+    run_dir = _tiny_run(tmp_path)
+    for path in [*run_dir.glob("step-*"), run_dir / "latest"]:
+        __import__("shutil").rmtree(path) if path.is_dir() else path.unlink()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train_bits_per_dim": 3.0}\n{"step": 2, "tr')  # torn by a kill
+    result = CliRunner().invoke(main, ["train", "--run-dir", str(run_dir), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_open_run_refuses_a_weight_average_shorter_than_the_parameters(tmp_path):
+    run_dir = _tiny_run(tmp_path)
+    checkpoint = run_dir / "step-00000004"
+    manifest = json.loads((checkpoint / "state.json").read_text())
+    manifest["state"]["ema"].pop()  # the SHA-256 covers the tensor file only: anyone can edit this
+    (checkpoint / "state.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["evaluate", str(run_dir)])
+    assert result.exit_code != 0 and "weight average (ema) has" in result.output

@@ -97,7 +97,8 @@ def test_metrics_and_config_are_written(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_bits_per_dim" in r] == [1, 2, 3]
     assert any("test_bits_per_dim" in r for r in records)
-    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+    assert json.loads((tmp_path / "train_config.json").read_text())["steps"] == 3
+    assert not (tmp_path / "config.json").exists()  # not a file `--config` could take for a run config
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a test dependency
     assert events and events[0].stat().st_size > 0
 

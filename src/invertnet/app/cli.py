@@ -28,9 +28,11 @@ def _fail(error: Exception) -> None:
 def _on_run(action: Callable[..., T], run_dir: Path, *args: object) -> T:
     """Call ``action(run_dir, *args)``, turning a missing or invalid run folder (or a missing extra) into a CLI
     error."""
+    from invertnet.training import RunWriteError
+
     try:
         return action(run_dir, *args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, RunWriteError) as error:
         _fail(error)
         raise  # unreachable: _fail raises
 
@@ -69,10 +71,12 @@ def train(
     summary as JSON.
 
     A new run needs a new or empty --run-dir. --resume continues the run in --run-dir with the config it recorded
-    (a --config that differs from it is refused; --set train.steps=N extends it)."""
+    (a --config that differs from it is refused; --set train.steps=N extends it); a run killed at any moment
+    resumes from its last checkpoint. --config RUN/run_config.json starts a new run with another run's config.
+    With INVERTNET_CHECKPOINT_KEY set, checkpoints are signed with it (HMAC-SHA256) and load only with it."""
     from invertnet.app.config import load_config, read_run_config
     from invertnet.app.runs import train_run
-    from invertnet.training import distributed
+    from invertnet.training import RunWriteError, distributed
 
     if resume and run_dir is None:
         raise click.UsageError("--resume needs --run-dir, the folder of the run to continue")
@@ -89,7 +93,7 @@ def train(
         summary = train_run(
             config, run_dir=run_dir, resume=resume, progress=not quiet, device=distributed.resolve_device(device)
         )
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, RunWriteError) as error:
         _fail(error)
     finally:
         distributed.teardown()

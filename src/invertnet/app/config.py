@@ -162,6 +162,11 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         raise ValueError(f"config {name_or_path}: invalid JSON ({error})") from error
     if not isinstance(raw, dict):
         raise ValueError(f"config {name_or_path}: expected a JSON object with data, model, ... sections")
+    if raw and "model" not in raw and set(raw) <= set(TrainConfig.model_fields):
+        raise ValueError(
+            f"config {name_or_path}: holds only training settings (a Trainer's train_config.json, or the config.json "
+            "of older run folders); give a run config, e.g. RUN_DIR/run_config.json"
+        )
     if _is_flat_legacy(raw):  # e.g. a run_config.json of invertnet 0.1 given as --config
         raw = _upgraded(raw)
     return _validate(apply_overrides(raw, overrides or []), f"config {name_or_path}")

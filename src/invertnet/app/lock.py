@@ -58,20 +58,25 @@ class RunLock:
         self.path = run_dir / LOCK_NAME
 
     def __enter__(self) -> RunLock:
-        record = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                check_unlocked(self.path.parent)
-                owner = _owner(self.path)
-                print(f"invertnet: taking over the lock of process {owner[0] if owner else '?'}, which is gone: "
-                      f"{self.path}", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(handle, "w") as lock:
-                lock.write(record)
-            return self
+        record = self.path.with_name(f"{LOCK_NAME}.tmp-{os.getpid()}")
+        record.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            for _ in range(2):
+                try:
+                    os.link(record, self.path)  # the lock appears with its contents: never read half-written
+                except FileExistsError:
+                    check_unlocked(self.path.parent)
+                    owner = _owner(self.path)
+                    print(
+                        f"invertnet: taking over the lock of process {owner[0] if owner else '?'}, which is gone: "
+                        f"{self.path}",
+                        file=sys.stderr,
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return self
+        finally:
+            record.unlink(missing_ok=True)
         raise RunLockedError(f"{self.path}: could not take the lock (another process took it at the same time)")
 
     def __exit__(

@@ -4,13 +4,16 @@ evaluate, invert, sample, certify or draw metameric samples from a trained one.
 What a run does with its model is its kind's (:mod:`invertnet.app.kinds`); this module owns the run folder:
 ``run_config.json``, ``metrics.jsonl``, checkpoints (``step-*``, ``latest``), ``weights.json`` (which weights
 the finished run keeps, raw or averaged, chosen on the validation split), ``summary.json`` and the figures the
-kind writes.
+kind writes. Checkpoints are signed with HMAC-SHA256 when ``INVERTNET_CHECKPOINT_KEY`` is set (and then load
+only with it); see :mod:`invertnet.training.checkpoint` for what the checksums protect against.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertnet._files import write_atomically
+from invertnet._files import is_stale_partial, write_atomically
 from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
 from invertnet.app.lock import LOCK_NAME, RunLock, check_unlocked
 from invertnet.figures import save_figure, subplots
-from invertnet.training import (
-    Trainer,
-    choose_weights,
-    compare_weights,
-    kept_weights,
-    latest_checkpoint,
-    load_checkpoint,
-)
+from invertnet.training import Trainer, choose_weights, compare_weights, kept_weights
+from invertnet.training.checkpoint import check_weight_average, check_writable, load_latest_checkpoint, writing_to
 from invertnet.training.distributed import is_main_process, rank_and_world_size
 
 __all__ = [
@@ -49,6 +46,14 @@ __all__ = [
 
 #: The run's choice between its trained and averaged weights (:func:`~invertnet.training.choose_weights`).
 WEIGHTS_FILE = "weights.json"
+
+_KEY_VARIABLE = "INVERTNET_CHECKPOINT_KEY"
+"""The environment variable holding the key that signs and verifies a run's checkpoints (HMAC-SHA256)."""
+
+
+def _checkpoint_key() -> str | None:
+    """The checkpoint key from ``INVERTNET_CHECKPOINT_KEY``, or ``None`` when it is unset or empty."""
+    return os.environ.get(_KEY_VARIABLE) or None
 
 
 @dataclass
@@ -83,8 +88,9 @@ def _finish(
     kind: ModelKind, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData, weights: dict[str, Any]
 ) -> dict[str, Any]:
     model.eval()
-    summary = {**kind.finish(model, config, run_dir, data), "weights": weights}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with writing_to(run_dir):
+        summary = {**kind.finish(model, config, run_dir, data), "weights": weights}
+        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -99,12 +105,14 @@ def train_run(
     returns the summary (also written to ``summary.json``).
 
     A new run (``resume=False``) needs a folder that does not exist or is empty. ``resume=True`` continues the
-    run in ``run_dir`` from its latest checkpoint; ``config`` must be the one the run recorded, except for
-    ``train.steps`` (a larger value extends the run).
+    run in ``run_dir`` from its latest checkpoint (from step 0 when it was stopped before its first one);
+    ``config`` must be the one the run recorded, except for ``train.steps`` (a larger value extends the run).
 
     Raises:
         ValueError: ``run_dir`` holds files of a run and ``resume`` is off; or ``config`` differs from the run's.
-        FileNotFoundError: ``resume`` on a folder without a run config or checkpoint (nothing to resume).
+        FileNotFoundError: ``resume`` on a folder without a run config (nothing to resume).
+        RunWriteError: The folder cannot be written (checked before the model is built and trained), or a write
+            failed (full disk): names the file and the last complete checkpoint, which is intact.
     """
     if run_dir is None:
         if not is_main_process():
@@ -112,6 +120,8 @@ def train_run(
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_unlocked(run_dir)
     _check_run_dir(run_dir, config, resume)  # every process, before any of them writes
+    if is_main_process():
+        check_writable(run_dir)
     torch.manual_seed(config.train.seed)
     kind, model, data = build(config)
     model, data = model.to(device), data.to(device)
@@ -119,9 +129,11 @@ def train_run(
         torch.distributed.barrier()
     if not is_main_process():
         return _train(kind, model, data, config, run_dir, resume, progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with writing_to(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
+        with writing_to(run_dir):
+            write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
         return _train(kind, model, data, config, run_dir, resume, progress)
 
 
@@ -131,15 +143,18 @@ def _train(
     """Train in a prepared folder and, in the main process, evaluate: the summary."""
     objective = kind.objective(model, config)
     test_data = data.test if config.train.eval_every else None  # evaluated every eval_every steps and at the end
-    trainer = Trainer(model, data.train, config.train, run_dir, test_data, progress=progress, objective=objective)
-    if resume:
-        trainer.resume()
+    trainer = Trainer(
+        model, data.train, config.train, run_dir, test_data, progress, objective, checkpoint_key=_checkpoint_key()
+    )
+    if resume and not trainer.resume() and is_main_process():
+        print(f"invertnet: {run_dir} has no checkpoint yet: training from step 0", file=sys.stderr)
     trainer.fit()
     if not is_main_process():
         return {"run_dir": str(run_dir)}
     model.eval()
     choice = choose_weights(trainer.state, objective, data.validation)
-    write_atomically(run_dir / WEIGHTS_FILE, json.dumps({"step": trainer.state.step, **choice.as_dict()}, indent=2))
+    with writing_to(run_dir):
+        write_atomically(run_dir / WEIGHTS_FILE, json.dumps({"step": trainer.state.step, **choice.as_dict()}, indent=2))
     weights = {**choice.as_dict(), "test": compare_weights(trainer.state, objective, data.test)}
     with kept_weights(trainer.state, choice):
         return _finish(kind, model, config, run_dir, data, weights)
@@ -148,7 +163,7 @@ def _train(
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
     """Refuse to mix two runs in one folder, or to resume a run with another run's config."""
     if not resume:
-        entries = sorted(path.name for path in run_dir.iterdir() if path.name != LOCK_NAME) if run_dir.is_dir() else []
+        entries = sorted(path.name for path in _run_files(run_dir)) if run_dir.is_dir() else []
         if entries:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise ValueError(
@@ -156,8 +171,8 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
             )
         return
     config_file = run_dir / "run_config.json"
-    if not config_file.is_file() or latest_checkpoint(run_dir) is None:
-        raise FileNotFoundError(f"{run_dir}: nothing to resume (no run_config.json and checkpoint there)")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: nothing to resume (no run_config.json there)")
     _refuse_symlinks(run_dir)
     recorded = read_run_config(config_file).model_dump(mode="json")
     given = config.model_dump(mode="json")
@@ -168,6 +183,12 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
             f"{run_dir} was trained with another config ({', '.join(differing)} differ): resume it with its own "
             "config (omit --config; --set train.steps=N extends it)"
         )
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """What a folder holds besides a lock and partial files of interrupted writes (a run killed while it wrote
+    its config)."""
+    return [path for path in run_dir.iterdir() if path.name != LOCK_NAME and not is_stale_partial(path)]
 
 
 def _refuse_symlinks(run_dir: Path) -> None:
@@ -194,9 +215,13 @@ def open_run(run_dir: str | Path) -> OpenRun:
     """Rebuild a trained run from its folder, with the latest checkpoint's kept weights (``weights.json``; the
     average when no choice is recorded for that checkpoint), in eval mode.
 
+    A damaged or missing latest checkpoint gives way to the newest complete earlier one, with a warning. With
+    ``INVERTNET_CHECKPOINT_KEY`` set, only checkpoints signed with it load.
+
     Raises:
         FileNotFoundError: The folder does not exist, is not a run folder, or holds no checkpoint.
-        ValueError: Its ``run_config.json`` is unreadable or invalid.
+        ValueError: Its ``run_config.json`` is unreadable or invalid, no checkpoint loads, a checkpoint's signature
+            and the key disagree, or its weight average does not fit the model (a ``CheckpointError``).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -206,18 +231,19 @@ def open_run(run_dir: str | Path) -> OpenRun:
         raise FileNotFoundError(f"{run_dir} is not a run folder: run_config.json is missing")
     _refuse_symlinks(run_dir)
     config = read_run_config(config_file)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    loaded = load_latest_checkpoint(run_dir, key=_checkpoint_key())
+    if loaded is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint (the 'latest' file is missing)")
-    step, state = load_checkpoint(checkpoint)
+    checkpoint, step, state = loaded
     kind, model, data = build(config)
     model.load_state_dict(state["model"])
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    average = check_weight_average(state["ema"], parameters, f"checkpoint {checkpoint}")
     weights = _recorded_choice(run_dir, step)
     if weights["kept"] == "ema":
-        parameters = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
-            for parameter, average in zip(parameters, state["ema"], strict=False):
-                parameter.copy_(average)
+            for parameter, value in zip(parameters, average, strict=False):  # none without EMA, else one each
+                parameter.copy_(value)
     return OpenRun(run_dir, config, kind, model.eval(), data, weights)
 
 

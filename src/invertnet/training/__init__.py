@@ -5,8 +5,12 @@ through invertible compositions is the layer ``invertnet.layers.MemorySavingSequ
 
 from invertnet.training.batches import batch_source as batch_source
 from invertnet.training.checkpoint import CheckpointError as CheckpointError
+from invertnet.training.checkpoint import CheckpointKeyError as CheckpointKeyError
+from invertnet.training.checkpoint import CheckpointWarning as CheckpointWarning
+from invertnet.training.checkpoint import RunWriteError as RunWriteError
 from invertnet.training.checkpoint import latest_checkpoint as latest_checkpoint
 from invertnet.training.checkpoint import load_checkpoint as load_checkpoint
+from invertnet.training.checkpoint import load_latest_checkpoint as load_latest_checkpoint
 from invertnet.training.checkpoint import save_checkpoint as save_checkpoint
 from invertnet.training.loop import FitResult as FitResult
 from invertnet.training.loop import TrainState as TrainState
@@ -31,10 +35,13 @@ __all__ = [
     "AdversarialLoss",
     "BitsPerDim",
     "CheckpointError",
+    "CheckpointKeyError",
+    "CheckpointWarning",
     "CrossEntropy",
     "FitResult",
     "IndependenceCrossEntropy",
     "IndependenceLosses",
+    "RunWriteError",
     "TrainConfig",
     "TrainState",
     "Trainer",
@@ -48,6 +55,7 @@ __all__ = [
     "kept_weights",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "mean_and_standard_error",
     "random_shift",
     "save_checkpoint",

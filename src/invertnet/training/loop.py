@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from invertnet.training.batches import BatchSource, TrainData, batch_source, shard
+from invertnet.training.checkpoint import CheckpointError, check_weight_average
 from invertnet.training.settings import TrainConfig
 
 __all__ = ["FitResult", "TrainState", "fit", "run_steps", "train_step"]
@@ -112,13 +113,21 @@ class TrainState:
         A cosine schedule saved with another horizon (a run extended by a larger ``steps``) is re-planned: it
         continues on the cosine of the new horizon, lr_t = lr_0 (1 + cos(pi t / steps)) / 2 from step t on, as a
         run planned with ``steps`` from the start would (the restored schedule would otherwise run past its end,
-        where the cosine climbs back to lr_0)."""
+        where the cosine climbs back to lr_0).
+
+        Raises:
+            CheckpointError: The saved weight average does not have one tensor per parameter, of its shape, or is
+                missing while ``ema_decay`` is set.
+        """
+        saved_average = check_weight_average(state["ema"], self.parameters, "checkpoint")  # checked before any change
+        if self.ema is not None and not saved_average:
+            raise CheckpointError("checkpoint: holds no weight average (ema), but ema_decay is set")
         optimizer_state = dict(state["optimizer"])
         optimizer_state["state"] = {int(key): value for key, value in optimizer_state["state"].items()}
         self.optimizer.load_state_dict(optimizer_state)
         self.schedule.load_state_dict(dict(state["schedule"]))  # LambdaLR's lambdas are saved as None, kept as built
         if self.ema is not None:
-            for average, saved in zip(self.ema, state["ema"], strict=True):
+            for average, saved in zip(self.ema, saved_average, strict=True):
                 average.copy_(saved)
         self.step = step
         self._replan_cosine()

@@ -5,7 +5,14 @@ The :class:`Trainer` repeats :func:`~invertnet.training.loop.train_step` through
 :func:`~invertnet.training.loop.run_steps` loop as :func:`~invertnet.training.fit`, and adds, after each step,
 a line of ``metrics.jsonl`` (and TensorBoard when installed), periodic evaluation with the EMA weights and
 periodic checkpoints. Batches of tensors and Datasets are a function of (seed, step), and checkpoints hold the
-model, EMA, optimiser, schedule and torch RNG state, so a resumed run ends bit-identical to an uninterrupted one.
+model, EMA, optimiser, schedule and torch RNG state, so a resumed run ends bit-identical to an uninterrupted one;
+a run killed at any moment loses at most the steps since its last checkpoint.
+
+The folder holds ``metrics.jsonl`` (one JSON record per step; a resume drops the records after its checkpoint,
+which are redone), ``train_config.json`` (the :class:`~invertnet.training.TrainConfig`, for reading: it is no
+run config of the application, whose run folders hold the whole config in ``run_config.json``; earlier
+versions named this file ``config.json``), the checkpoints (``step-NNNNNNNN/`` and ``latest``, see
+:mod:`invertnet.training.checkpoint`) and, with TensorBoard installed, ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertnet._files import write_atomically
 from invertnet.models.flows import FlowDistribution
 from invertnet.training.batches import Batch, TrainData, batch_source
-from invertnet.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from invertnet.training.checkpoint import (
+    Key,
+    check_writable,
+    load_latest_checkpoint,
+    save_checkpoint,
+    writing_to,
+)
 from invertnet.training.distributed import rank_and_world_size
 from invertnet.training.loop import TrainState, run_steps
 from invertnet.training.objectives import AdversarialLoss, BitsPerDim, CrossEntropy, IndependenceCrossEntropy
@@ -43,12 +57,14 @@ class Trainer:
             ``Dataset`` or a ``DataLoader``, see :mod:`invertnet.training.batches` (exact resume needs tensors, a
             Dataset, or a loader that yields the same batches in every pass).
         config: A :class:`~invertnet.training.TrainConfig`.
-        run_dir: Folder for ``metrics.jsonl``, ``config.json`` and checkpoints.
+        run_dir: Folder for ``metrics.jsonl``, ``train_config.json`` and checkpoints.
         test_data: Optional held-out samples as the objective's ``evaluate`` takes them (a tensor or a tuple
             of tensors), evaluated every ``eval_every`` steps and at the end.
         progress: Show a progress bar.
         objective: The loss and its evaluation (:mod:`invertnet.training.objectives`); default
             :class:`~invertnet.training.BitsPerDim` of the model, which must then be a flow.
+        checkpoint_key: Optional secret (bytes or text): checkpoints are signed with HMAC-SHA256 and only load
+            with it (see :mod:`invertnet.training.checkpoint`).
     """
 
     def __init__(
@@ -60,6 +76,7 @@ class Trainer:
         test_data: Batch | None = None,
         progress: bool = True,
         objective: BitsPerDim | CrossEntropy | AdversarialLoss | IndependenceCrossEntropy | None = None,
+        checkpoint_key: Key | None = None,
     ) -> None:
         if objective is None and not isinstance(model, FlowDistribution):
             raise TypeError(f"Trainer: pass an objective to train a {type(model).__name__} (not a flow)")
@@ -71,6 +88,8 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.checkpoint_key = checkpoint_key
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, never written twice
         self.state = TrainState(config, [p for p in model.parameters() if p.requires_grad])
         self.rank, self.world_size = rank_and_world_size()
         device = self.state.parameters[0].device
@@ -131,30 +150,65 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (atomically; rank 0 only)."""
-        path = save_checkpoint(self.run_dir, self.step, self.checkpoint_state()) if self.rank == 0 else None
+        """Write a checkpoint of the current step (atomically; rank 0 only).
+
+        Raises:
+            RunWriteError: A file could not be written (full disk, read-only folder); names it and the last
+                complete checkpoint, which is intact.
+        """
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.run_dir, self.step, self.checkpoint_state(), key=self.checkpoint_key)
+        self._saved_step = self.step
         if self.world_size > 1:
             torch.distributed.barrier()
         return path
 
     def resume(self) -> bool:
-        """Restore the run's latest checkpoint, if any; returns whether one was found."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        """Restore the run's latest checkpoint, if any (an earlier complete one, with a warning, when the latest
+        is missing or damaged); returns whether one was found. The ``metrics.jsonl`` records after the restored
+        step (0 without a checkpoint), which the run redoes, are dropped (rank 0).
+
+        Raises:
+            CheckpointError: No checkpoint of the run loads, or one does not fit the model (named).
+            CheckpointKeyError: The checkpoint's signature and ``checkpoint_key`` disagree.
+        """
+        loaded = load_latest_checkpoint(self.run_dir, key=self.checkpoint_key)
+        step = 0 if loaded is None else loaded[1]
+        if self.rank == 0:
+            self._truncate_metrics(step)
+        if loaded is None:
             return False
-        step, state = load_checkpoint(path)
+        _, step, state = loaded
         self.model.load_state_dict(state["model"])
         self.state.load_state_dict(state, step)
         torch.set_rng_state(state["rng"])
         if self.rank:
             torch.manual_seed(self.config.seed + 1000 * step + self.rank)
+        self._saved_step = step
         return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep the ``metrics.jsonl`` records of steps up to ``step`` (and drop a line a kill cut short)."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        with writing_to(self.run_dir):
+            write_atomically(metrics, "".join(kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         """Append a record to ``metrics.jsonl``, and to TensorBoard when it is installed (rank 0 only)."""
         if self.rank:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+        with writing_to(self.run_dir), open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._tensorboard is None:
             try:
@@ -183,13 +237,21 @@ class Trainer:
 
     def fit(self, until: int | None = None) -> dict[str, float]:
         """Train to step ``until`` (default: ``config.steps``), checkpointing and evaluating periodically;
-        returns the final test metrics (empty without ``test_data``)."""
+        returns the final test metrics (empty without ``test_data``).
+
+        Raises:
+            RunWriteError: The run folder cannot be written (checked before the first step), or a write failed
+                (full disk): names the file and the last complete checkpoint, which is intact.
+        """
         until = self.config.steps if until is None else until
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
+        if self.rank == 0:
+            check_writable(self.run_dir)  # before the work, not after it
+            with writing_to(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_atomically(self.run_dir / "train_config.json", self.config.model_dump_json(indent=2))
         self._run(until, self.progress, self._after_step)
-        if not (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
-            self.save()  # the last step, unless its periodic checkpoint was just written (never write one twice)
+        if self._saved_step != self.step:
+            self.save()  # the last step, unless its checkpoint was just written or resumed (never write one twice)
         if self.test_data is None:
             return {}
         evaluation = self.evaluate(self.test_data)

@@ -148,7 +148,4 @@ class InvertibleResidual(IterativeInvertibleModule):
         return self.g(x)
 
     def extra_repr(self) -> str:
-        return (
-            f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, "
-            f"max_iter={self.solver_options.max_iter}"
-        )
+        return f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, max_iter={self.solver_options.max_iter}"

@@ -75,7 +75,7 @@ def conv_norm_bounds(
     shape = (weight.shape[1], height, width)
     upper = conv_operator_norm_bound(weight, shape, stride, padding, exact_entries=EXACT_MATRIX_ENTRIES)
     n_in, n_out = weight.shape[1] * height * width, weight.shape[0] * out_h * out_w
-    if n_in * max(n_in, n_out) <= EXACT_MATRIX_ENTRIES:  # the exact path of conv_operator_norm_bound
+    if n_in * n_out <= EXACT_MATRIX_ENTRIES:  # the exact path of conv_operator_norm_bound
         matrix = conv_matrix(weight.double(), shape, stride, padding)
         exact = torch.linalg.matrix_norm(matrix, ord=2).item()
         return ConvNormBounds(lower=exact, upper=upper, iterations=0, converged=True)

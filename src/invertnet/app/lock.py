@@ -65,8 +65,11 @@ class RunLock:
             except FileExistsError:
                 check_unlocked(self.path.parent)
                 owner = _owner(self.path)
-                print(f"invertnet: taking over the lock of process {owner[0] if owner else '?'}, which is gone: "
-                      f"{self.path}", file=sys.stderr)
+                print(
+                    f"invertnet: taking over the lock of process {owner[0] if owner else '?'}, which is gone: "
+                    f"{self.path}",
+                    file=sys.stderr,
+                )
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(handle, "w") as lock:

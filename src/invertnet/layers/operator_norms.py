@@ -42,10 +42,11 @@ __all__ = [
     "gram_iteration_bound",
     "matrix_norm_bound",
     "mixed_norm_factor",
+    "small_conv_matrix",
+    "top_singular_pair",
 ]
 
-#: Operators whose explicit matrix (and, for convolutions, the identity it is built from) has at most this many
-#: entries get their norm from an SVD.
+#: Operators whose explicit matrix has at most this many entries get their norm from an SVD.
 EXACT_MATRIX_ENTRIES = 4_000_000
 
 _EPS = torch.finfo(torch.float64).eps
@@ -63,6 +64,14 @@ def _svd_norm(matrix: Tensor) -> float:
         return 0.0
     largest = torch.linalg.svdvals(matrix).amax().item()
     return largest * _svd_margin(*matrix.shape[-2:])
+
+
+def top_singular_pair(matrix: Tensor) -> tuple[float, Tensor]:
+    """(certified bound on ||W||_2, the top right singular vector (n,)) of a matrix (m, n), by a float64 SVD:
+    the bound as :func:`matrix_norm_bound`'s exact path, the vector a perfect start for power iteration."""
+    matrix = matrix.detach().double()
+    _, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+    return singular[0].item() * _svd_margin(*matrix.shape), right[0]
 
 
 def gram_iteration_bound(matrix: Tensor, max_iter: int = 20, rtol: float = 1e-12) -> float:
@@ -189,11 +198,24 @@ def conv_matrix(
     weight: Tensor, input_shape: Sequence[int], stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0
 ) -> Tensor:
     """The explicit operator matrix (C_out H' W', C_in H W) of a zero-padded convolution (a test oracle and the
-    exact norm for small inputs)."""
+    exact norm for small inputs), built from the identity on the smaller side: columns A e_i by convolving the
+    input basis, or rows A^T e_j by the transposed convolution of the output basis."""
     channels, height, width = (int(size) for size in input_shape)
-    n = channels * height * width
-    basis = torch.eye(n, dtype=weight.dtype, device=weight.device).view(n, channels, height, width)
-    return F.conv2d(basis, weight.detach(), stride=stride, padding=padding).reshape(n, -1).T
+    n_in = channels * height * width
+    weight = weight.detach()
+    out_h, out_w = (
+        (size + 2 * pad - kernel) // step + 1
+        for size, kernel, step, pad in zip(
+            (height, width), weight.shape[-2:], _pair(stride), _pair(padding), strict=True
+        )
+    )
+    n_out = weight.shape[0] * out_h * out_w
+    if n_in <= n_out:
+        basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).view(n_in, channels, height, width)
+        return F.conv2d(basis, weight, stride=stride, padding=padding).reshape(n_in, -1).T
+    basis = torch.eye(n_out, dtype=weight.dtype, device=weight.device).view(n_out, weight.shape[0], out_h, out_w)
+    rows = torch.nn.grad.conv2d_input((n_out, channels, height, width), weight, basis, stride=stride, padding=padding)
+    return rows.reshape(n_out, n_in)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -228,18 +250,41 @@ def conv_torus_size(
     return sizes[0], sizes[1]
 
 
+def small_conv_matrix(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    *,
+    exact_entries: int | None = None,
+) -> Tensor | None:
+    """:func:`conv_matrix` in float64 if it has at most ``exact_entries`` (default :data:`EXACT_MATRIX_ENTRIES`)
+    entries, else ``None``: the exact path of :func:`conv_operator_norm_bound`."""
+    channels, height, width = (int(size) for size in input_shape)
+    out_h, out_w = (
+        (size + 2 * pad - kernel) // step + 1
+        for size, kernel, step, pad in zip(
+            (height, width), weight.shape[-2:], _pair(stride), _pair(padding), strict=True
+        )
+    )
+    entries = channels * height * width * weight.shape[0] * out_h * out_w
+    if entries > (EXACT_MATRIX_ENTRIES if exact_entries is None else exact_entries):
+        return None
+    return conv_matrix(weight.detach().double(), input_shape, stride, padding)
+
+
 def conv_operator_norm_bound(
     weight: Tensor,
     input_shape: Sequence[int],
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] = 0,
     *,
-    exact_entries: int = EXACT_MATRIX_ENTRIES,
+    exact_entries: int | None = None,
 ) -> float:
     r"""A certified upper bound on the 2-norm of x -> ``F.conv2d(x, weight, stride, padding)`` on (C_in, H, W).
 
-    The SVD of :func:`conv_matrix` when the operator matrix and the identity it is built from have at most
-    ``exact_entries`` entries (exact up to the rounding margin); otherwise the largest singular value of the
+    The SVD of :func:`conv_matrix` when the operator matrix has at most ``exact_entries`` entries (exact up to
+    the rounding margin); otherwise the largest singular value of the
     circular convolution on the torus of :func:`conv_torus_size` (float64 FFT and SVD per frequency), a bound
     that is loose when the image is small next to the kernel.
 
@@ -247,7 +292,7 @@ def conv_operator_norm_bound(
         weight: (C_out, C_in, k_h, k_w).
         input_shape: (C_in, H, W).
         stride, padding: Of the convolution, ints or (h, w) pairs.
-        exact_entries: The size limit of the exact path.
+        exact_entries: The size limit of the exact path (default :data:`EXACT_MATRIX_ENTRIES`).
 
     Example:
         >>> weight = torch.zeros(1, 1, 3, 3); weight[0, 0, 1, 1] = 2.0
@@ -258,13 +303,9 @@ def conv_operator_norm_bound(
     if channels != weight.shape[1]:
         raise ValueError(f"conv_operator_norm_bound: {channels} input channels, but the weight takes {weight.shape[1]}")
     strides, paddings = _pair(stride), _pair(padding)
-    out_h, out_w = (
-        (size + 2 * pad - kernel) // step + 1
-        for size, kernel, step, pad in zip((height, width), weight.shape[-2:], strides, paddings, strict=True)
-    )
-    n_in, n_out = channels * height * width, weight.shape[0] * out_h * out_w
-    if n_in * max(n_in, n_out) <= exact_entries:
-        return _svd_norm(conv_matrix(weight.double(), input_shape, strides, paddings))
+    matrix = small_conv_matrix(weight, input_shape, strides, paddings, exact_entries=exact_entries)
+    if matrix is not None:
+        return _svd_norm(matrix)
     torus = conv_torus_size((height, width), weight.shape[-2:], strides, paddings)
     blocks = _frequency_blocks(weight.detach().double(), torus)
     points = torus[0] * torus[1]

@@ -112,9 +112,7 @@ def per_sample_norm(v: Tensor, order: float = 2.0) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
 
 
-def batched_jacobian(
-    f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False
-) -> tuple[Tensor, Tensor]:
+def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
     r"""``(f(x), J)`` with J the per-sample Jacobians :math:`\partial f(x)_b / \partial x_b`, shape (B, d_out, d).
 
     Because f acts per sample, pulling back the i-th basis vector in every sample at once gives the i-th row of

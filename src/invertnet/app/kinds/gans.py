@@ -42,9 +42,7 @@ class GANKind(ModelKind):
     """A conditional GAN (generator and discriminator in one module), trained by one adversarial objective."""
 
     family: ClassVar[str] = "GAN"
-    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
-        ("matplotlib.figure", "plots", "a GAN run's samples.png"),
-    )
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = (("matplotlib.figure", "plots", "a GAN run's samples.png"),)
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)

@@ -57,6 +57,7 @@ LIBRARY_MODULES = [
     "invertnet.app.recover_file",
 ]
 
+
 def _name(requirement: str) -> str:
     """The normalised distribution name of a requirement string such as ``"torch>=2.4,<3"``."""
     match = re.match(r"[A-Za-z0-9._-]+", requirement)

@@ -2,9 +2,10 @@ r"""Certificates of invertibility for residual networks (thesis Remark 4.9, Eq. 
 
 Power iteration, which spectral normalisation runs during training, bounds a layer's norm from *below*, so
 Lip(g) < 1 must be checked after training with bounds from *above*. For every residual block x + g(x),
-:func:`certify` bounds the 2-norm of each linear layer of g exactly (dense layers: the largest singular
-value of the weight; convolutions: the largest singular value of the circular convolution on the padded
-input torus, :func:`~invertnet.analysis.conv_norm_bounds`, with power iteration as the matching lower bound),
+:func:`certify` bounds the 2-norm of each linear layer of g from above (dense layers: the largest singular
+value of the weight with its rounding margin, :func:`~invertnet.layers.operator_norms.matrix_norm_bound`;
+convolutions: the exact norm for small operators, else the largest singular value of the circular convolution on
+a containing torus, :func:`~invertnet.analysis.conv_norm_bounds`, with power iteration as the lower bound),
 multiplies them (activations must be known to be 1-Lipschitz, Eq. 4.6), and derives the forward and inverse
 Lipschitz constants 1 + L and 1 / (1 - L) (Lemma 4.6) and the log-det bounds d log(1 -+ L) (Lemma 5.5).
 Branches may be invertnet's Lipschitz nets or plain ``nn.Sequential`` stacks of ``nn.Linear`` / ``nn.Conv2d``.
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from invertnet.analysis.spectral import conv_norm_bounds
 from invertnet.figures import save_figure, subplots
 from invertnet.layers.activations import ELU, LipSwish, Softplus
+from invertnet.layers.operator_norms import matrix_norm_bound
 from invertnet.layers.residual import InvertibleResidual
 
 __all__ = ["BlockCertificate", "Certificate", "LayerNorm", "certify", "plot_certificate"]
@@ -165,8 +167,7 @@ def _effective_weight(layer: nn.Module) -> Tensor:
 def _layer_bounds(layer: nn.Module, input_shape: tuple[int, ...], rtol: float) -> tuple[float, float]:
     weight = _effective_weight(layer).double()
     if isinstance(layer, nn.Linear):
-        norm = torch.linalg.matrix_norm(weight, ord=2).item()
-        return norm, norm
+        return torch.linalg.matrix_norm(weight, ord=2).item(), matrix_norm_bound(weight)
     if isinstance(layer, nn.Conv2d):
         if (
             layer.groups != 1

@@ -3,7 +3,8 @@ r"""1-Lipschitz activations with continuous derivatives (thesis Corollary 4.4 ne
 Lip(phi) <= 1 keeps the product bound of thesis Eq. 4.6 valid; a continuous derivative makes the i-ResNet a
 diffeomorphism and its Jacobian (hence the log-determinant) continuous. ReLU is deliberately absent. Each
 activation also gives ``forward_and_derivative(x)``, phi(x) with phi'(x) in closed form, for the structured
-Jacobian of :meth:`~invertnet.layers.LipschitzNet.linearize`.
+Jacobian of :meth:`~invertnet.layers.LipschitzNet.linearize`, and declares its Lipschitz constant in
+``lipschitz_constant`` for the certified bounds of :meth:`~invertnet.layers.LipschitzNet.lipschitz_bound`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class ELU(nn.Module):
     Its derivative, 1 or :math:`e^x`, is continuous and bounded by 1.
     """
 
+    lipschitz_constant: float = 1.0
+
     def forward(self, x: Tensor) -> Tensor:
         return F.elu(x)
 
@@ -32,6 +35,8 @@ class ELU(nn.Module):
 
 class Softplus(nn.Module):
     r""":math:`\phi(x) = \log(1 + e^x)`, with derivative :math:`\sigma(x) \in (0, 1)`."""
+
+    lipschitz_constant: float = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         return F.softplus(x)
@@ -51,6 +56,8 @@ class LipSwish(nn.Module):
     Arguments:
         beta: Initial value of :math:`\beta > 0`.
     """
+
+    lipschitz_constant: float = 1.0
 
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()

@@ -32,7 +32,8 @@ class EquilibriumCell(nn.Module):
     state_features: int | None = None
 
     def lipschitz_bound(self) -> float | None:
-        """A bound on Lip_z(f) < 1, for the forward solve's error bound, or ``None`` if unknown."""
+        """A certified upper bound on Lip_z(f), or ``None`` if unknown. Below 1 it gives the forward solve's
+        error bound; at 1 or above :class:`DEQ` refuses the cell. Never an estimate."""
         return None
 
 
@@ -43,6 +44,10 @@ _DEFAULT_CELL = EquilibriumCell()
 class ContractiveCell(EquilibriumCell):
     r"""f(z, x) = phi(W z + U x + b) with W spectrally normalised to norm ``coeff`` < 1 and phi 1-Lipschitz, so
     z -> f(z, x) is a contraction with rate ``coeff`` (Banach: one fixed point, found by iteration).
+
+    The constructor refines W's power iteration (:meth:`~invertnet.layers.SpectralNormLayer.refine_spectral_norm`),
+    so a fresh cell's certified rate is at most ``coeff``; training moves W, and the certified rate of
+    :meth:`lipschitz_bound` follows the power iteration (one step per training call) from there.
 
     Arguments:
         state_features: Size of z; shapes z (B, state_features), x (B, input_features).
@@ -58,6 +63,7 @@ class ContractiveCell(EquilibriumCell):
             raise ValueError(f"ContractiveCell: coeff must lie in (0, 1) for a contraction, got {coeff}")
         self.state_features = state_features
         self.recurrent = SpectralNormLinear(state_features, state_features, bias=False, coeff=coeff)
+        self.recurrent.refine_spectral_norm()
         self.injection = nn.Linear(input_features, state_features)
         self.activation = nn.Tanh() if activation == "tanh" else make_activation(activation)
 
@@ -65,7 +71,13 @@ class ContractiveCell(EquilibriumCell):
         return self.activation(self.recurrent(z) + self.injection(x))
 
     def lipschitz_bound(self) -> float:
-        """Lip_z(f) <= ||W|| <= coeff (from the current spectral-norm estimate)."""
+        """Lip_z(f) <= Lip(phi) ||W~||, with the certified bound of the normalised W (at most ``coeff`` after a
+        refinement)."""
+        activation = float(getattr(self.activation, "lipschitz_constant", 1.0))  # tanh is 1-Lipschitz
+        return self.recurrent.operator_norm_bound() * activation
+
+    def lipschitz_estimate(self) -> float:
+        """The power-iteration *estimate* of ||W~||: quick, not a bound."""
         return self.recurrent.operator_norm_estimate()
 
 
@@ -78,7 +90,8 @@ class DEQ(nn.Module):
 
     Arguments:
         cell: f(z, x) -> z, e.g. :class:`ContractiveCell`; an :class:`EquilibriumCell` with a
-            ``lipschitz_bound()`` gets the forward solve's Lemma 4.5 error bound.
+            ``lipschitz_bound()`` gets the forward solve's Lemma 4.5 error bound; one whose certified bound is
+            >= 1 is refused at the call with a ``ValueError`` naming it.
         state_shape: Shape of one sample's z (default ``(cell.state_features,)``).
         method, backward, atol, rtol, max_iter: As for :func:`~invertnet.solvers.implicit_fixed_point`.
 
@@ -121,7 +134,7 @@ class DEQ(nn.Module):
             with torch.no_grad():
                 self.cell(z0, x)  # advance the power iterations once per step, outside the solve
         with frozen_mode(self.cell):
-            bound = (self.cell if isinstance(self.cell, EquilibriumCell) else _DEFAULT_CELL).lipschitz_bound()
+            bound = self._certified_rate()
             z, self.last_result = implicit_fixed_point(
                 self.cell,
                 x,
@@ -134,3 +147,17 @@ class DEQ(nn.Module):
                 lipschitz=bound,
             )
         return z
+
+    def _certified_rate(self) -> float | None:
+        """The cell's certified Lip_z(f), refusing a cell that is not certified to contract."""
+        declared = self.cell if isinstance(self.cell, EquilibriumCell) else _DEFAULT_CELL
+        bound = declared.lipschitz_bound()
+        if bound is not None and bound >= 1:
+            estimate = getattr(self.cell, "lipschitz_estimate", None)
+            seen = f"; its power-iteration estimate is {estimate():.6g}" if callable(estimate) else ""
+            raise ValueError(
+                f"DEQ: the cell {type(self.cell).__name__} is not certified to contract: its certified bound on "
+                f"Lip_z(f) is {bound:.6g} >= 1{seen}. Converge its spectral norms "
+                "(invertnet.layers.refine_spectral_norms(cell)) or lower its coeff"
+            )
+        return bound

@@ -1,7 +1,10 @@
 r"""Residual branches g with a certified-by-construction Lipschitz bound (thesis Eq. 4.5-4.7).
 
-With 1-Lipschitz activations, Lip(g) <= prod_i ||A_i|| (thesis Eq. 4.6), and spectral normalisation with
-coefficient c makes each ||A_i|| <= c once the power iterations have converged, so Lip(g) <= c^n.
+With 1-Lipschitz activations, Lip(g) <= prod_i ||A_i|| (thesis Eq. 4.6). :meth:`LipschitzNet.lipschitz_bound`
+multiplies *certified* bounds of the normalised layers
+(:meth:`~invertnet.layers.SpectralNormLayer.operator_norm_bound`); :meth:`LipschitzNet.lipschitz_estimate`
+multiplies their power-iteration estimates. After
+:func:`~invertnet.layers.refine_spectral_norms` each certified ||A_i|| <= c, so Lip(g) <= c^n for certain.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class ResidualBranch(nn.Module):
     norm_order: float = 2.0
 
     def lipschitz_bound(self) -> float | None:
-        """A bound on Lip(g) in the ``norm_order`` norm, or ``None`` if unknown (no error bound, no check)."""
+        """A certified upper bound on Lip(g) in the ``norm_order`` norm, or ``None`` if unknown (no error bound,
+        no check). Never an estimate: solvers derive guarantees from it."""
         return None
 
     def check_input_shape(self, x: Tensor, where: str) -> None:
@@ -143,16 +147,30 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
                 factors.append(derivative)
         return Linearization(output=x, factors=factors)
 
-    def lipschitz_bound(self) -> float:
-        """prod_i min(sigma_i, c_i) (thesis Eq. 4.6), from the current norm estimates.
+    def lipschitz_bound(self) -> float | None:
+        """A certified bound on Lip(g): prod_i ||A~_i|| bounds times the activations' Lipschitz constants
+        (thesis Eq. 4.6), or ``None`` if a module declares no ``lipschitz_constant``.
 
-        The estimates approach the true norms from below: the bound is certain only after
-        :func:`~invertnet.layers.refine_spectral_norms`.
+        Each layer's bound is computed when first asked and cached (:meth:`SpectralNormLayer.operator_norm_bound`);
+        it is at most the layer's ``coeff`` after :func:`~invertnet.layers.refine_spectral_norms`, and may exceed
+        it before (the power iteration then lags behind the weights).
         """
         bound = 1.0
-        for layer in self.normalized_layers():
-            bound *= layer.operator_norm_estimate()
+        for module in self:
+            if isinstance(module, SpectralNormLayer):
+                bound *= module.operator_norm_bound()
+            elif (constant := getattr(module, "lipschitz_constant", None)) is not None:
+                bound *= float(constant)
+            else:
+                return None
         return bound
+
+    def lipschitz_estimate(self) -> float:
+        """prod_i of the layers' power-iteration estimates: a quick *estimate* of Lip(g), not a bound."""
+        estimate = 1.0
+        for layer in self.normalized_layers():
+            estimate *= layer.operator_norm_estimate()
+        return estimate
 
 
 class LipschitzMLP(LipschitzNet):

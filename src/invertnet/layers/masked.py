@@ -268,9 +268,7 @@ class MintLayer(IterativeInvertibleModule):
         slope = self.t.detach()
         common = dict(lower=self.direction == "lower", atol=options.atol, rtol=options.rtol, strict=False)
         if self.solver == "sequential":
-            return sequential_solve(
-                self.map_and_diagonal, y, slope, max_iter_per_coordinate=options.max_iter, **common
-            )
+            return sequential_solve(self.map_and_diagonal, y, slope, max_iter_per_coordinate=options.max_iter, **common)
         return triangular_newton(self.map_and_diagonal, y, slope, max_iter=options.max_iter, **common)
 
     def transposed_solver(self, x: Tensor, options: SolverOptions) -> TransposedSolve:

@@ -32,9 +32,10 @@ class InvertibleResidual(IterativeInvertibleModule):
 
     The forward log-determinant :math:`\log\det(I + J_g(x))` comes from the configured estimator
     (:class:`~invertnet.logdet.ExactLogDet`, :class:`~invertnet.logdet.PowerSeriesLogDet`,
-    :class:`~invertnet.logdet.UnbiasedLogDet`). The inverse solves x = y - g(x) by fixed-point iteration
-    (thesis Algorithm 1) to a per-sample residual tolerance, with the error bound of Lemma 4.5 taken from
-    ``g.lipschitz_bound()``; it is differentiable by implicit differentiation (backward: v = u - J_g^T v).
+    :class:`~invertnet.logdet.UnbiasedLogDet`). The inverse solves x = y - g(x) by fixed-point iteration (thesis
+    Algorithm 1) to a per-sample residual tolerance, with the error bound of Lemma 4.5 taken from
+    ``g.lipschitz_bound()``, a certified bound (a block whose bound is >= 1 reports ``NOT_CONTRACTIVE``); it is
+    differentiable by implicit differentiation (backward: v = u - J_g^T v).
 
     Arguments:
         g: The residual branch, a map from shape (B, ...) to the same shape: a
@@ -91,7 +92,7 @@ class InvertibleResidual(IterativeInvertibleModule):
         return float(self.branch.norm_order)
 
     def lipschitz_bound(self) -> float | None:
-        """g's own Lipschitz bound (thesis Eq. 4.6), or ``None`` if it declares none."""
+        """g's own certified Lipschitz bound (thesis Eq. 4.6), or ``None`` if it declares none."""
         bound = self.branch.lipschitz_bound()
         return None if bound is None else float(bound)
 
@@ -173,7 +174,4 @@ class InvertibleResidual(IterativeInvertibleModule):
         return self.g(x)
 
     def extra_repr(self) -> str:
-        return (
-            f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, "
-            f"max_iter={self.solver_options.max_iter}"
-        )
+        return f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, max_iter={self.solver_options.max_iter}"

@@ -31,8 +31,9 @@ def log_det_bounds(model: InvertibleModule, x: Tensor) -> tuple[Tensor, Tensor]:
         \le \sum_t d_t \log(1 + \mathrm{Lip}(g_t)).
 
     Layers with exact log-determinants (ActNorm, Squeeze, padding, ...) add their exact value to both bounds.
-    The Lipschitz constants are the blocks' ``lipschitz_bound()``; they bound Lip(g_t) for certain only after
-    :func:`~invertnet.layers.refine_spectral_norms`.
+    The Lipschitz constants are the blocks' certified ``lipschitz_bound()``; after
+    :func:`~invertnet.layers.refine_spectral_norms` each is at most the product of its branch's coefficients,
+    before it it may exceed that (and a block whose bound reaches 1 is refused).
 
     Arguments:
         model: An :class:`~invertnet.InvertibleModule`, possibly nested :class:`~invertnet.InvertibleSequential`.
@@ -53,7 +54,8 @@ def log_det_bounds(model: InvertibleModule, x: Tensor) -> tuple[Tensor, Tensor]:
             lip = leaf.lipschitz_bound()
             if lip is None or lip >= 1:
                 raise ValueError(
-                    f"log_det_bounds: residual block {index} has Lipschitz bound {lip}; Lemma 5.5 needs Lip(g) < 1"
+                    f"log_det_bounds: residual block {index} has certified Lipschitz bound {lip}; Lemma 5.5 needs "
+                    "Lip(g) < 1 (refine_spectral_norms(model) first, or lower coeff)"
                 )
             dim = x[0].numel()
             lower += dim * math.log1p(-lip)

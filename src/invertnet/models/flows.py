@@ -123,9 +123,9 @@ class FlowDistribution(nn.Module):
     def use_evaluation_estimator(self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200) -> dict[str, float]:
         r"""Install the evaluation log-det estimator of every residual block (thesis A.2) and report its bias.
 
-        Refines the spectral norms (so that the Lipschitz bounds are certain), takes L, the largest block
-        bound, and the shortest power series whose truncation error (thesis Theorem 5.8) is below
-        ``bias_bits`` bits per dimension over all T blocks:
+        Refines the spectral norms (so that each block's certified Lipschitz bound is at most its ``coeff`` and close to
+        the true norm), takes L, the largest certified block bound, and the shortest power series whose truncation error
+        (thesis Theorem 5.8) is below ``bias_bits`` bits per dimension over all T blocks:
 
         .. math:: n = \min\{n : T \cdot \mathrm{err}(L, d, n) \le \text{bias\_bits} \cdot d \ln 2\},
 
@@ -144,7 +144,14 @@ class FlowDistribution(nn.Module):
         if not blocks:
             return {"n_terms": 0, "bias_bound_bits": 0.0}
         refine_spectral_norms(self)
-        lipschitz = max(block.lipschitz_bound() or 0.0 for block in blocks)
+        bounds = [block.lipschitz_bound() for block in blocks]
+        if any(bound is None for bound in bounds):
+            unknown = next(block for block, bound in zip(blocks, bounds, strict=True) if bound is None)
+            raise ValueError(
+                f"use_evaluation_estimator: the residual block with branch {type(unknown.g).__name__} declares no "
+                "Lipschitz bound, so the series' truncation error cannot be bounded; use ExactLogDet in it"
+            )
+        lipschitz = max(bounds)  # type: ignore[type-var]
         per_block_nats = bias_bits * dim * math.log(2) / len(blocks)
         n_terms = min(n_terms_for_bias(lipschitz, dim, per_block_nats), max_terms)
         bias = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))

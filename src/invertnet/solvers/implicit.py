@@ -28,6 +28,7 @@ from invertnet.solvers.krylov import gmres
 
 __all__ = ["implicit_fixed_point", "residual_transposed_solve"]
 
+
 def residual_transposed_solve(
     *,
     lipschitz: float | None = None,
@@ -109,7 +110,13 @@ def implicit_fixed_point(
     z0 = torch.zeros_like(x) if z0 is None else z0.detach()
     with torch.no_grad():
         record = fixed_point(
-            lambda z: f(z, x), z0, atol=atol, rtol=rtol, max_iter=max_iter, lipschitz=lipschitz, method=method,
+            lambda z: f(z, x),
+            z0,
+            atol=atol,
+            rtol=rtol,
+            max_iter=max_iter,
+            lipschitz=lipschitz,
+            method=method,
             strict=strict,
         )
 

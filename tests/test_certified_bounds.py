@@ -335,3 +335,13 @@ def test_deq_refuses_a_cell_that_is_not_certified_to_contract():
     refine_spectral_norms(layer)
     layer(torch.randn(2, 3, dtype=torch.float64))
     assert layer.last_result.status is SolverStatus.SUCCESS
+
+
+def test_a_conv_branch_that_has_seen_no_input_has_no_bound_yet_and_its_block_still_inverts():
+    from invertnet.layers import InvertibleResidual, LipschitzConvNet
+
+    block = InvertibleResidual(LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9)).eval()
+    assert block.lipschitz_bound() is None  # the operator's size is unknown: nothing to certify
+    result = block.inverse_result(torch.randn(3, 2, 5, 5))
+    assert result.success and result.error_bound is None
+    assert block.lipschitz_bound() is not None

@@ -149,7 +149,8 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
 
     def lipschitz_bound(self) -> float | None:
         """A certified bound on Lip(g): prod_i ||A~_i|| bounds times the activations' Lipschitz constants
-        (thesis Eq. 4.6), or ``None`` if a module declares no ``lipschitz_constant``.
+        (thesis Eq. 4.6), or ``None`` if a module declares no ``lipschitz_constant`` or a convolution has not
+        seen an input yet (its operator, and so its norm, depends on the input size).
 
         Each layer's bound is computed when first asked and cached (:meth:`SpectralNormLayer.operator_norm_bound`);
         it is at most the layer's ``coeff`` after :func:`~invertnet.layers.refine_spectral_norms`, and may exceed
@@ -158,6 +159,8 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
         bound = 1.0
         for module in self:
             if isinstance(module, SpectralNormLayer):
+                if not module.v.numel():
+                    return None
                 bound *= module.operator_norm_bound()
             elif (constant := getattr(module, "lipschitz_constant", None)) is not None:
                 bound *= float(constant)

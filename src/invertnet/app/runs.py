@@ -155,7 +155,12 @@ def _train(
     choice = choose_weights(trainer.state, objective, data.validation)
     with writing_to(run_dir):
         write_atomically(run_dir / WEIGHTS_FILE, json.dumps({"step": trainer.state.step, **choice.as_dict()}, indent=2))
-    weights = {**choice.as_dict(), "test": compare_weights(trainer.state, objective, data.test)}
+    weights = {
+        **choice.as_dict(),
+        "test": compare_weights(trainer.state, objective, data.test),
+        "figures": "the training objective's evaluation (its log-det estimator): comparable with each other, "
+        "not with the summary's test figure",
+    }
     with kept_weights(trainer.state, choice):
         return _finish(kind, model, config, run_dir, data, weights)
 

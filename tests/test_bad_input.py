@@ -20,7 +20,7 @@ from invertnet.app.cli import main
 from invertnet.app.config import load_config
 from invertnet.app.kinds import PARAMETER_BUDGET_VARIABLE, ParameterBudget
 from invertnet.data import MAX_CLASSES, load_cifar10, load_image_folder, load_mnist, read_idx, read_imzml
-from invertnet.layers import ActNorm, InvertibleResidual, LipschitzMLP
+from invertnet.layers import ActNorm, InvertibleResidual, LipschitzMLP, MintLayer
 from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
 
 from .zoo import ZOO, build
@@ -75,6 +75,11 @@ def test_an_input_of_another_dtype_than_the_model_is_named():
     with pytest.raises(ValueError, match="InvertibleSequential.forward_and_log_det: the input is torch.float32"):
         sequential.forward_and_log_det(torch.zeros(3, 2))
     assert flow.log_prob(torch.zeros(3, 2)).shape == (3,)  # the model's own dtype passes
+    with pytest.raises(ValueError, match="InvertibleResidual.forward: the input is torch.float32"):
+        block(torch.zeros(3, 2))  # a layer used on its own, outside a sequential
+    layer = MintLayer(1, hidden_factor=1).double()
+    with pytest.raises(ValueError, match="MintLayer.forward: the input is torch.float32 .* are torch.float64"):
+        layer(torch.zeros(2, 1, 4, 4))
 
 
 # ---- 3. and 4. labels and pixel values of data files ---------------------------------------------------------

@@ -27,6 +27,7 @@ from invertnet.core import (
     IterativeInvertibleModule,
     SolverOptions,
     TransposedSolve,
+    check_dtype,
     check_input,
 )
 from invertnet.layers.activations import ELU, Softplus
@@ -234,6 +235,7 @@ class MintLayer(IterativeInvertibleModule):
 
     def validate(self, x: Tensor, where: str) -> None:
         check_input(x, None, f"MintLayer.{where}")
+        check_dtype(x, self, f"MintLayer.{where}")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"MintLayer.{where}: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
 

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from invertnet.core import InverseResult, IterativeInvertibleModule, SolverOptions, TransposedSolve, check_input
+from invertnet.core import (
+    InverseResult,
+    IterativeInvertibleModule,
+    SolverOptions,
+    TransposedSolve,
+    check_dtype,
+    check_input,
+)
 from invertnet.layers.lipschitz_nets import ResidualBranch
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet
@@ -109,6 +116,7 @@ class InvertibleResidual(IterativeInvertibleModule):
 
     def validate(self, x: Tensor, where: str) -> None:
         check_input(x, None, f"{type(self).__name__}.{where}")
+        check_dtype(x, self, f"{type(self).__name__}.{where}")
         self.branch.check_input_shape(x, f"{type(self).__name__}.{where}")
 
     def inverse_lipschitz_bound(self) -> float | None:

@@ -8,6 +8,7 @@ import torch
 from invertnet import InvertibleSequential
 from invertnet.layers import ActNorm, InvertibleResidual, LipschitzConvNet, LipschitzMLP, refine_spectral_norms
 from invertnet.logdet import (
+    DenseExactLogDet,
     ExactLogDet,
     PowerSeriesLogDet,
     UnbiasedLogDet,
@@ -263,3 +264,38 @@ def test_evaluation_estimator_leaves_exact_blocks_alone():
     assert all(isinstance(block.log_det_estimator, ExactLogDet) for block in flow.residual_blocks())
     with pytest.raises(TypeError, match="callable"):
         flow.residual_blocks()[0].use_log_det_estimator(10)
+
+
+@pytest.mark.parametrize("n_layers, preactivation", [(1, False), (2, True), (3, False), (4, True)])
+def test_dense_exact_log_det_equals_the_brute_force_value_and_gradient(n_layers, preactivation):
+    torch.manual_seed(n_layers)
+    g = LipschitzMLP(5, 24, n_layers=n_layers, coeff=0.9, activation="lipswish", preactivation=preactivation)
+    g = g.double()
+    for layer in g.normalized_layers():
+        layer.weight.data.mul_(3.0)  # at the cap: a log-det far from zero
+    refine_spectral_norms(g)
+    g.eval()
+    x = 2 * torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    parameters = [x, *g.parameters()]
+    values = {}
+    for estimator in (DenseExactLogDet(), ExactLogDet()):
+        g_x, log_det = estimator(g, x)
+        gradients = torch.autograd.grad((log_det**2).sum() + g_x.sum(), parameters, allow_unused=True)
+        values[type(estimator).__name__] = (log_det, gradients)
+    structured, brute_force = values["DenseExactLogDet"], values["ExactLogDet"]
+    assert structured[0].abs().max() > 1e-3  # a non-trivial log-det
+    torch.testing.assert_close(structured[0], brute_force[0], rtol=1e-12, atol=1e-12)
+    for mine, reference in zip(structured[1], brute_force[1], strict=True):
+        assert (mine is None) == (reference is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_exact_log_det_falls_back_to_brute_force_for_convolutions():
+    g = LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9).double()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    g(x)
+    g.eval()
+    block = InvertibleResidual(g, log_det=DenseExactLogDet())
+    assert block.exact_log_det and DenseExactLogDet.exact
+    torch.testing.assert_close(block.forward_and_log_det(x)[1], ExactLogDet()(g, x)[1])

@@ -26,7 +26,7 @@ from invertnet.layers import (
     UniformDequantization,
     refine_spectral_norms,
 )
-from invertnet.logdet import ExactLogDet
+from invertnet.logdet import DenseExactLogDet, ExactLogDet
 from invertnet.models import mintnet_flow
 
 Sampler = Callable[[int], torch.Tensor]
@@ -60,10 +60,10 @@ def _actnorm() -> InvertibleModule:
     return ActNorm(3)
 
 
-def _residual_mlp(activation: str, **options) -> Callable[[], InvertibleModule]:
+def _residual_mlp(activation: str, log_det=ExactLogDet, **options) -> Callable[[], InvertibleModule]:
     def build() -> InvertibleModule:
         g = LipschitzMLP(4, 16, n_layers=3, coeff=0.9, activation=activation, **options)
-        return InvertibleResidual(g, log_det=ExactLogDet())
+        return InvertibleResidual(g, log_det=log_det())
 
     return build
 
@@ -129,6 +129,11 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "residual_mlp_lipswish": (_residual_mlp("lipswish"), (4,)),
     "residual_mlp_mixed_norm": (_residual_mlp("elu", norm_orders=(1.5, 3.0, 3.0, 1.5)), (4,)),
     "residual_mlp_anderson": (_residual_mlp_anderson, (4,)),
+    "residual_mlp_dense_exact": (_residual_mlp("lipswish", log_det=DenseExactLogDet), (4,)),
+    "residual_mlp_dense_exact_preactivation": (
+        _residual_mlp("elu", log_det=DenseExactLogDet, preactivation=True),
+        (4,),
+    ),
     "residual_conv": (_residual_conv, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
     "sequential_analytic": (lambda: InvertibleSequential(ActNorm(2), Squeeze(), Flatten((8, 1, 1))), (2, 2, 2)),

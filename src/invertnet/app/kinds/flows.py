@@ -23,7 +23,7 @@ from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, Kernel
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization, refine_spectral_norms
-from invertnet.logdet import ExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
+from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import FlowDistribution, dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
 from invertnet.solvers import linearized_inverse_error
 from invertnet.training import BitsPerDim
@@ -81,7 +81,7 @@ class _ResidualFlowConfig(_FlowConfig):
     def training_estimator(self) -> Any:
         """The log-det estimator of the residual blocks during training."""
         if self.log_det == "exact":
-            return ExactLogDet()
+            return DenseExactLogDet()  # from the Jacobian's factors for dense branches, else the brute force
         if self.log_det == "unbiased":
             return UnbiasedLogDet()
         return PowerSeriesLogDet(5 if self.n_terms is None else self.n_terms)

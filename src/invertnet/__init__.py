@@ -18,6 +18,9 @@ if TYPE_CHECKING:
         IterativeInvertibleModule,
         SolverOptions,
         SolverStatus,
+        set_validation,
+        validation,
+        validation_enabled,
     )
 
 __version__ = "0.2.0.dev0"
@@ -31,6 +34,9 @@ __all__ = [
     "IterativeInvertibleModule",
     "SolverOptions",
     "SolverStatus",
+    "set_validation",
+    "validation",
+    "validation_enabled",
 ]
 
 

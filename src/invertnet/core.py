@@ -33,6 +33,9 @@ __all__ = [
     "check_input",
     "check_dtype",
     "frozen_mode",
+    "set_validation",
+    "validation",
+    "validation_enabled",
 ]
 
 
@@ -271,8 +274,47 @@ def attach_implicit_gradient(
     return x_star + (image - image.detach())
 
 
+_VALIDATION = {"enabled": True}
+
+
+def set_validation(enabled: bool) -> None:
+    """Switch the value checks of every layer on or off (default on), as ``torch.distributions``'
+    ``Distribution.set_default_validate_args`` does for its argument checks.
+
+    Value checks read tensor values (finite inputs, data in a layer's domain): on a GPU each is a device-to-host
+    synchronisation, and under ``torch.compile`` a graph break, so they are always off inside compiled code.
+    Shape, dtype and empty-batch checks need no values and always run.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_validation: expected True or False, got {enabled!r}")
+    _VALIDATION["enabled"] = enabled
+
+
+@contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Context manager with value checks on or off (:func:`set_validation`), restoring the previous setting.
+
+    Example:
+        >>> from invertnet.layers import ActNorm
+        >>> with validation(False):
+        ...     _ = ActNorm(2)(torch.tensor([[float("nan"), 0.0]]))  # not checked: no host synchronisation
+    """
+    previous = _VALIDATION["enabled"]
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        _VALIDATION["enabled"] = previous
+
+
+def validation_enabled() -> bool:
+    """Whether layers check input values now: :func:`set_validation` is on and the code is not being compiled."""
+    return _VALIDATION["enabled"] and not torch.compiler.is_compiling()
+
+
 def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> None:
-    """Raise a ``ValueError`` naming ``where`` unless ``x`` is a finite tensor of shape (B, *event_shape), B >= 1.
+    """Raise a ``ValueError`` naming ``where`` unless ``x`` is a finite tensor of shape (B, *event_shape), B >= 1
+    (finiteness only while :func:`validation_enabled`).
 
     Layers refuse empty batches (B = 0) by name: solvers and log-det estimators reduce over the batch.
     :meth:`invertnet.models.FlowDistribution.sample` of ``(0,)`` samples returns an empty tensor instead.
@@ -294,7 +336,7 @@ def check_input(x: Tensor, event_shape: tuple[int, ...] | None, where: str) -> N
             f"{where}: expected input of shape ({expected}), got {tuple(x.shape)}; add a batch dimension "
             "with x.unsqueeze(0) if you passed a single sample"
         )
-    if not torch.isfinite(x).all():
+    if validation_enabled() and not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{where}: input contains {n_bad} NaN or infinite values")
 

@@ -65,8 +65,8 @@ class ActNorm(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, "forward")
-        if self.training and not self.initialized:
-            self._initialize(x)
+        if self.training and not torch.compiler.is_compiling() and not self.initialized:
+            self._initialize(x)  # data-dependent: compiled code assumes a layer already called once
         y = (x - self._view(self.loc, x)) * torch.exp(-self._view(self.log_scale, x))
         return y, self._log_det(x)
 

@@ -1,0 +1,48 @@
+"""Value checks can be switched off, and are off in compiled code: flows' training log_prob compiles whole."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import invertnet
+from invertnet.layers import ActNorm, Logit
+from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
+
+
+def test_value_checks_can_be_switched_off_and_come_back():
+    nan = torch.tensor([[math.nan, 0.0]])
+    with pytest.raises(ValueError, match="1 NaN or infinite values"):
+        ActNorm(2)(nan)
+    with invertnet.validation(False):
+        assert torch.isnan(ActNorm(2)(nan)).any()  # not checked: no device-to-host synchronisation
+        assert torch.isfinite(Logit(0.05)(torch.tensor([[0.5, 1.02]]))).all()  # domain not checked either
+        with pytest.raises(ValueError, match="expected at least one sample"):
+            ActNorm(2)(torch.zeros(0, 2))  # shape checks need no values and always run
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ActNorm(2)(nan)
+    with pytest.raises(RuntimeError), invertnet.validation(False):
+        raise RuntimeError("the setting is restored on the way out")
+    assert invertnet.core.validation_enabled()
+    with pytest.raises(TypeError, match="expected True or False"):
+        invertnet.set_validation("no")
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: dense_iresnet_flow(2, n_blocks=2, hidden_features=16), (2,)),
+        (lambda: multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17), (1, 8, 8)),
+        (lambda: mintnet_flow((1, 8, 8), n_blocks=2, hidden_factor=1, n_squeezes=1, levels=17), (1, 8, 8)),
+    ],
+    ids=["dense", "multiscale", "mintnet"],
+)
+def test_the_training_log_prob_compiles_without_graph_breaks(make, shape):
+    flow = make()
+    x = torch.randn(4, *shape) if len(shape) == 1 else torch.randint(0, 17, (4, *shape)).float()
+    flow.log_prob(x)  # data-dependent initialisation (ActNorm) happens once, eagerly
+    explanation = torch._dynamo.explain(flow.log_prob)(x)
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -34,7 +34,7 @@ class DenseExactLogDet(ExactLogDet):
 
     Example:
         >>> from invertnet.layers import LipschitzMLP
-        >>> g = LipschitzMLP(4, 32, n_layers=3, coeff=0.9).double()
+        >>> g = LipschitzMLP(4, 32, n_layers=3, coeff=0.9).double().eval()  # eval: the same weights twice
         >>> x = torch.randn(5, 4, dtype=torch.float64)
         >>> _, structured = DenseExactLogDet()(g, x)
         >>> _, brute_force = ExactLogDet()(g, x)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from invertnet.layers.operator_norms import EXACT_MATRIX_ENTRIES as EXACT_MATRIX_ENTRIES
 from invertnet.layers.operator_norms import conv_matrix as conv_matrix
-from invertnet.layers.operator_norms import conv_operator_norm_bound
+from invertnet.layers.operator_norms import conv_operator_norm_bound, matrix_norm_bound, small_conv_matrix
 from invertnet.layers.operator_norms import conv_singular_values as conv_singular_values
 from invertnet.layers.spectral import conv2d_adjoint
 
@@ -69,16 +69,12 @@ def conv_norm_bounds(
         rtol, max_iter, seed: Of the power iteration on A^T A.
     """
     height, width = (int(size) for size in input_shape[-2:])
-    out_h, out_w = (
-        (size + 2 * padding - k) // stride + 1 for size, k in zip((height, width), weight.shape[-2:], strict=True)
-    )
     shape = (weight.shape[1], height, width)
-    upper = conv_operator_norm_bound(weight, shape, stride, padding, exact_entries=EXACT_MATRIX_ENTRIES)
-    n_in, n_out = weight.shape[1] * height * width, weight.shape[0] * out_h * out_w
-    if n_in * n_out <= EXACT_MATRIX_ENTRIES:  # the exact path of conv_operator_norm_bound
-        matrix = conv_matrix(weight.double(), shape, stride, padding)
+    matrix = small_conv_matrix(weight, shape, stride, padding)
+    if matrix is not None:  # the exact path of conv_operator_norm_bound, with its matrix built once
         exact = torch.linalg.matrix_norm(matrix, ord=2).item()
-        return ConvNormBounds(lower=exact, upper=upper, iterations=0, converged=True)
+        return ConvNormBounds(lower=exact, upper=matrix_norm_bound(matrix), iterations=0, converged=True)
+    upper = conv_operator_norm_bound(weight, shape, stride, padding)
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(1, weight.shape[1], height, width, generator=generator, dtype=weight.dtype).to(weight.device)
     estimate, converged = 0.0, False

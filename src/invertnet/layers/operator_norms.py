@@ -203,12 +203,7 @@ def conv_matrix(
     channels, height, width = (int(size) for size in input_shape)
     n_in = channels * height * width
     weight = weight.detach()
-    out_h, out_w = (
-        (size + 2 * pad - kernel) // step + 1
-        for size, kernel, step, pad in zip(
-            (height, width), weight.shape[-2:], _pair(stride), _pair(padding), strict=True
-        )
-    )
+    out_h, out_w = _output_sizes((height, width), weight.shape[-2:], stride, padding)
     n_out = weight.shape[0] * out_h * out_w
     if n_in <= n_out:
         basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).view(n_in, channels, height, width)
@@ -222,6 +217,17 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     first, second = (int(item) for item in value)
+    return first, second
+
+
+def _output_sizes(
+    input_size: Sequence[int], kernel_size: Sequence[int], stride: int | Sequence[int], padding: int | Sequence[int]
+) -> tuple[int, int]:
+    """(H', W') of ``F.conv2d`` on (H, W): (size + 2 pad - kernel) // stride + 1 per axis."""
+    first, second = (
+        (int(size) + 2 * pad - kernel) // step + 1
+        for size, kernel, step, pad in zip(input_size, kernel_size, _pair(stride), _pair(padding), strict=True)
+    )
     return first, second
 
 
@@ -261,12 +267,7 @@ def small_conv_matrix(
     """:func:`conv_matrix` in float64 if it has at most ``exact_entries`` (default :data:`EXACT_MATRIX_ENTRIES`)
     entries, else ``None``: the exact path of :func:`conv_operator_norm_bound`."""
     channels, height, width = (int(size) for size in input_shape)
-    out_h, out_w = (
-        (size + 2 * pad - kernel) // step + 1
-        for size, kernel, step, pad in zip(
-            (height, width), weight.shape[-2:], _pair(stride), _pair(padding), strict=True
-        )
-    )
+    out_h, out_w = _output_sizes((height, width), weight.shape[-2:], stride, padding)
     entries = channels * height * width * weight.shape[0] * out_h * out_w
     if entries > (EXACT_MATRIX_ENTRIES if exact_entries is None else exact_entries):
         return None

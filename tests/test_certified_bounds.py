@@ -64,14 +64,16 @@ def _mis_normalise(layer) -> None:
         layer.weight.copy_(weight)
 
 
-def _prepared(layer, input_shape, state):
-    layer(torch.randn(2, *input_shape, dtype=torch.float64))
+def _prepared(module, input_shape, state):
+    """A spectrally normalised layer, or a branch of them (every layer alike), fresh, trained or mis-normalised."""
+    module(torch.randn(2, *input_shape, dtype=torch.float64))
     if state == "trained":
-        _train(layer, torch.randn(8, *input_shape, dtype=torch.float64))
-    layer.eval()
+        _train(module, torch.randn(8, *input_shape, dtype=torch.float64))
+    module.eval()
     if state == "mis-normalised":
-        _mis_normalise(layer)
-    return layer
+        for layer in module.normalized_layers() if hasattr(module, "normalized_layers") else [module]:
+            _mis_normalise(layer)
+    return module
 
 
 STATES = ["fresh", "trained", "mis-normalised"]
@@ -246,15 +248,7 @@ def test_the_bound_is_cached_and_follows_every_weight_change(monkeypatch):
 @pytest.mark.parametrize("state", STATES)
 def test_lipschitz_mlp_bound_is_at_least_the_product_of_true_layer_norms(state):
     torch.manual_seed(6)
-    g = LipschitzMLP(4, 12, n_layers=3, coeff=0.9).double()
-    x = torch.randn(16, 4, dtype=torch.float64)
-    g(x)
-    if state == "trained":
-        _train(g, x)
-    g.eval()
-    if state == "mis-normalised":
-        for layer in g.normalized_layers():
-            _mis_normalise(layer)
+    g = _prepared(LipschitzMLP(4, 12, n_layers=3, coeff=0.9).double(), (4,), state)
     product = math.prod(_true_norm(layer) for layer in g.normalized_layers())
     assert product <= g.lipschitz_bound() <= product * (1 + 1e-9)
     a, b = torch.randn(2, 1000, 4, dtype=torch.float64)
@@ -266,15 +260,7 @@ def test_lipschitz_mlp_bound_is_at_least_the_product_of_true_layer_norms(state):
 @pytest.mark.parametrize("state", STATES)
 def test_lipschitz_conv_net_bound_is_at_least_the_product_of_true_layer_norms(state):
     torch.manual_seed(7)
-    g = LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9).double()
-    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
-    g(x)
-    if state == "trained":
-        _train(g, x)
-    g.eval()
-    if state == "mis-normalised":
-        for layer in g.normalized_layers():
-            _mis_normalise(layer)
+    g = _prepared(LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9).double(), (2, 5, 5), state)
     product = math.prod(_true_norm(layer) for layer in g.normalized_layers())
     assert product <= g.lipschitz_bound() <= product * (1 + 1e-9)
     if state == "fresh":

@@ -8,7 +8,6 @@ A.2), the reconstruction error through the inverse, and writes ``samples.png`` (
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -156,6 +155,7 @@ class FlowKind(ModelKind):
         return summary
 
     def invert(self, model: nn.Module, config: RunConfig, data: RunData) -> dict[str, Any]:
+        refine_spectral_norms(model)  # as evaluation does (finish: use_evaluation_estimator refines)
         return reconstruction(model, data.test[:256])  # type: ignore[arg-type]
 
     def sample(self, model: nn.Module, n: int) -> Tensor:
@@ -196,11 +196,9 @@ def reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, Any]:
     parts) and the first-order estimate of the error (the largest |delta|_inf of
     :func:`~invertnet.solvers.linearized_inverse_error`: the same norm as ``max_abs_error``).
 
-    On a copy whose spectral norms are refined first, as evaluation does: the power iterations of a checkpoint
-    lag behind its last optimiser step, so its certified Lipschitz bounds can exceed 1 (status
-    ``not_contractive``) though the map contracts."""
-    flow = copy.deepcopy(flow)
-    refine_spectral_norms(flow)
+    The flow's spectral norms must be refined (``refine_spectral_norms``, which ``use_evaluation_estimator``
+    runs): the power iterations of a checkpoint lag behind its last optimiser step, so its certified Lipschitz
+    bounds can exceed 1 (status ``not_contractive``) though the map contracts."""
     parts = list(flow.transform)
     if parts and isinstance(parts[0], UniformDequantization):
         data, parts = parts[0](data), parts[1:]

@@ -120,6 +120,8 @@ def train_run(
         run_dir = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_unlocked(run_dir)
     _check_run_dir(run_dir, config, resume)  # every process, before any of them writes
+    if rank_and_world_size()[1] > 1:
+        torch.distributed.barrier()  # rank 0's write probe below must not show up in another rank's check
     if is_main_process():
         check_writable(run_dir)
     torch.manual_seed(config.train.seed)

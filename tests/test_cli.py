@@ -26,6 +26,8 @@ TINY_TOY = [
     "--set",
     "model.hidden_features=8",
     "--set",
+    "train.log_every=1",
+    "--set",
     "train.steps=4",
     "--set",
     "train.batch_size=64",

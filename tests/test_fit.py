@@ -117,7 +117,9 @@ def test_a_dataloader_is_taken_as_it_yields_batches_and_restarted_when_exhausted
 
 def test_the_callback_sees_every_step_and_its_loss():
     calls = []
-    result = fit(_Recorder(), torch.randn(64, 2), steps=6, batch_size=16, callback=lambda *call: calls.append(call))
+    result = fit(
+        _Recorder(), torch.randn(64, 2), steps=6, batch_size=16, log_every=1, callback=lambda *call: calls.append(call)
+    )
     assert [step for step, _ in calls] == [1, 2, 3, 4, 5, 6]
     assert [loss for _, loss in calls] == result.losses.tolist()
 
@@ -133,6 +135,7 @@ def test_ema_follows_its_recurrence_and_is_swapped_in_and_out():
         batch_size=16,
         lr=0.5,
         ema_decay=0.8,
+        log_every=1,
         callback=lambda step, loss: iterates.append(objective.centre.detach().clone()),
     )
     expected = torch.full((2,), float("nan"))  # the first update copies: the initial parameters never count
@@ -156,18 +159,35 @@ def test_gradient_clipping_bounds_the_update():
     def record(step, loss):
         norms.append(objective.centre.grad.norm().item())
 
-    fit(objective, torch.full((32, 2), 100.0), steps=2, batch_size=32, grad_clip=0.5, callback=record)
+    fit(objective, torch.full((32, 2), 100.0), steps=2, batch_size=32, grad_clip=0.5, log_every=1, callback=record)
     assert norms == pytest.approx([0.5, 0.5])
+
+
+def test_losses_are_read_every_log_every_steps():
+    """The callback sees the mean loss since its last call, every log_every steps and after the last; the
+    returned losses are every step's."""
+    calls = []
+    data = torch.randn(64, 2)
+    result = fit(_Recorder(), data, steps=5, batch_size=8, log_every=2, callback=lambda *call: calls.append(call))
+    losses = result.losses.tolist()
+    assert len(losses) == 5 and [step for step, _ in calls] == [2, 4, 5]
+    expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
+    assert [loss for _, loss in calls] == pytest.approx(expected)
 
 
 def test_a_nonfinite_loss_names_the_step():
     def loss(batch):
         calls.append(1)
-        return torch.tensor(float("nan")) if len(calls) == 3 else (batch * weight).sum()
+        return (batch * weight).sum() * (float("nan") if len(calls) == 3 else 1.0)
 
     calls, weight = [], nn.Parameter(torch.ones(2))
-    with pytest.raises(FloatingPointError, match="at step 3"):
-        fit(loss, torch.randn(32, 2), parameters=[weight], steps=5, batch_size=8)
+    for log_every in (1, 4):  # read at step 3, or at step 4: the error names the step of the NaN either way
+        calls.clear()
+        with torch.no_grad():
+            weight.fill_(1.0)  # the step of the NaN loss has made the weight NaN
+        with pytest.raises(FloatingPointError, match="at step 3"):
+            fit(loss, torch.randn(32, 2), parameters=[weight], steps=5, batch_size=8, log_every=log_every)
+        assert len(calls) == max(3, log_every)  # stopped at the first read after the NaN
     with pytest.raises(TypeError, match="pass parameters="):
         fit(loss, torch.randn(32, 2), steps=5, batch_size=8)
 

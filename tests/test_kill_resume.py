@@ -29,16 +29,17 @@ CASES = {
     "dense_cosine": [
         "--config", "two_moons", "--set", "data.n_train=512", "--set", "data.n_test=64", "--set", "model.n_blocks=1",
         "--set", "model.hidden_features=8", "--set", "train.steps=60", "--set", "train.batch_size=32",
-        "--set", "train.checkpoint_every=7",
+        "--set", "train.checkpoint_every=7", "--set", "train.log_every=1",
     ],
     "multiscale_digits": [
         "--config", "digits", "--set", "model.n_blocks=1", "--set", "model.hidden_channels=4",
         "--set", "model.n_terms=2", "--set", "train.steps=24", "--set", "train.batch_size=16",
-        "--set", "train.checkpoint_every=5",
+        "--set", "train.checkpoint_every=5", "--set", "train.log_every=1",
     ],
     "dcgan_digits": [
         "--config", "dcgan_digits", "--set", "model.width=8", "--set", "train.steps=40",
-        "--set", "train.batch_size=16", "--set", "train.checkpoint_every=6", "--set", "train.schedule=constant",
+        "--set", "train.batch_size=16", "--set", "train.checkpoint_every=6", "--set", "train.log_every=1",
+        "--set", "train.schedule=constant",
     ],
 }  # fmt: skip
 KILLS = {"dense_cosine": 3, "multiscale_digits": 2, "dcgan_digits": 2}

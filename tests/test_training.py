@@ -89,13 +89,20 @@ def test_flow_learns_two_moons_better_than_a_fitted_gaussian(tmp_path):
     assert (density.sum() * (grid[1] - grid[0]) ** 2).item() == pytest.approx(1.0, abs=0.02)
 
 
+def test_metrics_are_logged_every_log_every_steps_and_at_checkpoints(tmp_path):
+    trainer = _trainer(tmp_path, steps=9, log_every=4, checkpoint_every=3)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 4, 6, 8, 9]
+
+
 def test_metrics_and_config_are_written(tmp_path):
     trainer = _trainer(tmp_path, steps=3)
     trainer.test_data = sample_toy("two_moons", 64, seed=2)
     trainer.config.eval_every = 2
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train_bits_per_dim" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "train_bits_per_dim" in r] == [2, 3]  # the evaluation and the end
     assert any("test_bits_per_dim" in r for r in records)
     assert json.loads((tmp_path / "train_config.json").read_text())["steps"] == 3
     assert not (tmp_path / "config.json").exists()  # not a file `--config` could take for a run config

@@ -1,9 +1,9 @@
 r"""One training loop that needs no files: :func:`fit`, and the step it repeats, shared with the
 :class:`~invertnet.training.Trainer`.
 
-A step draws the step's batch, puts the objective in training mode, computes the loss, checks that it is
-finite, backpropagates, clips the gradient norm, steps the optimiser and the learning-rate schedule, and
-updates the exponential moving average (EMA) of the weights:
+A step draws the step's batch, puts the objective in training mode, computes the loss, backpropagates, clips the
+gradient norm, steps the optimiser and the learning-rate schedule, and updates the exponential moving average (EMA)
+of the weights:
 
 .. math:: \bar\theta_{t+1} = \alpha_t\, \bar\theta_t + (1 - \alpha_t)\, \theta_{t+1}, \qquad
           \alpha_t = \min(\alpha, t / (t + 10))
@@ -14,6 +14,12 @@ for the update after t earlier steps, with :math:`\alpha` = ``ema_decay``: expon
 average starts after the first step's data-dependent initialisation (ActNorm) instead of averaging the
 uninitialised weights, and a short run is not evaluated on an average dominated by its first iterates (a 60-step
 run at ``ema_decay`` 0.999 averaged without warm-up is ~94% its starting point).
+
+The losses stay on the device until they are read, every ``log_every`` steps (and at every evaluation, checkpoint
+and the last step): reading a value synchronises the host with a GPU, so a step never does. When they are read they
+are checked: a NaN or infinite loss raises :class:`FloatingPointError` naming the first step it occurred at, which
+may be up to ``log_every - 1`` steps before the check (the parameters are then those after the checked step; a
+Trainer's checkpoints are written only after a check, so none holds them).
 """
 
 from __future__ import annotations
@@ -56,16 +62,12 @@ class TrainState:
         self.schedule = config.make_schedule(self.optimizer)
         self.ema = [p.detach().clone() for p in parameters] if config.ema_decay else None
         self.step = 0
+        self._unread: list[Tensor] = []  # the detached losses of the steps since the last read_losses()
 
-    def update(self, loss: Tensor) -> float:
-        """One optimiser step on the scalar ``loss``; returns its value.
-
-        Raises:
-            FloatingPointError: The loss is NaN or infinite; the message names the step (1-based).
-        """
-        value = loss.item()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {value} at step {self.step + 1}; lower the lr or clip")
+    def update(self, loss: Tensor) -> Tensor:
+        """One optimiser step on the scalar ``loss``; returns it detached, still on its device (no host
+        synchronisation: :meth:`read_losses` reads and checks it)."""
+        self._unread.append(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip:
@@ -78,7 +80,23 @@ class TrainState:
                 for average, parameter in zip(self.ema, self.parameters, strict=True):
                     average.lerp_(parameter, 1 - decay)
         self.step += 1
-        return value
+        return self._unread[-1]
+
+    def read_losses(self) -> list[float]:
+        """The losses of the steps since the last call, as floats (one host synchronisation).
+
+        Raises:
+            FloatingPointError: One of them is NaN or infinite; the message names the first such step (1-based).
+        """
+        if not self._unread:
+            return []
+        values = torch.stack(self._unread).tolist()
+        first = self.step - len(values) + 1
+        self._unread.clear()
+        for step, value in enumerate(values, start=first):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss became {value} at step {step}; lower the lr or clip")
+        return values
 
     def ema_decay_at(self, step: int) -> float:
         """The EMA decay of the update after ``step`` earlier steps: min(ema_decay, step / (step + 10)); 0 (a copy
@@ -142,10 +160,11 @@ class TrainState:
             group["lr"] = schedule.eta_min + (base - schedule.eta_min) * (1 + progress) / 2
 
 
-def train_step(objective: Objective, batch: Any, state: TrainState) -> float:
+def train_step(objective: Objective, batch: Any, state: TrainState) -> Tensor:
     """The step of every training loop: ``objective(batch)`` in training mode, then :meth:`TrainState.update`.
 
-    Returns the batch's loss (a training-mode value: for flows with stochastic log-det estimators an estimate).
+    Returns the batch's loss, detached and on its device (a training-mode value: for flows with stochastic log-det
+    estimators an estimate); :meth:`TrainState.read_losses` reads and checks it.
     """
     if isinstance(objective, nn.Module):
         objective.train()
@@ -163,19 +182,34 @@ def run_steps(
     callback: Callback | None = None,
     progress: bool = False,
     name: str = "loss",
+    read_at: Callable[[int], bool] | None = None,
 ) -> list[float]:
     """Run :func:`train_step` on ``source.batch(state.step)`` (rows ``rank::world_size`` of it) until
-    ``state.step == until``, calling ``callback(step, loss)`` after each; returns the losses."""
-    losses = []
+    ``state.step == until``; returns the losses of every step.
+
+    The losses are read (:meth:`TrainState.read_losses`: checked for NaN) at the steps where ``read_at(step)``
+    holds (default: multiples of the config's ``log_every``) and at ``until``; there the progress bar shows, and
+    ``callback(step, loss)`` receives, the mean loss of the steps since the last read.
+    """
+    if read_at is None:
+        read_at = _every(state.config.log_every)
+    losses: list[float] = []
     with tqdm(total=until, initial=state.step, disable=not progress, desc="train", unit="step") as bar:
         while state.step < until:
-            loss = train_step(objective, shard(source.batch(state.step), rank, world_size), state)
-            losses.append(loss)
-            bar.set_postfix({name: f"{loss:.3f}"})
-            bar.update(1)
-            if callback is not None:
-                callback(state.step, loss)
+            train_step(objective, shard(source.batch(state.step), rank, world_size), state)
+            if state.step == until or read_at(state.step):
+                values = state.read_losses()
+                losses += values
+                mean = math.fsum(values) / len(values)
+                bar.set_postfix({name: f"{mean:.3f}"}, refresh=False)
+                bar.update(len(values))
+                if callback is not None:
+                    callback(state.step, mean)
     return losses
+
+
+def _every(period: int) -> Callable[[int], bool]:
+    return lambda step: step % period == 0
 
 
 @dataclass(frozen=True)
@@ -217,9 +251,10 @@ def fit(
             (whose own batch size and order are used); batches are moved to the parameters' device.
         config: A :class:`~invertnet.training.TrainConfig`; default ``TrainConfig()``.
         parameters: What is trained; default every parameter of ``objective`` with ``requires_grad``.
-        callback: Called as ``callback(step, loss)`` after every step, with the number of steps done (1 to
-            ``steps``) and the step's loss as a float: for logging, or evaluation (which may leave the model in
-            eval mode: the next step sets training mode again). An exception raised there stops training.
+        callback: Called as ``callback(step, loss)`` every ``log_every`` steps and after the last, with the number
+            of steps done (1 to ``steps``) and the mean loss of the steps since the previous call, as a float: for
+            logging, or evaluation (which may leave the model in eval mode: the next step sets training mode
+            again). An exception raised there stops training. ``log_every=1`` calls it after every step.
         progress: Show a progress bar.
         **settings: Fields of :class:`~invertnet.training.TrainConfig` (``steps``, ``batch_size``, ``lr``,
             ...), overriding those of ``config``.
@@ -231,7 +266,8 @@ def fit(
     Raises:
         pydantic.ValidationError: A setting is unknown or invalid (the error names it).
         TypeError, ValueError: ``data`` is of an unsupported type, empty, or smaller than ``batch_size``.
-        FloatingPointError: The loss became NaN or infinite; the message names the step.
+        FloatingPointError: The loss became NaN or infinite; the message names the first such step (detected when
+            the losses are next read, up to ``log_every - 1`` steps later).
 
     Example:
         >>> from invertnet.models import dense_iresnet_flow

@@ -66,6 +66,13 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(
         0, ge=0, le=MAX_STEPS, description="Trainer: checkpoint period in steps (0: only at the end)"
     )
+    log_every: int = Field(
+        10,
+        gt=0,
+        le=MAX_STEPS,
+        description="period in steps at which the losses are read from the device (one synchronisation), checked "
+        "for NaN and logged (metrics.jsonl, progress bar, callbacks); also at every evaluation, checkpoint and the end",
+    )
     seed: int = Field(
         0, description=f"seed of the batch order, 0 <= seed < 2^{SEED_BITS}; the Trainer also seeds torch's RNG with it"
     )

@@ -2,15 +2,17 @@ r"""Training with a run folder: checkpoints, metrics, evaluation and exact resum
 :func:`~invertnet.training.fit`'s step (Behrmann's thesis, 5.2 and appendix A.2).
 
 The :class:`Trainer` repeats :func:`~invertnet.training.loop.train_step` through the same
-:func:`~invertnet.training.loop.run_steps` loop as :func:`~invertnet.training.fit`, and adds, after each step,
-a line of ``metrics.jsonl`` (and TensorBoard when installed), periodic evaluation with the EMA weights and
-periodic checkpoints. Batches of tensors and Datasets are a function of (seed, step), and checkpoints hold the
-model, EMA, optimiser, schedule and torch RNG state, so a resumed run ends bit-identical to an uninterrupted one;
-a run killed at any moment loses at most the steps since its last checkpoint.
+:func:`~invertnet.training.loop.run_steps` loop as :func:`~invertnet.training.fit`, and adds, every ``log_every``
+steps, a line of ``metrics.jsonl`` (and TensorBoard when installed), periodic evaluation with the EMA weights and
+periodic checkpoints (the losses are read from the device, and checked for NaN, only at those steps). Batches of
+tensors and Datasets are a function of (seed, step), and checkpoints hold the model, EMA, optimiser, schedule and
+torch RNG state, so a resumed run ends bit-identical to an uninterrupted one; a run killed at any moment loses at
+most the steps since its last checkpoint.
 
-The folder holds ``metrics.jsonl`` (one JSON record per step; a resume drops the records after its checkpoint,
-which are redone), ``train_config.json`` (the :class:`~invertnet.training.TrainConfig`, for reading: it is no
-run config of the application, whose run folders hold the whole config in ``run_config.json``; earlier
+The folder holds ``metrics.jsonl`` (one JSON record every ``log_every`` steps, at every evaluation and checkpoint
+and at the last step, with the mean training loss since the previous record; a resume drops the records after its
+checkpoint, which are redone), ``train_config.json`` (the :class:`~invertnet.training.TrainConfig`, for reading: it
+is no run config of the application, whose run folders hold the whole config in ``run_config.json``; earlier
 versions named this file ``config.json``), the checkpoints (``step-NNNNNNNN/`` and ``latest``, see
 :mod:`invertnet.training.checkpoint`) and, with TensorBoard installed, ``tensorboard/``.
 """
@@ -127,7 +129,14 @@ class Trainer:
             callback=callback,
             progress=progress and self.rank == 0,
             name=self.objective.name,
+            read_at=self._reads_losses_at,
         )
+
+    def _reads_losses_at(self, step: int) -> bool:
+        """Whether the losses are read (and checked) at ``step``: every ``log_every`` steps, and before every
+        evaluation and checkpoint (so that no checkpoint holds the weights after a NaN loss)."""
+        periods = (self.config.log_every, self.config.eval_every, self.config.checkpoint_every)
+        return any(period and step % period == 0 for period in periods)
 
     @torch.no_grad()
     def evaluate(self, data: Batch, batch_size: int = 256) -> dict[str, float]:
@@ -223,7 +232,8 @@ class Trainer:
                     self._tensorboard.add_scalar(key, value, record["step"])
 
     def _after_step(self, step: int, loss: float) -> None:
-        """Log the step's loss and learning rate, evaluate and checkpoint when their periods say so."""
+        """At a step where the losses were read: log their mean since the last record and the learning rate,
+        evaluate and checkpoint when their periods say so."""
         record: dict[str, Any] = {
             "step": step,
             f"train_{self.objective.name}": loss,

@@ -16,7 +16,7 @@ from invertnet.logdet import (
     n_terms_for_bias,
     truncation_error_bound,
 )
-from invertnet.models import dense_iresnet_flow
+from invertnet.models import dense_iresnet_flow, multiscale_iresnet_flow
 
 #: Monte-Carlo comparisons accept the stated bias plus this many standard errors.
 N_STANDARD_ERRORS = 4
@@ -243,7 +243,7 @@ def test_evaluation_estimator_meets_its_bias_bound():
     truncation bound over all blocks is below ``bias_bits``, and it is installed in every stochastic block."""
     flow = dense_iresnet_flow(4, n_blocks=3, hidden_features=16).double()
     dim, bias_bits = 4, 1e-3
-    chosen = flow.use_evaluation_estimator(dim, bias_bits=bias_bits)
+    chosen = flow.use_evaluation_estimator(dim, bias_bits=bias_bits, exact_features=0)
     blocks = flow.residual_blocks()
     lipschitz = max(block.lipschitz_bound() for block in blocks)
     assert chosen["lipschitz_bound"] == lipschitz < 1
@@ -254,16 +254,40 @@ def test_evaluation_estimator_meets_its_bias_bound():
     for block in blocks:
         assert isinstance(block.log_det_estimator, PowerSeriesLogDet)
         assert block.log_det_estimator.n_terms == n_terms and block.log_det_estimator.probe == "rademacher"
-    capped = flow.use_evaluation_estimator(dim, bias_bits=1e-12, max_terms=3)
+    capped = flow.use_evaluation_estimator(dim, bias_bits=1e-12, max_terms=3, exact_features=0)
     assert capped["n_terms"] == 3 and capped["bias_bound_bits"] > 1e-12
 
 
 def test_evaluation_estimator_leaves_exact_blocks_alone():
     flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=8, log_det=ExactLogDet())
-    assert flow.use_evaluation_estimator(2) == {"n_terms": 0, "bias_bound_bits": 0.0}
-    assert all(isinstance(block.log_det_estimator, ExactLogDet) for block in flow.residual_blocks())
+    assert flow.use_evaluation_estimator(2) == {"n_terms": 0, "bias_bound_bits": 0.0, "exact_blocks": 2}
+    assert all(type(block.log_det_estimator) is ExactLogDet for block in flow.residual_blocks())
     with pytest.raises(TypeError, match="callable"):
         flow.residual_blocks()[0].use_log_det_estimator(10)
+
+
+def test_evaluation_is_exact_for_dense_branches_up_to_exact_features():
+    """Dense branches of at most exact_features features are evaluated by DenseExactLogDet (the value of the
+    brute-force Jacobian); wider ones, and convolutional branches, by the series; the norms are refined first."""
+    flow = dense_iresnet_flow(4, n_blocks=2, hidden_features=16).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    flow.train()
+    flow.log_prob(x)  # ActNorm's initialisation and a power-iteration step
+    flow.eval()
+    chosen = flow.use_evaluation_estimator(4)
+    assert chosen == {"n_terms": 0, "bias_bound_bits": 0.0, "exact_blocks": 2}
+    assert all(isinstance(block.log_det_estimator, DenseExactLogDet) for block in flow.residual_blocks())
+    assert all(block.lipschitz_bound() <= block.g[0].coeff**3 for block in flow.residual_blocks())  # refined
+    structured = flow.log_prob(x)
+    for block in flow.residual_blocks():
+        block.use_log_det_estimator(ExactLogDet())
+    torch.testing.assert_close(structured, flow.log_prob(x))
+    wide = dense_iresnet_flow(4, n_blocks=2, hidden_features=16).double()
+    assert wide.use_evaluation_estimator(4, exact_features=3)["exact_blocks"] == 0
+    images = multiscale_iresnet_flow((1, 4, 4), n_scales=1, n_blocks=1, hidden_channels=4).double()
+    images.train()
+    images.log_prob(torch.randn(2, 1, 4, 4, dtype=torch.float64))
+    assert images.use_evaluation_estimator(16)["exact_blocks"] == 0
 
 
 @pytest.mark.parametrize("n_layers, preactivation", [(1, False), (2, True), (3, False), (4, True)])

@@ -10,9 +10,16 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from invertnet.core import InvertibleModule, check_dtype
+from invertnet.layers.lipschitz_nets import LipschitzMLP
 from invertnet.layers.residual import InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
+from invertnet.logdet.dense import DenseExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncation_error_bound
+
+EXACT_EVALUATION_FEATURES = 256
+"""Widest dense residual branch :meth:`FlowDistribution.use_evaluation_estimator` evaluates exactly: one
+:class:`~invertnet.logdet.DenseExactLogDet` pass costs O(B d^2 h) for width h plus a d x d LU per sample, below the
+series' n_terms vector-Jacobian products over several probe passes at these sizes."""
 
 __all__ = ["FlowDistribution", "standard_normal"]
 
@@ -120,30 +127,45 @@ class FlowDistribution(nn.Module):
         """The i-ResNet blocks of the transform, in module order."""
         return [module for module in self.transform.modules() if isinstance(module, InvertibleResidual)]
 
-    def use_evaluation_estimator(self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200) -> dict[str, float]:
+    def use_evaluation_estimator(
+        self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200, exact_features: int = EXACT_EVALUATION_FEATURES
+    ) -> dict[str, float]:
         r"""Install the evaluation log-det estimator of every residual block (thesis A.2) and report its bias.
 
         Refines the spectral norms (so that each block's certified Lipschitz bound is at most its ``coeff`` and close to
-        the true norm), takes L, the largest certified block bound, and the shortest power series whose truncation error
-        (thesis Theorem 5.8) is below ``bias_bits`` bits per dimension over all T blocks:
+        the true norm). Blocks with a dense branch (:class:`~invertnet.layers.LipschitzMLP`) of at most
+        ``exact_features`` features get the exact log-det from the Jacobian's factors
+        (:class:`~invertnet.logdet.DenseExactLogDet`: no bias, no probe noise, one pass). For the others it takes L,
+        their largest certified block bound, and the shortest power series whose truncation error (thesis
+        Theorem 5.8) is below ``bias_bits`` bits per dimension over all T of them:
 
         .. math:: n = \min\{n : T \cdot \mathrm{err}(L, d, n) \le \text{bias\_bits} \cdot d \ln 2\},
 
-        capped at ``max_terms``; each block then uses ``PowerSeriesLogDet(n, probe="rademacher")``. Flows
-        without residual blocks, or whose blocks all use exact log-dets, are left unchanged.
+        capped at ``max_terms``; each then uses ``PowerSeriesLogDet(n, probe="rademacher")``. Blocks that already
+        use an exact log-det are left unchanged.
 
         Arguments:
             dim: The number d of entries of one data sample (bits/dim divide by it).
             bias_bits: Bound on the bits/dim bias of the truncated series.
             max_terms: Most series terms.
+            exact_features: Largest dense branch width evaluated exactly (0: none; the series for every block).
 
         Returns:
-            ``{"n_terms", "bias_bound_bits", "lipschitz_bound"}`` (``n_terms`` 0 and bias 0 when unchanged).
+            ``{"n_terms", "bias_bound_bits", "lipschitz_bound", "exact_blocks"}``: the series length (0 when no
+            block uses the series), its bias bound (0 then), the L it was chosen for (absent then) and the number of
+            blocks evaluated exactly.
         """
-        blocks = [block for block in self.residual_blocks() if not block.exact_log_det]
+        residual = self.residual_blocks()
+        if residual:
+            refine_spectral_norms(self)
+        stochastic = [block for block in residual if not block.exact_log_det]
+        for block in stochastic:
+            if isinstance(block.g, LipschitzMLP) and block.g.event_shape[0] <= exact_features:
+                block.use_log_det_estimator(DenseExactLogDet())
+        exact = sum(block.exact_log_det for block in residual)
+        blocks = [block for block in stochastic if not block.exact_log_det]
         if not blocks:
-            return {"n_terms": 0, "bias_bound_bits": 0.0}
-        refine_spectral_norms(self)
+            return {"n_terms": 0, "bias_bound_bits": 0.0, "exact_blocks": exact}
         bounds = [block.lipschitz_bound() for block in blocks]
         if any(bound is None for bound in bounds):
             unknown = next(block for block, bound in zip(blocks, bounds, strict=True) if bound is None)
@@ -157,4 +179,4 @@ class FlowDistribution(nn.Module):
         bias = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
         for block in blocks:
             block.use_log_det_estimator(PowerSeriesLogDet(n_terms, probe="rademacher"))
-        return {"n_terms": n_terms, "bias_bound_bits": bias, "lipschitz_bound": lipschitz}
+        return {"n_terms": n_terms, "bias_bound_bits": bias, "lipschitz_bound": lipschitz, "exact_blocks": exact}

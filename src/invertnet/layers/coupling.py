@@ -1,4 +1,4 @@
-r"""Affine coupling layers: RealNVP (Dinh et al. 2017, Eq. 6-9) and Glow's scale (Kingma & Dhariwal 2018, Table 1).
+r"""Affine coupling layers: RealNVP (Dinh et al. 2017, 3.3-3.5) and Glow's scale (Kingma & Dhariwal 2018, Table 1).
 
 A coupling layer splits the input by a binary mask b into a conditioning part x_a (b = 1), passed through
 unchanged, and a transformed part x_b (b = 0), scaled and shifted by functions of x_a:
@@ -105,8 +105,9 @@ def default_conditioner(in_size: int, out_size: int, hidden: int, image: bool) -
     """A small conditioner whose last layer is zero-initialised, so that it outputs 0 at initialisation.
 
     Vectors: Linear(in, hidden) - ReLU - Linear(hidden, hidden) - ReLU - Linear(hidden, out). Images: Glow's
-    network (Kingma & Dhariwal 2018, section 3.3): Conv 3x3 (in -> hidden) - ReLU - Conv 1x1 - ReLU - Conv 3x3
-    (hidden -> out), padded to keep H and W.
+    network (Kingma & Dhariwal 2018; the zero last layer of their section 3.3): Conv 3x3 (in -> hidden) - ReLU -
+    Conv 1x1 - ReLU - Conv 3x3 (hidden -> out), padded to keep H and W; without the ActNorms and the learned
+    output scale of Glow's code.
     """
     if image:
         return _zero_last(
@@ -126,13 +127,13 @@ def default_conditioner(in_size: int, out_size: int, hidden: int, image: bool) -
 
 
 class AffineCoupling(InvertibleModule):
-    r"""Affine coupling layer (Dinh et al. 2017, Eq. 7-9) with the RealNVP or Glow scale.
+    r"""Affine coupling layer (Dinh et al. 2017, sections 3.3-3.5, Eq. 4-9) with the RealNVP or Glow scale.
 
     With the mask b (1: conditioning part x_a) and the conditioner's output (h_t, h_s) = NN(x_a),
 
     .. math:: y_a = x_a, \quad y_b = x_b \odot \sigma + h_t, \quad \log|\det J| = \sum \log \sigma,
 
-    where ``scale="exp"``: :math:`\log\sigma = c \tanh(h_s / c)`, the exponential of Dinh et al. 2017 (Eq. 8)
+    where ``scale="exp"``: :math:`\log\sigma = c \tanh(h_s / c)`, the exponential of Dinh et al. 2017 (Eq. 5)
     with its log-scale softly bounded to (-c, c) by ``clamp`` = c (``None``: unbounded), and
     ``scale="sigmoid"``: :math:`\sigma = \mathrm{sigmoid}(h_s + 2)`, the scale of Kingma & Dhariwal's Glow code
     (their Table 1 writes the exponential). The inverse is x_b = (y_b - h_t) / sigma.

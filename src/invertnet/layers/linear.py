@@ -114,7 +114,7 @@ class LULinear(_LUInvertibleMap):
 
 
 class InvertibleConv1x1(_LUInvertibleMap):
-    r"""Glow's invertible 1x1 convolution in LU form (Kingma & Dhariwal 2018, section 3.2, Eq. 9-10).
+    r"""Glow's invertible 1x1 convolution in LU form (Kingma & Dhariwal 2018, section 3.2).
 
     Every pixel's channel vector is multiplied by the same C x C matrix W = P L (U + diag(s)), so for inputs of
     shape (B, C, H, W)

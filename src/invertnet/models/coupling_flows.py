@@ -78,11 +78,11 @@ def realnvp_flow(
     Vectors (d,): ``n_steps`` couplings with the half mask, alternately flipped. Images (C, H, W): each scale but
     the last has ``n_steps`` couplings with alternating checkerboard masks, a :class:`~invertnet.layers.Squeeze`
     (C, H, W) -> (4C, H/2, W/2) and ``n_steps`` couplings with alternating channel masks; the last scale has
-    ``n_steps + 1`` checkerboard couplings (Dinh et al. 2017, section 4.1: 3 and 4). Every coupling
+    ``n_steps + 1`` checkerboard couplings (Dinh et al. 2017, section 3.6: 3 and 4). Every coupling
 
     .. math:: y_b = x_b \odot \exp(s(x_a)) + t(x_a), \qquad \log|\det J| = \sum s(x_a)
 
-    (Eq. 7-8) has a default conditioner (:func:`~invertnet.layers.default_conditioner`) of width ``hidden``; the
+    (Eq. 4-5) has a default conditioner (:func:`~invertnet.layers.default_conditioner`) of width ``hidden``; the
     log-det of the flow is exact and its inverse closed-form. All dimensions are kept to the end (no factoring
     out). Standard normal base.
 

@@ -197,6 +197,27 @@ def test_mintnet_trains_evaluates_and_inverts_through_the_cli(tmp_path):
     assert (tmp_path / "samples.png").is_file()
 
 
+def test_glow_trains_evaluates_samples_and_inverts_through_the_cli(tmp_path):
+    """A coupling flow has no residual blocks: exact log-det in one pass, no series, a closed-form inverse."""
+    tiny = ["model.n_steps=1", "model.hidden=8", "train.steps=3", "train.checkpoint_every=3"]
+    overrides = [item for setting in tiny for item in ("--set", setting)]
+    result = CliRunner().invoke(
+        main, ["train", "--config", "digits_glow", "--quiet", *overrides, "--run-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["evaluation_estimator"] == {"n_terms": 0, "bias_bound_bits": 0.0}
+    assert summary["test"]["probe_passes"] == 1 and summary["test"]["probe_standard_error"] == 0.0
+    assert summary["reconstruction"]["status"] == "analytic" and summary["reconstruction"]["max_abs_error"] < 1e-4
+    assert (tmp_path / "samples.png").is_file()
+    inverted = CliRunner().invoke(main, ["invert", str(tmp_path)])
+    assert inverted.exit_code == 0 and json.loads(inverted.output)["status"] == "analytic", inverted.output
+    sampled = CliRunner().invoke(main, ["sample", str(tmp_path), "-n", "4"])
+    assert sampled.exit_code == 0 and "4 samples of shape (1, 8, 8)" in sampled.output, sampled.output
+    certified = CliRunner().invoke(main, ["certify", str(tmp_path)])
+    assert certified.exit_code != 0 and "has no residual blocks" in certified.output
+
+
 def test_mintnet_classifier_trains_and_inverts_its_features(tmp_path):
     tiny = ["model.n_blocks=2", "model.hidden_factor=1", "train.steps=3", "train.checkpoint_every=3"]
     overrides = [item for setting in tiny for item in ("--set", setting)]
@@ -279,10 +300,10 @@ def test_run_folders_of_the_flat_config_layout_open(trained_run, tmp_path):
     result = CliRunner().invoke(main, ["invert", str(old)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["max_abs_error"] < 1e-3
-    recorded["model"] = {**_FLAT_MODEL_SECTION, "kind": "glow"}
+    recorded["model"] = {**_FLAT_MODEL_SECTION, "kind": "nice"}
     (old / "run_config.json").write_text(json.dumps(recorded))
     refused = CliRunner().invoke(main, ["invert", str(old)])
-    assert refused.exit_code != 0 and "model kind 'glow' is unknown" in refused.output
+    assert refused.exit_code != 0 and "model kind 'nice' is unknown" in refused.output
 
 
 def test_a_run_folder_is_never_mixed_with_another_run(trained_run, tmp_path):

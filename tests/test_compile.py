@@ -9,7 +9,7 @@ import torch
 
 import invertnet
 from invertnet.layers import ActNorm, Logit
-from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
+from invertnet.models import dense_iresnet_flow, glow_flow, mintnet_flow, multiscale_iresnet_flow, realnvp_flow
 
 
 def test_value_checks_can_be_switched_off_and_come_back():
@@ -36,8 +36,11 @@ def test_value_checks_can_be_switched_off_and_come_back():
         (lambda: dense_iresnet_flow(2, n_blocks=2, hidden_features=16), (2,)),
         (lambda: multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17), (1, 8, 8)),
         (lambda: mintnet_flow((1, 8, 8), n_blocks=2, hidden_factor=1, n_squeezes=1, levels=17), (1, 8, 8)),
+        (lambda: realnvp_flow((1, 8, 8), n_scales=2, n_steps=1, hidden=4, levels=17), (1, 8, 8)),
+        (lambda: glow_flow((1, 8, 8), n_scales=2, n_steps=1, hidden=4, levels=17), (1, 8, 8)),
+        (lambda: glow_flow(2, n_steps=2, hidden=8), (2,)),
     ],
-    ids=["dense", "multiscale", "mintnet"],
+    ids=["dense", "multiscale", "mintnet", "realnvp", "glow", "glow_vector"],
 )
 def test_the_training_log_prob_compiles_without_graph_breaks(make, shape):
     flow = make()

@@ -11,13 +11,16 @@ import torch
 from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
+    AffineCoupling,
     Flatten,
     InjectivePad,
     InvertibleBatchNorm,
+    InvertibleConv1x1,
     InvertibleResidual,
     LipschitzConvNet,
     LipschitzMLP,
     Logit,
+    LULinear,
     MaskedConv2d,
     MemorySavingSequential,
     MintBlock,
@@ -27,7 +30,7 @@ from invertnet.layers import (
     refine_spectral_norms,
 )
 from invertnet.logdet import DenseExactLogDet, ExactLogDet
-from invertnet.models import mintnet_flow
+from invertnet.models import glow_flow, mintnet_flow, realnvp_flow
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -118,6 +121,24 @@ def _mint_multiscale() -> InvertibleModule:
     return _randomised_mint(mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=1, n_squeezes=1).transform)
 
 
+def _randomised_coupling(module: InvertibleModule) -> InvertibleModule:
+    """Conditioners (zero last layer at initialisation) and LU scales (a rotation at initialisation) far from
+    the identity, so that the couplings and linear maps have non-trivial log-dets."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, AffineCoupling):
+                for parameter in sub.conditioner.parameters():
+                    parameter.normal_(0.0, 0.4)
+            if isinstance(sub, LULinear | InvertibleConv1x1):
+                sub.log_scale.normal_(0.0, 0.3)
+                sub.upper.add_(0.2 * torch.randn_like(sub.upper))
+    return module
+
+
+def _coupling(*args, **options) -> Callable[[], InvertibleModule]:
+    return lambda: _randomised_coupling(AffineCoupling(*args, hidden=6, **options))
+
+
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
@@ -149,6 +170,26 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     ),
     "mint_block": (lambda: _randomised_mint(MintBlock(1, 3, kernel_size=5)), (1, 4, 4)),
     "mintnet_multiscale": (_mint_multiscale, (1, 4, 4)),
+    "coupling_half_exp": (_coupling((4,), "half"), (4,)),
+    "coupling_alternating_unclamped": (_coupling((5,), "alternating", flip=True, clamp=None), (5,)),
+    "coupling_custom_mask_sigmoid": (
+        _coupling((4,), torch.tensor([1, 0, 0, 1]), scale="sigmoid", clamp=None),
+        (4,),
+    ),
+    "coupling_channel_sigmoid": (_coupling((4, 2, 2), "channel", scale="sigmoid", clamp=None), (4, 2, 2)),
+    "coupling_checkerboard": (_coupling((2, 3, 3), "checkerboard", flip=True), (2, 3, 3)),
+    "lu_linear": (lambda: _randomised_coupling(LULinear(4)), (4,)),
+    "invertible_conv1x1": (lambda: _randomised_coupling(InvertibleConv1x1(3)), (3, 2, 2)),
+    "realnvp_vector": (lambda: _randomised_coupling(realnvp_flow(3, n_steps=2, hidden=6).transform), (3,)),
+    "realnvp_image": (
+        lambda: _randomised_coupling(realnvp_flow((1, 4, 4), n_scales=2, n_steps=1, hidden=3).transform),
+        (1, 4, 4),
+    ),
+    "glow_vector": (lambda: _randomised_coupling(glow_flow(4, n_steps=2, hidden=6).transform), (4,)),
+    "glow_image": (
+        lambda: _randomised_coupling(glow_flow((1, 4, 4), n_scales=2, n_steps=1, hidden=3).transform),
+        (1, 4, 4),
+    ),
 }
 
 #: Inputs from each layer's domain; layers not listed take Gaussian inputs.

@@ -1,14 +1,19 @@
-"""Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, normalisation, reshapes;
-memory-saving compositions (``MemorySavingSequential``); and deep equilibrium layers (``DEQ``), whose output is a
-differentiable fixed point."""
+"""Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, affine couplings and LU
+linear maps (RealNVP, Glow), normalisation, reshapes; memory-saving compositions (``MemorySavingSequential``); and
+deep equilibrium layers (``DEQ``), whose output is a differentiable fixed point."""
 
 from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.coupling import AffineCoupling as AffineCoupling
+from invertnet.layers.coupling import coupling_mask as coupling_mask
+from invertnet.layers.coupling import default_conditioner as default_conditioner
 from invertnet.layers.deq import DEQ as DEQ
 from invertnet.layers.deq import ContractiveCell as ContractiveCell
 from invertnet.layers.deq import EquilibriumCell as EquilibriumCell
+from invertnet.layers.linear import InvertibleConv1x1 as InvertibleConv1x1
+from invertnet.layers.linear import LULinear as LULinear
 from invertnet.layers.lipschitz_nets import Linearization as Linearization
 from invertnet.layers.lipschitz_nets import LipschitzConvNet as LipschitzConvNet
 from invertnet.layers.lipschitz_nets import LipschitzMLP as LipschitzMLP
@@ -38,12 +43,15 @@ __all__ = [
     "DEQ",
     "ELU",
     "ActNorm",
+    "AffineCoupling",
     "ContractiveCell",
     "EquilibriumCell",
     "Flatten",
     "InjectivePad",
+    "InvertibleConv1x1",
     "InvertibleBatchNorm",
     "InvertibleResidual",
+    "LULinear",
     "LipSwish",
     "Logit",
     "Linearization",
@@ -62,6 +70,8 @@ __all__ = [
     "SpectralNormLinear",
     "Squeeze",
     "UniformDequantization",
+    "coupling_mask",
+    "default_conditioner",
     "make_activation",
     "refine_spectral_norms",
     "saved_activation_bytes",

@@ -1,11 +1,14 @@
-"""Models: flows as distributions (i-ResNet, MintNet), invertible classifiers, generative networks and a
-conditional GAN, and the mass-spectra classifiers IsotopeNet and ResidualNet (thesis ch. 7)."""
+"""Models: flows as distributions (i-ResNet, MintNet, and the RealNVP and Glow baselines), invertible classifiers,
+generative networks and a conditional GAN, and the mass-spectra classifiers IsotopeNet and ResidualNet (thesis
+ch. 7)."""
 
 from invertnet.models.classifiers import FullyInvertibleClassifier as FullyInvertibleClassifier
 from invertnet.models.classifiers import InvertibleClassifier as InvertibleClassifier
 from invertnet.models.classifiers import fully_invertible_classifier as fully_invertible_classifier
 from invertnet.models.classifiers import iresnet_classifier as iresnet_classifier
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
+from invertnet.models.coupling_flows import glow_flow as glow_flow
+from invertnet.models.coupling_flows import realnvp_flow as realnvp_flow
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
 from invertnet.models.gan import ConditionalGAN as ConditionalGAN
@@ -34,11 +37,13 @@ __all__ = [
     "conditional_dcgan",
     "dense_iresnet_flow",
     "fully_invertible_classifier",
+    "glow_flow",
     "iresnet_classifier",
     "load_generator",
     "mintnet_classifier",
     "mintnet_flow",
     "multiscale_iresnet_flow",
+    "realnvp_flow",
     "save_generator",
     "standard_normal",
 ]

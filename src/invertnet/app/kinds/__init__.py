@@ -19,7 +19,14 @@ from invertnet.app.kinds.classifiers import (
     IResNetClassifierConfig,
     MintNetClassifierConfig,
 )
-from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, MintNetFlowConfig, MultiscaleFlowConfig
+from invertnet.app.kinds.flows import (
+    DenseFlowConfig,
+    FlowKind,
+    GlowFlowConfig,
+    MintNetFlowConfig,
+    MultiscaleFlowConfig,
+    RealNVPFlowConfig,
+)
 from invertnet.app.kinds.gans import DCGANConfig, GANKind
 from invertnet.app.kinds.spectra import IsotopeNetConfig, ResidualNetConfig, SpectraKind
 
@@ -40,6 +47,8 @@ _REGISTERED = (
     FlowKind(DenseFlowConfig),
     FlowKind(MultiscaleFlowConfig),
     FlowKind(MintNetFlowConfig),
+    FlowKind(RealNVPFlowConfig),
+    FlowKind(GlowFlowConfig),
     ClassifierKind(MintNetClassifierConfig),
     ClassifierKind(IResNetClassifierConfig),
     ClassifierKind(FullyInvertibleClassifierConfig),

@@ -1,5 +1,6 @@
 r"""Density models: the i-ResNet flows ``dense`` (Behrmann et al. 2019, appendix C.3) and ``multiscale``
-(thesis A.2), and ``mintnet`` (Song, Meng & Ermon 2019, section 5.2), trained by maximum likelihood.
+(thesis A.2), ``mintnet`` (Song, Meng & Ermon 2019, section 5.2) and the coupling baselines ``realnvp`` (Dinh et
+al. 2017) and ``glow`` (Kingma & Dhariwal 2018), trained by maximum likelihood.
 
 A finished flow run reports test bits/dim with the series length chosen for a stated truncation bias (thesis
 A.2), the reconstruction error through the inverse, and writes ``samples.png`` (images) or ``density.png``
@@ -23,7 +24,14 @@ from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization, refine_spectral_norms
 from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
-from invertnet.models import FlowDistribution, dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
+from invertnet.models import (
+    FlowDistribution,
+    dense_iresnet_flow,
+    glow_flow,
+    mintnet_flow,
+    multiscale_iresnet_flow,
+    realnvp_flow,
+)
 from invertnet.solvers import linearized_inverse_error
 from invertnet.training import BitsPerDim
 from invertnet.training.objectives import bits_per_sample, mean_and_standard_error
@@ -31,7 +39,14 @@ from invertnet.training.objectives import bits_per_sample, mean_and_standard_err
 if TYPE_CHECKING:
     from invertnet.app.config import RunConfig
 
-__all__ = ["DenseFlowConfig", "FlowKind", "MintNetFlowConfig", "MultiscaleFlowConfig"]
+__all__ = [
+    "DenseFlowConfig",
+    "FlowKind",
+    "GlowFlowConfig",
+    "MintNetFlowConfig",
+    "MultiscaleFlowConfig",
+    "RealNVPFlowConfig",
+]
 
 LogDetChoice = Literal["power_series", "unbiased", "exact"]
 
@@ -114,6 +129,43 @@ class MintNetFlowConfig(MintNetLayers, _FlowConfig):
     kind: Literal["mintnet"] = "mintnet"
     builder: ClassVar = staticmethod(mintnet_flow)
     actnorm: bool = Field(True, description="ActNorm before every grouped layer")
+
+
+class _CouplingFlowConfig(_FlowConfig):
+    image_data: ClassVar[bool] = False
+    """The builders take vectors (d,) and images (C, H, W)."""
+    n_scales: int | None = Field(None, gt=0, le=MAX_SCALES, description="image data: scales (None: 2); vectors: 1")
+    hidden: int = Field(64, gt=0, le=MAX_WIDTH, description="units (vectors) or channels (images) of the conditioners")
+    scale: Literal["exp", "sigmoid"]
+    clamp: float | None
+
+    @model_validator(mode="after")
+    def _the_sigmoid_scale_takes_no_clamp(self) -> _CouplingFlowConfig:
+        if self.scale == "sigmoid" and self.clamp is not None:
+            raise ValueError(
+                f"clamp bounds the 'exp' scale; the 'sigmoid' scale lies in (0, 1), got clamp={self.clamp}"
+            )
+        return self
+
+
+class RealNVPFlowConfig(_CouplingFlowConfig):
+    """``realnvp``: :func:`~invertnet.models.realnvp_flow` (Dinh et al. 2017), exact log-det."""
+
+    kind: Literal["realnvp"] = "realnvp"
+    builder: ClassVar = staticmethod(realnvp_flow)
+    n_steps: int = Field(3, gt=0, le=MAX_BLOCKS, description="couplings per mask type and scale")
+    scale: Literal["exp", "sigmoid"] = "exp"
+    clamp: float | None = Field(3.0, gt=0, description="'exp' scale: bound of the log-scale (None: unbounded)")
+
+
+class GlowFlowConfig(_CouplingFlowConfig):
+    """``glow``: :func:`~invertnet.models.glow_flow` (Kingma & Dhariwal 2018), exact log-det."""
+
+    kind: Literal["glow"] = "glow"
+    builder: ClassVar = staticmethod(glow_flow)
+    n_steps: int = Field(4, gt=0, le=MAX_BLOCKS, description="steps (ActNorm, 1x1 convolution, coupling) per scale")
+    scale: Literal["exp", "sigmoid"] = "sigmoid"
+    clamp: float | None = Field(None, gt=0, description="'exp' scale: bound of the log-scale (None: unbounded)")
 
 
 class FlowKind(ModelKind):

@@ -1,0 +1,194 @@
+r"""Coupling-flow baselines: RealNVP (Dinh et al. 2017) and Glow (Kingma & Dhariwal 2018), for vectors and images.
+
+Both flows keep every dimension to the end: there is no factoring-out of half the variables after a scale
+(Dinh et al. 2017, section 3.6; Kingma & Dhariwal 2018, Fig. 2b), so their latents have the shape of the last
+scale, like :func:`~invertnet.models.multiscale_iresnet_flow`'s, and all layers see all variables. Both use
+:class:`~invertnet.layers.ActNorm` where RealNVP used batch normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from invertnet.core import InvertibleModule, InvertibleSequential
+from invertnet.layers.coupling import AffineCoupling, Scale
+from invertnet.layers.linear import InvertibleConv1x1, LULinear
+from invertnet.layers.norm import ActNorm
+from invertnet.layers.preprocess import Logit, UniformDequantization
+from invertnet.layers.shape import Squeeze
+from invertnet.models.flows import FlowDistribution, standard_normal
+
+__all__ = ["glow_flow", "realnvp_flow"]
+
+
+def _event_shape(features_or_shape: int | Sequence[int], where: str) -> tuple[int, ...]:
+    if isinstance(features_or_shape, int):
+        shape: tuple[int, ...] = (features_or_shape,)
+    else:
+        shape = tuple(int(size) for size in features_or_shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"{where}: expected a number of features d, (d,) or an image shape (C, H, W), got {shape}")
+    return shape
+
+
+def _scales(n_scales: int | None, shape: tuple[int, ...], where: str) -> int:
+    """The number of scales: 1 for vectors (which take no other), default 2 for images."""
+    if n_scales is None:
+        return 1 if len(shape) == 1 else 2
+    if n_scales < 1:
+        raise ValueError(f"{where}: n_scales must be positive, got {n_scales}")
+    if len(shape) == 1 and n_scales != 1:
+        raise ValueError(f"{where}: vectors {shape} have one scale (n_scales=None or 1), got n_scales={n_scales}")
+    return n_scales
+
+
+def _check_divisible(shape: tuple[int, ...], squeezes: int, where: str) -> None:
+    factor = 2**squeezes
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(
+            f"{where}: {squeezes} squeezes need H and W divisible by {factor}, got {shape[1]}x{shape[2]}; "
+            "use fewer scales"
+        )
+
+
+def _flow(parts: list[InvertibleModule], shape: tuple[int, ...], levels: int | None, alpha: float) -> FlowDistribution:
+    """The flow of ``parts`` with dequantisation and the logit transform first when ``levels`` is given."""
+    preprocessing: list[InvertibleModule] = [] if levels is None else [UniformDequantization(levels), Logit(alpha)]
+    return FlowDistribution(InvertibleSequential(*preprocessing, *parts), standard_normal(shape))
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    channels, height, width = shape
+    return (4 * channels, height // 2, width // 2)
+
+
+def realnvp_flow(
+    features_or_shape: int | Sequence[int],
+    n_scales: int | None = None,
+    n_steps: int = 3,
+    hidden: int = 64,
+    scale: Scale = "exp",
+    clamp: float | None = 3.0,
+    *,
+    levels: int | None = None,
+    logit_alpha: float = 0.05,
+) -> FlowDistribution:
+    r"""A RealNVP flow (Dinh et al. 2017): affine couplings with alternating masks, each after an ActNorm.
+
+    Vectors (d,): ``n_steps`` couplings with the half mask, alternately flipped. Images (C, H, W): each scale but
+    the last has ``n_steps`` couplings with alternating checkerboard masks, a :class:`~invertnet.layers.Squeeze`
+    (C, H, W) -> (4C, H/2, W/2) and ``n_steps`` couplings with alternating channel masks; the last scale has
+    ``n_steps + 1`` checkerboard couplings (Dinh et al. 2017, section 3.6: 3 and 4). Every coupling
+
+    .. math:: y_b = x_b \odot \exp(s(x_a)) + t(x_a), \qquad \log|\det J| = \sum s(x_a)
+
+    (Eq. 4-5) has a default conditioner (:func:`~invertnet.layers.default_conditioner`) of width ``hidden``; the
+    log-det of the flow is exact and its inverse closed-form. All dimensions are kept to the end (no factoring
+    out). Standard normal base.
+
+    Arguments:
+        features_or_shape: d for vectors (data (B, d)), or (C, H, W); H and W divisible by 2^(n_scales - 1).
+        n_scales: Scales of an image flow (default 2); vectors have one.
+        n_steps: Couplings per mask type and scale.
+        hidden: Units (vectors) or channels (images) of the conditioners.
+        scale, clamp: The coupling scale (:class:`~invertnet.layers.AffineCoupling`): ``"exp"`` with the
+            log-scale bounded to (-clamp, clamp), or Glow's ``"sigmoid"`` (then ``clamp=None``).
+        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
+            so that ``bits_per_dim`` is with respect to the discrete data.
+        logit_alpha: Margin of the logit transform when ``levels`` is given.
+
+    Example:
+        >>> flow = realnvp_flow(2, n_steps=4, hidden=16)
+        >>> flow.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+        >>> realnvp_flow((1, 8, 8), n_steps=1, hidden=4, levels=17).base.event_shape
+        torch.Size([4, 4, 4])
+    """
+    where = "realnvp_flow"
+    shape = _event_shape(features_or_shape, where)
+    n_scales = _scales(n_scales, shape, where)
+    if n_steps < 1:
+        raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
+
+    def couplings(event: tuple[int, ...], mask: str, count: int) -> list[InvertibleModule]:
+        steps: list[InvertibleModule] = []
+        for index in range(count):
+            coupling = AffineCoupling(event, mask, flip=index % 2 == 1, **options)  # type: ignore[arg-type]
+            steps += [ActNorm(event[0]), coupling]
+        return steps
+
+    if len(shape) == 1:
+        return _flow(couplings(shape, "half", n_steps), shape, levels, logit_alpha)
+    _check_divisible(shape, n_scales - 1, where)
+    parts: list[InvertibleModule] = []
+    for _ in range(n_scales - 1):
+        parts += couplings(shape, "checkerboard", n_steps)
+        shape = _squeezed(shape)
+        parts += [Squeeze(), *couplings(shape, "channel", n_steps)]
+    parts += couplings(shape, "checkerboard", n_steps + 1)
+    return _flow(parts, shape, levels, logit_alpha)
+
+
+def glow_flow(
+    features_or_shape: int | Sequence[int],
+    n_scales: int | None = None,
+    n_steps: int = 4,
+    hidden: int = 64,
+    scale: Scale = "sigmoid",
+    clamp: float | None = None,
+    *,
+    levels: int | None = None,
+    logit_alpha: float = 0.05,
+) -> FlowDistribution:
+    r"""A Glow flow (Kingma & Dhariwal 2018, section 3 and Fig. 2): steps of ActNorm, invertible 1x1 convolution
+    and affine coupling.
+
+    Images (C, H, W): ``n_scales`` levels, each a :class:`~invertnet.layers.Squeeze` followed by ``n_steps`` steps
+    :class:`~invertnet.layers.ActNorm` -> :class:`~invertnet.layers.InvertibleConv1x1` (LU) ->
+    :class:`~invertnet.layers.AffineCoupling` with the channel mask (the 1x1 convolution mixes the channels
+    between couplings, so the mask never flips) and Glow's scale sigmoid(h + 2),
+    :math:`\log|\det J| = \sum \log \mathrm{sigmoid}(h_s + 2)`. Vectors (d,): ``n_steps`` steps ActNorm ->
+    :class:`~invertnet.layers.LULinear` -> coupling with the half mask. All dimensions are kept to the end (Glow
+    factors out half of them after each level; this flow does not). Exact log-det, closed-form inverse, standard
+    normal base.
+
+    Arguments:
+        features_or_shape: d for vectors (data (B, d)), or (C, H, W); H and W divisible by 2^n_scales.
+        n_scales: Levels L of an image flow (default 2); vectors have one.
+        n_steps: Steps K per level.
+        hidden: Units (vectors) or channels (images) of the conditioners (Glow: 512).
+        scale, clamp: The coupling scale (:class:`~invertnet.layers.AffineCoupling`): ``"sigmoid"`` (Glow's code)
+            or ``"exp"`` (their Table 1) with an optional bound on the log-scale.
+        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
+            so that ``bits_per_dim`` is with respect to the discrete data.
+        logit_alpha: Margin of the logit transform when ``levels`` is given.
+
+    Example:
+        >>> flow = glow_flow((1, 8, 8), n_steps=2, hidden=8, levels=17)
+        >>> flow.base.event_shape
+        torch.Size([16, 2, 2])
+        >>> glow_flow(2, n_steps=2, hidden=8).log_prob(torch.randn(3, 2)).shape
+        torch.Size([3])
+    """
+    where = "glow_flow"
+    shape = _event_shape(features_or_shape, where)
+    n_scales = _scales(n_scales, shape, where)
+    if n_steps < 1:
+        raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
+
+    def steps(event: tuple[int, ...], mask: str, linear: type[LULinear | InvertibleConv1x1]) -> list[InvertibleModule]:
+        parts: list[InvertibleModule] = []
+        for _ in range(n_steps):
+            parts += [ActNorm(event[0]), linear(event[0]), AffineCoupling(event, mask, **options)]  # type: ignore[arg-type]
+        return parts
+
+    if len(shape) == 1:
+        return _flow(steps(shape, "half", LULinear), shape, levels, logit_alpha)
+    _check_divisible(shape, n_scales, where)
+    parts: list[InvertibleModule] = []
+    for _ in range(n_scales):
+        shape = _squeezed(shape)
+        parts += [Squeeze(), *steps(shape, "channel", InvertibleConv1x1)]
+    return _flow(parts, shape, levels, logit_alpha)

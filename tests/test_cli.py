@@ -206,7 +206,7 @@ def test_glow_trains_evaluates_samples_and_inverts_through_the_cli(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["evaluation_estimator"] == {"n_terms": 0, "bias_bound_bits": 0.0}
+    assert summary["evaluation_estimator"] == {"n_terms": 0, "bias_bound_bits": 0.0, "exact_blocks": 0}
     assert summary["test"]["probe_passes"] == 1 and summary["test"]["probe_standard_error"] == 0.0
     assert summary["reconstruction"]["status"] == "analytic" and summary["reconstruction"]["max_abs_error"] < 1e-4
     assert (tmp_path / "samples.png").is_file()

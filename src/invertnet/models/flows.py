@@ -128,7 +128,12 @@ class FlowDistribution(nn.Module):
         return [module for module in self.transform.modules() if isinstance(module, InvertibleResidual)]
 
     def use_evaluation_estimator(
-        self, dim: int, *, bias_bits: float = 1e-3, max_terms: int = 200, exact_features: int = EXACT_EVALUATION_FEATURES
+        self,
+        dim: int,
+        *,
+        bias_bits: float = 1e-3,
+        max_terms: int = 200,
+        exact_features: int = EXACT_EVALUATION_FEATURES,
     ) -> dict[str, float]:
         r"""Install the evaluation log-det estimator of every residual block (thesis A.2) and report its bias.
 

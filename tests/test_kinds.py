@@ -163,3 +163,19 @@ def test_settings_a_kind_does_not_read_are_refused_by_name(name, overrides, mess
 
     with pytest.raises(ValueError, match=re.escape(message)):
         build(load_config(name, overrides))
+
+
+def test_a_run_folder_recorded_before_a_field_existed_keeps_the_value_it_was_trained_with(tmp_path):
+    """Runs recorded before n_power_iterations existed trained with one step; a new config takes the default."""
+    from invertnet.app.config import read_run_config
+    from invertnet.layers.lipschitz_nets import POWER_ITERATIONS
+
+    config = load_config("digits_dense")
+    assert config.model.n_power_iterations == POWER_ITERATIONS != 1
+    recorded = config.model_dump(mode="json")
+    del recorded["model"]["n_power_iterations"]
+    (tmp_path / "run_config.json").write_text(json.dumps(recorded))
+    assert read_run_config(tmp_path / "run_config.json").model.n_power_iterations == 1
+    recorded["model"]["n_power_iterations"] = 3
+    (tmp_path / "run_config.json").write_text(json.dumps(recorded))
+    assert read_run_config(tmp_path / "run_config.json").model.n_power_iterations == 3

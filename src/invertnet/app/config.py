@@ -192,6 +192,9 @@ def read_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ValueError(f"{path}: not a run config (no 'model' section)")
     if "config_version" not in raw:  # run folders of invertnet 0.1 recorded the flat model section
         raw = _upgraded(raw, str(path))
+    kind = KINDS.get(str(raw["model"].get("kind")))
+    if kind is not None:  # a field the run did not record has the value it was trained with, not today's default
+        raw = {**raw, "model": {**kind.config.recorded_before, **raw["model"]}}
     return _validate(apply_overrides(raw, overrides or []), str(path))
 
 

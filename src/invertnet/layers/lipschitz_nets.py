@@ -20,6 +20,13 @@ from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLayer, Spe
 
 __all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization", "ResidualBranch"]
 
+POWER_ITERATIONS = 5
+"""Power-iteration steps per training step of the branches' normalised layers (the layers' own default is 1, as
+``torch.nn.utils.spectral_norm``'s). With one step the estimate lags behind the weights: after 1500 Adam steps of a
+64-128-128-64 dense flow on digits the layers' certified norms were 1.01-1.07 for coeff 0.97, so the refinement
+before evaluation (:func:`~invertnet.layers.refine_spectral_norms`) changed the trained map and cost 0.1 test
+bits/dim (docs/defaults.md); five steps cost little beside a training step and close most of that gap."""
+
 
 @dataclass
 class Linearization:
@@ -185,7 +192,7 @@ class LipschitzMLP(LipschitzNet):
         n_layers: Number of linear layers (at least 1).
         coeff: Spectral-normalisation coefficient c of every layer (Eq. 4.9), so Lip(g) <= c^n_layers.
         activation: ``"elu"``, ``"softplus"`` or ``"lipswish"``.
-        n_power_iterations: Power-iteration steps per training step.
+        n_power_iterations: Power-iteration steps per training step (default :data:`POWER_ITERATIONS`).
         norm_orders: One order p for every interface, or n_layers + 1 orders (first = last) for the induced
             mixed norms of Residual Flows.
         preactivation: Apply the activation to the input first, as thesis Eq. 4.5 does.
@@ -204,7 +211,7 @@ class LipschitzMLP(LipschitzNet):
         coeff: float = 0.97,
         activation: str = "elu",
         *,
-        n_power_iterations: int = 1,
+        n_power_iterations: int = POWER_ITERATIONS,
         norm_orders: float | Sequence[float] = 2.0,
         preactivation: bool = False,
     ) -> None:
@@ -255,7 +262,7 @@ class LipschitzConvNet(LipschitzNet):
         coeff: float = 0.97,
         activation: str = "elu",
         *,
-        n_power_iterations: int = 1,
+        n_power_iterations: int = POWER_ITERATIONS,
         norm_orders: float | Sequence[float] = 2.0,
         preactivation: bool = True,
     ) -> None:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from invertnet.core import InvertibleModule, InvertibleSequential
-from invertnet.layers.lipschitz_nets import LipschitzConvNet, LipschitzMLP
+from invertnet.layers.lipschitz_nets import POWER_ITERATIONS, LipschitzConvNet, LipschitzMLP
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
@@ -28,6 +28,7 @@ def dense_iresnet_flow(
     *,
     levels: int | None = None,
     logit_alpha: float = 0.05,
+    n_power_iterations: int = POWER_ITERATIONS,
 ) -> FlowDistribution:
     """The dense i-ResNet flow for 2-D and tabular data (Behrmann et al. 2019, appendix C.3 "Toy Densities").
 
@@ -45,6 +46,7 @@ def dense_iresnet_flow(
         levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        n_power_iterations: Power-iteration steps of every normalised layer per training step.
 
     Example:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
@@ -63,7 +65,9 @@ def dense_iresnet_flow(
         parts.append(Flatten(shape))
     dim = math.prod(shape)
     for _ in range(n_blocks):
-        g = LipschitzMLP(dim, hidden_features, n_layers=n_layers, coeff=coeff, activation=activation)
+        g = LipschitzMLP(
+            dim, hidden_features, n_layers, coeff, activation, n_power_iterations=n_power_iterations
+        )
         parts += [ActNorm(dim), InvertibleResidual(g, log_det=log_det)]
     return FlowDistribution(InvertibleSequential(*parts), standard_normal((dim,)))
 
@@ -79,6 +83,7 @@ def multiscale_iresnet_flow(
     log_det: LogDetEstimator | None = None,
     levels: int | None = None,
     logit_alpha: float = 0.05,
+    n_power_iterations: int = POWER_ITERATIONS,
 ) -> FlowDistribution:
     r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 
@@ -94,6 +99,7 @@ def multiscale_iresnet_flow(
         log_det: Log-det estimator of every block (default: power series with 10 terms, the MNIST setting).
         levels: Number K of discrete levels of the data (256 for 8-bit images), or ``None`` for continuous data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        n_power_iterations: Power-iteration steps of every normalised layer per training step.
 
     Example:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
@@ -114,7 +120,9 @@ def multiscale_iresnet_flow(
         parts += [UniformDequantization(levels), Logit(logit_alpha)]
     for scale in range(n_scales):
         for _ in range(n_blocks):
-            g = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff=coeff, activation=activation)
+            g = LipschitzConvNet(
+                channels, hidden_channels, kernel_sizes, coeff, activation, n_power_iterations=n_power_iterations
+            )
             parts += [ActNorm(channels), InvertibleResidual(g, log_det=log_det)]
         if scale < n_scales - 1:
             parts.append(Squeeze())

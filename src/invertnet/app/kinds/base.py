@@ -65,6 +65,9 @@ class KindConfig(BaseModel):
     application_fields: ClassVar[frozenset[str]] = frozenset()
     """Fields the application reads itself (training estimator, wrappers), not passed to the builder."""
     legacy_names: ClassVar[dict[str, str | tuple[str, Callable[[Any], Any]]]] = {}
+    recorded_before: ClassVar[dict[str, Any]] = {}
+    """Fields added after run folders first recorded this kind, with the value those runs were trained with
+    (which a later default may not be): :func:`~invertnet.app.config.read_run_config` fills them in."""
 
     def builder_arguments(self) -> dict[str, Any]:
         """The fields as the builder's keyword arguments."""

@@ -23,6 +23,7 @@ from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, Kernel
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization, refine_spectral_norms
+from invertnet.layers.lipschitz_nets import POWER_ITERATIONS
 from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import (
     FlowDistribution,
@@ -66,9 +67,13 @@ class _FlowConfig(KindConfig):
 
 class _ResidualFlowConfig(_FlowConfig):
     application_fields: ClassVar[frozenset[str]] = frozenset({"memory_saving", "log_det", "n_terms"})
+    recorded_before: ClassVar[dict[str, Any]] = {"n_power_iterations": 1}
     n_blocks: int = Field(4, gt=0, le=MAX_BLOCKS)
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
     activation: Literal["elu", "softplus", "lipswish"] = "elu"
+    n_power_iterations: int = Field(
+        POWER_ITERATIONS, ge=1, le=100, description="power-iteration steps of every normalised layer per training step"
+    )
     log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
     n_terms: int | None = Field(
         None, gt=0, le=MAX_TRAINING_TERMS, description="power_series: terms during training (None: 5)"

@@ -36,19 +36,19 @@ training data. Peers see the data flattened to 64 dimensions, dequantised as x =
 mapped by the same logit (alpha = 0.05, its log-det included) as invertnet's ``UniformDequantization`` and
 ``Logit``; under the same seed both draw the same noise.
 
-Evaluation (shared by both modes, ``flowbench.run``): bits/dim with respect to the discrete data,
--log p(levels + u) / (64 ln 2), averaged per test image over 4 dequantisation draws that are the same for every
-model (validation: one draw); ``standard_error`` is over test images. invertnet: ``refine_spectral_norms``, then
-the exact log-det in every i-ResNet block (``DenseExactLogDet``; brute force for convolutional branches; the
-validation evaluations use the same exact log-dets without the refinement, which only certifies the norms);
-MintNet and coupling flows are exact by construction. zuko and nflows: their own (exact) ``log_prob``. normflows RealNVP and Glow: exact.
-normflows' residual flow: power iterations to convergence, then its own eval-mode estimator, a Russian-roulette
-power series with 20 exact terms and a geometric tail and one Hutchinson probe per image (Chen et al. 2019,
-Eq. 6-7): unbiased for log p when Lip(g) < 1, so its mean test bits/dim has no bias; the probe and roulette noise
-enter its per-image variance, hence its standard error. Per setting: the winner (lowest test bits/dim), and the
-best invertnet model against the best peer (each chosen on validation bits/dim, never on the test data), the
-equal-architecture pair, and the best invertnet model against zuko NSF, as differences of per-image test
-bits/dim with their paired standard error and the number of standard errors that separate them.
+Evaluation (shared by both modes, ``flowbench.run``): bits/dim with respect to the discrete data, -log p(levels + u)
+/ (64 ln 2), averaged per test image over 4 dequantisation draws that are the same for every model (validation: one
+draw); ``standard_error`` is over test images. invertnet: ``refine_spectral_norms``, then the exact log-det in every
+i-ResNet block (``DenseExactLogDet``; brute force for convolutional branches; the validation evaluations use the
+same exact log-dets without the refinement, which only certifies the norms); MintNet and coupling flows are exact by
+construction. zuko, nflows, normflows RealNVP and Glow: their own (exact) ``log_prob``. normflows' residual flow:
+power iterations to convergence, then its own eval-mode estimator, a Russian-roulette power series with 20 exact
+terms and a geometric tail and one Hutchinson probe per image (Chen et al. 2019, Eq. 6): unbiased for log p when
+Lip(g) < 1, so its mean test bits/dim has no bias; the probe and roulette noise enter its per-image variance, hence
+its standard error. Per setting: the winner (lowest test bits/dim), and the best invertnet model against the best
+peer (each chosen on validation bits/dim, never on the test data), the equal-architecture pair, and the best
+invertnet model against zuko NSF, as differences of per-image test bits/dim with their paired standard error and the
+number of standard errors that separate them.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ from dataclasses import dataclass
 
 import torch
 from flowbench import (
-    INVERTNET_EXACT,
     Budget,
     Result,
     Spec,
@@ -74,9 +73,8 @@ from flowbench import (
     best_by_validation,
     comparisons,
     converge_lipschitz,
-    exact_evaluation,
-    exact_log_dets,
     guarded,
+    invertnet_candidate,
     log,
     optional_invertnet_builder,
     parameter_count,
@@ -194,7 +192,7 @@ def nflows_nsf(width: int) -> nn.Module:
 
 NORMFLOWS_RESIDUAL_ESTIMATOR = (
     "normflows' eval-mode estimator after power iterations to convergence: a Russian-roulette series (20 exact "
-    "terms, geometric tail) with one Hutchinson probe (Chen et al. 2019, Eq. 6-7); unbiased for log p when "
+    "terms, geometric tail) with one Hutchinson probe (Chen et al. 2019, Eq. 6); unbiased for log p when "
     "Lip(g) < 1, so the mean has no bias; its noise is in the standard error"
 )
 
@@ -272,30 +270,19 @@ def coupling(builder: str) -> Callable[[int], nn.Module]:
     return build_coupling
 
 
-def candidate(name: str, build_at: Callable[[int], nn.Module], architecture: str, width: int | None = None) -> Spec:
-    return Spec(
-        name,
-        "invertnet",
-        build_at,
-        architecture,
-        width,
-        prepare=exact_evaluation,
-        prepare_validation=exact_log_dets,
-        estimator=INVERTNET_EXACT,
-    )
-
-
 INVERTNET = [
-    candidate(
+    invertnet_candidate(
         "invertnet-dense",
         dense,
         f"dense_iresnet_flow: {DENSE_BLOCKS} x [ActNorm, i-ResNet block (LipschitzMLP 64-h-h-64)], builder defaults",
         width=DENSE_HIDDEN,
     ),
-    candidate("invertnet-multiscale", multiscale, "multiscale_iresnet_flow: 3 scales x 4 blocks, builder defaults"),
-    candidate("invertnet-mintnet", mintnet, "mintnet_flow: 4 grouped layers, 1 squeeze, builder defaults"),
-    candidate("invertnet-glow", coupling("glow_flow"), "glow_flow, builder defaults"),
-    candidate("invertnet-realnvp", coupling("realnvp_flow"), "realnvp_flow, builder defaults"),
+    invertnet_candidate(
+        "invertnet-multiscale", multiscale, "multiscale_iresnet_flow: 3 scales x 4 blocks, builder defaults"
+    ),
+    invertnet_candidate("invertnet-mintnet", mintnet, "mintnet_flow: 4 grouped layers, 1 squeeze, builder defaults"),
+    invertnet_candidate("invertnet-glow", coupling("glow_flow"), "glow_flow, builder defaults"),
+    invertnet_candidate("invertnet-realnvp", coupling("realnvp_flow"), "realnvp_flow, builder defaults"),
 ]
 
 #: The default mode's embedded configs.
@@ -386,7 +373,7 @@ def run_settings(settings: list[Setting], specs: list[Spec], split: Split, seed:
 
 
 def config_spec(name: str) -> Spec:
-    return candidate(name, lambda _width: build(load_config(name))[1], CONFIGS[name], width=0)
+    return invertnet_candidate(name, lambda _width: build(load_config(name))[1], CONFIGS[name], width=0)
 
 
 def run_config(spec: Spec, budget: float, split: Split) -> Result:

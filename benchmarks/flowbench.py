@@ -132,6 +132,22 @@ def exact_evaluation(flow: nn.Module) -> None:
     exact_log_dets(flow)
 
 
+def invertnet_candidate(
+    name: str, build: Callable[[int], nn.Module], architecture: str, width: int | None = None
+) -> Spec:
+    """An invertnet model, tested exactly (:func:`exact_evaluation`) and validated with exact log-dets."""
+    return Spec(
+        name,
+        "invertnet",
+        build,
+        architecture,
+        width,
+        prepare=exact_evaluation,
+        prepare_validation=exact_log_dets,
+        estimator=INVERTNET_EXACT,
+    )
+
+
 # peers
 
 

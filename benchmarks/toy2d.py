@@ -40,7 +40,6 @@ from collections.abc import Sequence
 
 import torch
 from flowbench import (
-    INVERTNET_EXACT,
     Budget,
     Result,
     Spec,
@@ -51,9 +50,8 @@ from flowbench import (
     compare,
     comparisons,
     converge_lipschitz,
-    exact_evaluation,
-    exact_log_dets,
     guarded,
+    invertnet_candidate,
     log,
     optional_invertnet_builder,
     per_sample,
@@ -98,27 +96,17 @@ def coupling(builder: str) -> nn.Module:
     return optional_invertnet_builder(builder)(2, hidden_features=HIDDEN)
 
 
-def invertnet_spec(name: str, build_at, architecture: str) -> Spec:  # noqa: ANN001
-    return Spec(
-        name,
-        "invertnet",
-        build_at,
-        architecture,
-        width=HIDDEN,
-        prepare=exact_evaluation,
-        prepare_validation=exact_log_dets,
-        estimator=INVERTNET_EXACT,
-    )
-
-
 MODELS = [
-    invertnet_spec(
+    invertnet_candidate(
         "invertnet-dense",
         lambda width: dense_iresnet_flow(2, n_blocks=BLOCKS, hidden_features=width, n_layers=LAYERS),
         f"dense_iresnet_flow: {BLOCKS} x [ActNorm, i-ResNet block (LipschitzMLP 2-64-64-64-2)], builder defaults",
+        width=HIDDEN,
     ),
-    invertnet_spec("invertnet-glow", lambda _: coupling("glow_flow"), "glow_flow, builder defaults"),
-    invertnet_spec("invertnet-realnvp", lambda _: coupling("realnvp_flow"), "realnvp_flow, builder defaults"),
+    invertnet_candidate("invertnet-glow", lambda _: coupling("glow_flow"), "glow_flow, builder defaults", width=0),
+    invertnet_candidate(
+        "invertnet-realnvp", lambda _: coupling("realnvp_flow"), "realnvp_flow, builder defaults", width=0
+    ),
     Spec("zuko-nsf", "peer", lambda _: zuko_flow("NSF", 2), "zuko.flows.NSF(2), zuko's defaults", width=0),
     Spec("zuko-maf", "peer", lambda _: zuko_flow("MAF", 2), "zuko.flows.MAF(2), zuko's defaults", width=0),
     Spec(

@@ -341,10 +341,12 @@ def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
 def report(results: list[Result], architectures: dict[str, str], title: str) -> dict:
     """Log the table and verdicts; the JSON part of one setting."""
     found = comparisons(results, named_pairs(results))
-    log(f"\n{title}\n{table(results, 'test bits/dim')}\n{verdicts(found, 'bits/dim')}\n")
+    best = winner(results)
+    won = f"winner: {best['model']}, {best['test']:.4f} bits/dim" if best else "winner: none (no model was tested)"
+    log(f"\n{title}\n{table(results, 'test bits/dim')}\n{won}\n{verdicts(found, 'bits/dim')}\n")
     return {
         "models": [described(r, architectures.get(r.spec.name, r.spec.architecture)) for r in results],
-        "winner": winner(results),
+        "winner": best,
         "comparisons": found,
     }
 

@@ -164,10 +164,11 @@ def run_dataset(name: str, specs: list[Spec], args: argparse.Namespace) -> dict:
         entry["difference"] = -entry["difference"]
     ceiling = -truth.row["test"]
     log(f"\n{name} (true density: test log-likelihood {ceiling:.4f} +- {truth.row['standard_error']:.4f})")
-    log(f"{table(results, 'test log p', sign=-1.0)}\n{verdicts(found, 'nats (log-likelihood)')}\n")
     best_test = winner(results)
     if best_test is not None:
         best_test["test"] = -best_test["test"]
+    won = f"winner: {best_test['model']}, {best_test['test']:.4f} nats" if best_test else "winner: none"
+    log(f"{table(results, 'test log p', sign=-1.0)}\n{won}\n{verdicts(found, 'nats (log-likelihood)')}\n")
     return {
         "dataset": name,
         "true_test_log_likelihood": ceiling,

@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PIP_INSTALL) -e '.[all,bench]'
 	$(BIN)/python benchmarks/iresnet_block.py
 	$(BIN)/python benchmarks/digits_density.py
+	$(BIN)/python benchmarks/toy2d.py
 	$(BIN)/python benchmarks/mintnet_layer.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/memory_saving.py

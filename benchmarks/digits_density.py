@@ -1,363 +1,475 @@
-"""Density estimation on scikit-learn's 8x8 digits: invertnet's flows against zuko and normflows.
+"""Density estimation on scikit-learn's 8x8 digits: invertnet's flows against zuko, normflows and nflows.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/digits_density.py [--budget SECONDS]
+    .venv/bin/python benchmarks/digits_density.py [--budget SECONDS] [--models NAME ...]
+    .venv/bin/python benchmarks/digits_density.py --settings [--lr LR ...] [--batch B ...] [--budget S ...]
+        [--models NAME ...] [--seed N]
 
-Progress and a table go to stderr, one JSON object to stdout. Every model trains for the same wall-clock
-budget (default 60 s) on the CPU with torch's default number of threads, then is evaluated on the test split.
+Progress and tables go to stderr, one JSON object to stdout. Training time is wall-clock time of the optimiser
+steps on the CPU with torch's default number of threads; evaluations are not counted.
 
-* invertnet: the embedded configs ``digits_dense`` (dense i-ResNet), ``mintnet_digits`` (MintNet) and
-  ``digits`` (multi-scale i-ResNet, the ``make run`` model), each with its own dequantisation and logit,
-  trained with the config's optimiser settings through ``Trainer.train_step`` (``steps`` made so large that
-  the cosine schedule stays at its initial rate). Evaluated in eval mode with the EMA weights, after
-  ``refine_spectral_norms`` (as ``invertnet evaluate`` does) and with ``ExactLogDet`` in every block, so the
-  number carries neither the truncation bias nor the probe noise of the training estimator.
-* peers, on the data flattened to 64 dimensions, dequantised as x = (levels + U[0, 1)) / 17 and mapped by
-  the same logit as invertnet's (alpha = 0.05, its log-det included), trained with Adam (lr 1e-3, batch 64):
-  zuko MAF and NSF (a peer whose library is missing is reported as an error), normflows RealNVP (masked
-  affine couplings on alternating checkerboard masks, ActNorm between), normflows Glow (on the images
-  squeezed to 4x4x4) and normflows' residual flow
-  (``Residual(LipschitzMLP)``, ActNorm between, ``update_lipschitz`` after every step and to convergence
-  before evaluation; evaluated with its own unbiased eval-mode estimator). The hidden width of each peer is
-  chosen so that its parameter count is closest to that of ``digits_dense``.
+Two modes:
 
-Test bits/dim are with respect to the discrete data, -log p(levels + u) / (64 ln 2), averaged per test image
-over 4 dequantisation draws; ``standard_error`` is over test images.
+* ``--settings``, the grid of standard settings nobody tuned: Adam with learning rate 1e-3 and 3e-3, batch 64
+  and 128, 60 s and 120 s of training (8 settings; ``--lr``, ``--batch``, ``--budget`` replace an axis by the
+  values given, e.g. ``--lr 1e-3 --batch 128 --budget 60`` for one setting). In every setting every model, the
+  invertnet ones included, trains with plain Adam at the setting's learning rate and batch size (no schedule,
+  no gradient clipping, no weight average), from the same seed, on the same batches in the same order; the
+  validation bits/dim are evaluated at every tenth of the budget (``--checks``) and the best evaluated copy is
+  tested. Models (``--models``, default all): the invertnet registry :data:`INVERTNET` (the dense i-ResNet of
+  the builder's defaults at the equal architecture below, the multi-scale i-ResNet, MintNet, and the coupling
+  flows ``glow_flow`` / ``realnvp_flow`` where this invertnet has them) and the peers :data:`PEERS`.
+* default (no ``--settings``): invertnet's embedded configs ``digits_dense``, ``mintnet_digits`` and ``digits``
+  (the ``make run`` model), each trained with its own optimiser settings (schedule held at its initial rate,
+  gradient clipping, EMA) through ``Trainer.train_step`` and evaluated with its averaged weights, against the
+  peers trained with Adam (lr 1e-3, batch 64); one budget (default 60 s); the final weights are tested.
+
+Equal architecture: invertnet's ``dense_iresnet_flow((1, 8, 8), n_blocks=6, hidden_features=128, n_layers=3,
+levels=17, logit_alpha=0.05)`` with every other argument at the builder's default, and normflows' residual flow
+6 x [Residual(LipschitzMLP 64-128-128-64), ActNorm] (both ~199k parameters). Every other model takes the width
+whose parameter count is closest to the dense flow's.
+
+Data: ``load_digits`` train/test (1438/359 images), with the application's validation split (a fixed draw of
+``DataConfig.validation_fraction`` = 10 % of the training images, ``RunData.with_validation``) held out of the
+training data. Peers see the data flattened to 64 dimensions, dequantised as x = (levels + U[0, 1)) / 17 and
+mapped by the same logit (alpha = 0.05, its log-det included) as invertnet's ``UniformDequantization`` and
+``Logit``; under the same seed both draw the same noise.
+
+Evaluation (shared by both modes, ``flowbench.run``): bits/dim with respect to the discrete data, -log p(levels + u)
+/ (64 ln 2), averaged per test image over 4 dequantisation draws that are the same for every model (validation: one
+draw); ``standard_error`` is over test images. invertnet: ``refine_spectral_norms``, then the exact log-det in every
+i-ResNet block (``DenseExactLogDet``; brute force for convolutional branches; the validation evaluations use the
+same exact log-dets without the refinement, which only certifies the norms); MintNet and coupling flows are exact by
+construction. zuko, nflows, normflows RealNVP and Glow: their own (exact) ``log_prob``. normflows' residual flow:
+power iterations to convergence, then its own eval-mode estimator, a Russian-roulette power series with 20 exact
+terms and a geometric tail and one Hutchinson probe per image (Chen et al. 2019, Eq. 6): unbiased for log p when
+Lip(g) < 1, so its mean test bits/dim has no bias; the probe and roulette noise enter its per-image variance, hence
+its standard error. Per setting: the winner (lowest test bits/dim), and the best invertnet model against the best
+peer (each chosen on validation bits/dim, never on the test data), the equal-architecture pair, and the best
+invertnet model against zuko NSF, as differences of per-image test bits/dim with their paired standard error and the
+number of standard errors that separate them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import itertools
 import json
 import math
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from flowbench import (
+    Budget,
+    Result,
+    Spec,
+    Split,
+    adam_step,
+    batches,
+    best_by_validation,
+    comparisons,
+    converge_lipschitz,
+    guarded,
+    invertnet_candidate,
+    log,
+    optional_invertnet_builder,
+    parameter_count,
+    require,
+    run,
+    table,
+    update_lipschitz,
+    verdicts,
+    versions,
+    width_of,
+    winner,
+    zuko_flow,
+)
+from flowbench import normflows_residual as residual_flow
 from torch import Tensor, nn
 
-from invertnet.app.config import load_config
+from invertnet.app.config import DataConfig, load_config
+from invertnet.app.kinds.base import RunData
 from invertnet.app.runs import build
 from invertnet.data import DIGITS_LEVELS, load_digits
-from invertnet.layers import InvertibleResidual, refine_spectral_norms
-from invertnet.logdet import ExactLogDet
+from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
 from invertnet.training import TrainConfig, Trainer
 
+SHAPE = (1, 8, 8)
 DIM = 64
 DRAWS = 4
 LOGIT_ALPHA = 0.05
-BATCH_SIZE = 64
-LEARNING_RATE = 1e-3
-EVAL_BATCH = 256
-REPORT_EVERY = 10.0
-#: Peers get the parameter count of this invertnet config.
-PEER_SIZE_CONFIG = "digits_dense"
+DENSE_BLOCKS, DENSE_HIDDEN, DENSE_LAYERS = 6, 128, 3
+LEARNING_RATES = (1e-3, 3e-3)
+BATCH_SIZES = (64, 128)
+BUDGETS = (60.0, 120.0)
+#: The default mode's peer optimiser.
+PEER_LR, PEER_BATCH = 1e-3, 64
+PACKAGES = ("invertnet", "torch", "zuko", "normflows", "nflows")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def bits_per_dim(model: nn.Module, levels: Tensor) -> Tensor:
+    return model.bits_per_dim(levels)
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+# peers: densities of logit-space vectors, wrapped as densities of digit levels
 
 
-def standard_error(values: Tensor) -> float:
-    return (values.std() / math.sqrt(len(values))).item()
+class LogitSpaceDensity(nn.Module):
+    """A peer's density of 64-vectors y (or of (1, 8, 8) images when ``image``) as a density of digit levels:
+    y = logit(alpha + (1 - 2 alpha) (levels + u) / K), the same maps and log-dets as invertnet's flows."""
+
+    def __init__(self, flow: nn.Module, image: bool = False) -> None:
+        super().__init__()
+        self.flow, self.image = flow, image
+
+    def bits_per_dim(self, levels: Tensor) -> Tensor:
+        """-log p(levels + u) / (64 ln 2) per image, for one draw of u (drawn as UniformDequantization does)."""
+        x = ((levels + torch.rand_like(levels)) / DIGITS_LEVELS).flatten(1)
+        p = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * x
+        y = torch.log(p) - torch.log1p(-p)
+        log_det = (math.log(1 - 2 * LOGIT_ALPHA) - torch.log(p) - torch.log1p(-p)).sum(dim=1)
+        log_density = self.flow.log_prob(y.view(-1, *SHAPE) if self.image else y) + log_det
+        return -(log_density - DIM * math.log(DIGITS_LEVELS)) / (DIM * math.log(2))
 
 
-def train_for(budget: float, step: Callable[[], float], name: str) -> tuple[int, float]:
-    """Call ``step`` until ``budget`` seconds have passed; returns (steps, seconds)."""
-    start = last_report = time.perf_counter()
-    steps = 0
-    while (now := time.perf_counter()) - start < budget:
-        loss = step()
-        steps += 1
-        if now - last_report >= REPORT_EVERY:
-            log(f"  {name}: step {steps}, {now - start:.0f} s, train bits/dim {loss:.3f}")
-            last_report = now
-    return steps, time.perf_counter() - start
+def checkerboard_mask() -> Tensor:
+    row, column = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    return ((row + column) % 2).flatten().float()
 
 
-def averaged_bits(bits: Callable[[Tensor], Tensor], test: Tensor) -> Tensor:
-    """Per-image test bits/dim, averaged over ``DRAWS`` dequantisation draws."""
-    draws = [torch.cat([bits(chunk) for chunk in test.split(EVAL_BATCH)]) for _ in range(DRAWS)]
-    return torch.stack(draws).mean(dim=0)
+def zuko_maf(width: int) -> nn.Module:
+    return LogitSpaceDensity(zuko_flow("MAF", DIM, transforms=3, hidden_features=(width, width)))
 
 
-# invertnet
+def zuko_nsf(width: int) -> nn.Module:
+    return LogitSpaceDensity(zuko_flow("NSF", DIM, bins=4, transforms=2, hidden_features=(width, width)))
 
 
-def run_invertnet(budget: float, config_name: str) -> dict:
-    """Train an embedded config for ``budget`` seconds and evaluate it with an exact (or bias-free) log-det."""
-    config = load_config(config_name)
-    torch.manual_seed(config.train.seed)
-    _, flow, data = build(config)
-    train, test = data.train, data.test
-    settings = TrainConfig(**{**config.train.model_dump(), "steps": 10**9})
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(flow, train, settings, run_dir, progress=False)
-        steps, seconds = train_for(budget, trainer.train_step, config_name)
-        flow.eval()
-        with trainer.ema_weights(), torch.no_grad():
-            refine_spectral_norms(flow)
-            for block in flow.modules():
-                if isinstance(block, InvertibleResidual):
-                    block.use_log_det_estimator(ExactLogDet())
-            bits = averaged_bits(flow.bits_per_dim, test)
-    return result(flow, steps, seconds, bits, INVERTNET_MODELS[config_name])
+def normflows_realnvp(width: int) -> nn.Module:
+    nf = require("normflows")
+    mask = checkerboard_mask()
+    flows = []
+    for i in range(4):
+        scale = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
+        shift = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
+        flows += [nf.flows.MaskedAffineFlow(mask if i % 2 == 0 else 1 - mask, shift, scale), nf.flows.ActNorm(DIM)]
+    return LogitSpaceDensity(nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows))
 
 
-INVERTNET_MODELS = {
+def normflows_glow(width: int) -> nn.Module:
+    nf = require("normflows")
+    blocks = [nf.flows.GlowBlock(4, width, split_mode="channel") for _ in range(4)]
+    base = nf.distributions.DiagGaussian((4, 4, 4), trainable=False)
+    return LogitSpaceDensity(nf.NormalizingFlow(base, [*blocks, nf.flows.Squeeze()]), image=True)
+
+
+def normflows_residual(width: int) -> nn.Module:
+    return LogitSpaceDensity(residual_flow(DIM, width, DENSE_BLOCKS, DENSE_LAYERS))
+
+
+def nflows_nsf(width: int) -> nn.Module:
+    require("nflows")
+    from nflows import distributions, flows, transforms
+    from nflows.nn.nets import ResidualNet
+
+    mask = checkerboard_mask()
+    couplings = [
+        transforms.PiecewiseRationalQuadraticCouplingTransform(
+            mask if i % 2 == 0 else 1 - mask,
+            lambda inputs, outputs: ResidualNet(inputs, outputs, hidden_features=width, num_blocks=2),
+            num_bins=8,
+            tails="linear",
+            tail_bound=4.0,
+        )
+        for i in range(4)
+    ]
+    return LogitSpaceDensity(flows.Flow(transforms.CompositeTransform(couplings), distributions.StandardNormal([DIM])))
+
+
+NORMFLOWS_RESIDUAL_ESTIMATOR = (
+    "normflows' eval-mode estimator after power iterations to convergence: a Russian-roulette series (20 exact "
+    "terms, geometric tail) with one Hutchinson probe (Chen et al. 2019, Eq. 6); unbiased for log p when "
+    "Lip(g) < 1, so the mean has no bias; its noise is in the standard error"
+)
+
+PEERS = [
+    Spec("zuko-maf", "peer", zuko_maf, "zuko MAF: 3 affine MADE transforms, 2 hidden layers"),
+    Spec("zuko-nsf", "peer", zuko_nsf, "zuko NSF: 2 autoregressive RQ-spline transforms (4 bins), 2 hidden layers"),
+    Spec(
+        "normflows-realnvp",
+        "peer",
+        normflows_realnvp,
+        "normflows RealNVP: 4 masked affine couplings (checkerboard), s/t MLPs with 2 hidden layers, ActNorm",
+    ),
+    Spec(
+        "normflows-glow",
+        "peer",
+        normflows_glow,
+        "normflows Glow: squeeze to 4x4x4, 4 Glow blocks (affine coupling, 3x3-1x1-3x3 conv net, 1x1 conv, ActNorm)",
+    ),
+    Spec(
+        "normflows-residual",
+        "peer",
+        normflows_residual,
+        f"normflows residual flow: {DENSE_BLOCKS} x [Residual(LipschitzMLP 64-h-h-64, LipSwish before each layer, "
+        "coeff 0.97), ActNorm]",
+        width=DENSE_HIDDEN,
+        after_step=update_lipschitz,
+        prepare=converge_lipschitz,
+        estimator=NORMFLOWS_RESIDUAL_ESTIMATOR,
+    ),
+    Spec(
+        "nflows-nsf",
+        "peer",
+        nflows_nsf,
+        "nflows NSF: 4 RQ-spline couplings (8 bins, linear tails beyond 4, checkerboard), ResidualNet of 2 blocks",
+    ),
+]
+
+
+# invertnet: the registry of candidates, public builders only (one line per builder)
+
+
+def dense(width: int) -> nn.Module:
+    """The dense i-ResNet flow with the builder's defaults but for the shape (Behrmann et al. 2019, app. C.3)."""
+    return dense_iresnet_flow(
+        SHAPE,
+        n_blocks=DENSE_BLOCKS,
+        hidden_features=width,
+        n_layers=DENSE_LAYERS,
+        levels=DIGITS_LEVELS,
+        logit_alpha=LOGIT_ALPHA,
+    )
+
+
+def multiscale(width: int) -> nn.Module:
+    """The multi-scale i-ResNet at the builder's 3 scales, 4 blocks each (3 scales cost 2.6x fewer multiply-adds
+    per image than 2 at the same parameter count, since the wide layers act on 4x4 and 2x2 maps)."""
+    return multiscale_iresnet_flow(
+        SHAPE, n_blocks=4, hidden_channels=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA
+    )
+
+
+def mintnet(width: int) -> nn.Module:
+    return mintnet_flow(
+        SHAPE, n_blocks=4, hidden_factor=width, n_squeezes=1, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA
+    )
+
+
+def coupling(builder: str) -> Callable[[int], nn.Module]:
+    """A coupling-flow builder of ``invertnet.models`` on the digits, if this invertnet has it."""
+
+    def build_coupling(width: int) -> nn.Module:
+        factory = optional_invertnet_builder(builder)
+        return factory(SHAPE, hidden_channels=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA)
+
+    return build_coupling
+
+
+INVERTNET = [
+    invertnet_candidate(
+        "invertnet-dense",
+        dense,
+        f"dense_iresnet_flow: {DENSE_BLOCKS} x [ActNorm, i-ResNet block (LipschitzMLP 64-h-h-64)], builder defaults",
+        width=DENSE_HIDDEN,
+    ),
+    invertnet_candidate(
+        "invertnet-multiscale", multiscale, "multiscale_iresnet_flow: 3 scales x 4 blocks, builder defaults"
+    ),
+    invertnet_candidate("invertnet-mintnet", mintnet, "mintnet_flow: 4 grouped layers, 1 squeeze, builder defaults"),
+    invertnet_candidate("invertnet-glow", coupling("glow_flow"), "glow_flow, builder defaults"),
+    invertnet_candidate("invertnet-realnvp", coupling("realnvp_flow"), "realnvp_flow, builder defaults"),
+]
+
+#: The default mode's embedded configs.
+CONFIGS = {
     "digits_dense": "dense i-ResNet on flattened digits, config 'digits_dense'",
     "mintnet_digits": "MintNet (grouped masked-conv layers), config 'mintnet_digits'",
     "digits": "multiscale i-ResNet, config 'digits' (make run)",
 }
 
 
-# peers: densities of logit-space vectors y with log_prob(y) of shape (B,)
+def digits_split() -> Split:
+    """load_digits' train/test split, with the application's validation split held out of the training data."""
+    data = RunData(load_digits("train")[0], load_digits("test")[0])
+    data = data.with_validation(DataConfig(name="digits").validation_fraction)
+    return Split(data.train, data.validation, data.test)
 
 
-def dequantize(levels: Tensor) -> Tensor:
-    """(levels + U[0, 1)) / K, flattened: the data in [0, 1)^64."""
-    return ((levels + torch.rand_like(levels)) / DIGITS_LEVELS).flatten(1)
+def target_parameters() -> int:
+    """The parameter count every matched-width model is sized to: the equal-architecture dense flow's."""
+    return parameter_count(dense(DENSE_HIDDEN))
 
 
-def to_logit(x: Tensor) -> tuple[Tensor, Tensor]:
-    """y = logit(alpha + (1 - 2 alpha) x) and log|det dy/dx| per sample."""
-    p = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * x
-    y = torch.log(p) - torch.log1p(-p)
-    return y, (math.log(1 - 2 * LOGIT_ALPHA) - torch.log(p) - torch.log1p(-p)).sum(dim=1)
+def described(result: Result, architecture: str) -> dict:
+    return {"model": result.spec.name, "architecture": architecture, **result.row}
 
 
-def bits_per_dim(model: nn.Module, levels: Tensor) -> Tensor:
-    """-log p(levels + u) / (64 ln 2) per sample: bits/dim w.r.t. the discrete data, for one draw of u."""
-    y, log_det = to_logit(dequantize(levels))
-    log_density = model.log_prob(y) + log_det - DIM * math.log(DIGITS_LEVELS)
-    return -log_density / (DIM * math.log(2))
+# a setting of the grid
 
 
-class ZukoDensity(nn.Module):
-    """An unconditional zuko flow with a ``log_prob`` method."""
+@dataclass(frozen=True)
+class Setting:
+    lr: float
+    batch_size: int
+    budget: float
 
-    def __init__(self, flow: nn.Module) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def log_prob(self, y: Tensor) -> Tensor:
-        return self.flow().log_prob(y)
-
-
-def zuko_maf(width: int) -> nn.Module:
-    import zuko
-
-    return ZukoDensity(zuko.flows.MAF(DIM, transforms=3, hidden_features=(width, width)))
+    def label(self) -> str:
+        return f"Adam lr {self.lr:g}, batch {self.batch_size}, {self.budget:g} s"
 
 
-def zuko_nsf(width: int) -> nn.Module:
-    import zuko
-
-    return ZukoDensity(zuko.flows.NSF(DIM, bins=4, transforms=2, hidden_features=(width, width)))
-
-
-def normflows_realnvp(width: int) -> nn.Module:
-    import normflows as nf
-
-    row, column = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    mask = ((row + column) % 2).flatten().float()
-    flows = []
-    for i in range(4):
-        scale = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
-        shift = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
-        flows += [nf.flows.MaskedAffineFlow(mask if i % 2 == 0 else 1 - mask, shift, scale), nf.flows.ActNorm(DIM)]
-    return nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows)
+def run_plain(spec: Spec, width: int, setting: Setting, split: Split, seed: int, checks: int) -> Result:
+    """Build the model at ``width`` from ``seed`` and train it with the setting's plain Adam."""
+    torch.manual_seed(seed)
+    model = spec.build(width)
+    step = adam_step(model, spec, bits_per_dim, batches(split.train, setting.batch_size, seed), setting.lr)
+    return run(spec, model, step, Budget(seconds=setting.budget), split, bits_per_dim, checks=checks, draws=DRAWS)
 
 
-class ImageDensity(nn.Module):
-    """A normflows image flow over (1, 8, 8) with a ``log_prob`` of flat 64-vectors."""
-
-    def __init__(self, flow: nn.Module) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def log_prob(self, y: Tensor) -> Tensor:
-        return self.flow.log_prob(y.view(-1, 1, 8, 8))
+def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
+    pairs = [("equal architecture", "invertnet-dense", "normflows-residual")]
+    best = best_by_validation(results, "invertnet")
+    if best is not None:
+        pairs.append(("best invertnet (chosen on validation) vs zuko NSF", best.spec.name, "zuko-nsf"))
+    return pairs
 
 
-def normflows_glow(width: int) -> nn.Module:
-    import normflows as nf
-
-    blocks = [nf.flows.GlowBlock(4, width, split_mode="channel") for _ in range(4)]
-    base = nf.distributions.DiagGaussian((4, 4, 4), trainable=False)
-    return ImageDensity(nf.NormalizingFlow(base, [*blocks, nf.flows.Squeeze()]))
-
-
-def normflows_residual(width: int) -> nn.Module:
-    import normflows as nf
-
-    flows = []
-    for _ in range(4):
-        net = nf.nets.LipschitzMLP([DIM, width, width, DIM], lipschitz_const=0.97, init_zeros=True)
-        flows += [nf.flows.Residual(net, reduce_memory=True), nf.flows.ActNorm(DIM)]
-    return nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows)
-
-
-def update_lipschitz(iterations: int) -> Callable[[nn.Module], None]:
-    def update(model: nn.Module) -> None:
-        import normflows as nf
-
-        nf.utils.update_lipschitz(model, iterations)
-
-    return update
-
-
-def unchanged(model: nn.Module) -> None:
-    pass
-
-
-@dataclass
-class Peer:
-    name: str
-    build: Callable[[int], nn.Module]
-    architecture: str
-    after_step: Callable[[nn.Module], None] = unchanged
-    before_eval: Callable[[nn.Module], None] = unchanged
-
-
-PEERS = [
-    Peer("zuko MAF", zuko_maf, "3 affine MADE transforms, 2 hidden layers"),
-    Peer("zuko NSF", zuko_nsf, "2 autoregressive RQ-spline transforms (4 bins), 2 hidden layers"),
-    Peer(
-        "normflows RealNVP",
-        normflows_realnvp,
-        "4 masked affine couplings (checkerboard), s/t MLPs with 2 hidden layers",
-    ),
-    Peer(
-        "normflows Glow",
-        normflows_glow,
-        "squeeze to 4x4x4, 4 Glow blocks (affine coupling with 3x3-1x1-3x3 conv net, 1x1 conv, ActNorm)",
-    ),
-    Peer(
-        "normflows residual",
-        normflows_residual,
-        "4 Residual(LipschitzMLP, 2 hidden layers) blocks, unbiased log-det",
-        after_step=update_lipschitz(5),
-        before_eval=update_lipschitz(200),
-    ),
-]
-
-
-def matched_width(build: Callable[[int], nn.Module], target: int) -> int:
-    """The hidden width whose model's parameter count is closest to ``target``."""
-    width = 1
-    while (count := parameter_count(build(width))) < target:
-        width += 1
-    if width > 1 and target - parameter_count(build(width - 1)) < count - target:
-        return width - 1
-    return width
-
-
-def batches(data: Tensor, size: int) -> Iterator[Tensor]:
-    """Shuffled batches, epoch after epoch."""
-    while True:
-        order = torch.randperm(len(data))
-        for start in range(0, len(order) - size + 1, size):
-            yield data[order[start : start + size]]
-
-
-def run_peer(peer: Peer, target: int, budget: float, train: Tensor, test: Tensor) -> dict:
-    torch.manual_seed(0)
-    width = matched_width(peer.build, target)
-    model = peer.build(width)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    stream = batches(train, BATCH_SIZE)
-
-    def step() -> float:
-        model.train()
-        loss = bits_per_dim(model, next(stream)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        peer.after_step(model)
-        return loss.item()
-
-    steps, seconds = train_for(budget, step, peer.name)
-    model.eval()
-    peer.before_eval(model)
-    with torch.no_grad():
-        bits = averaged_bits(lambda chunk: bits_per_dim(model, chunk), test)
-    return result(model, steps, seconds, bits, f"{peer.architecture}, width {width}")
-
-
-def result(model: nn.Module, steps: int, seconds: float, bits: Tensor, architecture: str) -> dict:
+def report(results: list[Result], architectures: dict[str, str], title: str) -> dict:
+    """Log the table and verdicts; the JSON part of one setting."""
+    found = comparisons(results, named_pairs(results))
+    best = winner(results)
+    won = f"winner: {best['model']}, {best['test']:.4f} bits/dim" if best else "winner: none (no model was tested)"
+    log(f"\n{title}\n{table(results, 'test bits/dim')}\n{won}\n{verdicts(found, 'bits/dim')}\n")
     return {
-        "architecture": architecture,
-        "parameters": parameter_count(model),
-        "steps": steps,
-        "seconds": round(seconds, 2),
-        "test_bits_per_dim": bits.mean().item(),
-        "standard_error": standard_error(bits),
+        "models": [described(r, architectures.get(r.spec.name, r.spec.architecture)) for r in results],
+        "winner": best,
+        "comparisons": found,
     }
 
 
-def guarded(name: str, run: Callable[[], dict]) -> dict:
-    log(f"{name} ...")
-    try:
-        return {"model": name, **run()}
-    except Exception as error:  # one failing model is reported, the others still run
-        log(f"  {name} failed: {type(error).__name__}: {error}")
-        return {"model": name, "error": f"{type(error).__name__}: {error}"}
+def run_settings(settings: list[Setting], specs: list[Spec], split: Split, seed: int, checks: int) -> list[dict]:
+    target = target_parameters()
+    widths: dict[str, int] = {}
+    architectures: dict[str, str] = {}
+
+    def one(spec: Spec, setting: Setting) -> Result:
+        if spec.name not in widths:
+            widths[spec.name] = width_of(spec, target)
+            architectures[spec.name] = f"{spec.architecture}; width {widths[spec.name]}"
+        return run_plain(spec, widths[spec.name], setting, split, seed, checks)
+
+    reports = []
+    for setting in settings:
+        log(f"== {setting.label()}")
+        results = [guarded(spec, lambda spec=spec, setting=setting: one(spec, setting)) for spec in specs]
+        entry = {"lr": setting.lr, "batch_size": setting.batch_size, "budget_seconds": setting.budget}
+        reports.append({**entry, **report(results, architectures, setting.label())})
+    return reports
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<24} {'params':>8} {'steps':>7} {'seconds':>8} {'test bits/dim':>14} {'s.e.':>7}"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"{row['model']:<24} error: {row['error']}")
-        else:
-            lines.append(
-                f"{row['model']:<24} {row['parameters']:>8} {row['steps']:>7} {row['seconds']:>8.1f} "
-                f"{row['test_bits_per_dim']:>14.4f} {row['standard_error']:>7.4f}"
-            )
-    return "\n".join(lines)
+# the default mode: embedded configs on their own recipes
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for package in ("invertnet", "torch", "zuko", "normflows"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+def config_spec(name: str) -> Spec:
+    return invertnet_candidate(name, lambda _width: build(load_config(name))[1], CONFIGS[name], width=0)
 
 
-def main() -> None:
+def run_config(spec: Spec, budget: float, split: Split) -> Result:
+    """Train an embedded config with its own optimiser settings for ``budget`` seconds; test its averaged weights."""
+    config = load_config(spec.name)
+    torch.manual_seed(config.train.seed)
+    flow = spec.build(0)
+    settings = TrainConfig(**{**config.train.model_dump(), "steps": 10**9})  # the schedule stays at its start
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(flow, split.train, settings, run_dir, progress=False)
+        return run(
+            spec,
+            flow,
+            trainer.train_step,
+            Budget(seconds=budget),
+            split,
+            bits_per_dim,
+            checks=1,
+            draws=DRAWS,
+            before_validation=trainer.ema_weights,
+        )
+
+
+def run_configs(names: list[str], budget: float, split: Split, seed: int) -> dict:
+    target = target_parameters()
+    results, architectures = [], {}
+    for name in names:
+        if name in CONFIGS:
+            spec = config_spec(name)
+            results.append(guarded(spec, lambda spec=spec: run_config(spec, budget, split)))
+            continue
+        spec = next(peer for peer in PEERS if peer.name == name)
+
+        def peer_run(spec: Spec = spec) -> Result:
+            width = width_of(spec, target)
+            architectures[spec.name] = f"{spec.architecture}; width {width}"
+            return run_plain(spec, width, Setting(PEER_LR, PEER_BATCH, budget), split, seed, checks=1)
+
+        results.append(guarded(spec, peer_run))
+    return {"budget_seconds": budget, **report(results, architectures, f"embedded configs, {budget:g} s")}
+
+
+# command line
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model")
-    budget = parser.parse_args().budget
-    train, test = load_digits("train")[0], load_digits("test")[0]
-    target = parameter_count(build(load_config(PEER_SIZE_CONFIG))[1])
-    rows = [guarded(f"invertnet {name}", lambda name=name: run_invertnet(budget, name)) for name in INVERTNET_MODELS]
-    for peer in PEERS:
-        rows.append(guarded(peer.name, lambda peer=peer: run_peer(peer, target, budget, train, test)))
-    log(table(rows))
-    output = {
-        "budget_seconds": budget,
+    parser.add_argument("--settings", action="store_true", help="run the grid of standard settings")
+    parser.add_argument("--lr", type=float, nargs="+", help=f"--settings: learning rates (default {LEARNING_RATES})")
+    parser.add_argument("--batch", type=int, nargs="+", help=f"--settings: batch sizes (default {BATCH_SIZES})")
+    parser.add_argument(
+        "--budget", type=float, nargs="+", help=f"training seconds per model (default 60; --settings: {BUDGETS})"
+    )
+    parser.add_argument("--models", nargs="+", help="models to run (default: all of the mode)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and batch order")
+    parser.add_argument("--checks", type=int, help="--settings: validation evaluations per run (default 10)")
+    args = parser.parse_args(argv)
+    names = [spec.name for spec in INVERTNET + PEERS] if args.settings else [*CONFIGS, *(p.name for p in PEERS)]
+    unknown = sorted(set(args.models or []) - set(names))
+    if unknown:
+        parser.error(f"unknown models {unknown}; this mode has {names}")
+    if not args.settings and (args.lr or args.batch or args.checks or (args.budget and len(args.budget) > 1)):
+        parser.error("--lr, --batch, --checks and several --budget values need --settings")
+    if any(value <= 0 for value in [*(args.lr or []), *(args.batch or []), *(args.budget or [])]):
+        parser.error("--lr, --batch and --budget must be positive")
+    if args.checks is not None and args.checks < 1:
+        parser.error(f"--checks must be at least 1, got {args.checks}")
+    args.models = args.models or names
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    split = digits_split()
+    common = {
+        "seed": args.seed,
         "threads": torch.get_num_threads(),
-        "data": {"train": len(train), "test": len(test), "levels": DIGITS_LEVELS, "dequantisation_draws": DRAWS},
-        "versions": versions(),
-        "models": rows,
+        "target_parameters": target_parameters(),
+        "data": {**split.sizes(), "levels": DIGITS_LEVELS, "dequantisation_draws": DRAWS},
+        "versions": versions(PACKAGES),
     }
+    if args.settings:
+        axes = (args.lr or LEARNING_RATES, args.batch or BATCH_SIZES, args.budget or BUDGETS)
+        settings = [Setting(lr, batch, budget) for budget, lr, batch in itertools.product(axes[2], axes[0], axes[1])]
+        standard = all(s.lr in LEARNING_RATES and s.batch_size in BATCH_SIZES and s.budget in BUDGETS for s in settings)
+        specs = [spec for spec in INVERTNET + PEERS if spec.name in args.models]
+        reports = run_settings(settings, specs, split, args.seed, args.checks or 10)
+        output = {"mode": "settings", "standard_settings": standard, **common, "settings": reports}
+    else:
+        budget = args.budget[0] if args.budget else 60.0
+        output = {"mode": "configs", **common, **run_configs(args.models, budget, split, args.seed)}
     print(json.dumps(output, indent=2))
+    return output
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -19,8 +19,11 @@ from invertnet.data.levels import centered_levels as centered_levels
 from invertnet.data.spectra import SpectraDataset as SpectraDataset
 from invertnet.data.spectra import synthetic_spectra as synthetic_spectra
 from invertnet.data.spectra import tof_bin_edges as tof_bin_edges
+from invertnet.data.toy import MOONS_QUADRATURE as MOONS_QUADRATURE
 from invertnet.data.toy import TOY_DENSITIES as TOY_DENSITIES
+from invertnet.data.toy import TOY_LOG_DENSITIES as TOY_LOG_DENSITIES
 from invertnet.data.toy import sample_toy as sample_toy
+from invertnet.data.toy import toy_log_prob as toy_log_prob
 from invertnet.data.values import MAX_CLASSES as MAX_CLASSES
 from invertnet.data.values import checked_labels as checked_labels
 from invertnet.data.values import checked_levels as checked_levels
@@ -30,7 +33,9 @@ __all__ = [
     "MAX_CLASSES",
     "MAX_IDX_BYTES",
     "MAX_IMAGE_PIXELS",
+    "MOONS_QUADRATURE",
     "TOY_DENSITIES",
+    "TOY_LOG_DENSITIES",
     "SpectraDataset",
     "averagine_formula",
     "centered_levels",
@@ -49,4 +54,5 @@ __all__ = [
     "sample_toy",
     "synthetic_spectra",
     "tof_bin_edges",
+    "toy_log_prob",
 ]

@@ -265,7 +265,7 @@ def coupling(builder: str) -> Callable[[int], nn.Module]:
 
     def build_coupling(width: int) -> nn.Module:
         factory = optional_invertnet_builder(builder)
-        return factory(SHAPE, hidden_channels=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA)
+        return factory(SHAPE, hidden=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA)
 
     return build_coupling
 

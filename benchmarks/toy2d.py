@@ -93,7 +93,7 @@ class TrueDensity(nn.Module):
 
 
 def coupling(builder: str) -> nn.Module:
-    return optional_invertnet_builder(builder)(2, hidden_features=HIDDEN)
+    return optional_invertnet_builder(builder)(2, hidden=HIDDEN)
 
 
 MODELS = [

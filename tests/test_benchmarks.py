@@ -168,3 +168,17 @@ def test_toy2d_runs_beside_the_true_density(monkeypatch):
     assert len(truth) == len(models)
     for entry in truth:  # log-likelihood differences: the model's minus the truth's
         assert entry["difference"] == pytest.approx(rows[entry["a"]]["test"] - report["true_test_log_likelihood"])
+
+
+def test_the_defaults_study_runs_its_variants_through_the_grid(small_digits, capsys):
+    import residual_flow_defaults
+
+    output = residual_flow_defaults.main(
+        ["--batch", "32", "--budget", "0.3", "--checks", "2",
+         "--variants", "defaults", "actnorm_after", "near_identity"]
+    )  # fmt: skip
+    rows = _finite_rows(output["models"])
+    assert set(rows) == {"defaults", "actnorm_after", "near_identity"}
+    flow = residual_flow_defaults.actnorm_after(8)
+    kinds = [type(part).__name__ for part in flow.transform][3:7]
+    assert kinds == ["InvertibleResidual", "ActNorm", "InvertibleResidual", "ActNorm"]

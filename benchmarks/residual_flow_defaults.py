@@ -1,0 +1,128 @@
+"""The defaults study of the dense i-ResNet flow: one choice changed at a time against the builder's defaults.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/residual_flow_defaults.py [--lr 1e-3] [--batch 128] [--budget 60] [--variants ...]
+
+Every variant is ``dense_iresnet_flow`` on the digits at the shape of the settings grid (6 blocks of
+LipschitzMLP 64-128-128-64, ~199k parameters) with the builder's defaults except the one choice its name says,
+trained and tested exactly as a model of ``digits_density.py --settings`` (the same plain Adam, seed, batches,
+validation split, best of the validation checkpoints, refined spectral norms and exact test bits/dim), so the
+figures are comparable with that grid's. Progress and a table go to stderr, one JSON object to stdout;
+docs/defaults.md records what it measured and which defaults followed.
+
+Variants:
+
+* ``defaults``: the builder as it is.
+* ``power_iterations_1`` / ``_10``: power-iteration steps per training step (the default is
+  ``invertnet.layers.lipschitz_nets.POWER_ITERATIONS``).
+* ``lipswish``: LipSwish (Chen et al. 2019) instead of ELU.
+* ``near_identity``: the last layer of every branch scaled by 0.01 at initialisation, so each block starts near
+  the identity (Chen et al. 2019 start their blocks there).
+* ``actnorm_after``: ActNorm after each residual block (Behrmann et al. 2019, appendix C.3) instead of before.
+* ``coeff_0.9`` / ``coeff_0.99``: the spectral-normalisation coefficient.
+* ``series_2`` / ``series_5``: the training power series' length (the default has 10 terms).
+* ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import digits_density
+import torch
+from flowbench import invertnet_candidate, log, versions
+from torch import nn
+
+from invertnet.core import InvertibleSequential
+from invertnet.data import DIGITS_LEVELS
+from invertnet.layers import ActNorm, InvertibleResidual, SpectralNormLinear
+from invertnet.logdet import PowerSeriesLogDet, UnbiasedLogDet
+from invertnet.models import FlowDistribution, dense_iresnet_flow
+
+BLOCKS = digits_density.DENSE_BLOCKS
+LAYERS = digits_density.DENSE_LAYERS
+WIDTH = digits_density.DENSE_HIDDEN
+NEAR_IDENTITY_SCALE = 0.01
+
+
+def dense(**options: object) -> Callable[[int], nn.Module]:
+    """The grid's dense flow with builder keywords changed."""
+    return lambda width: dense_iresnet_flow(
+        digits_density.SHAPE,
+        n_blocks=BLOCKS,
+        hidden_features=width,
+        n_layers=LAYERS,
+        levels=DIGITS_LEVELS,
+        logit_alpha=digits_density.LOGIT_ALPHA,
+        **options,
+    )
+
+
+def near_identity(width: int) -> nn.Module:
+    """The defaults with every branch's last layer scaled down, so each block starts close to x -> x."""
+    flow = dense()(width)
+    with torch.no_grad():
+        for block in flow.residual_blocks():
+            last = [layer for layer in block.g if isinstance(layer, SpectralNormLinear)][-1]
+            last.weight.mul_(NEAR_IDENTITY_SCALE)
+    return flow
+
+
+def actnorm_after(width: int) -> nn.Module:
+    """The defaults with each ActNorm moved behind its residual block."""
+    flow = dense()(width)
+    parts = list(flow.transform)
+    for index, part in enumerate(parts[:-1]):
+        if isinstance(part, ActNorm) and isinstance(parts[index + 1], InvertibleResidual):
+            parts[index], parts[index + 1] = parts[index + 1], part
+    return FlowDistribution(InvertibleSequential(*parts), flow.base)
+
+
+VARIANTS: dict[str, Callable[[int], nn.Module]] = {
+    "defaults": dense(),
+    "power_iterations_1": dense(n_power_iterations=1),
+    "power_iterations_10": dense(n_power_iterations=10),
+    "lipswish": dense(activation="lipswish"),
+    "near_identity": near_identity,
+    "actnorm_after": actnorm_after,
+    "coeff_0.9": dense(coeff=0.9),
+    "coeff_0.99": dense(coeff=0.99),
+    "series_2": dense(log_det=PowerSeriesLogDet(2)),
+    "series_5": dense(log_det=PowerSeriesLogDet(5)),
+    "unbiased": dense(log_det=UnbiasedLogDet()),
+}
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument("--batch", type=int, default=128, help="batch size")
+    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per variant")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every variant's initialisation and batches")
+    parser.add_argument("--checks", type=int, default=10, help="validation evaluations per run")
+    args = parser.parse_args(argv)
+    if args.lr <= 0 or args.batch <= 0 or args.budget <= 0 or args.checks < 1:
+        parser.error("--lr, --batch, --budget and --checks must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    names = args.variants or list(VARIANTS)
+    specs = [invertnet_candidate(name, VARIANTS[name], f"dense i-ResNet, {name}", width=WIDTH) for name in names]
+    setting = digits_density.Setting(args.lr, args.batch, args.budget)
+    log(f"{len(specs)} variants at {setting.label()}")
+    reports = digits_density.run_settings([setting], specs, digits_density.digits_split(), args.seed, args.checks)
+    output = {"seed": args.seed, "threads": torch.get_num_threads(), "versions": versions(("invertnet", "torch"))}
+    output.update(reports[0])
+    print(json.dumps(output, indent=2))
+    return output
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

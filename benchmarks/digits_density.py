@@ -314,12 +314,20 @@ def described(result: Result, architecture: str) -> dict:
 
 @dataclass(frozen=True)
 class Setting:
+    """Adam's learning rate, the batch size and the training budget: ``budget`` seconds, or ``steps`` optimiser
+    steps when given (a comparison per step, independent of the machine's load)."""
+
     lr: float
     batch_size: int
     budget: float
+    steps: int | None = None
 
     def label(self) -> str:
-        return f"Adam lr {self.lr:g}, batch {self.batch_size}, {self.budget:g} s"
+        spent = f"{self.steps} steps" if self.steps is not None else f"{self.budget:g} s"
+        return f"Adam lr {self.lr:g}, batch {self.batch_size}, {spent}"
+
+    def training_budget(self) -> Budget:
+        return Budget(steps=self.steps) if self.steps is not None else Budget(seconds=self.budget)
 
 
 def run_plain(spec: Spec, width: int, setting: Setting, split: Split, seed: int, checks: int) -> Result:
@@ -327,7 +335,7 @@ def run_plain(spec: Spec, width: int, setting: Setting, split: Split, seed: int,
     torch.manual_seed(seed)
     model = spec.build(width)
     step = adam_step(model, spec, bits_per_dim, batches(split.train, setting.batch_size, seed), setting.lr)
-    return run(spec, model, step, Budget(seconds=setting.budget), split, bits_per_dim, checks=checks, draws=DRAWS)
+    return run(spec, model, step, setting.training_budget(), split, bits_per_dim, checks=checks, draws=DRAWS)
 
 
 def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
@@ -366,7 +374,8 @@ def run_settings(settings: list[Setting], specs: list[Spec], split: Split, seed:
     for setting in settings:
         log(f"== {setting.label()}")
         results = [guarded(spec, lambda spec=spec, setting=setting: one(spec, setting)) for spec in specs]
-        entry = {"lr": setting.lr, "batch_size": setting.batch_size, "budget_seconds": setting.budget}
+        spent = {"budget_steps": setting.steps} if setting.steps is not None else {"budget_seconds": setting.budget}
+        entry = {"lr": setting.lr, "batch_size": setting.batch_size, **spent}
         reports.append({**entry, **report(results, architectures, setting.label())})
     return reports
 

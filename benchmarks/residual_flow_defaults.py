@@ -2,14 +2,17 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/residual_flow_defaults.py [--lr 1e-3] [--batch 128] [--budget 60] [--variants ...]
+    .venv/bin/python benchmarks/residual_flow_defaults.py [--lr 1e-3] [--batch 128] [--budget 60 | --steps N]
+        [--variants ...]
 
 Every variant is ``dense_iresnet_flow`` on the digits at the shape of the settings grid (6 blocks of
 LipschitzMLP 64-128-128-64, ~199k parameters) with the builder's defaults except the one choice its name says,
 trained and tested exactly as a model of ``digits_density.py --settings`` (the same plain Adam, seed, batches,
 validation split, best of the validation checkpoints, refined spectral norms and exact test bits/dim), so the
-figures are comparable with that grid's. Progress and a table go to stderr, one JSON object to stdout;
-docs/defaults.md records what it measured and which defaults followed.
+figures are comparable with that grid's. ``--steps`` gives every variant the same number of optimiser steps
+instead of the same seconds: a comparison per step, which a loaded machine does not distort. Progress and a
+table go to stderr, one JSON object to stdout; docs/defaults.md records what it measured and which defaults
+followed.
 
 Variants:
 
@@ -102,12 +105,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--batch", type=int, default=128, help="batch size")
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per variant")
+    parser.add_argument("--steps", type=int, help="train every variant for this many steps instead of --budget")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="variants to run (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every variant's initialisation and batches")
     parser.add_argument("--checks", type=int, default=10, help="validation evaluations per run")
     args = parser.parse_args(argv)
-    if args.lr <= 0 or args.batch <= 0 or args.budget <= 0 or args.checks < 1:
-        parser.error("--lr, --batch, --budget and --checks must be positive")
+    if args.lr <= 0 or args.batch <= 0 or args.budget <= 0 or args.checks < 1 or (args.steps or 1) < 1:
+        parser.error("--lr, --batch, --budget, --steps and --checks must be positive")
     return args
 
 
@@ -115,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
     names = args.variants or list(VARIANTS)
     specs = [invertnet_candidate(name, VARIANTS[name], f"dense i-ResNet, {name}", width=WIDTH) for name in names]
-    setting = digits_density.Setting(args.lr, args.batch, args.budget)
+    setting = digits_density.Setting(args.lr, args.batch, args.budget, args.steps)
     log(f"{len(specs)} variants at {setting.label()}")
     reports = digits_density.run_settings([setting], specs, digits_density.digits_split(), args.seed, args.checks)
     output = {"seed": args.seed, "threads": torch.get_num_threads(), "versions": versions(("invertnet", "torch"))}

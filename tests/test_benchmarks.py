@@ -174,7 +174,7 @@ def test_the_defaults_study_runs_its_variants_through_the_grid(small_digits, cap
     import residual_flow_defaults
 
     output = residual_flow_defaults.main(
-        ["--batch", "32", "--budget", "0.3", "--checks", "2",
+        ["--batch", "32", "--steps", "3", "--checks", "2",
          "--variants", "defaults", "actnorm_after", "near_identity"]
     )  # fmt: skip
     rows = _finite_rows(output["models"])

@@ -86,6 +86,8 @@ from invertnet.logdet import PowerSeriesLogDet, UnbiasedLogDet
 COEFF = 0.97
 WEIGHT_SCALE = 3.0
 POWER_ITERATIONS = 1
+"""Power-iteration steps per forward pass of both libraries' blocks (equal settings; invertnet's flows default to
+5, normflows' to 5 as well)."""
 KERNEL_SIZES = (3, 1, 3)
 INVERSE_TOLERANCES = (1e-6, 1e-5)
 UNBIASED_REP_FACTOR = 3
@@ -151,7 +153,13 @@ def invertnet_block(spec: BlockSpec, twin: str, log_det: LogDetEstimator | None 
     activation, preactivation = TWINS[twin]
     if spec.name == "dense":
         g: nn.Module = LipschitzMLP(
-            spec.shape[0], spec.hidden, 3, coeff=COEFF, activation=activation, preactivation=preactivation
+            spec.shape[0],
+            spec.hidden,
+            3,
+            coeff=COEFF,
+            activation=activation,
+            preactivation=preactivation,
+            n_power_iterations=POWER_ITERATIONS,
         )
     else:
         g = LipschitzConvNet(
@@ -161,6 +169,7 @@ def invertnet_block(spec: BlockSpec, twin: str, log_det: LogDetEstimator | None 
             coeff=COEFF,
             activation=activation,
             preactivation=preactivation,
+            n_power_iterations=POWER_ITERATIONS,
         )
     return InvertibleResidual(g, log_det=log_det)
 

@@ -21,11 +21,16 @@ from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLayer, Spe
 __all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization", "ResidualBranch"]
 
 POWER_ITERATIONS = 5
-"""Power-iteration steps per training step of the branches' normalised layers (the layers' own default is 1, as
-``torch.nn.utils.spectral_norm``'s). With one step the estimate lags behind the weights: after 1500 Adam steps of a
-64-128-128-64 dense flow on digits the layers' certified norms were 1.01-1.07 for coeff 0.97, so the refinement
-before evaluation (:func:`~invertnet.layers.refine_spectral_norms`) changed the trained map and cost 0.1 test
-bits/dim (docs/defaults.md); five steps cost little beside a training step and close most of that gap."""
+"""Power-iteration steps per training step of :class:`LipschitzMLP`'s normalised layers (the layers' own default
+is 1, as ``torch.nn.utils.spectral_norm``'s). With one step the estimate lags behind the weights: after 600 Adam
+steps of a 64-128-128-64 dense flow on digits the layers' certified norms were 1.01-1.07 for coeff 0.97, so the
+refinement before evaluation (:func:`~invertnet.layers.refine_spectral_norms`) changed the trained map; five steps
+gained 0.12 test bits/dim at 18 % more time per step (docs/defaults.md)."""
+
+CONV_POWER_ITERATIONS = 1
+"""The same for :class:`LipschitzConvNet`: one step. A convolution's power step (a convolution and a transposed
+convolution of a whole image) is dearer: five steps made the multi-scale digits flow of ``make run`` 60 % slower per
+training step with no better test figure (docs/defaults.md)."""
 
 
 @dataclass
@@ -245,7 +250,8 @@ class LipschitzConvNet(LipschitzNet):
         channels: Input and output channels C; input shape (B, C, H, W).
         hidden_channels: Channels of the hidden feature maps.
         kernel_sizes: Kernel size of each convolution (the thesis uses 3-1-3).
-        coeff, activation, n_power_iterations, norm_orders: As for :class:`LipschitzMLP`.
+        coeff, activation, norm_orders: As for :class:`LipschitzMLP`.
+        n_power_iterations: Power-iteration steps per training step (default :data:`CONV_POWER_ITERATIONS`).
         preactivation: Apply the activation to the input first (thesis Eq. 4.5, the default).
 
     Example:
@@ -262,7 +268,7 @@ class LipschitzConvNet(LipschitzNet):
         coeff: float = 0.97,
         activation: str = "elu",
         *,
-        n_power_iterations: int = POWER_ITERATIONS,
+        n_power_iterations: int = CONV_POWER_ITERATIONS,
         norm_orders: float | Sequence[float] = 2.0,
         preactivation: bool = True,
     ) -> None:

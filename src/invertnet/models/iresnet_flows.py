@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from invertnet.core import InvertibleModule, InvertibleSequential
-from invertnet.layers.lipschitz_nets import POWER_ITERATIONS, LipschitzConvNet, LipschitzMLP
+from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS, LipschitzConvNet, LipschitzMLP
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
@@ -83,7 +83,7 @@ def multiscale_iresnet_flow(
     log_det: LogDetEstimator | None = None,
     levels: int | None = None,
     logit_alpha: float = 0.05,
-    n_power_iterations: int = POWER_ITERATIONS,
+    n_power_iterations: int = CONV_POWER_ITERATIONS,
 ) -> FlowDistribution:
     r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 

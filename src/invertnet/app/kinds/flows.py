@@ -23,7 +23,7 @@ from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, Kernel
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import MemorySavingSequential, UniformDequantization, refine_spectral_norms
-from invertnet.layers.lipschitz_nets import POWER_ITERATIONS
+from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS
 from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import (
     FlowDistribution,
@@ -71,9 +71,6 @@ class _ResidualFlowConfig(_FlowConfig):
     n_blocks: int = Field(4, gt=0, le=MAX_BLOCKS)
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
     activation: Literal["elu", "softplus", "lipswish"] = "elu"
-    n_power_iterations: int = Field(
-        POWER_ITERATIONS, ge=1, le=100, description="power-iteration steps of every normalised layer per training step"
-    )
     log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
     n_terms: int | None = Field(
         None, gt=0, le=MAX_TRAINING_TERMS, description="power_series: terms during training (None: 5)"
@@ -114,6 +111,9 @@ class DenseFlowConfig(_ResidualFlowConfig):
     image_data: ClassVar[bool] = False
     hidden_features: int = Field(32, gt=0, le=MAX_WIDTH, description="width of the residual branches")
     n_layers: int = Field(3, gt=0, le=100, description="linear layers per residual branch")
+    n_power_iterations: int = Field(
+        POWER_ITERATIONS, ge=1, le=100, description="power-iteration steps of every normalised layer per training step"
+    )
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
 
 
@@ -125,6 +125,12 @@ class MultiscaleFlowConfig(_ResidualFlowConfig):
     n_scales: int = Field(2, gt=0, le=MAX_SCALES, description="scales, one squeeze between two")
     hidden_channels: int = Field(32, gt=0, le=MAX_WIDTH, description="channels of the residual branches")
     kernel_sizes: KernelSizes = Field([3, 1, 3], description="odd kernel size of each branch layer")
+    n_power_iterations: int = Field(
+        CONV_POWER_ITERATIONS,
+        ge=1,
+        le=100,
+        description="power-iteration steps of every normalised layer per training step",
+    )
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_channels"}
 
 

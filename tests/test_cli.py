@@ -26,6 +26,8 @@ TINY_TOY = [
     "--set",
     "model.hidden_features=8",
     "--set",
+    "model.preactivation=false",  # invertnet 0.1's branch layout: the trained run can pose as one of its folders
+    "--set",
     "train.log_every=1",
     "--set",
     "train.steps=4",

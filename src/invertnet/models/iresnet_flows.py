@@ -29,6 +29,7 @@ def dense_iresnet_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     n_power_iterations: int = POWER_ITERATIONS,
+    preactivation: bool = True,
 ) -> FlowDistribution:
     """The dense i-ResNet flow for 2-D and tabular data (Behrmann et al. 2019, appendix C.3 "Toy Densities").
 
@@ -47,6 +48,9 @@ def dense_iresnet_flow(
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         n_power_iterations: Power-iteration steps of every normalised layer per training step.
+        preactivation: Apply the activation to each branch's input first, g = A_n phi(... A_1 phi(x)) (thesis
+            Eq. 4.5; Chen et al. 2019's dense branches): 0.025 test bits/dim better on the digits at two settings
+            (docs/defaults.md).
 
     Example:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
@@ -66,7 +70,13 @@ def dense_iresnet_flow(
     dim = math.prod(shape)
     for _ in range(n_blocks):
         g = LipschitzMLP(
-            dim, hidden_features, n_layers, coeff, activation, n_power_iterations=n_power_iterations
+            dim,
+            hidden_features,
+            n_layers,
+            coeff,
+            activation,
+            n_power_iterations=n_power_iterations,
+            preactivation=preactivation,
         )
         parts += [ActNorm(dim), InvertibleResidual(g, log_det=log_det)]
     return FlowDistribution(InvertibleSequential(*parts), standard_normal((dim,)))

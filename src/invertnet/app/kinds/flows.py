@@ -114,6 +114,8 @@ class DenseFlowConfig(_ResidualFlowConfig):
     n_power_iterations: int = Field(
         POWER_ITERATIONS, ge=1, le=100, description="power-iteration steps of every normalised layer per training step"
     )
+    preactivation: bool = Field(True, description="apply the activation to each branch's input first (Eq. 4.5)")
+    recorded_before: ClassVar[dict[str, Any]] = {"n_power_iterations": 1, "preactivation": False}
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
 
 

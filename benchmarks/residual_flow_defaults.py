@@ -19,6 +19,7 @@ Variants:
 * ``defaults``: the builder as it is.
 * ``power_iterations_1`` / ``_10``: power-iteration steps per training step (the default is
   ``invertnet.layers.lipschitz_nets.POWER_ITERATIONS``).
+* ``no_preactivation``: the branches without the activation on their input (the default applies it, thesis Eq. 4.5).
 * ``lipswish``: LipSwish (Chen et al. 2019) instead of ELU.
 * ``near_identity``: the last layer of every branch scaled by 0.01 at initialisation, so each block starts near
   the identity (Chen et al. 2019 start their blocks there).
@@ -89,6 +90,7 @@ VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "defaults": dense(),
     "power_iterations_1": dense(n_power_iterations=1),
     "power_iterations_10": dense(n_power_iterations=10),
+    "no_preactivation": dense(preactivation=False),
     "lipswish": dense(activation="lipswish"),
     "near_identity": near_identity,
     "actnorm_after": actnorm_after,

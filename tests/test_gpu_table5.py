@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from invertnet.layers import SpectralNormConv2d
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def table5():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_table5.py"
-    spec = importlib.util.spec_from_file_location("gpu_table5", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_table5.py")
 
 
 def test_without_a_gpu_it_says_so_and_exits_zero(table5, monkeypatch, capsys):

@@ -1,9 +1,7 @@
 """Seed 002 machinery: GMRES, Newton (dense and Newton-Krylov), derivatives of inverses (Proposition 1), implicit
 differentiation of fixed points (Theorem 3, DEQ), and the seed's worked examples."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from invertnet.solvers import (
     inverse_vjp,
     newton,
 )
+from tests.scripts import load_script
 
 DOUBLE = torch.float64
 
@@ -269,11 +268,7 @@ def test_deq_layer_trains_with_implicit_gradients():
 
 
 def _example_module():
-    path = Path(__file__).resolve().parents[1] / "examples" / "implicit_functions.py"
-    spec = importlib.util.spec_from_file_location("implicit_functions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/implicit_functions.py")
 
 
 def test_seed_002_worked_examples():

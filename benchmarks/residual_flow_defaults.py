@@ -17,10 +17,12 @@ followed.
 Variants:
 
 * ``defaults``: the builder as it is.
-* ``power_iterations_1`` / ``_10``: power-iteration steps per training step (the default is
+* ``power_iterations_1`` / ``_5`` / ``_10`` / ``_32``: power-iteration steps per training step (the default is
   ``invertnet.layers.lipschitz_nets.POWER_ITERATIONS``).
 * ``no_preactivation``: the branches without the activation on their input (the default applies it, thesis Eq. 4.5).
 * ``lipswish``: LipSwish (Chen et al. 2019) instead of ELU.
+* ``clipswish``: the concatenated LipSwish (Perugachi-Diaz et al. 2021) instead of ELU, at the hidden width whose
+  parameter count is closest to the defaults' (it doubles the inputs of the layers after it).
 * ``near_identity``: the last layer of every branch scaled by 0.01 at initialisation, so each block starts near
   the identity (Chen et al. 2019 start their blocks there).
 * ``actnorm_after``: ActNorm after each residual block (Behrmann et al. 2019, appendix C.3) instead of before.
@@ -38,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import digits_density
 import torch
-from flowbench import invertnet_candidate, log, versions
+from flowbench import invertnet_candidate, log, matched_width, parameter_count, versions
 from torch import nn
 
 from invertnet.core import InvertibleSequential
@@ -76,6 +78,12 @@ def near_identity(width: int) -> nn.Module:
     return flow
 
 
+def clipswish(width: int) -> nn.Module:
+    """CLipSwish instead of ELU, at the width whose parameter count is closest to the defaults' at ``width``."""
+    build = dense(activation="clipswish")
+    return build(matched_width(build, parameter_count(dense()(width))))
+
+
 def actnorm_after(width: int) -> nn.Module:
     """The defaults with each ActNorm moved behind its residual block."""
     flow = dense()(width)
@@ -89,9 +97,12 @@ def actnorm_after(width: int) -> nn.Module:
 VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "defaults": dense(),
     "power_iterations_1": dense(n_power_iterations=1),
+    "power_iterations_5": dense(n_power_iterations=5),
     "power_iterations_10": dense(n_power_iterations=10),
+    "power_iterations_32": dense(n_power_iterations=32),
     "no_preactivation": dense(preactivation=False),
     "lipswish": dense(activation="lipswish"),
+    "clipswish": clipswish,
     "near_identity": near_identity,
     "actnorm_after": actnorm_after,
     "coeff_0.9": dense(coeff=0.9),

@@ -18,6 +18,9 @@ pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (
 import digits_density  # noqa: E402
 import flowbench  # noqa: E402
 import toy2d  # noqa: E402
+from flowbench import parameter_count  # noqa: E402
+
+from invertnet.layers import CLipSwish  # noqa: E402
 
 
 def _require_peers(*modules):
@@ -182,3 +185,6 @@ def test_the_defaults_study_runs_its_variants_through_the_grid(small_digits, cap
     flow = residual_flow_defaults.actnorm_after(8)
     kinds = [type(part).__name__ for part in flow.transform][3:7]
     assert kinds == ["InvertibleResidual", "ActNorm", "InvertibleResidual", "ActNorm"]
+    defaults, clipswish = residual_flow_defaults.VARIANTS["defaults"](32), residual_flow_defaults.clipswish(32)
+    assert abs(parameter_count(clipswish) - parameter_count(defaults)) < 0.05 * parameter_count(defaults)
+    assert any(isinstance(module, CLipSwish) for module in clipswish.modules())

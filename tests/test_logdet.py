@@ -204,7 +204,7 @@ def test_invalid_estimator_options_are_refused():
         UnbiasedLogDet(p=0.0)
 
 
-@pytest.mark.parametrize("activation", ["elu", "softplus", "lipswish"])
+@pytest.mark.parametrize("activation", ["elu", "softplus", "lipswish", "clipswish"])
 @pytest.mark.parametrize(
     "estimator", [PowerSeriesLogDet(n_terms=6), UnbiasedLogDet(p=1.0, n_exact_terms=4)], ids=["series", "roulette"]
 )
@@ -290,10 +290,14 @@ def test_evaluation_is_exact_for_dense_branches_up_to_exact_features():
     assert images.use_evaluation_estimator(16)["exact_blocks"] == 0
 
 
-@pytest.mark.parametrize("n_layers, preactivation", [(1, False), (2, True), (3, False), (4, True)])
-def test_dense_exact_log_det_equals_the_brute_force_value_and_gradient(n_layers, preactivation):
+@pytest.mark.parametrize(
+    "n_layers, preactivation, activation",
+    [(1, False, "lipswish"), (2, True, "lipswish"), (3, False, "lipswish"), (4, True, "lipswish")]
+    + [(1, True, "clipswish"), (3, False, "clipswish"), (3, True, "clipswish")],
+)
+def test_dense_exact_log_det_equals_the_brute_force_value_and_gradient(n_layers, preactivation, activation):
     torch.manual_seed(n_layers)
-    g = LipschitzMLP(5, 24, n_layers=n_layers, coeff=0.9, activation="lipswish", preactivation=preactivation)
+    g = LipschitzMLP(5, 24, n_layers=n_layers, coeff=0.9, activation=activation, preactivation=preactivation)
     g = g.double()
     for layer in g.normalized_layers():
         layer.weight.data.mul_(3.0)  # at the cap: a log-det far from zero

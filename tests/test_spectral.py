@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from invertnet import ConvergenceError
+from invertnet import ConvergenceError, SolverStatus
 from invertnet.layers import (
     LipschitzConvNet,
     LipschitzMLP,
@@ -15,6 +15,7 @@ from invertnet.layers import (
     SpectralNormLinear,
     operator_norms,
     refine_spectral_norms,
+    spectral,
 )
 
 #: Relative agreement of a converged power iteration with the exact 2-norm.
@@ -86,6 +87,53 @@ def test_training_mode_runs_power_iterations_and_eval_does_not():
     v_eval = layer.v.clone()
     layer(torch.randn(3, 5, dtype=torch.float64))
     assert torch.equal(layer.v, v_eval)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(16, 40), (40, 16), (24, 24)])
+@pytest.mark.parametrize("steps", [8, 13, 32])
+def test_gram_squaring_gives_the_vectors_of_one_power_step_at_a_time(in_features, out_features, steps):
+    squared = SpectralNormLinear(in_features, out_features, n_power_iterations=steps).double()
+    stepwise = SpectralNormLinear(in_features, out_features, n_power_iterations=1).double()
+    stepwise.load_state_dict(squared.state_dict())
+    x = torch.randn(3, in_features, dtype=torch.float64)
+    assert spectral.gram_power_pays(squared.weight.shape, steps)
+    squared(x)
+    for _ in range(steps):
+        stepwise(x)
+    torch.testing.assert_close(squared.v, stepwise.v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(squared.u, stepwise.u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(squared.sigma, stepwise.sigma, rtol=1e-13, atol=0)
+
+
+def test_gram_squaring_is_chosen_only_where_it_saves_operations():
+    assert not spectral.gram_power_pays((128, 128), 5)  # too few steps: the plain loop
+    assert spectral.gram_power_pays((128, 64), 8)
+    assert spectral.gram_power_pays((256, 256), 64)
+    assert not spectral.gram_power_pays((256, 256), 16)  # side^3 multiply-adds outweigh 16 steps' overhead
+    assert not spectral.gram_power_pays((4096, 1024), 64)
+
+
+def test_gram_squaring_neither_overflows_nor_underflows_in_float32():
+    layer = SpectralNormLinear(64, 64, n_power_iterations=64)
+    with torch.no_grad():
+        layer.weight.mul_(1e4)  # eigenvalues of W^T W near 1e8: (1e8)^64 would overflow unscaled
+        layer.weight[:, 0].mul_(3)  # a clear top singular vector
+    layer(torch.randn(2, 64))
+    assert torch.isfinite(layer.v).all() and torch.isfinite(layer.u).all()
+    exact = torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2)
+    torch.testing.assert_close(layer.sigma.double(), exact, rtol=1e-4, atol=0)
+
+
+def test_a_mixed_norm_estimate_that_no_longer_moves_is_stalled_not_max_iter():
+    """The loose mixed-norm bound leaves a gap the estimate cannot close; an estimate converged to the last bit
+    (two unchanged steps) is STALLED at once, not iterated until max_iter."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(4, 16, coeff=0.9, n_power_iterations=200, domain_order=1.5, codomain_order=3.0)
+    layer = layer.double()
+    layer(torch.randn(3, 4, dtype=torch.float64))  # 200 steps: converged
+    record = layer.refine_spectral_norm(max_iter=100)
+    assert record.status is SolverStatus.STALLED and record.iterations < 10
+    assert layer.operator_norm_bound() <= 0.9
 
 
 def test_power_iteration_reports_non_convergence(monkeypatch):

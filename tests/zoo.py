@@ -75,6 +75,11 @@ def _residual_conv() -> InvertibleModule:
     return InvertibleResidual(LipschitzConvNet(2, 4, kernel_sizes=(3, 1, 3), coeff=0.9), log_det=ExactLogDet())
 
 
+def _residual_conv_clipswish() -> InvertibleModule:
+    g = LipschitzConvNet(2, 3, kernel_sizes=(3, 1, 3), coeff=0.9, activation="clipswish")
+    return InvertibleResidual(g, log_det=ExactLogDet())
+
+
 def _residual_mlp_anderson() -> InvertibleModule:
     g = LipschitzMLP(4, 16, n_layers=2, coeff=0.8)
     return InvertibleResidual(g, log_det=ExactLogDet(), solver="anderson")
@@ -155,7 +160,13 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
         _residual_mlp("elu", log_det=DenseExactLogDet, preactivation=True),
         (4,),
     ),
+    "residual_mlp_dense_exact_clipswish": (
+        _residual_mlp("clipswish", log_det=DenseExactLogDet, preactivation=True),
+        (4,),
+    ),
+    "residual_mlp_clipswish": (_residual_mlp("clipswish"), (4,)),
     "residual_conv": (_residual_conv, (2, 3, 3)),
+    "residual_conv_clipswish": (_residual_conv_clipswish, (2, 3, 3)),
     "sequential_image": (_image_stack, (2, 2, 2)),
     "sequential_analytic": (lambda: InvertibleSequential(ActNorm(2), Squeeze(), Flatten((8, 1, 1))), (2, 2, 2)),
     "memory_saving_image": (_memory_saving_stack, (2, 2, 2)),

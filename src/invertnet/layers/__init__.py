@@ -3,6 +3,7 @@ linear maps (RealNVP, Glow), normalisation, reshapes; memory-saving compositions
 deep equilibrium layers (``DEQ``), whose output is a differentiable fixed point."""
 
 from invertnet.layers.activations import ELU as ELU
+from invertnet.layers.activations import CLipSwish as CLipSwish
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
@@ -41,6 +42,7 @@ from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_n
 
 __all__ = [
     "DEQ",
+    "CLipSwish",
     "ELU",
     "ActNorm",
     "AffineCoupling",

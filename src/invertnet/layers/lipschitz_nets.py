@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from invertnet.layers.activations import make_activation
+from invertnet.layers.activations import ConcatenatedDerivative, make_activation, width_factor
 from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLayer, SpectralNormLinear
 
 __all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization", "ResidualBranch"]
@@ -38,13 +38,16 @@ class Linearization:
     r"""g(x) with the factors of its Jacobian, :math:`J_g(x) = A_n D_{n-1} A_{n-1} \cdots D_1 A_1 (D_0)`.
 
     A_i are the normalised linear layers (weights with their graph) and D_i the diagonal matrices of the
-    activations' derivatives at the pre-activations (with their graph). Built by
+    activations' derivatives at the pre-activations (with their graph), or for a concatenating activation
+    (:class:`~invertnet.layers.activations.CLipSwish`) the stacked diagonals of a
+    :class:`~invertnet.layers.activations.ConcatenatedDerivative`. Built by
     :meth:`LipschitzNet.linearize`; used by the series log-det estimators to apply J_g^T without autograd
     and to differentiate w^T J_g v as a forward-mode chain instead of a double backward pass.
 
     Attributes:
         output: g(x), with shape (B, ...).
-        factors: In forward order, ``(layer, weight)`` pairs for A_i and tensors for D_i.
+        factors: In forward order, ``(layer, weight)`` pairs for A_i, tensors (diagonals) or
+            ``ConcatenatedDerivative`` for D_i.
     """
 
     output: Tensor
@@ -57,6 +60,8 @@ class Linearization:
                 if isinstance(factor, tuple):
                     layer, weight = factor
                     w = layer.adjoint(weight, w)
+                elif isinstance(factor, ConcatenatedDerivative):
+                    w = factor.adjoint(w)
                 else:
                     w = w * factor
         return w
@@ -67,6 +72,8 @@ class Linearization:
             if isinstance(factor, tuple):
                 layer, weight = factor
                 v = layer.operator(weight, v)
+            elif isinstance(factor, ConcatenatedDerivative):
+                v = factor.apply(v)
             else:
                 v = factor * v
         return v
@@ -105,6 +112,18 @@ def _interface_orders(norm_orders: float | Sequence[float], n_layers: int) -> li
     if orders[0] != orders[-1]:
         raise ValueError(f"norm_orders: the first and last order must agree (residual map), got {orders}")
     return orders
+
+
+def _layer_input_sizes(sizes: list[int], activation: str, preactivation: bool, orders: list[float]) -> list[int]:
+    """Input features (channels) of each layer for interface sizes ``sizes``: multiplied by the activation's
+    width factor after an activation (:class:`~invertnet.layers.activations.CLipSwish` doubles them)."""
+    factor = width_factor(activation)
+    if factor != 1 and any(order != 2.0 for order in orders):
+        raise ValueError(
+            f"activation {activation!r} is certified 1-Lipschitz only in the 2-norm; norm orders {orders} need an "
+            "elementwise activation"
+        )
+    return [size * (factor if index > 0 or preactivation else 1) for index, size in enumerate(sizes[:-1])]
 
 
 def _interleave_activations(layers: list[nn.Module], activation: str, preactivation: bool) -> list[nn.Module]:
@@ -196,7 +215,8 @@ class LipschitzMLP(LipschitzNet):
         hidden_features: Width of the hidden layers.
         n_layers: Number of linear layers (at least 1).
         coeff: Spectral-normalisation coefficient c of every layer (Eq. 4.9), so Lip(g) <= c^n_layers.
-        activation: ``"elu"``, ``"softplus"`` or ``"lipswish"``.
+        activation: ``"elu"``, ``"softplus"``, ``"lipswish"`` or ``"clipswish"`` (concatenated: the layer after
+            each activation takes twice the features, so the parameter count grows).
         n_power_iterations: Power-iteration steps per training step (default :data:`POWER_ITERATIONS`).
         norm_orders: One order p for every interface, or n_layers + 1 orders (first = last) for the induced
             mixed norms of Residual Flows.
@@ -224,9 +244,10 @@ class LipschitzMLP(LipschitzNet):
             raise ValueError(f"LipschitzMLP: n_layers must be at least 1, got {n_layers}")
         orders = _interface_orders(norm_orders, n_layers)
         sizes = [features] + [hidden_features] * (n_layers - 1) + [features]
+        inputs = _layer_input_sizes(sizes, activation, preactivation, orders)
         layers = [
             SpectralNormLinear(
-                sizes[i],
+                inputs[i],
                 sizes[i + 1],
                 coeff=coeff,
                 n_power_iterations=n_power_iterations,
@@ -279,9 +300,10 @@ class LipschitzConvNet(LipschitzNet):
             raise ValueError(f"LipschitzConvNet: kernel sizes must be odd to keep the size, got {kernel_sizes}")
         orders = _interface_orders(norm_orders, n_layers)
         sizes = [channels] + [hidden_channels] * (n_layers - 1) + [channels]
+        inputs = _layer_input_sizes(sizes, activation, preactivation, orders)
         layers = [
             SpectralNormConv2d(
-                sizes[i],
+                inputs[i],
                 sizes[i + 1],
                 kernel_size,
                 coeff=coeff,

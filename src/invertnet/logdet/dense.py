@@ -1,8 +1,8 @@
 r"""Exact log-determinant of a dense residual block from the factors of its Jacobian, without autograd passes.
 
-For a branch g = A_n o phi o ... o phi o A_1 of linear layers and elementwise activations (a
+For a branch g = A_n o phi o ... o phi o A_1 of linear layers and activations (a
 :class:`~invertnet.layers.LipschitzMLP`), the chain rule gives the Jacobian at x as a product of the weight
-matrices and the diagonal matrices of the activations' derivatives,
+matrices and the activations' derivatives (diagonal matrices, or stacked diagonals for the concatenated CLipSwish),
 
 .. math:: J_g(x) = A_n D_{n-1}(x) A_{n-1} \cdots D_1(x) A_1,
 
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from invertnet.layers.activations import ConcatenatedDerivative
 from invertnet.logdet.exact import ExactLogDet, _logabsdet
 
 __all__ = ["DenseExactLogDet"]
@@ -60,7 +61,8 @@ class DenseExactLogDet(ExactLogDet):
 
 def _dense_jacobian(factors: list, batch: int, features: int) -> Tensor | None:
     """J_g(x) (B, d, d) from the factors in forward order (``(layer, weight)`` pairs of dense layers, tensors
-    (B, h) of activation derivatives), or ``None`` when a layer is not dense (its weight is not a matrix)."""
+    (B, h) of activation derivatives, :class:`ConcatenatedDerivative` of concatenating ones), or ``None`` when a
+    layer is not dense (its weight is not a matrix)."""
     product: Tensor | None = None  # (h, d) while no derivative has entered, then (B, h, d)
     pending: Tensor | None = None  # a leading derivative D_0 (B, d) of a pre-activation branch
     for factor in factors:
@@ -72,6 +74,14 @@ def _dense_jacobian(factors: list, batch: int, features: int) -> Tensor | None:
                 product = weight if pending is None else weight.unsqueeze(0) * pending.unsqueeze(1)
             else:
                 product = torch.matmul(weight, product)
+        elif isinstance(factor, ConcatenatedDerivative):  # stacked diagonals: (B, 2h, d) rows
+            if product is None:
+                product = (
+                    torch.diag_embed(pending)
+                    if pending is not None
+                    else torch.eye(features, dtype=factor.first.dtype, device=factor.first.device)
+                )
+            product = factor.rows(product)
         elif product is None:
             pending = factor if pending is None else pending * factor
         else:

@@ -70,7 +70,7 @@ class _ResidualFlowConfig(_FlowConfig):
     recorded_before: ClassVar[dict[str, Any]] = {"n_power_iterations": 1}
     n_blocks: int = Field(4, gt=0, le=MAX_BLOCKS)
     coeff: float = Field(0.97, gt=0, lt=1, description="Lipschitz coefficient of each residual branch")
-    activation: Literal["elu", "softplus", "lipswish"] = "elu"
+    activation: Literal["elu", "softplus", "lipswish", "clipswish"] = "elu"
     log_det: LogDetChoice = Field("power_series", description="training log-det estimator of the residual blocks")
     n_terms: int | None = Field(
         None, gt=0, le=MAX_TRAINING_TERMS, description="power_series: terms during training (None: 5)"

@@ -20,12 +20,14 @@ from invertnet.layers.spectral import SpectralNormConv2d, SpectralNormLayer, Spe
 
 __all__ = ["LipschitzConvNet", "LipschitzMLP", "LipschitzNet", "Linearization", "ResidualBranch"]
 
-POWER_ITERATIONS = 5
+POWER_ITERATIONS = 16
 """Power-iteration steps per training step of :class:`LipschitzMLP`'s normalised layers (the layers' own default
-is 1, as ``torch.nn.utils.spectral_norm``'s). With one step the estimate lags behind the weights: after 600 Adam
-steps of a 64-128-128-64 dense flow on digits the layers' certified norms were 1.01-1.07 for coeff 0.97, so the
-refinement before evaluation (:func:`~invertnet.layers.refine_spectral_norms`) changed the trained map; five steps
-gained 0.12 test bits/dim at 18 % more time per step (docs/defaults.md)."""
+is 1, as ``torch.nn.utils.spectral_norm``'s). With few steps the estimate lags behind the weights (trained layers
+have many singular values near the cap, where power iteration converges slowly): after 600 Adam steps of a
+64-128-128-64 dense flow on digits with one step the layers' certified norms were 1.01-1.07 for coeff 0.97, so the
+refinement before evaluation (:func:`~invertnet.layers.refine_spectral_norms`) changed the trained map. Five steps
+gained 0.12 test bits/dim, sixteen another 0.04 per 60 s at lr 3e-3; sixteen cost about what five did once
+:class:`~invertnet.layers.SpectralNormLinear` took them by Gram squaring (docs/defaults.md)."""
 
 CONV_POWER_ITERATIONS = 1
 """The same for :class:`LipschitzConvNet`: one step. A convolution's power step (a convolution and a transposed

@@ -150,11 +150,13 @@ class InverseResult:
 
 
 class ConvergenceError(RuntimeError):
-    """An iterative inverse failed; ``error.result`` is the :class:`InverseResult` with the diagnostics."""
+    """An iterative inverse (or another iteration, e.g. a power iteration) failed; ``error.result`` is its record
+    (an :class:`InverseResult` for inverses) with the diagnostics. The message is the record's summary and its
+    ``advice`` if it has one, else the status' advice."""
 
     def __init__(self, result: InverseResult) -> None:
         self.result = result
-        super().__init__(f"{result.summary()}. {result.status.value}")
+        super().__init__(f"{result.summary()}. {getattr(result, 'advice', result.status.value)}")
 
 
 @dataclass(frozen=True)

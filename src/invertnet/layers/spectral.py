@@ -84,6 +84,16 @@ class PowerIterationResult:
         return self.status is SolverStatus.SUCCESS
 
     @property
+    def advice(self) -> str:
+        """What to do about a refinement that did not succeed (the message of its ConvergenceError)."""
+        if self.status is SolverStatus.MAX_ITER:
+            return (
+                "the estimate was still rising when max_iter was reached (close top singular values converge "
+                "slowly): raise max_iter or loosen tol of refine_spectral_norms"
+            )
+        return self.status.value
+
+    @property
     def gap(self) -> float:
         """(bound - estimate) / bound: how far the certificate may be from the true norm, relatively."""
         return (self.bound - self.estimate) / self.bound if self.bound > 0 else 0.0

@@ -27,6 +27,7 @@ from invertnet.layers.operator_norms import (
     gram_iteration_bound,
     matrix_norm_bound,
     mixed_norm_factor,
+    top_singular_pair,
 )
 
 
@@ -331,3 +332,27 @@ def test_a_conv_branch_that_has_seen_no_input_has_no_bound_yet_and_its_block_sti
     result = block.inverse_result(torch.randn(3, 2, 5, 5))
     assert result.success and result.error_bound is None
     assert block.lipschitz_bound() is not None
+
+
+def test_a_failing_lapack_svd_falls_back_to_certified_bounds(monkeypatch):
+    """LAPACK's SVD can fail to converge on matrices with many repeated singular values (seen on the explicit
+    matrix of a trained 1280 x 1280 convolution): the bound then comes from Gram iteration, the start vector from
+    eigh, and a refinement still certifies the layer."""
+    torch.manual_seed(0)
+    matrix = torch.randn(12, 7, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(matrix, ord=2).item()
+    top = torch.linalg.svd(matrix).Vh[0]
+
+    def fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fails)
+    monkeypatch.setattr(torch.linalg, "svdvals", fails)
+    bound, vector = top_singular_pair(matrix)
+    assert exact <= bound <= exact * (1 + 1e-9)
+    assert abs(torch.dot(vector, top).item()) == pytest.approx(1.0, abs=1e-10)
+    assert exact <= matrix_norm_bound(matrix) <= exact * (1 + 1e-9)
+    conv = SpectralNormConv2d(2, 3, 3, coeff=0.9).double()
+    conv(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    record = conv.refine_spectral_norm()
+    assert record.success and conv.operator_norm_bound() <= 0.9

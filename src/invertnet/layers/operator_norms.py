@@ -58,19 +58,32 @@ def _svd_margin(rows: int, columns: int) -> float:
 
 
 def _svd_norm(matrix: Tensor) -> float:
-    """The largest singular value of ``matrix`` (..., m, n) over the batch, from a float64 SVD, with its margin."""
+    """The largest singular value of ``matrix`` (..., m, n) over the batch, from a float64 SVD, with its margin.
+
+    LAPACK's SVD can fail to converge on matrices with many repeated singular values (the explicit matrices of
+    trained convolutions are such); then the bound is :func:`gram_iteration_bound`'s, also certified."""
     matrix = matrix.detach().to(torch.complex128 if matrix.is_complex() else torch.float64)
     if matrix.numel() == 0:
         return 0.0
-    largest = torch.linalg.svdvals(matrix).amax().item()
+    try:
+        largest = torch.linalg.svdvals(matrix).amax().item()
+    except torch.linalg.LinAlgError:
+        return gram_iteration_bound(matrix)
     return largest * _svd_margin(*matrix.shape[-2:])
 
 
 def top_singular_pair(matrix: Tensor) -> tuple[float, Tensor]:
     """(certified bound on ||W||_2, the top right singular vector (n,)) of a matrix (m, n), by a float64 SVD:
-    the bound as :func:`matrix_norm_bound`'s exact path, the vector a perfect start for power iteration."""
+    the bound as :func:`matrix_norm_bound`'s exact path, the vector a perfect start for power iteration.
+
+    Where LAPACK's SVD with vectors fails to converge (many repeated singular values; seen on the explicit matrix
+    of a trained 1280 x 1280 convolution) the bound is :func:`_svd_norm`'s and the vector the top eigenvector of
+    W^T W (``eigh``), a start as good; the bound never rests on the vector."""
     matrix = matrix.detach().double()
-    _, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+    try:
+        _, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return _svd_norm(matrix), torch.linalg.eigh(matrix.mT @ matrix).eigenvectors[:, -1]
     return singular[0].item() * _svd_margin(*matrix.shape), right[0]
 
 

@@ -126,6 +126,11 @@ class InverseResult:
         """True when the solve converged for every sample, or the inverse is analytic (closed-form)."""
         return self.status in (SolverStatus.SUCCESS, SolverStatus.ANALYTIC)
 
+    @property
+    def advice(self) -> str:
+        """What to do about a failed solve: the status' user-facing message (the message of its ConvergenceError)."""
+        return self.status.value
+
     def summary(self) -> str:
         """One line per solve: status, iterations, the worst residual / error bound and, when measured, the
         worst condition number (named by its kind) and forward-error estimate."""
@@ -151,12 +156,12 @@ class InverseResult:
 
 class ConvergenceError(RuntimeError):
     """An iterative inverse (or another iteration, e.g. a power iteration) failed; ``error.result`` is its record
-    (an :class:`InverseResult` for inverses) with the diagnostics. The message is the record's summary and its
-    ``advice`` if it has one, else the status' advice."""
+    (an :class:`InverseResult` for inverses) with the diagnostics. The message is the record's ``summary()`` and
+    its ``advice``."""
 
     def __init__(self, result: InverseResult) -> None:
         self.result = result
-        super().__init__(f"{result.summary()}. {getattr(result, 'advice', result.status.value)}")
+        super().__init__(f"{result.summary()}. {result.advice}")
 
 
 @dataclass(frozen=True)

@@ -150,15 +150,19 @@ class CLipSwish(nn.Module):
 _ACTIVATIONS = {"elu": ELU, "softplus": Softplus, "lipswish": LipSwish, "clipswish": CLipSwish}
 
 
-def make_activation(name: str) -> nn.Module:
-    """Build a 1-Lipschitz activation by name: ``"elu"``, ``"softplus"``, ``"lipswish"`` or ``"clipswish"``."""
+def _activation_class(name: str) -> type[nn.Module]:
+    """The activation class of a name (case-insensitive); unknown names are refused, naming the choices."""
     key = name.lower()
     if key not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)} (all 1-Lipschitz and C^1)")
-    return _ACTIVATIONS[key]()
+    return _ACTIVATIONS[key]
+
+
+def make_activation(name: str) -> nn.Module:
+    """Build a 1-Lipschitz activation by name: ``"elu"``, ``"softplus"``, ``"lipswish"`` or ``"clipswish"``."""
+    return _activation_class(name)()
 
 
 def width_factor(name: str) -> int:
     """How many times its input features the named activation outputs (2 for ``"clipswish"``, else 1)."""
-    make_activation(name)  # refuses unknown names
-    return getattr(_ACTIVATIONS[name.lower()], "width_factor", 1)
+    return getattr(_activation_class(name), "width_factor", 1)

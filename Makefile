@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/invertnet train --config digits
+	$(BIN)/invertnet train --config digits_dense
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --hypothesis-profile=ci

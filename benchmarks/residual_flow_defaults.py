@@ -26,6 +26,7 @@ Variants:
 * ``near_identity``: the last layer of every branch scaled by 0.01 at initialisation, so each block starts near
   the identity (Chen et al. 2019 start their blocks there).
 * ``actnorm_after``: ActNorm after each residual block (Behrmann et al. 2019, appendix C.3) instead of before.
+* ``lu_mixing``: an LU-parameterised linear layer (Kingma & Dhariwal 2018, section 3.2) before each ActNorm.
 * ``coeff_0.9`` / ``coeff_0.99``: the spectral-normalisation coefficient.
 * ``series_2`` / ``series_5``: the training power series' length (the default has 10 terms).
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
@@ -45,7 +46,7 @@ from torch import nn
 
 from invertnet.core import InvertibleSequential
 from invertnet.data import DIGITS_LEVELS
-from invertnet.layers import ActNorm, InvertibleResidual, SpectralNormLinear
+from invertnet.layers import ActNorm, InvertibleResidual, LULinear, SpectralNormLinear
 from invertnet.logdet import PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import FlowDistribution, dense_iresnet_flow
 
@@ -94,6 +95,17 @@ def actnorm_after(width: int) -> nn.Module:
     return FlowDistribution(InvertibleSequential(*parts), flow.base)
 
 
+def lu_mixing(width: int) -> nn.Module:
+    """The defaults with an LU-parameterised linear layer before each ActNorm (Glow's mixing, dense)."""
+    flow = dense()(width)
+    parts: list[nn.Module] = []
+    for part in flow.transform:
+        if isinstance(part, ActNorm):
+            parts.append(LULinear(part.channels))
+        parts.append(part)
+    return FlowDistribution(InvertibleSequential(*parts), flow.base)
+
+
 VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "defaults": dense(),
     "power_iterations_1": dense(n_power_iterations=1),
@@ -105,6 +117,7 @@ VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "clipswish": clipswish,
     "near_identity": near_identity,
     "actnorm_after": actnorm_after,
+    "lu_mixing": lu_mixing,
     "coeff_0.9": dense(coeff=0.9),
     "coeff_0.99": dense(coeff=0.99),
     "series_2": dense(log_det=PowerSeriesLogDet(2)),

@@ -100,10 +100,13 @@ def test_mismatched_base_shape_is_named():
         flow.log_prob(torch.zeros(1, 3, dtype=torch.float64))
 
 
-def test_sample_shape_must_be_a_batch_size():
+@pytest.mark.parametrize(
+    ("shape", "error"), [((-1,), ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)]
+)
+def test_sample_shape_must_be_sizes(shape, error):
     flow = FlowDistribution(ActNorm(2).double(), standard_normal((2,), torch.float64))
-    with pytest.raises(ValueError, match="sample_shape"):
-        flow.sample((2, 3))
+    with pytest.raises(error, match="sample_shape"):
+        flow.sample(shape)
 
 
 def test_base_distribution_moves_and_casts_with_the_flow():

@@ -1,7 +1,8 @@
 """invertnet: build, invert, certify and train invertible neural networks, with known errors.
 
-The core contract (:mod:`invertnet.core`) is importable from here; it is loaded on first use, so that
-``import invertnet`` (and the command line's ``--help``) does not import torch.
+The core contract (:mod:`invertnet.core`), :func:`evaluate_log_prob`, :func:`save` and :func:`load` are
+importable from here; they are loaded on first use, so that ``import invertnet`` (and the command line's
+``--help``) does not import torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
         validation,
         validation_enabled,
     )
+    from invertnet.models.evaluation import LogProbEvaluation, evaluate_log_prob
+    from invertnet.models.saving import load, save
 
 __version__ = "0.2.0.dev0"
 """The package version; the only place it is written (pyproject.toml reads it, so the wheel's metadata agrees)."""
@@ -32,15 +35,27 @@ __all__ = [
     "InvertibleModule",
     "InvertibleSequential",
     "IterativeInvertibleModule",
+    "LogProbEvaluation",
     "SolverOptions",
     "SolverStatus",
+    "evaluate_log_prob",
+    "load",
+    "save",
     "set_validation",
     "validation",
     "validation_enabled",
 ]
 
 
+_HOMES = {
+    "LogProbEvaluation": "invertnet.models.evaluation",
+    "evaluate_log_prob": "invertnet.models.evaluation",
+    "load": "invertnet.models.saving",
+    "save": "invertnet.models.saving",
+}
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("invertnet.core"), name)
+        return getattr(importlib.import_module(_HOMES.get(name, "invertnet.core")), name)
     raise AttributeError(f"module 'invertnet' has no attribute {name!r}")

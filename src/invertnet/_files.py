@@ -7,13 +7,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["is_stale_partial", "process_exists", "remove_stale_partials", "save_tensors", "sync", "write_atomically"]
+__all__ = [
+    "is_stale_partial",
+    "process_exists",
+    "remove_stale_partials",
+    "save_tensors",
+    "sync",
+    "write_atomically",
+    "write_atomically_with",
+]
 
 _PARTIAL = re.compile(r"\..+\.tmp-(\d+)")
 """Names of partial files and folders, ``.NAME.tmp-PID``: written by process PID, renamed to NAME when complete."""
@@ -53,11 +62,22 @@ def sync(path: Path) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` by a rename, so that a crash leaves the old file or the new, never half of it."""
+    write_atomically_with(path, lambda partial: partial.write_text(text))
+
+
+def write_atomically_with(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(partial)`` to write a partial file beside ``path``, then rename it to ``path``: a crash or a
+    full disk leaves the old file or the new, never half of it (a failed write removes the partial file)."""
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(text)
-    sync(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        sync(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     sync(path.parent)
+    return path
 
 
 def process_exists(pid: int) -> bool:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from invertnet.transforms import ModuleTransform
 
 __all__ = [
     "ConvergenceError",
@@ -479,6 +482,42 @@ class InvertibleModule(nn.Module):
         """
         return None
 
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one output sample for input samples of shape ``event_shape``; most layers keep it.
+
+        Layers that change shapes (squeeze, flatten, padding) override it and :meth:`event_shape_before`;
+        :meth:`as_transform` and :class:`~invertnet.models.FlowDistribution` read them, so no sample is run to
+        learn a shape.
+        """
+        return tuple(int(size) for size in event_shape)
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one input sample for output samples of shape ``event_shape`` (the inverse of
+        :meth:`event_shape_after`)."""
+        return tuple(int(size) for size in event_shape)
+
+    def as_transform(self, event_shape: Sequence[int] | None = None) -> ModuleTransform:
+        """This map as a ``torch.distributions.Transform`` on tensors of shape (*batch, *event_shape).
+
+        Arguments:
+            event_shape: Shape of one input sample; ``None`` uses the module's ``event_shape`` attribute (layers
+                built for one shape have it), else a ``ValueError`` asks for it.
+
+        Returns:
+            A :class:`~invertnet.transforms.ModuleTransform` sharing this module's parameters; ``.inv`` is the
+            inverse, for ``TransformedDistribution(base, [module.as_transform(shape).inv])``.
+        """
+        from invertnet.transforms import ModuleTransform
+
+        if event_shape is None:
+            event_shape = getattr(self, "event_shape", None)
+            if event_shape is None:
+                raise ValueError(
+                    f"{type(self).__name__}.as_transform: this layer works on any sample shape; pass the shape of "
+                    "one sample, e.g. as_transform((2,)) or as_transform((3, 32, 32))"
+                )
+        return ModuleTransform(self, event_shape)
+
     @property
     def inv(self) -> InvertibleModule:
         """The inverse map as an :class:`InvertibleModule` sharing this module's parameters; ``m.inv.inv is m``."""
@@ -510,6 +549,12 @@ class _InverseView(InvertibleModule):
 
     def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
         return self.base(y)
+
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        return self.base.event_shape_before(event_shape)
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        return self.base.event_shape_after(event_shape)
 
     @property
     def inv(self) -> InvertibleModule:
@@ -651,6 +696,18 @@ class InvertibleSequential(InvertibleModule):
 
     def _check(self, x: Tensor, where: str) -> None:
         check_dtype(x, self, f"{type(self).__name__}.{where}")
+
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(event_shape)
+        for part in self.parts:
+            shape = part.event_shape_after(shape)
+        return shape
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(event_shape)
+        for part in reversed(self.parts):
+            shape = part.event_shape_before(shape)
+        return shape
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, "forward")

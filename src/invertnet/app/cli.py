@@ -57,7 +57,7 @@ def configs() -> None:
     "--config",
     "config_name",
     default=None,
-    help="Embedded config name or JSON file [default: digits; with --resume, the run's own config].",
+    help="Embedded config name or JSON file [default: digits_dense; with --resume, the run's own config].",
 )
 @click.option("--set", "overrides", multiple=True, help="Override a setting, e.g. --set train.steps=100.")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="Run folder (default: a new one).")
@@ -74,7 +74,7 @@ def train(
     (a --config that differs from it is refused; --set train.steps=N extends it); a run killed at any moment
     resumes from its last checkpoint. --config RUN/run_config.json starts a new run with another run's config.
     With INVERTNET_CHECKPOINT_KEY set, checkpoints are signed with it (HMAC-SHA256) and load only with it."""
-    from invertnet.app.config import load_config, read_run_config
+    from invertnet.app.config import DEFAULT_CONFIG, load_config, read_run_config
     from invertnet.app.runs import train_run
     from invertnet.training import RunWriteError, distributed
 
@@ -84,7 +84,7 @@ def train(
         if resume and config_name is None:
             config = read_run_config(run_dir / "run_config.json", list(overrides))  # type: ignore[operator]
         else:
-            config = load_config(config_name or "digits", list(overrides))
+            config = load_config(config_name or DEFAULT_CONFIG, list(overrides))
     except (FileNotFoundError, ValueError) as error:
         _fail(error)
     distributed.setup()

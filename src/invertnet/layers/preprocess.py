@@ -62,6 +62,8 @@ class UniformDequantization(InvertibleModule):
                 f"UniformDequantization.forward: expected levels in [0, {self.levels - 1}], got values in "
                 f"[{x.min().item():g}, {x.max().item():g}]; scale the data to integer levels first"
             )
+        if not x.is_floating_point():  # integer levels: the noise and the result are real
+            x = x.to(torch.get_default_dtype())
         u = torch.rand_like(x) if self.noise == "uniform" else torch.full_like(x, 0.5)
         return (x + u) / self.levels, self._log_det(x)
 

@@ -17,7 +17,8 @@ from invertnet.core import (
     check_dtype,
     check_input,
 )
-from invertnet.layers.lipschitz_nets import ResidualBranch
+from invertnet.layers.lipschitz_nets import LipschitzMLP, ResidualBranch
+from invertnet.logdet.dense import DenseExactLogDet
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet
 from invertnet.solvers.common import FIXED_POINT_MAX_ITER
@@ -25,13 +26,20 @@ from invertnet.solvers.fixed_point import fixed_point
 from invertnet.solvers.implicit import residual_transposed_solve
 from invertnet.solvers.inverse_error import ESTIMATE_RTOL
 
-__all__ = ["InvertibleResidual", "LogDetEstimator"]
+__all__ = ["EXACT_EVALUATION_FEATURES", "InvertibleResidual", "LogDetEstimator"]
 
 #: (g, x) -> (g(x), log|det(I + J_g(x))|) with shapes (B, ...) and (B,).
 LogDetEstimator = Callable[[Callable[[Tensor], Tensor], Tensor], tuple[Tensor, Tensor]]
 
 #: What a branch that does not derive from ResidualBranch is taken to declare.
 _DEFAULT_BRANCH = ResidualBranch()
+_DENSE_EXACT = DenseExactLogDet()
+
+EXACT_EVALUATION_FEATURES = 256
+"""Widest dense branch (:class:`~invertnet.layers.LipschitzMLP` on (B, d)) whose log-det eval mode computes
+exactly by default: one :class:`~invertnet.logdet.DenseExactLogDet` pass costs O(B d h (h + d)) for width h plus a
+d x d LU per sample, below the series' terms over several probe passes that a stated bias and standard error
+need at these sizes (docs/defaults.md)."""
 
 
 class InvertibleResidual(IterativeInvertibleModule):
@@ -57,6 +65,10 @@ class InvertibleResidual(IterativeInvertibleModule):
             acceleration). Anderson needs a quarter of the evaluations of g when the block contracts slowly
             (rate 0.97); on freshly initialised blocks, which contract far faster than their bound, it
             takes plain steps and matches plain iteration (``benchmarks/iresnet_block.py``).
+        eval_log_det: The log-det in eval mode. ``"auto"`` (default): exact for a dense branch of at most
+            :data:`EXACT_EVALUATION_FEATURES` features (:class:`~invertnet.logdet.DenseExactLogDet`: the same
+            number every call, no bias), else ``log_det`` (then random for stochastic estimators: see
+            :attr:`exact_log_det`); ``"training"``: always ``log_det``; or an estimator.
 
     Example:
         >>> from invertnet.layers import LipschitzMLP
@@ -75,10 +87,16 @@ class InvertibleResidual(IterativeInvertibleModule):
         rtol: float | None = None,
         max_iter: int = FIXED_POINT_MAX_ITER,
         solver: Literal["iteration", "anderson"] = "iteration",
+        eval_log_det: LogDetEstimator | Literal["auto", "training"] = "auto",
     ) -> None:
         super().__init__()
         self.g = g
         self.log_det_estimator = PowerSeriesLogDet() if log_det is None else log_det
+        if not (eval_log_det in ("auto", "training") or callable(eval_log_det)):
+            raise ValueError(
+                f"InvertibleResidual: eval_log_det must be 'auto', 'training' or an estimator, got {eval_log_det!r}"
+            )
+        self.eval_log_det = eval_log_det
         self.solver_options = SolverOptions(atol=atol, rtol=rtol, max_iter=max_iter)
         if solver not in ("iteration", "anderson"):
             raise ValueError(f"InvertibleResidual: solver must be 'iteration' or 'anderson', got {solver!r}")
@@ -86,7 +104,20 @@ class InvertibleResidual(IterativeInvertibleModule):
 
     @property
     def exact_log_det(self) -> bool:  # type: ignore[override]
-        return isinstance(self.log_det_estimator, ExactLogDet)
+        """Whether the log-det of the current mode (training or eval) is exact."""
+        return isinstance(self.active_log_det_estimator, ExactLogDet)
+
+    @property
+    def active_log_det_estimator(self) -> LogDetEstimator:
+        """The estimator :meth:`forward_and_log_det` uses now: ``log_det`` in training mode, ``eval_log_det``'s
+        choice in eval mode."""
+        if self.training or self.eval_log_det == "training" or isinstance(self.log_det_estimator, ExactLogDet):
+            return self.log_det_estimator
+        if self.eval_log_det != "auto":
+            return self.eval_log_det  # type: ignore[return-value]
+        if isinstance(self.g, LipschitzMLP) and self.g.event_shape[0] <= EXACT_EVALUATION_FEATURES:
+            return _DENSE_EXACT
+        return self.log_det_estimator
 
     @property
     def branch(self) -> ResidualBranch:
@@ -132,7 +163,7 @@ class InvertibleResidual(IterativeInvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.validate(x, "forward_and_log_det")
-        g_x, log_det = self.log_det_estimator(self.g, x)
+        g_x, log_det = self.active_log_det_estimator(self.g, x)
         return x + g_x, log_det
 
     def solve(self, y: Tensor, options: SolverOptions) -> InverseResult:
@@ -182,4 +213,8 @@ class InvertibleResidual(IterativeInvertibleModule):
         return self.g(x)
 
     def extra_repr(self) -> str:
-        return f"log_det={self.log_det_estimator!r}, solver={self.solver!r}, max_iter={self.solver_options.max_iter}"
+        evaluation = "" if self.eval_log_det == "auto" else f", eval_log_det={self.eval_log_det!r}"
+        return (
+            f"log_det={self.log_det_estimator!r}{evaluation}, solver={self.solver!r}, "
+            f"max_iter={self.solver_options.max_iter}"
+        )

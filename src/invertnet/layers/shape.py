@@ -3,6 +3,7 @@ r"""Volume-preserving reshapes: squeeze (space to depth), flattening and injecti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,18 @@ class Squeeze(InvertibleModule):
         """1: a permutation preserves the per-sample 2-norm."""
         return 1.0
 
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if len(event_shape) != 3 or event_shape[1] % 2 or event_shape[2] % 2:
+            raise ValueError(f"Squeeze: expected samples (C, H, W) with even H and W, got {tuple(event_shape)}")
+        channels, height, width = event_shape
+        return (4 * channels, height // 2, width // 2)
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if len(event_shape) != 3 or event_shape[0] % 4:
+            raise ValueError(f"Squeeze.inverse: expected samples of shape (4C, H, W), got {tuple(event_shape)}")
+        channels, height, width = event_shape
+        return (channels // 4, 2 * height, 2 * width)
+
 
 class Flatten(InvertibleModule):
     r"""(B, *event_shape) -> (B, prod(event_shape)), log-det 0; lets dense flows model images.
@@ -72,6 +85,16 @@ class Flatten(InvertibleModule):
     def inverse_lipschitz_bound(self) -> float:
         """1: a reshape preserves the per-sample 2-norm."""
         return 1.0
+
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if tuple(event_shape) != self.event_shape:
+            raise ValueError(f"Flatten: built for samples of shape {self.event_shape}, got {tuple(event_shape)}")
+        return (self.features,)
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if tuple(event_shape) != (self.features,):
+            raise ValueError(f"Flatten.inverse: expected samples of shape ({self.features},), got {tuple(event_shape)}")
+        return self.event_shape
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}"
@@ -135,6 +158,19 @@ class InjectivePad(InvertibleModule):
                 f"{largest:.3e} > range_tolerance={tolerance:.1e}; this y is not in the range of the padding"
             )
         return kept, y.new_zeros(y.shape[0])
+
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if len(event_shape) < 1:
+            raise ValueError("InjectivePad: expected samples of shape (C, ...), got a scalar event")
+        return (event_shape[0] + self.extra_channels, *event_shape[1:])
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        if len(event_shape) < 1 or event_shape[0] <= self.extra_channels:
+            raise ValueError(
+                f"InjectivePad.inverse: expected samples of more than {self.extra_channels} channels, got "
+                f"{tuple(event_shape)}"
+            )
+        return (event_shape[0] - self.extra_channels, *event_shape[1:])
 
     def inverse_lipschitz_bound(self) -> float:
         """1: dropping channels never increases the per-sample 2-norm."""

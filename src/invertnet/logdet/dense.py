@@ -21,7 +21,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from invertnet.layers.activations import ConcatenatedDerivative
 from invertnet.logdet.exact import ExactLogDet, _logabsdet
 
 __all__ = ["DenseExactLogDet"]
@@ -61,8 +60,9 @@ class DenseExactLogDet(ExactLogDet):
 
 def _dense_jacobian(factors: list, batch: int, features: int) -> Tensor | None:
     """J_g(x) (B, d, d) from the factors in forward order (``(layer, weight)`` pairs of dense layers, tensors
-    (B, h) of activation derivatives, :class:`ConcatenatedDerivative` of concatenating ones), or ``None`` when a
-    layer is not dense (its weight is not a matrix)."""
+    (B, h) of activation derivatives, structured derivatives with a ``rows(M)`` method, as
+    :class:`~invertnet.layers.activations.ConcatenatedDerivative` of concatenating activations), or ``None`` when
+    a layer is not dense (its weight is not a matrix)."""
     product: Tensor | None = None  # (h, d) while no derivative has entered, then (B, h, d)
     pending: Tensor | None = None  # a leading derivative D_0 (B, d) of a pre-activation branch
     for factor in factors:
@@ -74,7 +74,7 @@ def _dense_jacobian(factors: list, batch: int, features: int) -> Tensor | None:
                 product = weight if pending is None else weight.unsqueeze(0) * pending.unsqueeze(1)
             else:
                 product = torch.matmul(weight, product)
-        elif isinstance(factor, ConcatenatedDerivative):  # stacked diagonals: (B, 2h, d) rows
+        elif hasattr(factor, "rows"):  # stacked diagonals: (B, 2h, d) rows
             if product is None:
                 product = (
                     torch.diag_embed(pending)

@@ -9,6 +9,8 @@ from invertnet.models.classifiers import iresnet_classifier as iresnet_classifie
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.coupling_flows import glow_flow as glow_flow
 from invertnet.models.coupling_flows import realnvp_flow as realnvp_flow
+from invertnet.models.evaluation import LogProbEvaluation as LogProbEvaluation
+from invertnet.models.evaluation import evaluate_log_prob as evaluate_log_prob
 from invertnet.models.flows import FlowDistribution as FlowDistribution
 from invertnet.models.flows import standard_normal as standard_normal
 from invertnet.models.gan import ConditionalGAN as ConditionalGAN
@@ -21,6 +23,8 @@ from invertnet.models.generators import save_generator as save_generator
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
+from invertnet.models.saving import load as load
+from invertnet.models.saving import save as save
 from invertnet.models.spectra import IsotopeNet as IsotopeNet
 from invertnet.models.spectra import ResidualNet as ResidualNet
 
@@ -32,18 +36,22 @@ __all__ = [
     "FullyInvertibleClassifier",
     "InvertibleClassifier",
     "IsotopeNet",
+    "LogProbEvaluation",
     "ResidualNet",
     "TransposedConvGenerator",
     "conditional_dcgan",
     "dense_iresnet_flow",
+    "evaluate_log_prob",
     "fully_invertible_classifier",
     "glow_flow",
     "iresnet_classifier",
+    "load",
     "load_generator",
     "mintnet_classifier",
     "mintnet_flow",
     "multiscale_iresnet_flow",
     "realnvp_flow",
+    "save",
     "save_generator",
     "standard_normal",
 ]

@@ -15,6 +15,7 @@ from invertnet.layers.norm import ActNorm, InvertibleBatchNorm
 from invertnet.layers.residual import InvertibleResidual
 from invertnet.layers.shape import Flatten, InjectivePad, Squeeze
 from invertnet.models.mintnet_flows import squeeze_positions
+from invertnet.models.saving import saveable
 
 __all__ = [
     "FullyInvertibleClassifier",
@@ -63,6 +64,7 @@ class InvertibleClassifier(nn.Module):
         return self.head(self.prelude(self.features(x)).mean(dim=(2, 3)))
 
 
+@saveable
 def mintnet_classifier(
     input_shape: Sequence[int] = (3, 32, 32),
     n_classes: int = 10,
@@ -136,6 +138,7 @@ def _residual_stages(
     return parts, channels
 
 
+@saveable
 def iresnet_classifier(
     input_shape: Sequence[int] = (3, 32, 32),
     n_classes: int = 10,
@@ -213,6 +216,7 @@ class FullyInvertibleClassifier(InvertibleClassifier):
         return self.split(self.features(x))[0]
 
 
+@saveable
 def fully_invertible_classifier(
     input_shape: Sequence[int] = (1, 8, 8),
     n_classes: int = 10,

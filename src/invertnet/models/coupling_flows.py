@@ -17,6 +17,7 @@ from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Squeeze
 from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.saving import saveable
 
 __all__ = ["glow_flow", "realnvp_flow"]
 
@@ -62,6 +63,7 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (4 * channels, height // 2, width // 2)
 
 
+@saveable
 def realnvp_flow(
     features_or_shape: int | Sequence[int],
     n_scales: int | None = None,
@@ -130,6 +132,7 @@ def realnvp_flow(
     return _flow(parts, shape, levels, logit_alpha)
 
 
+@saveable
 def glow_flow(
     features_or_shape: int | Sequence[int],
     n_scales: int | None = None,

@@ -7,21 +7,39 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, Normal, TransformedDistribution, constraints
 
-from invertnet.core import InvertibleModule, check_dtype
+from invertnet.core import InvertibleModule, SolverOptions, SolverOverride, check_dtype
 from invertnet.layers.lipschitz_nets import LipschitzMLP
-from invertnet.layers.residual import InvertibleResidual
+from invertnet.layers.residual import EXACT_EVALUATION_FEATURES, InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
 from invertnet.logdet.dense import DenseExactLogDet
+from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncation_error_bound
-
-EXACT_EVALUATION_FEATURES = 256
-"""Widest dense residual branch :meth:`FlowDistribution.use_evaluation_estimator` evaluates exactly: one
-:class:`~invertnet.logdet.DenseExactLogDet` pass costs O(B d^2 h) for width h plus a d x d LU per sample, below the
-series' n_terms vector-Jacobian products over several probe passes at these sizes."""
+from invertnet.transforms import batch_shape_of
 
 __all__ = ["FlowDistribution", "standard_normal"]
+
+
+SampleShape = int | torch.Size | tuple[int, ...]
+"""A sample shape as torch.distributions takes it, or a single int n for (n,)."""
+
+
+def _sample_size(sample_shape: SampleShape) -> torch.Size:
+    """``sample_shape`` as a ``torch.Size``; a ``ValueError`` for negative or non-integer sizes."""
+    if isinstance(sample_shape, bool):
+        raise TypeError(f"FlowDistribution: sample_shape must be an int or a tuple of ints, got {sample_shape!r}")
+    if isinstance(sample_shape, int):
+        sample_shape = (sample_shape,)
+    try:
+        shape = torch.Size(sample_shape)
+    except TypeError as error:
+        raise TypeError(
+            f"FlowDistribution: sample_shape must be an int or a tuple of ints, got {sample_shape!r}"
+        ) from error
+    if any(size < 0 for size in shape):
+        raise ValueError(f"FlowDistribution: sample_shape must not be negative, got {tuple(shape)}")
+    return shape
 
 
 def standard_normal(
@@ -42,43 +60,82 @@ def _mapped(distribution: Distribution, fn: Callable[[Tensor], Tensor]) -> Distr
     return distribution
 
 
-class FlowDistribution(nn.Module):
+class FlowDistribution(nn.Module, Distribution):
     r"""The distribution of x = F^{-1}(z), z ~ base, for an invertible transform F (data -> latent).
 
     .. math:: \log p(x) = \log p_Z(F(x)) + \log|\det J_F(x)|,
         \qquad \text{bits/dim}(x) = -\frac{\log p(x)}{d \ln 2}.
 
-    Names follow ``torch.distributions``. When the transform starts with
-    :class:`~invertnet.layers.UniformDequantization`, ``log_prob`` of discrete data is the log-density of
-    the dequantised data in the units of the discrete levels, and ``bits_per_dim`` is with respect to the
-    discrete data: its expectation over the dequantisation noise upper-bounds the discrete bits/dim
-    (thesis Lemma 5.10 and 5.3, "Evaluation").
+    A ``torch.distributions.Distribution`` and an ``nn.Module`` (its parameters are the transform's: train it
+    with any optimiser). ``event_shape`` is the data shape, ``batch_shape`` is ``()``; ``sample`` / ``rsample``
+    take any ``sample_shape`` (an int, ``()``, ``(n,)``, ``(n, m)``) and ``log_prob`` any batch shape before the
+    event shape, as torch's distributions do. ``expand`` returns the equivalent
+    ``torch.distributions.TransformedDistribution``. When the transform starts with
+    :class:`~invertnet.layers.UniformDequantization`, ``log_prob`` of discrete data is the log-density of the
+    dequantised data in the units of the discrete levels, and ``bits_per_dim`` is with respect to the discrete
+    data: its expectation over the dequantisation noise upper-bounds the discrete bits/dim (Behrmann et al. 2019,
+    section 5.3; Theis et al. 2016).
+
+    ``log_prob`` uses the transform's log-det as configured: residual blocks estimate it (power series or
+    Russian roulette) unless they were given an exact estimator, e.g. by :meth:`use_evaluation_estimator`.
 
     Arguments:
         transform: The flow F, mapping data with shape (B, ...) to latents.
-        base: The latent distribution, with ``event_shape`` the latent shape and ``log_prob`` of shape (B,),
-            e.g. :func:`standard_normal`. Normal bases move with the module (``flow.to(device)``,
-            ``flow.double()``); other distributions must be created on the right device by the caller.
+        base: The latent distribution, with ``event_shape`` the latent shape, batch shape ``()`` and
+            ``log_prob`` of shape (B,), e.g. :func:`standard_normal`. Normal bases move with the module
+            (``flow.to(device)``, ``flow.double()``); other distributions must be created on the right device by
+            the caller.
 
     Example:
         >>> from invertnet.layers import ActNorm
         >>> flow = FlowDistribution(ActNorm(2), standard_normal((2,)))
-        >>> flow.log_prob(torch.zeros(3, 2)).shape, flow.sample((5,)).shape
-        (torch.Size([3]), torch.Size([5, 2]))
+        >>> flow.log_prob(torch.zeros(3, 2)).shape, flow.sample((5,)).shape, flow.sample().shape
+        (torch.Size([3]), torch.Size([5, 2]), torch.Size([2]))
+        >>> x, log_prob = flow.rsample_and_log_prob((4, 3))  # one pass: the inverse's log-det
+        >>> x.shape, log_prob.shape
+        (torch.Size([4, 3, 2]), torch.Size([4, 3]))
     """
 
+    arg_constraints: dict[str, constraints.Constraint] = {}  # noqa: RUF012 (torch.distributions' class attribute)
+    has_rsample = True
+
     def __init__(self, transform: InvertibleModule, base: Distribution) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         if not isinstance(transform, InvertibleModule):
             raise TypeError(f"FlowDistribution: transform must be an InvertibleModule, got {type(transform).__name__}")
+        if not isinstance(base, Distribution):
+            raise TypeError(
+                f"FlowDistribution: base must be a torch.distributions.Distribution, got {type(base).__name__}"
+            )
+        if tuple(base.batch_shape) != ():
+            raise ValueError(
+                f"FlowDistribution: the base must be one distribution (batch shape ()), got batch shape "
+                f"{tuple(base.batch_shape)}; wrap it in torch.distributions.Independent to make those dimensions "
+                "part of the event"
+            )
         self.transform = transform
         self.base = base
+        event_shape = transform.event_shape_before(tuple(base.event_shape))
+        Distribution.__init__(self, batch_shape=torch.Size(), event_shape=torch.Size(event_shape), validate_args=False)
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 (nn.Module's private hook)
         """Move and cast the base with the module (``.to``, ``.double()``, ``.cuda()``), as nn.Module cannot."""
         super()._apply(fn, *args, **kwargs)
         self.base = _mapped(self.base, fn)
         return self
+
+    __repr__ = nn.Module.__repr__
+
+    @property
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        """Real tensors of the event shape (dequantising flows take levels in [0, levels) there)."""
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: object = None) -> Distribution:
+        """The same distribution repeated over ``batch_shape``: a ``TransformedDistribution`` of the expanded
+        base through this flow's transform (sharing its parameters)."""
+        transform = self.transform.as_transform(self.event_shape).inv
+        return TransformedDistribution(self.base.expand(torch.Size(batch_shape)), [transform])
 
     def _base_log_prob(self, z: Tensor) -> Tensor:
         expected = tuple(self.base.event_shape)
@@ -89,39 +146,87 @@ class FlowDistribution(nn.Module):
             )
         return self.base.log_prob(z)
 
+    def _empty(self, shape: torch.Size, device: torch.device) -> Tensor:
+        parameter = next(self.transform.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) with shape (B,) for x with shape (B, ...) of the transform's dtype (else a named ``ValueError``)."""
+        """log p(x) with the batch shape of x = (*batch, *event_shape), of the transform's dtype (else a named
+        ``ValueError``)."""
         check_dtype(x, self.transform, "FlowDistribution.log_prob")
-        z, log_det = self.transform.forward_and_log_det(x)
-        return self._base_log_prob(z) + log_det
+        batch = batch_shape_of(x.shape, tuple(self.event_shape), "FlowDistribution.log_prob")
+        if math.prod(batch) == 0:
+            return self._empty(batch, x.device)
+        if not x.is_floating_point():  # integer levels of a dequantising flow, in the parameters' dtype
+            x = x.to(self._empty(torch.Size(), x.device).dtype)
+        z, log_det = self.transform.forward_and_log_det(x.reshape(-1, *self.event_shape))
+        return (self._base_log_prob(z) + log_det).reshape(batch)
 
     def bits_per_dim(self, x: Tensor) -> Tensor:
-        """-log p(x) / (d ln 2) per sample, shape (B,), with d the number of entries of one sample."""
-        return -self.log_prob(x) / (x[0].numel() * math.log(2.0))
+        """-log p(x) / (d ln 2) with the batch shape of x, for d the number of entries of one sample."""
+        return -self.log_prob(x) / (math.prod(self.event_shape) * math.log(2.0))
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = (1,), **solver_options: object) -> Tensor:
-        """Draw x = F^{-1}(z) without gradients; solver failures raise :class:`~invertnet.ConvergenceError`.
+    def sample(self, sample_shape: SampleShape = (), **solver_options: SolverOverride) -> Tensor:
+        """Draw x = F^{-1}(z) without gradients, of shape (*sample_shape, *event_shape); solver failures raise
+        :class:`~invertnet.ConvergenceError`.
 
         Arguments:
-            sample_shape: A single batch size, e.g. ``(64,)``; ``(0,)`` gives an empty tensor of shape
-                (0, *data shape), like ``torch.distributions`` (one latent is inverted to learn the data shape).
+            sample_shape: An int or a shape: ``()`` for one sample, ``1000`` or ``(1000,)``, ``(n, m)``.
             **solver_options: ``atol``, ``rtol``, ``max_iter``, ``strict`` for iterative inverses.
         """
         with torch.no_grad():
             return self.rsample(sample_shape, **solver_options)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = (1,), **solver_options: object) -> Tensor:
+    def rsample(self, sample_shape: SampleShape = (), **solver_options: SolverOverride) -> Tensor:
         """Draw x = F^{-1}(z), differentiable with respect to the transform's parameters (implicit gradients)."""
-        shape = torch.Size(sample_shape)
-        if len(shape) != 1:
-            raise ValueError(f"FlowDistribution: sample_shape must be one batch size such as (64,), got {tuple(shape)}")
-        empty = shape[0] == 0
-        z = self.base.rsample(torch.Size([1]) if empty else shape)
+        shape, z = self._latents(sample_shape)
+        if z is None:
+            return self._empty(torch.Size((*shape, *self.event_shape)), self._device())
+        return self._shaped(self.transform.inverse(z, **solver_options), shape)
+
+    def rsample_and_log_prob(
+        self, sample_shape: SampleShape = (), **solver_options: SolverOverride
+    ) -> tuple[Tensor, Tensor]:
+        r"""Draw x = F^{-1}(z) and its log p(x) in one pass: :math:`\log p(x) = \log p_Z(z) - \log|\det
+        J_{F^{-1}}(z)|`, the inverse's log-det (reverse-KL / variational training).
+
+        Returns:
+            ``(x, log_prob)`` of shapes (*sample_shape, *event_shape) and sample_shape, both differentiable with
+            respect to the transform's parameters.
+        """
+        shape, z = self._latents(sample_shape)
+        if z is None:
+            return self._empty(torch.Size((*shape, *self.event_shape)), self._device()), self._empty(
+                shape, self._device()
+            )
+        x, inverse_log_det = self.transform.inverse_and_log_det(z, SolverOptions.of(None, solver_options))
+        return self._shaped(x, shape), (self._base_log_prob(z) - inverse_log_det).reshape(shape)
+
+    def _device(self) -> torch.device:
+        parameter = next(self.transform.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def _latents(self, sample_shape: SampleShape) -> tuple[torch.Size, Tensor | None]:
+        """The sample shape and (n, *latent shape) base draws for its n samples (``None`` when n = 0)."""
+        shape = _sample_size(sample_shape)
+        n = math.prod(shape)
+        if n == 0:
+            return shape, None
+        z = self.base.rsample(torch.Size([n]))
         parameter = next(self.transform.parameters(), None)
         if parameter is not None:
             z = z.to(device=parameter.device, dtype=parameter.dtype)
-        x = self.transform.inverse(z, **solver_options)
-        return x[:0] if empty else x
+        return shape, z
+
+    def _shaped(self, x: Tensor, shape: torch.Size) -> Tensor:
+        if tuple(x.shape[1:]) != tuple(self.event_shape):
+            raise RuntimeError(
+                f"FlowDistribution: the inverse returned samples of shape {tuple(x.shape[1:])}, not the event shape "
+                f"{tuple(self.event_shape)}; a layer that changes shapes must override event_shape_before / "
+                "event_shape_after"
+            )
+        return x.reshape(*shape, *self.event_shape)
 
     def residual_blocks(self) -> list[InvertibleResidual]:
         """The i-ResNet blocks of the transform, in module order."""
@@ -163,12 +268,12 @@ class FlowDistribution(nn.Module):
         residual = self.residual_blocks()
         if residual:
             refine_spectral_norms(self)
-        stochastic = [block for block in residual if not block.exact_log_det]
+        stochastic = [block for block in residual if not isinstance(block.log_det_estimator, ExactLogDet)]
         for block in stochastic:
             if isinstance(block.g, LipschitzMLP) and block.g.event_shape[0] <= exact_features:
                 block.use_log_det_estimator(DenseExactLogDet())
-        exact = sum(block.exact_log_det for block in residual)
-        blocks = [block for block in stochastic if not block.exact_log_det]
+        exact = sum(isinstance(block.log_det_estimator, ExactLogDet) for block in residual)
+        blocks = [block for block in stochastic if not isinstance(block.log_det_estimator, ExactLogDet)]
         if not blocks:
             return {"n_terms": 0, "bias_bound_bits": 0.0, "exact_blocks": exact}
         bounds = [block.lipschitz_bound() for block in blocks]
@@ -184,4 +289,5 @@ class FlowDistribution(nn.Module):
         bias = len(blocks) * truncation_error_bound(lipschitz, dim, n_terms) / (dim * math.log(2))
         for block in blocks:
             block.use_log_det_estimator(PowerSeriesLogDet(n_terms, probe="rademacher"))
+            block.eval_log_det = "training"  # the series whose bias is reported, in eval mode too
         return {"n_terms": n_terms, "bias_bound_bits": bias, "lipschitz_bound": lipschitz, "exact_blocks": exact}

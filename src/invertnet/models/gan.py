@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from invertnet.models.generators import DCGANDiscriminator, DCGANGenerator
+from invertnet.models.saving import saveable
 
 __all__ = ["ConditionalGAN", "conditional_dcgan"]
 
@@ -42,6 +43,7 @@ class ConditionalGAN(nn.Module):
         return self.generator(z, labels)
 
 
+@saveable
 def conditional_dcgan(
     n_classes: int, channels: int = 1, latent_dim: int = 10, n_layers: int = 4, width: int = 128
 ) -> ConditionalGAN:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from invertnet._files import save_tensors
+from invertnet.models.saving import saveable
 
 __all__ = [
     "DCGANDiscriminator",
@@ -41,6 +42,7 @@ def _activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+@saveable
 class TransposedConvGenerator(nn.Module):
     r"""G(z) = h(W_d ... h(W_1 z)): transposed convolutions, each followed by the activation h.
 
@@ -151,6 +153,7 @@ def dcgan_image_size(n_layers: int) -> int:
     return 4 * 2 ** (n_layers - 1)
 
 
+@saveable
 class DCGANGenerator(nn.Module):
     r"""The conditional DCGAN generator of Ma, Ayaz & Karaman 2018, 4.3: transposed convolutions with batch norm and
     leaky ReLU, tanh output.
@@ -217,6 +220,7 @@ class DCGANGenerator(nn.Module):
         return self.net(z[:, :, None, None])
 
 
+@saveable
 class DCGANDiscriminator(nn.Module):
     r"""The conditional DCGAN discriminator of Ma, Ayaz & Karaman 2018, 4.3: the mirror of :class:`DCGANGenerator`.
 

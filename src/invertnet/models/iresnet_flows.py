@@ -13,10 +13,12 @@ from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
 from invertnet.layers.shape import Flatten, Squeeze
 from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.saving import saveable
 
 __all__ = ["dense_iresnet_flow", "multiscale_iresnet_flow"]
 
 
+@saveable
 def dense_iresnet_flow(
     features: int | Sequence[int],
     n_blocks: int = 100,
@@ -82,6 +84,7 @@ def dense_iresnet_flow(
     return FlowDistribution(InvertibleSequential(*parts), standard_normal((dim,)))
 
 
+@saveable
 def multiscale_iresnet_flow(
     input_shape: Sequence[int],
     n_scales: int = 3,

@@ -11,6 +11,7 @@ from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Squeeze
 from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.saving import saveable
 
 __all__ = ["mintnet_flow", "squeeze_positions"]
 
@@ -31,6 +32,7 @@ def squeeze_positions(n_blocks: int, n_squeezes: int) -> list[int]:
     return [gap * (index + 1) for index in range(n_squeezes)]
 
 
+@saveable
 def mintnet_flow(
     input_shape: Sequence[int],
     n_blocks: int = 20,

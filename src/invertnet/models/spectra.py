@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from invertnet.models.saving import saveable
+
 __all__ = [
     "IsotopeNet",
     "LocallyConnected1d",
@@ -111,6 +113,7 @@ class LocallyConnected1d(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+@saveable
 class IsotopeNet(nn.Module):
     r"""IsotopeNet (thesis Table 7.2): residual layers of depth 2 with kernel 3, strides 1-5-1-3 and 8, 8, 8, 1
     feature maps; ReLU, dropout (30%, Table A.2), a locally connected layer (batch norm, ReLU) and a linear
@@ -170,6 +173,7 @@ class IsotopeNet(nn.Module):
         return receptive_field(geometry)
 
 
+@saveable
 class ResidualNet(nn.Module):
     r"""The ResidualNet baseline of thesis Table A.1: residual layers of depth 2 with kernel 5, in pairs (stride
     1, then stride 3 with twice the feature maps, capped at 128) from 16 maps while the length exceeds 30 bins,

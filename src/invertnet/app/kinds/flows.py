@@ -9,7 +9,6 @@ A.2), the reconstruction error through the inverse, and writes ``samples.png`` (
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -28,6 +27,7 @@ from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import (
     FlowDistribution,
     dense_iresnet_flow,
+    evaluate_log_prob,
     glow_flow,
     mintnet_flow,
     multiscale_iresnet_flow,
@@ -35,7 +35,6 @@ from invertnet.models import (
 )
 from invertnet.solvers import linearized_inverse_error
 from invertnet.training import BitsPerDim
-from invertnet.training.objectives import bits_per_sample, mean_and_standard_error
 
 if TYPE_CHECKING:
     from invertnet.app.config import RunConfig
@@ -211,10 +210,25 @@ class FlowKind(ModelKind):
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
         flow: FlowDistribution = model  # type: ignore[assignment]
         summary: dict[str, Any] = {"run_dir": str(run_dir)}
-        summary["evaluation_estimator"] = flow.use_evaluation_estimator(
-            data.test[0].numel(), bias_bits=config.evaluation.bias_bits, max_terms=config.evaluation.max_terms
+        settings = config.evaluation
+        result = evaluate_log_prob(
+            flow,
+            data.test,
+            bias_bits=settings.bias_bits,
+            max_terms=settings.max_terms,
+            standard_error_bits=settings.probe_standard_error_bits,
+            max_passes=settings.max_passes,
         )
-        summary["test"] = _bits_per_dim(flow, data.test, config)
+        estimator = {"n_terms": result.n_terms, "bias_bound_bits": result.bias_bound_bits}
+        if result.lipschitz_bound is not None:
+            estimator["lipschitz_bound"] = result.lipschitz_bound
+        summary["evaluation_estimator"] = {**estimator, "exact_blocks": result.exact_blocks}
+        summary["test"] = {
+            "bits_per_dim": result.bits_per_dim,
+            "standard_error": result.standard_error,
+            "probe_standard_error": result.probe_standard_error,
+            "probe_passes": result.probe_passes,
+        }
         summary["reconstruction"] = reconstruction(flow, data.test[:256])
         _figures(flow, run_dir, data.levels, data.test)
         return summary
@@ -229,29 +243,6 @@ class FlowKind(ModelKind):
 
     def invertible_part(self, model: nn.Module) -> nn.Module:
         return model.transform  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _bits_per_dim(flow: FlowDistribution, data: Tensor, config: RunConfig, batch_size: int = 256) -> dict[str, Any]:
-    """Test bits/dim averaged over passes with fresh probes until the probe standard error is small (thesis A.2).
-
-    ``standard_error`` is over test samples (the data's spread, the usual error bar); ``probe_standard_error``
-    is the Monte-Carlo error of the log-det estimator, from the spread of the pass means.
-    """
-    stochastic = any(not block.log_det_estimator.exact for block in flow.residual_blocks())
-    passes: list[Tensor] = []
-    while True:
-        passes.append(bits_per_sample(flow, data, batch_size))
-        if not stochastic:
-            probe_error = 0.0
-            break
-        if len(passes) >= 2:
-            means = torch.stack([bits.mean() for bits in passes])
-            probe_error = (means.std() / math.sqrt(len(passes))).item()
-            if probe_error < config.evaluation.probe_standard_error_bits or len(passes) >= config.evaluation.max_passes:
-                break
-    summary: dict[str, Any] = mean_and_standard_error(torch.stack(passes).mean(dim=0))
-    return {**summary, "probe_standard_error": probe_error, "probe_passes": len(passes)}
 
 
 @torch.no_grad()

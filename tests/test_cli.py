@@ -115,6 +115,8 @@ def test_evaluate_invert_and_sample_a_trained_run(trained_run):
     assert inverted.exit_code == 0 and json.loads(inverted.output)["max_abs_error"] < 1e-3
     sampled = runner.invoke(main, ["sample", str(run_dir), "-n", "7"])
     assert sampled.exit_code == 0 and (run_dir / "samples.safetensors").is_file()
+    assert (run_dir / "samples.png").is_file() and "a picture of them" in sampled.output  # 2-D points: a scatter
+    assert (run_dir / "loss.png").is_file()
 
 
 def test_certify_a_trained_run(trained_run):

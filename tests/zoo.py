@@ -12,6 +12,7 @@ from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
     AffineCoupling,
+    ConditionalLipschitzMLP,
     Flatten,
     InjectivePad,
     InvertibleBatchNorm,
@@ -30,7 +31,7 @@ from invertnet.layers import (
     refine_spectral_norms,
 )
 from invertnet.logdet import DenseExactLogDet, ExactLogDet
-from invertnet.models import glow_flow, mintnet_flow, realnvp_flow
+from invertnet.models import dense_iresnet_flow, glow_flow, mintnet_flow, realnvp_flow
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -144,6 +145,30 @@ def _coupling(*args, **options) -> Callable[[], InvertibleModule]:
     return lambda: _randomised_coupling(AffineCoupling(*args, hidden=6, **options))
 
 
+def _context(features: int) -> torch.Tensor:
+    """A fixed context (one for every sample) far from zero."""
+    return torch.linspace(-1.5, 2.0, features, dtype=torch.float64)
+
+
+def _randomised_context_maps(module: InvertibleModule) -> InvertibleModule:
+    """Context maps (zero at initialisation: every context starts unconditional) that matter."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, ConditionalLipschitzMLP):
+                sub.context_map.weight.normal_(0.0, 0.5)
+    return module
+
+
+def _conditional_residual() -> InvertibleModule:
+    g = ConditionalLipschitzMLP(4, 3, 16, n_layers=3, coeff=0.9, preactivation=True)
+    return _randomised_context_maps(InvertibleResidual(g, log_det=DenseExactLogDet())).at(_context(3))
+
+
+def _conditional_dense_flow() -> InvertibleModule:
+    flow = dense_iresnet_flow(3, n_blocks=2, hidden_features=8, context_features=2, log_det=ExactLogDet())
+    return _randomised_context_maps(flow.transform).at(_context(2))
+
+
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "actnorm": (_actnorm, (3, 2, 2)),
     "actnorm_flat": (lambda: ActNorm(4), (4,)),
@@ -197,6 +222,18 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
         (1, 4, 4),
     ),
     "glow_vector": (lambda: _randomised_coupling(glow_flow(4, n_steps=2, hidden=6).transform), (4,)),
+    "conditional_residual_mlp": (_conditional_residual, (4,)),
+    "conditional_dense_flow": (_conditional_dense_flow, (3,)),
+    "conditional_coupling_image": (
+        lambda: _coupling((2, 3, 3), "checkerboard", context_features=2)().at(_context(2)),
+        (2, 3, 3),
+    ),
+    "conditional_coupling_vector": (
+        lambda: _randomised_coupling(realnvp_flow(3, n_steps=2, hidden=6, context_features=4).transform).at(
+            _context(4)
+        ),
+        (3,),
+    ),
     "glow_image": (
         lambda: _randomised_coupling(glow_flow((1, 4, 4), n_scales=2, n_steps=1, hidden=3).transform),
         (1, 4, 4),

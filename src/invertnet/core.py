@@ -482,6 +482,19 @@ class InvertibleModule(nn.Module):
         """
         return None
 
+    #: The map takes a context c (conditional flows): call it through :meth:`at`.
+    conditional: bool = False
+
+    def at(self, context: Tensor) -> InvertibleModule:
+        """This map at a fixed context c, an ordinary (unconditional) module sharing the parameters; ``self`` for a
+        map that takes no context.
+
+        Arguments:
+            context: (M, k) or (k,): one context for every sample, or M contexts, which a batch of B samples takes
+                tiled (B a multiple of M: sample ``i`` gets context ``i % M``).
+        """
+        return self
+
     def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of one output sample for input samples of shape ``event_shape``; most layers keep it.
 
@@ -549,6 +562,13 @@ class _InverseView(InvertibleModule):
 
     def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
         return self.base(y)
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        return self.base.conditional
+
+    def at(self, context: Tensor) -> InvertibleModule:
+        return self.base.at(context).inv if self.base.conditional else self
 
     def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
         return self.base.event_shape_before(event_shape)
@@ -684,6 +704,18 @@ class InvertibleSequential(InvertibleModule):
     @property
     def batch_statistics_in_training(self) -> bool:  # type: ignore[override]
         return any(part.batch_statistics_in_training for part in self.parts)
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        return any(part.conditional for part in self.parts)
+
+    def at(self, context: Tensor) -> InvertibleModule:
+        """The composition of the parts at the context (unconditional parts as they are), in this mode."""
+        if not self.conditional:
+            return self
+        view = InvertibleSequential(*(part.at(context) for part in self.parts))
+        view.training = self.training  # the parts keep their own modes
+        return view
 
     def __len__(self) -> int:
         return len(self.parts)

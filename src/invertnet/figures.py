@@ -8,6 +8,7 @@ extra and is imported when a figure is made.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +16,9 @@ from invertnet._optional import require
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch import Tensor
 
-__all__ = ["save_figure", "subplots"]
+__all__ = ["plot_samples", "save_figure", "subplots"]
 
 
 def subplots(
@@ -74,3 +76,35 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
 
         plt.close(figure)
     return path
+
+
+def plot_samples(samples: Tensor, path: str | Path, max_images: int = 64) -> Path | None:
+    """Draw samples for a look: images (N, C, H, W) as a grid of at most ``max_images`` (grey for one channel,
+    colour for three; values scaled to the grid's own range), points (N, 2) as a scatter plot. Other shapes draw
+    nothing and return ``None``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     plot_samples(torch.rand(10, 1, 8, 8), Path(folder) / "grid.png").name
+        'grid.png'
+    """
+    samples = samples.detach().float().cpu()
+    if samples.dim() == 2 and samples.shape[1] == 2:
+        figure, axes = subplots(figsize=(4, 4), feature="plot_samples")
+        axes.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=2)
+        axes.set_aspect("equal")
+        return save_figure(figure, path)
+    if samples.dim() != 4 or samples.shape[1] not in (1, 3) or len(samples) == 0:
+        return None
+    images = samples[:max_images]
+    low, high = images.min(), images.max()
+    images = (images - low) / (high - low).clamp_min(1e-12)
+    side = math.ceil(math.sqrt(len(images)))
+    figure, axes = subplots(side, side, figsize=(side * 0.75, side * 0.75), squeeze=False, feature="plot_samples")
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            image = images[index]
+            axis.imshow(image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy(), cmap="gray")
+    return save_figure(figure, path)

@@ -181,14 +181,23 @@ def metameric(run_dir: Path, count: int) -> None:
 )
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to save them (.safetensors).")
 def sample(run_dir: Path, count: int, output: Path | None) -> None:
-    """Draw samples from a trained generative run (flows, GANs) and save them as safetensors."""
+    """Draw samples from a trained generative run (flows, GANs) and save them as safetensors, with a PNG beside
+    them (an image grid, or a scatter plot of 2-D points)."""
     from invertnet._files import save_tensors
     from invertnet.app.runs import sample_run
+    from invertnet.figures import plot_samples
 
     samples = _on_run(sample_run, run_dir, count)
     output = output or Path(run_dir) / "samples.safetensors"
     save_tensors({"samples": samples}, output)
     click.echo(f"{count} samples of shape {tuple(samples.shape[1:])} written to {output}")
+    try:
+        figure = plot_samples(samples, output.with_suffix(".png"))
+    except ImportError as error:  # the tensors are written; the picture needs the plots extra
+        click.echo(f"no picture: {error}", err=True)
+    else:
+        if figure is not None:
+            click.echo(f"a picture of them: {figure}")
 
 
 @main.command()

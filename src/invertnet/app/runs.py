@@ -30,6 +30,7 @@ from invertnet.app.lock import LOCK_NAME, RunLock, check_unlocked
 from invertnet.figures import save_figure, subplots
 from invertnet.training import Trainer, choose_weights, compare_weights, kept_weights
 from invertnet.training.checkpoint import check_weight_average, check_writable, load_latest_checkpoint, writing_to
+from invertnet.training.curves import plot_metrics
 from invertnet.training.distributed import is_main_process, rank_and_world_size
 
 __all__ = [
@@ -90,6 +91,10 @@ def _finish(
     model.eval()
     with writing_to(run_dir):
         summary = {**kind.finish(model, config, run_dir, data), "weights": weights}
+        try:
+            plot_metrics(run_dir)  # loss.png
+        except ImportError as error:
+            summary["loss_figure"] = f"not drawn: {error}"
         write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 

@@ -7,6 +7,9 @@ from invertnet.layers.activations import CLipSwish as CLipSwish
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.conditional import ConditionalLipschitzMLP as ConditionalLipschitzMLP
+from invertnet.layers.conditional import ContextBoundBranch as ContextBoundBranch
+from invertnet.layers.conditional import ContextInput as ContextInput
 from invertnet.layers.coupling import AffineCoupling as AffineCoupling
 from invertnet.layers.coupling import coupling_mask as coupling_mask
 from invertnet.layers.coupling import default_conditioner as default_conditioner
@@ -43,6 +46,9 @@ from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_n
 __all__ = [
     "DEQ",
     "CLipSwish",
+    "ConditionalLipschitzMLP",
+    "ContextBoundBranch",
+    "ContextInput",
     "ELU",
     "ActNorm",
     "AffineCoupling",

@@ -14,6 +14,7 @@ input along dimension 1 and the conditioner sees only x_a (``split`` layout); sp
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, SolverOptions, check_input
+from invertnet.layers.conditional import ContextInput, check_context
 
 __all__ = ["AffineCoupling", "coupling_mask", "default_conditioner"]
 
@@ -157,6 +159,9 @@ class AffineCoupling(InvertibleModule):
         scale: ``"exp"`` (RealNVP) or ``"sigmoid"`` (Glow).
         clamp: Bound c of the ``"exp"`` log-scale (``None``: unbounded); the ``"sigmoid"`` scale lies in
             (0, 1) and takes no clamp.
+        context_features: Size k of a context c (conditional flows): the conditioner sees (x_a, c), c appended
+            to the vector or as k constant planes of an image (a custom conditioner takes those inputs); use the
+            layer through :meth:`at`. 0: unconditional.
 
     Example:
         >>> layer = AffineCoupling((4,), mask="half", hidden=8)
@@ -179,8 +184,12 @@ class AffineCoupling(InvertibleModule):
         hidden: int = 64,
         scale: Scale = "exp",
         clamp: float | None = 3.0,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
+        if context_features < 0:
+            raise ValueError(f"AffineCoupling: context_features must be 0 or positive, got {context_features}")
+        self.context_features = context_features
         self.event_shape = tuple(int(size) for size in event_shape)
         if len(self.event_shape) not in (1, 3):
             raise ValueError(f"AffineCoupling: event_shape must be (d,) or (C, H, W), got {self.event_shape}")
@@ -220,11 +229,24 @@ class AffineCoupling(InvertibleModule):
             in_size, self.n_transformed = self.event_shape[0], self.event_shape[0]
         self.register_buffer("mask", chosen, persistent=False)
         if conditioner is None:
-            conditioner = default_conditioner(in_size, 2 * self.n_transformed, hidden, image)
+            conditioner = default_conditioner(in_size + context_features, 2 * self.n_transformed, hidden, image)
         self.conditioner = conditioner
 
     def _check(self, x: Tensor, where: str) -> None:
         check_input(x, self.event_shape, f"AffineCoupling.{where}")
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        return self.context_features > 0
+
+    def at(self, context: Tensor) -> AffineCoupling:
+        """The coupling at the context c: its conditioner sees (x_a, c); shares this layer's parameters."""
+        if not self.conditional:
+            return self
+        view = copy.copy(self)  # shares the parameters and buffers; its own table of submodules
+        view._modules = {**self._modules, "conditioner": ContextInput(self.conditioner, context, self.context_features)}
+        view.context_features = 0
+        return view
 
     def _log_scale(self, raw: Tensor) -> Tensor:
         if self.scale == "sigmoid":
@@ -235,6 +257,8 @@ class AffineCoupling(InvertibleModule):
 
     def _parameters_of(self, conditioning: Tensor) -> tuple[Tensor, Tensor]:
         """(shift, log-scale) from the conditioner's output, after checking its shape."""
+        if self.context_features:
+            check_context(None, self.context_features, "AffineCoupling")  # raises: the layer needs its context
         h = self.conditioner(conditioning)
         expected = (conditioning.shape[0], 2 * self.n_transformed, *conditioning.shape[2:])
         if tuple(h.shape) != expected:

@@ -2,6 +2,7 @@ r"""The invertible residual block F(x) = x + g(x) with Lip(g) < 1 (thesis Theore
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,6 +18,7 @@ from invertnet.core import (
     check_dtype,
     check_input,
 )
+from invertnet.layers.conditional import ContextBoundBranch, is_conditional
 from invertnet.layers.lipschitz_nets import LipschitzMLP, ResidualBranch
 from invertnet.logdet.dense import DenseExactLogDet
 from invertnet.logdet.exact import ExactLogDet
@@ -103,6 +105,20 @@ class InvertibleResidual(IterativeInvertibleModule):
         self.solver = solver
 
     @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        """Whether g takes a context, g(x, c) (:class:`~invertnet.layers.ConditionalLipschitzMLP`)."""
+        return is_conditional(self.g)
+
+    def at(self, context: Tensor) -> InvertibleResidual:
+        """The block x + g(x, c) at the context c: a block sharing this one's parameters, estimator and solver
+        settings, whose branch is g(., c); contractive with g's bound for every c."""
+        if not self.conditional:
+            return self
+        view = copy.copy(self)  # shares the parameters and buffers; its own table of submodules
+        view._modules = {**self._modules, "g": ContextBoundBranch(self.g, context)}
+        return view
+
+    @property
     def exact_log_det(self) -> bool:  # type: ignore[override]
         """Whether the log-det of the current mode (training or eval) is exact."""
         return isinstance(self.active_log_det_estimator, ExactLogDet)
@@ -115,7 +131,8 @@ class InvertibleResidual(IterativeInvertibleModule):
             return self.log_det_estimator
         if self.eval_log_det != "auto":
             return self.eval_log_det  # type: ignore[return-value]
-        if isinstance(self.g, LipschitzMLP) and self.g.event_shape[0] <= EXACT_EVALUATION_FEATURES:
+        dense = self.g.branch if isinstance(self.g, ContextBoundBranch) else self.g
+        if isinstance(dense, LipschitzMLP) and dense.event_shape[0] <= EXACT_EVALUATION_FEATURES:
             return _DENSE_EXACT
         return self.log_det_estimator
 

@@ -74,6 +74,7 @@ def realnvp_flow(
     *,
     levels: int | None = None,
     logit_alpha: float = 0.05,
+    context_features: int = 0,
 ) -> FlowDistribution:
     r"""A RealNVP flow (Dinh et al. 2017): affine couplings with alternating masks, each after an ActNorm.
 
@@ -98,6 +99,8 @@ def realnvp_flow(
         levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
             so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
+            (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
 
     Example:
         >>> flow = realnvp_flow(2, n_steps=4, hidden=16)
@@ -111,7 +114,7 @@ def realnvp_flow(
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
-    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp, "context_features": context_features}
 
     def couplings(event: tuple[int, ...], mask: str, count: int) -> list[InvertibleModule]:
         steps: list[InvertibleModule] = []

@@ -99,7 +99,9 @@ class FlowDistribution(nn.Module, Distribution):
     arg_constraints: dict[str, constraints.Constraint] = {}  # noqa: RUF012 (torch.distributions' class attribute)
     has_rsample = True
 
-    def __init__(self, transform: InvertibleModule, base: Distribution) -> None:
+    def __init__(
+        self, transform: InvertibleModule, base: Distribution, batch_shape: torch.Size | tuple[int, ...] = ()
+    ) -> None:
         nn.Module.__init__(self)
         if not isinstance(transform, InvertibleModule):
             raise TypeError(f"FlowDistribution: transform must be an InvertibleModule, got {type(transform).__name__}")
@@ -116,7 +118,9 @@ class FlowDistribution(nn.Module, Distribution):
         self.transform = transform
         self.base = base
         event_shape = transform.event_shape_before(tuple(base.event_shape))
-        Distribution.__init__(self, batch_shape=torch.Size(), event_shape=torch.Size(event_shape), validate_args=False)
+        Distribution.__init__(
+            self, batch_shape=torch.Size(batch_shape), event_shape=torch.Size(event_shape), validate_args=False
+        )
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 (nn.Module's private hook)
         """Move and cast the base with the module (``.to``, ``.double()``, ``.cuda()``), as nn.Module cannot."""
@@ -131,9 +135,55 @@ class FlowDistribution(nn.Module, Distribution):
         """Real tensors of the event shape (dequantising flows take levels in [0, levels) there)."""
         return constraints.independent(constraints.real, len(self.event_shape))
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the transform takes a context: then ``log_prob(x, context=c)``, ``sample(shape, context=c)`` or
+        ``flow(c)``."""
+        return self.transform.conditional
+
+    def forward(self, context: Tensor) -> FlowDistribution:
+        """``flow(c)``: the conditional distribution given c, as :meth:`at` (zuko's convention)."""
+        return self.at(context)
+
+    def at(self, context: Tensor) -> FlowDistribution:
+        """The distribution of x given the context c of shape (*batch, k): a flow with batch shape ``batch``
+        (one distribution per context) that shares this flow's parameters.
+
+        Example:
+            >>> from invertnet.models import dense_iresnet_flow
+            >>> flow = dense_iresnet_flow(2, n_blocks=1, hidden_features=8, context_features=3)
+            >>> given = flow(torch.randn(4, 3))
+            >>> given.batch_shape, given.sample((5,)).shape, given.log_prob(torch.zeros(4, 2)).shape
+            (torch.Size([4]), torch.Size([5, 4, 2]), torch.Size([4]))
+        """
+        if not self.conditional:
+            raise TypeError("FlowDistribution: this flow takes no context (build it with context_features=k)")
+        if tuple(self.batch_shape):
+            raise TypeError("FlowDistribution: this flow is already given a context")
+        if not isinstance(context, Tensor) or context.dim() < 1:
+            raise TypeError(f"FlowDistribution: the context must be a tensor of shape (..., k), got {context!r}")
+        parameter = next(self.transform.parameters(), None)
+        if parameter is not None and context.is_floating_point():
+            context = context.to(device=parameter.device, dtype=parameter.dtype)
+        flat = context.reshape(-1, context.shape[-1])
+        return FlowDistribution(self.transform.at(flat), self.base, batch_shape=context.shape[:-1])
+
+    def _given(self, context: Tensor | None) -> FlowDistribution:
+        """This flow, or its distribution given ``context``; a conditional flow without a context is named."""
+        if context is not None:
+            return self.at(context)
+        if self.conditional and not tuple(self.batch_shape):
+            raise TypeError(
+                "FlowDistribution: this flow is conditional: pass context= a tensor of shape (B, k) or (k,), or use "
+                "flow(context)"
+            )
+        return self
+
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: object = None) -> Distribution:
         """The same distribution repeated over ``batch_shape``: a ``TransformedDistribution`` of the expanded
         base through this flow's transform (sharing its parameters)."""
+        if self.conditional or tuple(self.batch_shape):
+            raise NotImplementedError("FlowDistribution.expand: only for unconditional flows with batch shape ()")
         transform = self.transform.as_transform(self.event_shape).inv
         return TransformedDistribution(self.base.expand(torch.Size(batch_shape)), [transform])
 
@@ -151,11 +201,21 @@ class FlowDistribution(nn.Module, Distribution):
         dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) with the batch shape of x = (*batch, *event_shape), of the transform's dtype (else a named
-        ``ValueError``)."""
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """log p(x) (given the context, for conditional flows) with the batch shape of x = (*batch, *event_shape),
+        of the transform's dtype (else a named ``ValueError``)."""
+        given = self._given(context)
+        if given is not self:
+            return given.log_prob(x)
         check_dtype(x, self.transform, "FlowDistribution.log_prob")
         batch = batch_shape_of(x.shape, tuple(self.event_shape), "FlowDistribution.log_prob")
+        own = tuple(self.batch_shape)
+        if own and tuple(batch[len(batch) - len(own) :]) != own:
+            expected = ", ".join(map(str, own + tuple(self.event_shape)))
+            raise ValueError(
+                f"FlowDistribution.log_prob: expected x of shape (..., {expected}) for {own} contexts, got "
+                f"{tuple(x.shape)}"
+            )
         if math.prod(batch) == 0:
             return self._empty(batch, x.device)
         if not x.is_floating_point():  # integer levels of a dequantising flow, in the parameters' dtype
@@ -163,38 +223,50 @@ class FlowDistribution(nn.Module, Distribution):
         z, log_det = self.transform.forward_and_log_det(x.reshape(-1, *self.event_shape))
         return (self._base_log_prob(z) + log_det).reshape(batch)
 
-    def bits_per_dim(self, x: Tensor) -> Tensor:
+    def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """-log p(x) / (d ln 2) with the batch shape of x, for d the number of entries of one sample."""
-        return -self.log_prob(x) / (math.prod(self.event_shape) * math.log(2.0))
+        return -self.log_prob(x, context) / (math.prod(self.event_shape) * math.log(2.0))
 
-    def sample(self, sample_shape: SampleShape = (), **solver_options: SolverOverride) -> Tensor:
+    def sample(
+        self, sample_shape: SampleShape = (), context: Tensor | None = None, **solver_options: SolverOverride
+    ) -> Tensor:
         """Draw x = F^{-1}(z) without gradients, of shape (*sample_shape, *event_shape); solver failures raise
         :class:`~invertnet.ConvergenceError`.
 
         Arguments:
             sample_shape: An int or a shape: ``()`` for one sample, ``1000`` or ``(1000,)``, ``(n, m)``.
+            context: Conditional flows: the context, shape (*batch, k); the samples then have shape
+                (*sample_shape, *batch, *event_shape).
             **solver_options: ``atol``, ``rtol``, ``max_iter``, ``strict`` for iterative inverses.
         """
         with torch.no_grad():
-            return self.rsample(sample_shape, **solver_options)
+            return self.rsample(sample_shape, context, **solver_options)
 
-    def rsample(self, sample_shape: SampleShape = (), **solver_options: SolverOverride) -> Tensor:
+    def rsample(
+        self, sample_shape: SampleShape = (), context: Tensor | None = None, **solver_options: SolverOverride
+    ) -> Tensor:
         """Draw x = F^{-1}(z), differentiable with respect to the transform's parameters (implicit gradients)."""
+        given = self._given(context)
+        if given is not self:
+            return given.rsample(sample_shape, **solver_options)
         shape, z = self._latents(sample_shape)
         if z is None:
             return self._empty(torch.Size((*shape, *self.event_shape)), self._device())
         return self._shaped(self.transform.inverse(z, **solver_options), shape)
 
     def rsample_and_log_prob(
-        self, sample_shape: SampleShape = (), **solver_options: SolverOverride
+        self, sample_shape: SampleShape = (), context: Tensor | None = None, **solver_options: SolverOverride
     ) -> tuple[Tensor, Tensor]:
         r"""Draw x = F^{-1}(z) and its log p(x) in one pass: :math:`\log p(x) = \log p_Z(z) - \log|\det
         J_{F^{-1}}(z)|`, the inverse's log-det (reverse-KL / variational training).
 
         Returns:
-            ``(x, log_prob)`` of shapes (*sample_shape, *event_shape) and sample_shape, both differentiable with
-            respect to the transform's parameters.
+            ``(x, log_prob)`` of shapes (*sample_shape, *batch_shape, *event_shape) and (*sample_shape,
+            *batch_shape), both differentiable with respect to the transform's parameters.
         """
+        given = self._given(context)
+        if given is not self:
+            return given.rsample_and_log_prob(sample_shape, **solver_options)
         shape, z = self._latents(sample_shape)
         if z is None:
             return self._empty(torch.Size((*shape, *self.event_shape)), self._device()), self._empty(
@@ -208,8 +280,8 @@ class FlowDistribution(nn.Module, Distribution):
         return parameter.device if parameter is not None else torch.device("cpu")
 
     def _latents(self, sample_shape: SampleShape) -> tuple[torch.Size, Tensor | None]:
-        """The sample shape and (n, *latent shape) base draws for its n samples (``None`` when n = 0)."""
-        shape = _sample_size(sample_shape)
+        """The sample and batch shape and (n, *latent shape) base draws for its n samples (``None`` when n = 0)."""
+        shape = _sample_size(sample_shape) + self.batch_shape
         n = math.prod(shape)
         if n == 0:
             return shape, None

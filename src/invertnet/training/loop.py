@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,14 @@ def train_step(objective: Objective, batch: Any, state: TrainState) -> Tensor:
     return state.update(objective(batch))
 
 
+TERMINAL_REFRESH_SECONDS = 0.5
+"""Shortest interval between two redraws of the progress bar in a terminal."""
+
+LOG_REFRESH_SECONDS = 30.0
+"""Shortest interval between two progress lines when stderr is a file or a pipe (a SLURM log, ``2> log``): a
+2000-step run writes a line every 30 s, not one per update."""
+
+
 def run_steps(
     objective: Objective,
     source: BatchSource,
@@ -194,7 +203,9 @@ def run_steps(
     if read_at is None:
         read_at = _every(state.config.log_every)
     losses: list[float] = []
-    with tqdm(total=until, initial=state.step, disable=not progress, desc="train", unit="step") as bar:
+    interval = TERMINAL_REFRESH_SECONDS if sys.stderr.isatty() else LOG_REFRESH_SECONDS
+    bar = tqdm(total=until, initial=state.step, disable=not progress, desc="train", unit="step", mininterval=interval)
+    with bar:
         while state.step < until:
             train_step(objective, shard(source.batch(state.step), rank, world_size), state)
             if state.step == until or read_at(state.step):

@@ -3,11 +3,11 @@ r"""Training with a run folder: checkpoints, metrics, evaluation and exact resum
 
 The :class:`Trainer` repeats :func:`~invertnet.training.loop.train_step` through the same
 :func:`~invertnet.training.loop.run_steps` loop as :func:`~invertnet.training.fit`, and adds, every ``log_every``
-steps, a line of ``metrics.jsonl`` (and TensorBoard when installed), periodic evaluation with the EMA weights and
-periodic checkpoints (the losses are read from the device, and checked for NaN, only at those steps). Batches of
-tensors and Datasets are a function of (seed, step), and checkpoints hold the model, EMA, optimiser, schedule and
-torch RNG state, so a resumed run ends bit-identical to an uninterrupted one; a run killed at any moment loses at
-most the steps since its last checkpoint.
+steps, a line of ``metrics.jsonl`` (and the callbacks: TensorBoard when installed), periodic evaluation with the
+EMA weights and periodic checkpoints (the losses are read from the device, and checked for NaN, only at those
+steps). Batches of tensors and Datasets are a function of (seed, step), and checkpoints hold the model, EMA,
+optimiser, schedule and torch RNG state, so a resumed run ends bit-identical to an uninterrupted one; a run killed
+at any moment loses at most the steps since its last checkpoint.
 
 The folder holds ``metrics.jsonl`` (one JSON record every ``log_every`` steps, at every evaluation and checkpoint
 and at the last step, with the mean training loss since the previous record; a resume drops the records after its
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 from invertnet._files import write_atomically
 from invertnet.models.flows import FlowDistribution
 from invertnet.training.batches import Batch, TrainData, batch_source
+from invertnet.training.callbacks import Callback, default_callbacks
 from invertnet.training.checkpoint import (
     Key,
     check_writable,
@@ -67,6 +68,9 @@ class Trainer:
             :class:`~invertnet.training.BitsPerDim` of the model, which must then be a flow.
         checkpoint_key: Optional secret (bytes or text): checkpoints are signed with HMAC-SHA256 and only load
             with it (see :mod:`invertnet.training.checkpoint`).
+        callbacks: Called with every record of ``metrics.jsonl`` (see :mod:`invertnet.training.callbacks`: wandb,
+            MLflow, ...), on rank 0. Default: :class:`~invertnet.training.callbacks.TensorBoardLogger` in
+            ``run_dir/tensorboard`` when TensorBoard is installed; ``[]`` for none.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Trainer:
         progress: bool = True,
         objective: BitsPerDim | CrossEntropy | AdversarialLoss | IndependenceCrossEntropy | None = None,
         checkpoint_key: Key | None = None,
+        callbacks: Sequence[Callback] | None = None,
     ) -> None:
         if objective is None and not isinstance(model, FlowDistribution):
             raise TypeError(f"Trainer: pass an objective to train a {type(model).__name__} (not a flow)")
@@ -96,7 +101,10 @@ class Trainer:
         self.rank, self.world_size = rank_and_world_size()
         device = self.state.parameters[0].device
         self._batches = batch_source(train_data, config.batch_size, config.seed, device, self.world_size)
-        self._tensorboard: Any = None
+        self._callbacks: list[Callback] | None = None if callbacks is None else list(callbacks)
+        for callback in self._callbacks or []:
+            if not callable(callback):
+                raise TypeError(f"Trainer: a callback must be callable with a record, got {type(callback).__name__}")
         torch.manual_seed(config.seed + self.rank)  # independent log-det probes on every rank
         self.loss: nn.Module = self.objective
         if self.world_size > 1:
@@ -219,17 +227,16 @@ class Trainer:
             return
         with writing_to(self.run_dir), open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # TensorBoard is optional
-                self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if self._tensorboard:
-            for key, value in record.items():
-                if key != "step":
-                    self._tensorboard.add_scalar(key, value, record["step"])
+        if self._callbacks is None:  # created at the first record: the folder exists then
+            self._callbacks = default_callbacks(self.run_dir)
+        for callback in self._callbacks:
+            callback(record)
+
+    def _close_callbacks(self) -> None:
+        for callback in self._callbacks or []:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                close()
 
     def _after_step(self, step: int, loss: float) -> None:
         """At a step where the losses were read: log their mean since the last record and the learning rate,
@@ -259,11 +266,14 @@ class Trainer:
             with writing_to(self.run_dir):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_atomically(self.run_dir / "train_config.json", self.config.model_dump_json(indent=2))
-        self._run(until, self.progress, self._after_step)
-        if self._saved_step != self.step:
-            self.save()  # the last step, unless its checkpoint was just written or resumed (never write one twice)
-        if self.test_data is None:
-            return {}
-        evaluation = self.evaluate(self.test_data)
-        self._log({"step": self.step, **{f"test_{key}": value for key, value in evaluation.items()}})
-        return evaluation
+        try:
+            self._run(until, self.progress, self._after_step)
+            if self._saved_step != self.step:
+                self.save()  # the last step, unless its checkpoint was just written or resumed (never write one twice)
+            if self.test_data is None:
+                return {}
+            evaluation = self.evaluate(self.test_data)
+            self._log({"step": self.step, **{f"test_{key}": value for key, value in evaluation.items()}})
+            return evaluation
+        finally:
+            self._close_callbacks()

@@ -1,0 +1,203 @@
+r"""Conditional residual branches g(x, c), contractive in x for every context c.
+
+A context c (shape (B, k): a label's one-hot code, features, a measurement) enters a dense branch as a bias of
+every linear layer,
+
+.. math:: g(x, c) = A_n \phi(\cdots \phi(A_1 x + b_1 + E_1 c) \cdots) + b_n + E_n c,
+
+with unconstrained context maps :math:`E_i`. The Jacobian in x is that of the unconditional branch at shifted
+pre-activations, so :math:`\mathrm{Lip}_x(g(\cdot, c)) \le \prod_i \|A_i\|` for *every* c: each context gives an
+i-ResNet block x + g(x, c) with the same certified Lipschitz bound, hence the same invertibility, inverse error
+bounds and log-det bias bounds (Behrmann et al. 2019, Theorem 1 and 3, per context). The context itself is not
+inverted; it is given in both directions.
+
+:class:`ContextBoundBranch` fixes c and is an ordinary branch g_c(x) = g(x, c) with the branch's declarations, so
+an :class:`~invertnet.layers.InvertibleResidual` at a fixed context is an ordinary block
+(:meth:`~invertnet.core.InvertibleModule.at`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from invertnet.layers.lipschitz_nets import POWER_ITERATIONS, Linearization, LipschitzMLP, LipschitzNet, ResidualBranch
+from invertnet.layers.spectral import SpectralNormLayer
+
+__all__ = ["ConditionalLipschitzMLP", "ContextBoundBranch", "ContextInput", "check_context", "is_conditional"]
+
+
+def check_context(context: object, context_features: int, where: str) -> Tensor:
+    """``context`` as a (M, k) tensor: (k,) becomes (1, k); a ``ValueError`` naming ``where`` for other shapes,
+    a ``TypeError`` for non-tensors."""
+    if not isinstance(context, Tensor):
+        raise TypeError(
+            f"{where}: this layer is conditional: give it a context of shape (B, {context_features}) "
+            f"(flow.log_prob(x, context=c), flow(c), or module.at(c)), got {type(context).__name__}"
+        )
+    if context.dim() == 1:
+        context = context.unsqueeze(0)
+    if context.dim() != 2 or context.shape[1] != context_features or context.shape[0] == 0:
+        raise ValueError(
+            f"{where}: expected a context of shape (B, {context_features}) or ({context_features},), got "
+            f"{tuple(context.shape)}"
+        )
+    return context
+
+
+def _matched(context: Tensor, batch: int, where: str) -> Tensor:
+    """The (M, k) context repeated to ``batch`` rows: one context for all, or M contexts tiled (sample-major)."""
+    rows = context.shape[0]
+    if rows == batch:
+        return context
+    if batch % rows:
+        raise ValueError(f"{where}: a batch of {batch} samples does not match {rows} contexts")
+    return context.repeat(batch // rows, 1)
+
+
+class ConditionalLipschitzMLP(LipschitzMLP):
+    r"""The dense branch g(x, c) of the module docstring: a :class:`~invertnet.layers.LipschitzMLP` in x whose
+    every linear layer gets the bias :math:`E_i c`.
+
+    Arguments:
+        features: Input and output size d (x of shape (B, d)).
+        context_features: Size k of the context (c of shape (B, k)).
+        hidden_features, n_layers, coeff, activation, n_power_iterations, preactivation: As
+            :class:`~invertnet.layers.LipschitzMLP` (only the 2-norm).
+
+    Example:
+        >>> g = ConditionalLipschitzMLP(2, 3, 16, coeff=0.9)
+        >>> g(torch.randn(5, 2), torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden_features: int,
+        n_layers: int = 3,
+        coeff: float = 0.97,
+        activation: str = "elu",
+        *,
+        n_power_iterations: int = POWER_ITERATIONS,
+        preactivation: bool = False,
+    ) -> None:
+        if context_features < 1:
+            raise ValueError(f"ConditionalLipschitzMLP: context_features must be positive, got {context_features}")
+        super().__init__(
+            features,
+            hidden_features,
+            n_layers,
+            coeff,
+            activation,
+            n_power_iterations=n_power_iterations,
+            preactivation=preactivation,
+        )
+        self.context_features = context_features
+        self._output_sizes = [layer.out_features for layer in self.normalized_layers()]
+        # E = 0 at initialisation: every context starts at the unconditional branch
+        self.context_map = nn.Linear(context_features, sum(self._output_sizes), bias=False)
+        nn.init.zeros_(self.context_map.weight)
+
+    def _biases(self, x: Tensor, context: Tensor | None) -> list[Tensor]:
+        where = type(self).__name__
+        context = check_context(context, self.context_features, where).to(dtype=x.dtype)
+        return list(self.context_map(_matched(context, x.shape[0], where)).split(self._output_sizes, dim=1))
+
+    def _layers(self) -> list[nn.Module]:
+        return [module for module in self if module is not self.context_map]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """g(x, c) for x of shape (B, d) and c of shape (B, k), (1, k) or (k,) (one context for every sample)."""
+        biases = iter(self._biases(x, context))
+        for module in self._layers():
+            x = module(x) + next(biases) if isinstance(module, SpectralNormLayer) else module(x)
+        return x
+
+    def linearize(self, x: Tensor, context: Tensor | None = None) -> Linearization:  # type: ignore[override]
+        """g(x, c) and the factors of J_x g(x, c) (the unconditional structure at shifted pre-activations)."""
+        biases = iter(self._biases(x, context))
+        factors: list[tuple[nn.Module, Tensor] | Tensor] = []
+        for module in self._layers():
+            if isinstance(module, SpectralNormLayer):
+                weight = module.normalized_weight(x)
+                factors.append((module, weight))
+                x = module.affine(x, weight) + next(biases)
+            else:
+                x, derivative = module.forward_and_derivative(x)
+                factors.append(derivative)
+        return Linearization(output=x, factors=factors)
+
+    def lipschitz_bound(self) -> float | None:
+        """The bound in x, for every context (the context maps do not enter it)."""
+        bound = 1.0
+        for module in self._layers():
+            if isinstance(module, SpectralNormLayer):
+                if not module.v.numel():
+                    return None
+                bound *= module.operator_norm_bound()
+            elif (constant := getattr(module, "lipschitz_constant", None)) is not None:
+                bound *= float(constant)
+            else:
+                return None
+        return bound
+
+
+class ContextBoundBranch(ResidualBranch):
+    """g_c(x) = g(x, c) at a fixed context: an ordinary residual branch sharing g's parameters.
+
+    Arguments:
+        branch: A conditional branch (``context_features`` attribute; ``forward(x, context)``, optionally
+            ``linearize(x, context)``).
+        context: (M, k) or (k,); a batch of B samples takes the M contexts tiled (B a multiple of M).
+    """
+
+    def __init__(self, branch: nn.Module, context: Tensor) -> None:
+        super().__init__()
+        self.branch = branch
+        self.context = check_context(context, branch.context_features, type(branch).__name__)
+        self.norm_order = getattr(branch, "norm_order", 2.0)
+        self.event_shape = getattr(branch, "event_shape", ())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.branch(x, self.context)
+
+    def linearize(self, x: Tensor) -> Linearization:
+        return self.branch.linearize(x, self.context)
+
+    def lipschitz_bound(self) -> float | None:
+        return self.branch.lipschitz_bound()
+
+    def check_input_shape(self, x: Tensor, where: str) -> None:
+        self.branch.check_input_shape(x, where)
+
+    def normalized_layers(self) -> Sequence[SpectralNormLayer]:
+        return self.branch.normalized_layers() if isinstance(self.branch, LipschitzNet) else []
+
+
+def is_conditional(branch: nn.Module) -> bool:
+    """Whether a residual branch takes a context (declares ``context_features``)."""
+    return int(getattr(branch, "context_features", 0) or 0) > 0
+
+
+
+class ContextInput(nn.Module):
+    """h -> net(cat(h, c)) along dimension 1 at a fixed context c: the conditioner of a coupling layer at c.
+
+    Vectors h (B, n) get c (B, k) appended; images h (B, C, H, W) get k constant planes. ``context`` is (M, k),
+    tiled to the batch as in :class:`ContextBoundBranch`.
+    """
+
+    def __init__(self, net: nn.Module, context: Tensor, context_features: int) -> None:
+        super().__init__()
+        self.net = net
+        self.context = check_context(context, context_features, "AffineCoupling")
+
+    def forward(self, h: Tensor) -> Tensor:
+        context = _matched(self.context, h.shape[0], "AffineCoupling").to(dtype=h.dtype)
+        if h.dim() > 2:
+            context = context.reshape(*context.shape, *([1] * (h.dim() - 2))).expand(-1, -1, *h.shape[2:])
+        return self.net(torch.cat([h, context], dim=1))

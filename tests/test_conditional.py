@@ -1,0 +1,152 @@
+"""Conditional flows: g(x, c) contractive in x for every context, blocks at fixed contexts through the generic
+contract, flow.log_prob(x, context=c), flow(c) as the conditional distribution, normalised densities per context."""
+
+import pytest
+import torch
+
+from invertnet.layers import AffineCoupling, ConditionalLipschitzMLP, InvertibleResidual, refine_spectral_norms
+from invertnet.logdet import ExactLogDet
+from invertnet.models import FlowDistribution, dense_iresnet_flow, realnvp_flow
+
+
+def _block(context_features=3, coeff=0.9):
+    torch.manual_seed(0)
+    g = ConditionalLipschitzMLP(2, context_features, 16, coeff=coeff).double()
+    with torch.no_grad():
+        g.context_map.weight.normal_()  # a context that matters
+        for layer in g.normalized_layers():
+            layer.weight.mul_(4.0)
+    return InvertibleResidual(g, log_det=ExactLogDet()).double()
+
+
+def test_lipschitz_bound_holds_for_every_context():
+    block = _block()
+    refine_spectral_norms(block)
+    bound = block.lipschitz_bound()
+    assert bound <= 0.9**3 + 1e-9
+    x = torch.randn(256, 2, dtype=torch.float64)
+    dx = 1e-3 * torch.randn_like(x)
+    for scale in (0.0, 1.0, 30.0):
+        view = block.at(scale * torch.randn(3, dtype=torch.float64))
+        ratio = (view.g(x + dx) - view.g(x)).norm(dim=1) / dx.norm(dim=1)
+        assert ratio.max() <= bound + 1e-6
+
+
+def test_block_at_a_context_round_trips_and_has_the_exact_log_det():
+    block = _block()
+    refine_spectral_norms(block)
+    context = torch.randn(5, 3, dtype=torch.float64)
+    view = block.eval().at(context)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    y, log_det = view.forward_and_log_det(x)
+    torch.testing.assert_close(view.inverse(y), x, atol=1e-9, rtol=0)
+    brute = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda v, c=context[i]: block.at(c)(v[None])[0], x[i])
+            .slogdet()
+            .logabsdet
+            for i in range(5)
+        ]
+    )
+    torch.testing.assert_close(log_det, brute)
+    other = block.at(torch.zeros(3, dtype=torch.float64))
+    assert not torch.allclose(other(x), y)  # the context changes the map
+
+
+def test_gradcheck_through_the_context():
+    block = _block()
+    refine_spectral_norms(block)
+    block.eval()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    context = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: block.at(c).forward_and_log_det(x)[1], (context,))
+    y = block.at(context.detach())(x).detach()
+    assert torch.autograd.gradcheck(lambda c: block.at(c).inverse(y), (context,), atol=1e-5)
+
+
+def test_conditional_block_without_context_says_so():
+    block = _block()
+    with pytest.raises(TypeError, match="context"):
+        block(torch.randn(2, 2, dtype=torch.float64))
+
+
+def _conditional_flow():
+    torch.manual_seed(1)
+    flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=16, context_features=2).double()
+    for block in flow.residual_blocks():
+        with torch.no_grad():
+            block.g.context_map.weight.normal_(std=0.3)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    flow.log_prob(x, context=torch.randn(64, 2, dtype=torch.float64))  # ActNorm initialisation
+    refine_spectral_norms(flow)
+    return flow.eval()
+
+
+def test_conditional_flow_api_shapes():
+    flow = _conditional_flow()
+    context = torch.randn(4, 2, dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert flow.log_prob(x, context=context).shape == (4,)
+    conditional = flow(context)
+    assert isinstance(conditional, FlowDistribution) and conditional.batch_shape == (4,)
+    torch.testing.assert_close(conditional.log_prob(x), flow.log_prob(x, context=context))
+    assert flow.sample((7,), context=context).shape == (7, 4, 2)
+    assert flow.sample(5, context=context[0]).shape == (5, 2)
+    samples, log_prob = flow.rsample_and_log_prob((3,), context=context)
+    assert samples.shape == (3, 4, 2) and log_prob.shape == (3, 4)
+    torch.testing.assert_close(log_prob, conditional.log_prob(samples), atol=1e-8, rtol=0)
+    with pytest.raises(TypeError, match="context"):
+        flow.log_prob(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_conditional_density_integrates_to_one_for_each_context(seed):
+    flow = _conditional_flow()
+    torch.manual_seed(seed)
+    context = torch.randn(2, dtype=torch.float64)
+    side = torch.linspace(-10, 10, 401, dtype=torch.float64)
+    grid = torch.cartesian_prod(side, side)
+    with torch.no_grad():
+        density = torch.cat([flow.log_prob(chunk, context=context).exp() for chunk in grid.split(8192)])
+    mass = density.sum().item() * (side[1] - side[0]).item() ** 2
+    assert mass == pytest.approx(1.0, abs=0.02)
+
+
+def test_contexts_give_different_distributions():
+    flow = _conditional_flow()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    a = flow.log_prob(x, context=torch.zeros(2, dtype=torch.float64))
+    b = flow.log_prob(x, context=torch.full((2,), 3.0, dtype=torch.float64))
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_conditional_coupling_flow():
+    torch.manual_seed(2)
+    flow = realnvp_flow(2, n_steps=2, hidden=8, context_features=3).double()
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.normal_(std=0.3)  # the conditioners' zero last layers would ignore the context
+    context = torch.randn(6, 3, dtype=torch.float64)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    log_prob = flow.log_prob(x, context=context)
+    assert log_prob.shape == (6,)
+    z = flow.transform.at(context)(x)
+    torch.testing.assert_close(flow.transform.at(context).inverse(z), x)
+    assert isinstance(next(m for m in flow.transform.modules() if isinstance(m, AffineCoupling)), AffineCoupling)
+    assert torch.isfinite(log_prob).all()
+    assert not torch.allclose(log_prob, flow.log_prob(x, context=torch.zeros(6, 3, dtype=torch.float64)))
+
+
+def test_gradcheck_of_a_coupling_through_the_context():
+    torch.manual_seed(3)
+    layer = AffineCoupling((3,), "half", hidden=6, context_features=2).double()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(std=0.4)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    context = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: layer.at(c).forward_and_log_det(x), (context,))
+    y = layer.at(context.detach())(x).detach()
+    assert torch.autograd.gradcheck(lambda c: layer.at(c).inverse(y), (context,))
+    with pytest.raises(TypeError, match="context"):
+        layer(x)

@@ -107,43 +107,20 @@ class ConditionalLipschitzMLP(LipschitzMLP):
         context = check_context(context, self.context_features, where).to(dtype=x.dtype)
         return list(self.context_map(_matched(context, x.shape[0], where)).split(self._output_sizes, dim=1))
 
-    def _layers(self) -> list[nn.Module]:
-        return [module for module in self if module is not self.context_map]
+    def chain(self) -> list[nn.Module]:
+        """The layers and activations in x; ``lipschitz_bound`` (the bound in x for every context) reads them."""
+        return [module for name, module in self._modules.items() if name != "context_map" and module is not None]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """g(x, c) for x of shape (B, d) and c of shape (B, k), (1, k) or (k,) (one context for every sample)."""
         biases = iter(self._biases(x, context))
-        for module in self._layers():
+        for module in self.chain():
             x = module(x) + next(biases) if isinstance(module, SpectralNormLayer) else module(x)
         return x
 
     def linearize(self, x: Tensor, context: Tensor | None = None) -> Linearization:  # type: ignore[override]
         """g(x, c) and the factors of J_x g(x, c) (the unconditional structure at shifted pre-activations)."""
-        biases = iter(self._biases(x, context))
-        factors: list[tuple[nn.Module, Tensor] | Tensor] = []
-        for module in self._layers():
-            if isinstance(module, SpectralNormLayer):
-                weight = module.normalized_weight(x)
-                factors.append((module, weight))
-                x = module.affine(x, weight) + next(biases)
-            else:
-                x, derivative = module.forward_and_derivative(x)
-                factors.append(derivative)
-        return Linearization(output=x, factors=factors)
-
-    def lipschitz_bound(self) -> float | None:
-        """The bound in x, for every context (the context maps do not enter it)."""
-        bound = 1.0
-        for module in self._layers():
-            if isinstance(module, SpectralNormLayer):
-                if not module.v.numel():
-                    return None
-                bound *= module.operator_norm_bound()
-            elif (constant := getattr(module, "lipschitz_constant", None)) is not None:
-                bound *= float(constant)
-            else:
-                return None
-        return bound
+        return self._linearized(x, iter(self._biases(x, context)))
 
 
 class ContextBoundBranch(ResidualBranch):
@@ -181,7 +158,6 @@ class ContextBoundBranch(ResidualBranch):
 def is_conditional(branch: nn.Module) -> bool:
     """Whether a residual branch takes a context (declares ``context_features``)."""
     return int(getattr(branch, "context_features", 0) or 0) > 0
-
 
 
 class ContextInput(nn.Module):

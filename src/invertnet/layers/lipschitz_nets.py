@@ -9,7 +9,7 @@ multiplies their power-iteration estimates. After
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +159,13 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
             expected = ", ".join(["B", *("*" if size is None else str(size) for size in self.event_shape)])
             raise ValueError(f"{where}: expected input of shape ({expected}), got {tuple(x.shape)}")
 
+    def chain(self) -> list[nn.Module]:
+        """The layers and activations of g, in order (a conditional branch leaves out its context maps)."""
+        return list(self)
+
     def normalized_layers(self) -> list[SpectralNormLayer]:
         """The spectrally normalised layers, in order."""
-        return [module for module in self if isinstance(module, SpectralNormLayer)]
+        return [module for module in self.chain() if isinstance(module, SpectralNormLayer)]
 
     def linearize(self, x: Tensor) -> Linearization:
         """Compute g(x) and the factors of J_g(x) in one pass (one power-iteration step per layer in training).
@@ -169,12 +173,19 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
         Arguments:
             x: Input with shape (B, *event_shape).
         """
+        return self._linearized(x, None)
+
+    def _linearized(self, x: Tensor, shifts: Iterator[Tensor] | None) -> Linearization:
+        """:meth:`linearize`, with ``next(shifts)`` added to each linear layer's output when given (the context
+        biases of a conditional branch: they move the pre-activations, not the structure of J_g)."""
         factors: list[tuple[nn.Module, Tensor] | Tensor] = []
-        for module in self:
+        for module in self.chain():
             if isinstance(module, SpectralNormLayer):
                 weight = module.normalized_weight(x)
                 factors.append((module, weight))
                 x = module.affine(x, weight)
+                if shifts is not None:
+                    x = x + next(shifts)
             else:
                 x, derivative = module.forward_and_derivative(x)
                 factors.append(derivative)
@@ -190,7 +201,7 @@ class LipschitzNet(ResidualBranch, nn.Sequential):
         it before (the power iteration then lags behind the weights).
         """
         bound = 1.0
-        for module in self:
+        for module in self.chain():
             if isinstance(module, SpectralNormLayer):
                 if not module.v.numel():
                     return None

@@ -150,3 +150,12 @@ def test_gradcheck_of_a_coupling_through_the_context():
     assert torch.autograd.gradcheck(lambda c: layer.at(c).inverse(y), (context,))
     with pytest.raises(TypeError, match="context"):
         layer(x)
+
+
+def test_conditional_two_moons_example_runs():
+    from tests.scripts import load_script
+
+    report = load_script("examples/conditional_two_moons.py").main(["--steps", "100", "--blocks", "3", "--output", ""])
+    assert report["test_log_likelihood_given_its_moon"] > report["test_log_likelihood_given_the_other_moon"] + 1
+    for key in ("mass_moon_0", "mass_moon_1", "mass_halfway"):
+        assert report[key] == pytest.approx(1.0, abs=0.03), key

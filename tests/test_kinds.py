@@ -18,6 +18,7 @@ from invertnet.app.runs import certify_run, evaluate_run, invert_run, metameric_
 SHIPPED = {
     "digits": ([], "IS C"),
     "digits_dense": (["model.n_blocks=1"], "IS C"),
+    "digits_conditional": (["model.n_blocks=1"], "IS"),
     "two_moons": (["model.n_blocks=1", "data.n_train=256", "data.n_test=128"], "IS C"),
     "mintnet_digits": (["model.n_blocks=2", "model.hidden_factor=1"], "IS"),
     "mintnet_classifier_digits": (["model.n_blocks=2", "model.hidden_factor=1"], "I"),
@@ -114,6 +115,7 @@ _CONVERTED = {
     ),
     "isotopenet": ({"kernel_size": 5, "dropout": 0.1}, {"locally_connected_kernel": 5, "dropout": 0.1}),
     "dense": ({"hidden": 7}, {"hidden_features": 7, "n_layers": 3, "n_terms": 5}),
+    "conditional_dense": ({"hidden": 7}, {"hidden_features": 7, "n_layers": 3}),  # no 0.1 runs; same fields
     "multiscale": ({"hidden": 7, "n_scales": 3}, {"hidden_channels": 7, "n_scales": 3}),
     "dcgan": ({"width": 16, "n_layers": 2}, {"width": 16, "n_layers": 2, "latent_dim": 10}),
     "residualnet": ({"hidden": 7}, {}),

@@ -20,7 +20,7 @@ from invertnet.data import (
 if TYPE_CHECKING:
     from invertnet.app.config import DataConfig
 
-__all__ = ["labelled_images", "unlabelled_data"]
+__all__ = ["labelled_images", "labelled_levels", "unlabelled_data"]
 
 Labelled = tuple[Tensor, Tensor]
 
@@ -59,3 +59,13 @@ def labelled_images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
     (x_train, y_train), (x_test, y_test), levels = _images(data)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     return (centered_levels(x_train, levels), y_train), (centered_levels(x_test, levels), y_test), n_classes
+
+
+def labelled_levels(data: DataConfig) -> tuple[Labelled, Labelled, int, int]:
+    """``((x_train, y_train), (x_test, y_test), levels, n_classes)`` for class-conditional density models: images
+    as levels 0..K-1, as the flows take them."""
+    if data.name in TOY_DENSITIES:
+        raise ValueError(f"data.name: a class-conditional flow needs labelled images, not the toy {data.name!r}")
+    train, test, levels = _images(data)
+    n_classes = int(max(train[1].max(), test[1].max())) + 1
+    return train, test, levels, n_classes

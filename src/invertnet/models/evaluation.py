@@ -57,6 +57,7 @@ def evaluate_log_prob(
     flow: FlowDistribution,
     x: Tensor,
     *,
+    context: Tensor | None = None,
     bias_bits: float = 1e-3,
     standard_error_bits: float = 1e-3,
     max_terms: int = 200,
@@ -76,6 +77,7 @@ def evaluate_log_prob(
     Arguments:
         flow: The flow.
         x: Data of shape (N, *event_shape), N >= 1 (integer levels for dequantising flows).
+        context: Conditional flows: the contexts, shape (N, k) (or (k,) for all): log p(x | c).
         bias_bits: Bound on the series' bias, bits/dim.
         standard_error_bits: Stop averaging passes when the probe standard error is below this, bits/dim.
         max_terms: Most series terms (the bias bound reports what was reached).
@@ -107,15 +109,16 @@ def evaluate_log_prob(
     saved = [(block.log_det_estimator, block.eval_log_det) for block in blocks]
     try:
         with frozen_mode(flow):
-            flow.log_prob(x[:1])  # convolutions learn their input size, which the refinement needs
+            first = context if context is None or context.dim() == 1 else context[:1]
+            _log_prob(flow, x[:1], first, batch_size)  # convolutions learn their input size
             report = flow.use_evaluation_estimator(
                 dim, bias_bits=bias_bits, max_terms=max_terms, exact_features=exact_features
             )
-            passes = [_log_prob(flow, x, batch_size)]
+            passes = [_log_prob(flow, x, context, batch_size)]
             probe_error = 0.0
             if report["n_terms"] > 0:
                 while len(passes) < max_passes:
-                    passes.append(_log_prob(flow, x, batch_size))
+                    passes.append(_log_prob(flow, x, context, batch_size))
                     means = torch.stack([p.mean() for p in passes]) / (dim * math.log(2.0))
                     probe_error = (means.std() / math.sqrt(len(passes))).item()
                     if probe_error < standard_error_bits:
@@ -138,5 +141,15 @@ def evaluate_log_prob(
     )
 
 
-def _log_prob(flow: FlowDistribution, x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([flow.log_prob(chunk) for chunk in x.split(batch_size)])
+def _log_prob(flow: FlowDistribution, x: Tensor, context: Tensor | None, batch_size: int) -> Tensor:
+    """log p(x) (given the contexts, one per sample or one for all) in chunks of ``batch_size``."""
+    if context is None or context.dim() == 1:
+        return torch.cat([flow.log_prob(chunk, context) for chunk in x.split(batch_size)])
+    if len(context) != len(x):
+        raise ValueError(f"evaluate_log_prob: {len(x)} samples but {len(context)} contexts")
+    return torch.cat(
+        [
+            flow.log_prob(chunk, given)
+            for chunk, given in zip(x.split(batch_size), context.split(batch_size), strict=True)
+        ]
+    )

@@ -17,6 +17,7 @@ from invertnet.training.loop import TrainState as TrainState
 from invertnet.training.loop import fit as fit
 from invertnet.training.objectives import AdversarialLoss as AdversarialLoss
 from invertnet.training.objectives import BitsPerDim as BitsPerDim
+from invertnet.training.objectives import ConditionalBitsPerDim as ConditionalBitsPerDim
 from invertnet.training.objectives import CrossEntropy as CrossEntropy
 from invertnet.training.objectives import IndependenceCrossEntropy as IndependenceCrossEntropy
 from invertnet.training.objectives import IndependenceLosses as IndependenceLosses
@@ -34,6 +35,7 @@ from invertnet.training.weights import kept_weights as kept_weights
 __all__ = [
     "AdversarialLoss",
     "BitsPerDim",
+    "ConditionalBitsPerDim",
     "CheckpointError",
     "CheckpointKeyError",
     "CheckpointWarning",

@@ -21,6 +21,7 @@ from invertnet.models.gan import ConditionalGAN
 __all__ = [
     "AdversarialLoss",
     "BitsPerDim",
+    "ConditionalBitsPerDim",
     "CrossEntropy",
     "IndependenceCrossEntropy",
     "IndependenceLosses",
@@ -75,6 +76,44 @@ class BitsPerDim(nn.Module):
     def evaluate(self, data: Tensor, batch_size: int = 256) -> dict[str, float]:
         """Mean bits/dim over ``data`` and its standard error over samples."""
         return mean_and_standard_error(bits_per_sample(self.flow, data, batch_size))
+
+
+class ConditionalBitsPerDim(nn.Module):
+    r"""Maximum likelihood of a conditional flow given class labels: the batch's mean -log p(x | c) / (d ln 2),
+    c the one-hot code of the label.
+
+    Arguments:
+        flow: A conditional :class:`~invertnet.models.FlowDistribution` with ``n_classes`` context features;
+            batches are ``(x, labels)``.
+        n_classes: Number of classes (the context size).
+    """
+
+    name = "bits_per_dim"
+
+    def __init__(self, flow: FlowDistribution, n_classes: int) -> None:
+        super().__init__()
+        self.flow, self.n_classes = flow, n_classes
+
+    def context(self, labels: Tensor) -> Tensor:
+        """One-hot codes (B, n_classes) of labels (B,), in the flow's dtype."""
+        dtype = next(self.flow.parameters()).dtype
+        return F.one_hot(labels.long(), self.n_classes).to(dtype)
+
+    def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, labels = batch
+        return self.flow.bits_per_dim(x, context=self.context(labels)).mean()
+
+    @torch.no_grad()
+    def evaluate(self, data: tuple[Tensor, Tensor], batch_size: int = 256) -> dict[str, float]:
+        """Mean bits/dim given the labels over ``data`` and its standard error over samples."""
+        x, labels = data
+        bits = torch.cat(
+            [
+                self.flow.bits_per_dim(chunk, context=self.context(given))
+                for chunk, given in zip(x.split(batch_size), labels.split(batch_size), strict=True)
+            ]
+        )
+        return mean_and_standard_error(bits)
 
 
 def random_shift(images: Tensor, max_shift: int, fill: float) -> Tensor:

@@ -19,6 +19,7 @@ from invertnet.app.kinds.classifiers import (
     IResNetClassifierConfig,
     MintNetClassifierConfig,
 )
+from invertnet.app.kinds.conditional import ConditionalDenseFlowConfig, ConditionalFlowKind
 from invertnet.app.kinds.flows import (
     DenseFlowConfig,
     FlowKind,
@@ -49,6 +50,7 @@ _REGISTERED = (
     FlowKind(MintNetFlowConfig),
     FlowKind(RealNVPFlowConfig),
     FlowKind(GlowFlowConfig),
+    ConditionalFlowKind(ConditionalDenseFlowConfig),
     ClassifierKind(MintNetClassifierConfig),
     ClassifierKind(IResNetClassifierConfig),
     ClassifierKind(FullyInvertibleClassifierConfig),

@@ -30,7 +30,7 @@ def distribution(module_name: str) -> str:
     Raises:
         KeyError: ``module_name`` is not an optional dependency of invertnet.
 
-    Example:
+    Examples:
         >>> distribution("sklearn.datasets"), distribution("torch.utils.tensorboard.writer")
         ('scikit-learn', 'tensorboard')
     """
@@ -58,7 +58,7 @@ def require(module_name: str, extra: str, feature: str = "this feature") -> Modu
             "plot_certificate needs matplotlib: pip install 'invertnet[plots]'", with the original error chained.
         KeyError: ``module_name`` is not an optional dependency of invertnet (a programming error).
 
-    Example:
+    Examples:
         >>> require("sklearn.datasets", "data").__name__
         'sklearn.datasets'
     """

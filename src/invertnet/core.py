@@ -181,7 +181,7 @@ class SolverOptions:
         strict: Raise :class:`ConvergenceError` when the solve fails (default); ``False`` returns the best
             iterate, whose record :meth:`InvertibleModule.inverse_result` gives.
 
-    Example:
+    Examples:
         >>> SolverOptions.of(None, {"max_iter": 5}).over(SolverOptions(atol=1e-8, max_iter=100))
         SolverOptions(atol=1e-08, rtol=None, max_iter=5, strict=True)
     """
@@ -304,7 +304,7 @@ def set_validation(enabled: bool) -> None:
 def validation(enabled: bool) -> Iterator[None]:
     """Context manager with value checks on or off (:func:`set_validation`), restoring the previous setting.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import ActNorm
         >>> with validation(False):
         ...     _ = ActNorm(2)(torch.tensor([[float("nan"), 0.0]]))  # not checked: no host synchronisation
@@ -663,7 +663,7 @@ class InvertibleSequential(InvertibleModule):
     Arguments:
         *modules: The invertible modules, applied in order in the forward direction.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import ActNorm, Squeeze
         >>> flow = InvertibleSequential(ActNorm(4), Squeeze())
         >>> y, log_det = flow.forward_and_log_det(torch.randn(2, 4, 8, 8))

@@ -47,7 +47,7 @@ def subplots(
     Raises:
         ImportError: matplotlib is not installed (``pip install 'invertnet[plots]'``).
 
-    Example:
+    Examples:
         >>> figure, axes = subplots(1, 2, figsize=(4, 2))
         >>> axes.shape, type(figure).__name__
         ((2,), 'Figure')
@@ -83,7 +83,7 @@ def plot_samples(samples: Tensor, path: str | Path, max_images: int = 64) -> Pat
     colour for three; values scaled to the grid's own range), points (N, 2) as a scatter plot. Other shapes draw
     nothing and return ``None``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     plot_samples(torch.rand(10, 1, 8, 8), Path(folder) / "grid.png").name

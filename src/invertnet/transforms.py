@@ -57,7 +57,7 @@ class ModuleTransform(Transform):
         module: The invertible module (its parameters stay the module's: train it as usual).
         event_shape: Shape of one input sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
 
-    Example:
+    Examples:
         >>> from torch.distributions import Independent, Normal, TransformedDistribution
         >>> from invertnet.layers import ActNorm
         >>> layer = ActNorm(2)

@@ -197,7 +197,7 @@ def certify(model: nn.Module, x: Tensor, *, rtol: float = 1e-8) -> Certificate:
         x: An example input batch, run once (in eval mode) to find each layer's input size.
         rtol: Tolerance of the power iterations giving the lower bounds of convolution norms.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import InvertibleResidual, LipschitzMLP
         >>> block = InvertibleResidual(LipschitzMLP(2, 16, coeff=0.9))
         >>> certify(block, torch.randn(4, 2)).certified

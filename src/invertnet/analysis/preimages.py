@@ -82,7 +82,7 @@ def _recession_direction(reduced: np.ndarray) -> np.ndarray | None:
 def is_omnidirectional(A: Tensor | np.ndarray) -> bool:
     """Definition 3.1 i): every open linear halfspace of R^n contains a row of A (decided by 2n LPs).
 
-    Example:
+    Examples:
         >>> is_omnidirectional(torch.tensor([[1.0, 0.0], [-0.5, 0.866], [-0.5, -0.866]]))
         True
         >>> is_omnidirectional(torch.eye(2))
@@ -101,7 +101,7 @@ def relu_preimage(A: Tensor, b: Tensor, y: Tensor, *, tol: float = 1e-9) -> Prei
         y: The output (m,), non-negative; entries <= ``tol`` count as zero.
         tol: Zero threshold for y, the rank of A_E and the extent of a single point.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> relu_preimage(A, torch.zeros(2), torch.tensor([0.0, 2.0])).kind  # x_1 <= 0 is free
         'unbounded'

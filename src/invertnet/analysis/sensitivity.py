@@ -51,7 +51,7 @@ def top_sensitive_bins(sensitivity: Tensor, k: int, min_separation: int = 1) -> 
     """Indices of the k largest entries of a 1-D map, greedily skipping entries within ``min_separation``
     bins of one already taken (one index per peak).
 
-    Example:
+    Examples:
         >>> top_sensitive_bins(torch.tensor([0.0, 5.0, 4.0, 0.0, 3.0]), 2, min_separation=2)
         tensor([1, 4])
     """

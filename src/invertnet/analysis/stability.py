@@ -50,7 +50,7 @@ def layer_spectra(
             differentiated, giving the Jacobian's columns for that window (large images stay tractable).
         rtol: Relative threshold below which a singular value counts as zero.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
         >>> [spectrum.rank for spectrum in layer_spectra(net, torch.randn(3, dtype=torch.float64))] <= [3, 3, 2]
         True

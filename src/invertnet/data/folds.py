@@ -26,7 +26,7 @@ def grouped_folds(
         seed: Shuffling seed.
         labels: (N,) class labels, for stratification.
 
-    Example:
+    Examples:
         >>> folds = grouped_folds(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), n_folds=2)
         >>> [len(test) for _, test in folds]
         [4, 4]

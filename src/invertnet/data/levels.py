@@ -10,7 +10,7 @@ __all__ = ["centered_levels"]
 def centered_levels(images: Tensor, levels: int) -> Tensor:
     """Images of integer levels 0..K-1 scaled to [-0.5, 0.5]: x / (K - 1) - 0.5, any shape.
 
-    Example:
+    Examples:
         >>> centered_levels(torch.tensor([0.0, 8.0, 16.0]), 17)
         tensor([-0.5000,  0.0000,  0.5000])
     """

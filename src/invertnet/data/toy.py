@@ -161,7 +161,7 @@ def toy_log_prob(name: str, points: Tensor) -> Tensor:
     Computed in float64 and returned in the points' dtype; ``-inf`` off the support (the checkerboard).
     Available for :data:`TOY_LOG_DENSITIES` (module docstring: closed forms, and quadrature for two moons).
 
-    Example:
+    Examples:
         >>> round(toy_log_prob("checkerboard", torch.tensor([[0.5, 0.5]])).item(), 4)  # -log(8 * 1.75^2)
         -3.1987
     """
@@ -177,7 +177,7 @@ def toy_log_prob(name: str, points: Tensor) -> Tensor:
 def sample_toy(name: str, n: int, seed: int = 0) -> Tensor:
     """Draw n points of shape (n, 2) from the named toy density, reproducibly from ``seed``.
 
-    Example:
+    Examples:
         >>> sample_toy("two_moons", 5).shape
         torch.Size([5, 2])
     """

@@ -67,7 +67,7 @@ class ConditionalLipschitzMLP(LipschitzMLP):
         hidden_features, n_layers, coeff, activation, n_power_iterations, preactivation: As
             :class:`~invertnet.layers.LipschitzMLP` (only the 2-norm).
 
-    Example:
+    Examples:
         >>> g = ConditionalLipschitzMLP(2, 3, 16, coeff=0.9)
         >>> g(torch.randn(5, 2), torch.randn(5, 3)).shape
         torch.Size([5, 2])

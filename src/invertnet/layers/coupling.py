@@ -43,7 +43,7 @@ def coupling_mask(event_shape: tuple[int, ...], mask: MaskName, flip: bool = Fal
     Images (C, H, W): ``"channel"`` conditions on the first C // 2 channels, ``"checkerboard"`` on the pixels with
     even row + column (Dinh et al. 2017, Fig. 3). ``flip`` swaps the two parts.
 
-    Example:
+    Examples:
         >>> coupling_mask((4,), "alternating")
         tensor([ True, False,  True, False])
         >>> coupling_mask((1, 2, 2), "checkerboard", flip=True)[0]
@@ -163,7 +163,7 @@ class AffineCoupling(InvertibleModule):
             to the vector or as k constant planes of an image (a custom conditioner takes those inputs); use the
             layer through :meth:`at`. 0: unconditional.
 
-    Example:
+    Examples:
         >>> layer = AffineCoupling((4,), mask="half", hidden=8)
         >>> x = torch.randn(5, 4)
         >>> y, log_det = layer.forward_and_log_det(x)

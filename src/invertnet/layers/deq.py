@@ -95,7 +95,7 @@ class DEQ(nn.Module):
         state_shape: Shape of one sample's z (default ``(cell.state_features,)``).
         method, backward, atol, rtol, max_iter: As for :func:`~invertnet.solvers.implicit_fixed_point`.
 
-    Example:
+    Examples:
         >>> layer = DEQ(ContractiveCell(8, 3, coeff=0.5))
         >>> layer(torch.randn(4, 3)).shape
         torch.Size([4, 8])

@@ -98,7 +98,7 @@ class LULinear(_LUInvertibleMap):
     Arguments:
         features: d, for inputs of shape (B, d).
 
-    Example:
+    Examples:
         >>> layer = LULinear(3)
         >>> x = torch.randn(4, 3)
         >>> y, log_det = layer.forward_and_log_det(x)
@@ -126,7 +126,7 @@ class InvertibleConv1x1(_LUInvertibleMap):
     Arguments:
         channels: C.
 
-    Example:
+    Examples:
         >>> conv = InvertibleConv1x1(4)
         >>> x = torch.randn(2, 4, 3, 3)
         >>> torch.allclose(conv.inverse(conv(x)), x, atol=1e-5)

@@ -235,7 +235,7 @@ class LipschitzMLP(LipschitzNet):
             mixed norms of Residual Flows.
         preactivation: Apply the activation to the input first, as thesis Eq. 4.5 does.
 
-    Example:
+    Examples:
         >>> g = LipschitzMLP(2, 64, n_layers=3, coeff=0.9)
         >>> g(torch.randn(5, 2)).shape
         torch.Size([5, 2])
@@ -288,7 +288,7 @@ class LipschitzConvNet(LipschitzNet):
         n_power_iterations: Power-iteration steps per training step (default :data:`CONV_POWER_ITERATIONS`).
         preactivation: Apply the activation to the input first (thesis Eq. 4.5, the default).
 
-    Example:
+    Examples:
         >>> g = LipschitzConvNet(4, 16, coeff=0.9)
         >>> g(torch.randn(2, 4, 8, 8)).shape
         torch.Size([2, 4, 8, 8])

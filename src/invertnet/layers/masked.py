@@ -57,7 +57,7 @@ def triangular_mask(
     marks the centre taps between channels of the same data channel: the entries that reach the Jacobian's
     diagonal and must be non-negative (Eq. 2).
 
-    Example:
+    Examples:
         >>> mask, diagonal = triangular_mask(1, 1, 3, 1)
         >>> mask[0, 0]
         tensor([[1., 1., 1.],
@@ -103,7 +103,7 @@ class MaskedConv2d(nn.Module):
         bias: Learn an additive bias.
         init_gain: Gain of the Xavier-normal initialisation (small values start the layer near zero).
 
-    Example:
+    Examples:
         >>> conv = MaskedConv2d(1, 4, 3)
         >>> conv(torch.randn(2, 1, 5, 5)).shape
         torch.Size([2, 4, 5, 5])
@@ -188,7 +188,7 @@ class MintLayer(IterativeInvertibleModule):
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
 
-    Example:
+    Examples:
         >>> layer = MintLayer(2, hidden_factor=3).double()
         >>> x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
         >>> bool((layer.inverse(layer(x)) - x).abs().max() < 1e-8)
@@ -297,7 +297,7 @@ class MintBlock(InvertibleSequential):
         **options: Keyword options passed to both layers (``init_gain``, ``atol``, ``rtol``, ``max_iter``,
             ``solver``).
 
-    Example:
+    Examples:
         >>> block = MintBlock(1, hidden_factor=2)
         >>> y, log_det = block.forward_and_log_det(torch.randn(3, 1, 4, 4))
         >>> y.shape, log_det.shape

@@ -286,7 +286,7 @@ class MemorySavingSequential(InvertibleSequential):
             the gradient of the value returned. With ``False``, recomputations draw fresh random numbers and the
             gradient belongs to another sample of the estimator.
 
-    Example:
+    Examples:
         >>> from invertnet.models import dense_iresnet_flow
         >>> flow = dense_iresnet_flow(2, n_blocks=4, hidden_features=8)
         >>> flow.transform = MemorySavingSequential(*flow.transform)
@@ -354,7 +354,7 @@ def saved_activation_bytes(fn: Callable[[], T], model: nn.Module | None = None) 
     freed inside ``fn`` are not), except storages of ``model``'s parameters and buffers, which exist anyway.
     Keep the result alive until the backward pass: it holds the graph.
 
-    Example:
+    Examples:
         >>> x = torch.randn(8, 4, requires_grad=True)
         >>> _, size = saved_activation_bytes(lambda: (x.exp() ** 2).sum())
         >>> size  # exp saves its output and pow its input: the same 8 x 4 floats

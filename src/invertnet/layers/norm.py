@@ -24,7 +24,7 @@ class ActNorm(InvertibleModule):
         eps: Channels whose initial standard deviation is at most ``eps`` (constant channels, such as zero
             padding) start with scale 1 instead of 1 / std.
 
-    Example:
+    Examples:
         >>> layer = ActNorm(3)
         >>> y, log_det = layer.forward_and_log_det(5 + 2 * torch.randn(64, 3, 4, 4))
         >>> round(y.mean().item(), 4), log_det.shape
@@ -99,7 +99,7 @@ class InvertibleBatchNorm(InvertibleModule):
         momentum: Weight of the new batch in the running averages.
         eps: Added to the variance.
 
-    Example:
+    Examples:
         >>> layer = InvertibleBatchNorm(3).eval()
         >>> x = torch.randn(4, 3, 2, 2)
         >>> bool((layer.inverse(layer(x)) - x).abs().max() < 1e-6)

@@ -107,7 +107,7 @@ def gram_iteration_bound(matrix: Tensor, max_iter: int = 20, rtol: float = 1e-12
     Returns:
         The bound, a float >= max over the batch of ||W||_2.
 
-    Example:
+    Examples:
         >>> gram_iteration_bound(torch.diag(torch.tensor([3.0, 1.0]))) >= 3.0
         True
     """
@@ -157,7 +157,7 @@ def mixed_norm_factor(domain_order: float, codomain_order: float, in_dim: int, o
     mixed-norm layer normalised by its power-method estimate usually has a certified bound above its
     coefficient until :meth:`~invertnet.layers.SpectralNormLayer.refine_spectral_norm` scales it by the bound.
 
-    Example:
+    Examples:
         >>> mixed_norm_factor(2.0, 2.0, 10, 10)
         1.0
     """
@@ -181,7 +181,7 @@ def conv_singular_values(weight: Tensor, input_shape: Sequence[int]) -> Tensor:
     Returns:
         Tensor of H W min(C_out, C_in) singular values (float64 for float64 weights, else float32).
 
-    Example:
+    Examples:
         >>> weight = torch.zeros(1, 1, 3, 3); weight[0, 0, 1, 1] = 2.0  # 2 x identity
         >>> conv_singular_values(weight, (4, 4)).unique()
         tensor([2.])
@@ -308,7 +308,7 @@ def conv_operator_norm_bound(
         stride, padding: Of the convolution, ints or (h, w) pairs.
         exact_entries: The size limit of the exact path (default :data:`EXACT_MATRIX_ENTRIES`).
 
-    Example:
+    Examples:
         >>> weight = torch.zeros(1, 1, 3, 3); weight[0, 0, 1, 1] = 2.0
         >>> 2.0 <= conv_operator_norm_bound(weight, (1, 40, 40), padding=1) < 2.0 + 1e-9
         True

@@ -33,7 +33,7 @@ class UniformDequantization(InvertibleModule):
         noise: ``"uniform"`` draws u per call (training and evaluation of the bound); ``"midpoint"`` uses
             u = 1/2, a deterministic map for tests and reproducible evaluation.
 
-    Example:
+    Examples:
         >>> layer = UniformDequantization(4, noise="midpoint")
         >>> y, log_det = layer.forward_and_log_det(torch.tensor([[0.0, 3.0]]))
         >>> y, round(log_det.item(), 4), layer.inverse(y)
@@ -89,7 +89,7 @@ class Logit(InvertibleModule):
     Arguments:
         alpha: Margin keeping p inside (0, 1); 0 < alpha < 1/2.
 
-    Example:
+    Examples:
         >>> layer = Logit(alpha=0.05)
         >>> x = torch.tensor([[0.2, 0.9]])
         >>> torch.allclose(layer.inverse(layer(x)), x)

@@ -72,7 +72,7 @@ class InvertibleResidual(IterativeInvertibleModule):
             number every call, no bias), else ``log_det`` (then random for stochastic estimators: see
             :attr:`exact_log_det`); ``"training"``: always ``log_det``; or an estimator.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import LipschitzMLP
         >>> block = InvertibleResidual(LipschitzMLP(2, 32, n_layers=3, coeff=0.9)).double()
         >>> x = torch.randn(4, 2, dtype=torch.float64)

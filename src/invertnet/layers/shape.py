@@ -20,7 +20,7 @@ class Squeeze(InvertibleModule):
     Each output channel group c*4 + (2i + j) holds the pixels at offset (i, j) of 2x2 patches of channel c
     (``torch.nn.functional.pixel_unshuffle``).
 
-    Example:
+    Examples:
         >>> Squeeze()(torch.randn(2, 3, 8, 8)).shape
         torch.Size([2, 12, 4, 4])
     """
@@ -62,7 +62,7 @@ class Flatten(InvertibleModule):
     Arguments:
         event_shape: The shape of one sample, e.g. (1, 8, 8).
 
-    Example:
+    Examples:
         >>> Flatten((1, 8, 8))(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 64])
     """
@@ -118,7 +118,7 @@ class InjectivePad(InvertibleModule):
             their tolerance times the layers' condition numbers, which must not be mistaken for leaving the
             range.
 
-    Example:
+    Examples:
         >>> pad = InjectivePad(2)
         >>> pad(torch.randn(1, 3, 4, 4)).shape
         torch.Size([1, 5, 4, 4])

@@ -406,7 +406,7 @@ class SpectralNormLinear(SpectralNormLayer, nn.Linear):
         n_power_iterations: Power-iteration steps per forward pass in training mode.
         domain_order, codomain_order: Orders p, q of the induced norm ||W||_{p->q} (default: 2, 2).
 
-    Example:
+    Examples:
         >>> layer = SpectralNormLinear(4, 3, coeff=0.9)
         >>> record = layer.refine_spectral_norm()
         >>> record.success and layer.operator_norm_bound() <= 0.9

@@ -32,7 +32,7 @@ class DenseExactLogDet(ExactLogDet):
     Branches that are not a chain of dense layers on (B, d) inputs (convolutions, plain modules) get the
     brute-force :class:`ExactLogDet`, which is also exact, at the cost of d backward passes.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import LipschitzMLP
         >>> g = LipschitzMLP(4, 32, n_layers=3, coeff=0.9).double().eval()  # eval: the same weights twice
         >>> x = torch.randn(5, 4, dtype=torch.float64)

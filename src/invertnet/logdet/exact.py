@@ -31,7 +31,7 @@ class ExactLogDet:
     Differentiable (the Jacobian is built with ``create_graph`` when gradients are enabled), so it also
     serves as the reference gradient for the stochastic estimators.
 
-    Example:
+    Examples:
         >>> g = torch.nn.Linear(3, 3)
         >>> g_x, log_det = ExactLogDet()(g, torch.randn(5, 3))
         >>> log_det.shape

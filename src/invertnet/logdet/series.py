@@ -248,7 +248,7 @@ def truncation_error_bound(lip: float, dim: int, n_terms: int) -> float:
         dim: Dimension d of the block's input.
         n_terms: Number n of series terms.
 
-    Example:
+    Examples:
         >>> round(truncation_error_bound(0.5, 2, 1), 6)
         0.386294
     """
@@ -263,7 +263,7 @@ def truncation_error_bound(lip: float, dim: int, n_terms: int) -> float:
 def n_terms_for_bias(lip: float, dim: int, bias: float, max_terms: int = 100_000) -> int:
     """The fewest series terms n whose :func:`truncation_error_bound` is at most ``bias``.
 
-    Example:
+    Examples:
         >>> n_terms_for_bias(0.5, 2, 0.01)
         5
     """

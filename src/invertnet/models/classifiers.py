@@ -38,7 +38,7 @@ class InvertibleClassifier(nn.Module):
         n_classes: Number of classes.
         normalize_head: Apply batch norm and ELU to the features before pooling (thesis A.1).
 
-    Example:
+    Examples:
         >>> model = mintnet_classifier((1, 8, 8), n_classes=3, n_blocks=2, n_squeezes=1, pad_channels=2).eval()
         >>> model(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 3])
@@ -160,7 +160,7 @@ def iresnet_classifier(
     same network without the constraint) or ``"batchnorm"`` (vanilla with batch norm before every ELU): the
     baselines keep the fixed-point inverse, which is only guaranteed to work for the i-ResNet.
 
-    Example:
+    Examples:
         >>> model = iresnet_classifier((1, 8, 8), 3, n_blocks=1, hidden_channels=4, n_stages=2, pad_channels=2)
         >>> model(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 3])
@@ -236,7 +236,7 @@ def fully_invertible_classifier(
     every logit and nuisance variable a function of the whole input, which the independence cross-entropy
     needs to move the label information out of z_n.
 
-    Example:
+    Examples:
         >>> model = fully_invertible_classifier((1, 4, 4), n_classes=3, n_blocks=1, hidden_channels=4, dense_blocks=1)
         >>> model(torch.randn(5, 1, 4, 4)).shape
         torch.Size([5, 3])

@@ -102,7 +102,7 @@ def realnvp_flow(
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
 
-    Example:
+    Examples:
         >>> flow = realnvp_flow(2, n_steps=4, hidden=16)
         >>> flow.log_prob(torch.randn(5, 2)).shape
         torch.Size([5])
@@ -170,7 +170,7 @@ def glow_flow(
             so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
 
-    Example:
+    Examples:
         >>> flow = glow_flow((1, 8, 8), n_steps=2, hidden=8, levels=17)
         >>> flow.base.event_shape
         torch.Size([16, 2, 2])

@@ -88,7 +88,7 @@ def evaluate_log_prob(
     Returns:
         A :class:`LogProbEvaluation`: the estimate, its certified bias bound and its probe standard error.
 
-    Example:
+    Examples:
         >>> from invertnet.models import dense_iresnet_flow
         >>> flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=8)
         >>> result = evaluate_log_prob(flow, torch.randn(100, 2))

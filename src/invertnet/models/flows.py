@@ -86,7 +86,7 @@ class FlowDistribution(nn.Module, Distribution):
             (``flow.to(device)``, ``flow.double()``); other distributions must be created on the right device by
             the caller.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import ActNorm
         >>> flow = FlowDistribution(ActNorm(2), standard_normal((2,)))
         >>> flow.log_prob(torch.zeros(3, 2)).shape, flow.sample((5,)).shape, flow.sample().shape
@@ -149,7 +149,7 @@ class FlowDistribution(nn.Module, Distribution):
         """The distribution of x given the context c of shape (*batch, k): a flow with batch shape ``batch``
         (one distribution per context) that shares this flow's parameters.
 
-        Example:
+        Examples:
             >>> from invertnet.models import dense_iresnet_flow
             >>> flow = dense_iresnet_flow(2, n_blocks=1, hidden_features=8, context_features=3)
             >>> given = flow(torch.randn(4, 3))

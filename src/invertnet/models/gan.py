@@ -26,7 +26,7 @@ class ConditionalGAN(nn.Module):
         discriminator: Maps (images (B, C, H, W), labels (B,)) to logits (B,).
         latent_dim: Dimension of z, drawn from N(0, I).
 
-    Example:
+    Examples:
         >>> from invertnet.models import DCGANDiscriminator, DCGANGenerator
         >>> gan = ConditionalGAN(DCGANGenerator(4, 3, 1, 2, 8), DCGANDiscriminator(3, 1, 2, 8), latent_dim=4)
         >>> gan.sample(torch.tensor([0, 1, 2])).shape
@@ -51,7 +51,7 @@ def conditional_dcgan(
     and a :class:`~invertnet.models.DCGANDiscriminator` of the same depth and width, images of side
     4 * 2^(n_layers - 1).
 
-    Example:
+    Examples:
         >>> gan = conditional_dcgan(n_classes=3, latent_dim=4, n_layers=2, width=8)
         >>> gan.sample(torch.tensor([0, 2])).shape
         torch.Size([2, 1, 8, 8])

@@ -64,7 +64,7 @@ class TransposedConvGenerator(nn.Module):
         weights: The weight law.
         generator: Random number generator for the weights (default: torch's global one).
 
-    Example:
+    Examples:
         >>> G = TransposedConvGenerator((10, 1, 1), channels=(16, 1), kernel_size=4)
         >>> G(torch.randn(3, 10, 1, 1)).shape
         torch.Size([3, 1, 16, 16])
@@ -146,7 +146,7 @@ def dcgan_image_size(n_layers: int) -> int:
     """H = W of the images of a DCGAN with ``n_layers`` transposed convolutions: a 4 x 4 projection doubled by
     each of the ``n_layers - 1`` stride-2 layers, 4 * 2^(n_layers - 1).
 
-    Example:
+    Examples:
         >>> dcgan_image_size(4)
         32
     """
@@ -170,7 +170,7 @@ class DCGANGenerator(nn.Module):
         n_layers: Number of transposed convolutions.
         width: Channels of the first feature map.
 
-    Example:
+    Examples:
         >>> G = DCGANGenerator(10, n_classes=10, channels=1, n_layers=2, width=32)
         >>> G(torch.randn(3, 10), torch.tensor([0, 1, 2])).shape
         torch.Size([3, 1, 8, 8])
@@ -229,7 +229,7 @@ class DCGANDiscriminator(nn.Module):
     and a final 4x4 convolution gives the logit (Ma, Ayaz & Karaman end in a sigmoid; the loss takes logits instead,
     which is the same model and numerically safer).
 
-    Example:
+    Examples:
         >>> D = DCGANDiscriminator(n_classes=10, channels=1, n_layers=2, width=32)
         >>> D(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])).shape
         torch.Size([3])

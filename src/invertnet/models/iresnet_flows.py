@@ -59,7 +59,7 @@ def dense_iresnet_flow(
             a :class:`~invertnet.layers.ConditionalLipschitzMLP` g(x, c), contractive in x for every c; use
             ``flow.log_prob(x, context=c)``, ``flow.sample(shape, context=c)`` or ``flow(c)``. 0: unconditional.
 
-    Example:
+    Examples:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
         >>> flow.log_prob(torch.randn(5, 2)).shape
         torch.Size([5])
@@ -119,7 +119,7 @@ def multiscale_iresnet_flow(
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         n_power_iterations: Power-iteration steps of every normalised layer per training step.
 
-    Example:
+    Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
         >>> flow.base.event_shape
         torch.Size([4, 4, 4])

@@ -20,7 +20,7 @@ def squeeze_positions(n_blocks: int, n_squeezes: int) -> list[int]:
     """Indices of the grouped layers that a squeeze precedes: evenly spaced, ``n_blocks // (n_squeezes + 1)``
     apart (the layout of Song, Meng & Ermon's reference code; 20 layers, 2 squeezes: before layers 6 and 12).
 
-    Example:
+    Examples:
         >>> squeeze_positions(20, 2)
         [6, 12]
     """
@@ -63,7 +63,7 @@ def mintnet_flow(
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform.
 
-    Example:
+    Examples:
         >>> flow = mintnet_flow((1, 8, 8), n_blocks=2, hidden_factor=2, n_squeezes=1, levels=17)
         >>> flow.base.event_shape
         torch.Size([4, 4, 4])

@@ -30,7 +30,7 @@ def receptive_field(layers: Sequence[tuple[int, int]]) -> int:
     """Bins of the input that one output position sees through convolutions (kernel, stride), in order:
     r <- r + (k - 1) j, j <- j s, from r = j = 1 (Luo et al. 2016).
 
-    Example:
+    Examples:
         >>> receptive_field([(3, 1), (3, 1)]), receptive_field([(3, 5), (3, 1)])
         (5, 13)
     """
@@ -133,7 +133,7 @@ class IsotopeNet(nn.Module):
         locally_connected_kernel: k (3 in Table 7.2).
         dropout: Dropout probability before the locally connected layer.
 
-    Example:
+    Examples:
         >>> net = IsotopeNet(300)
         >>> net(torch.randn(4, 1, 300)).shape, net.reduced_length
         (torch.Size([4, 2]), 20)
@@ -184,7 +184,7 @@ class ResidualNet(nn.Module):
         input_length: L, bins per spectrum; input (B, 1, L).
         n_classes: Number of classes.
 
-    Example:
+    Examples:
         >>> net = ResidualNet(100)
         >>> net(torch.randn(2, 1, 100)).shape
         torch.Size([2, 2])

@@ -27,7 +27,7 @@ class Mask:
         keep: Boolean tensor of shape (H, W) (one pattern for all problems) or (B, H, W) (one per problem);
             ``True`` marks observed pixels.
 
-    Example:
+    Examples:
         >>> mask = Mask(torch.tensor([[True, False], [False, True]]))
         >>> mask.rate, mask(torch.ones(1, 1, 2, 2))[0, 0]
         (0.5, tensor([[1., 0.],
@@ -106,7 +106,7 @@ def make_mask(
         batch: Draw one independent pattern per problem (for ``"uniform"``); ``None``: one shared pattern.
         generator: Random number generator for ``"uniform"``.
 
-    Example:
+    Examples:
         >>> make_mask("top", (4, 4), 0.5).keep.int()
         tensor([[1, 1, 1, 1],
                 [1, 1, 1, 1],

@@ -153,7 +153,7 @@ def recover(
             the seed that drew the true codes: the initialisation would start at the answer.
         progress: Show a progress bar.
 
-    Example:
+    Examples:
         >>> from invertnet.models import TransposedConvGenerator
         >>> from invertnet.recovery import make_mask
         >>> G = TransposedConvGenerator((4, 1, 1), (16, 1), kernel_size=4).double()

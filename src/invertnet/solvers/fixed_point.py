@@ -115,7 +115,7 @@ def fixed_point(
     Raises:
         ConvergenceError: With ``strict=True``, when the status is not ``SUCCESS``.
 
-    Example:
+    Examples:
         >>> result = fixed_point(torch.cos, torch.zeros(1, 1, dtype=torch.float64), lipschitz=0.85)
         >>> result.status.name, round(result.value.item(), 6)
         ('SUCCESS', 0.739085)

@@ -98,7 +98,7 @@ def implicit_fixed_point(
     Returns:
         (z*, the forward solve's :class:`~invertnet.InverseResult`).
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
         >>> z, record = implicit_fixed_point(lambda z, x: torch.cos(z) * x, x)
         >>> z.backward()  # dz/dx = cos z / (1 + x sin z)

@@ -47,7 +47,7 @@ def inverse_jvp(
         An :class:`~invertnet.InverseResult` whose ``value`` is w (B, ...), with the condition number of J_F(x)
         and its ``condition_kind`` (``"exact"`` dense, ``"lower_bound"`` by GMRES).
 
-    Example:
+    Examples:
         >>> from invertnet.layers import ActNorm
         >>> layer = ActNorm(2).double().eval()
         >>> y, v = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)

@@ -48,7 +48,7 @@ def linearized_inverse_error(module: InvertibleModule, x_hat: Tensor, y: Tensor)
         delta with the shape of ``x_hat``: x_hat - F^{-1}(y) up to second-order terms (an estimate, see the module
         docstring). Its per-sample norm estimates the inverse's error.
 
-    Example:
+    Examples:
         >>> from invertnet.layers import InvertibleResidual, LipschitzMLP
         >>> block = InvertibleResidual(LipschitzMLP(3, 16, n_layers=2, coeff=0.5)).double().eval()
         >>> x = torch.randn(4, 3, dtype=torch.float64)

@@ -67,7 +67,7 @@ def gmres(
     Returns:
         An :class:`~invertnet.InverseResult` whose ``iterations`` counts products with A, the probe's included.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
         >>> result = gmres(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), torch.ones(1, 2, dtype=torch.float64))
         >>> result.status.name, [round(value, 6) for value in result.value[0].tolist()]

@@ -84,7 +84,7 @@ def newton(
         An :class:`~invertnet.InverseResult` with ``condition_number`` at the returned point and
         ``condition_kind`` naming it (``"exact"`` or ``"lower_bound"``).
 
-    Example:
+    Examples:
         >>> result = newton(lambda x: x**3, torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[8.0]]).double())
         >>> result.status.name, round(result.value.item(), 12), result.iterations <= 8
         ('SUCCESS', 2.0, True)

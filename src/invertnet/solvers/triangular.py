@@ -170,7 +170,7 @@ def triangular_newton(
     Raises:
         ConvergenceError: With ``strict=True``, when the status is not ``SUCCESS``.
 
-    Example:
+    Examples:
         >>> slope = torch.tensor(0.5, dtype=torch.float64)
         >>> def r(x):  # lower triangular: r_0 = x_0 / 2 + tanh(x_0), r_1 = x_1 / 2 + tanh(x_1 + x_0)
         ...     shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
@@ -339,7 +339,7 @@ def triangular_condition(map_and_diagonal: MapAndDiagonal, x: Tensor) -> tuple[T
     Returns:
         (condition estimate, |J^{-1}|_inf estimate), both (B,); inf where a solve overflowed.
 
-    Example:
+    Examples:
         >>> J = torch.tensor([[1.0, 0.0], [-100.0, 1.0]], dtype=torch.float64)
         >>> def r(x):
         ...     return x @ J.T, torch.ones_like(x)

@@ -280,7 +280,7 @@ def fit(
         FloatingPointError: The loss became NaN or infinite; the message names the first such step (detected when
             the losses are next read, up to ``log_every - 1`` steps later).
 
-    Example:
+    Examples:
         >>> from invertnet.models import dense_iresnet_flow
         >>> from invertnet.training import BitsPerDim
         >>> flow = dense_iresnet_flow(2, n_blocks=1, hidden_features=8)

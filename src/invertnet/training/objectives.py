@@ -47,7 +47,7 @@ def balanced_accuracy(predictions: Tensor, labels: Tensor) -> float:
     """The mean over classes of the recall, (1/C) sum_c TP_c / P_c (thesis 7.4.1: for two classes
     (TP/P + TN/N) / 2); classes absent from ``labels`` are skipped.
 
-    Example:
+    Examples:
         >>> balanced_accuracy(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 1]))  # recalls 1 and 1/2
         0.75
     """
@@ -279,7 +279,7 @@ class IndependenceCrossEntropy(nn.Module):
         likelihood_weight: mu (1 in Eq. 6.13; 0 for Def. 6.14 alone).
         nuisance_objective: ``"confusion"`` (default) or ``"cross_entropy"`` (Def. 6.14 as written).
 
-    Example:
+    Examples:
         >>> from invertnet.models import fully_invertible_classifier
         >>> model = fully_invertible_classifier((1, 4, 4), 2, n_blocks=1, hidden_channels=4, dense_blocks=1)
         >>> objective = IndependenceCrossEntropy(model, nuisance_features=14, hidden=8)

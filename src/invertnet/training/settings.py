@@ -27,7 +27,7 @@ class TrainConfig(BaseModel):
     and on assignment, and a bad or unknown field raises a :class:`pydantic.ValidationError` (a
     :class:`ValueError`) that names it. ``model_dump(mode="json")`` gives the plain JSON stored in checkpoints.
 
-    Example:
+    Examples:
         >>> TrainConfig(steps=300, schedule="cosine").steps
         300
         >>> TrainConfig(step=300)  # doctest: +ELLIPSIS

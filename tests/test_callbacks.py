@@ -90,3 +90,14 @@ def test_sample_pictures(tmp_path):
     assert plot_samples(torch.rand(5, 3, 4, 4), tmp_path / "colour.png").is_file()
     assert plot_samples(torch.randn(100, 2), tmp_path / "points.png").is_file()
     assert plot_samples(torch.randn(4, 7), tmp_path / "nothing.png") is None
+
+
+def test_a_failing_callback_warns_and_loses_no_checkpoint(tmp_path):
+    def broken(record):
+        raise ConnectionError("tracker unreachable")
+
+    trainer = _trainer(tmp_path, [broken], checkpoint_every=4)
+    with pytest.warns(RuntimeWarning, match="tracker unreachable"):
+        trainer.fit()
+    assert (tmp_path / "step-00000004").is_dir() and (tmp_path / "step-00000008").is_dir()
+

@@ -159,3 +159,71 @@ def test_conditional_two_moons_example_runs():
     assert report["test_log_likelihood_given_its_moon"] > report["test_log_likelihood_given_the_other_moon"] + 1
     for key in ("mass_moon_0", "mass_moon_1", "mass_halfway"):
         assert report[key] == pytest.approx(1.0, abs=0.03), key
+
+
+def test_a_flow_given_a_context_follows_its_parent_and_does_not_change_it():
+    flow = _conditional_flow().train()
+    context = torch.randn(3, 2, dtype=torch.float64)
+    given = flow(context)
+    flow.eval()  # after binding: the bound flow must see eval mode (exact log-dets, deterministic)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(given.log_prob(x), given.log_prob(x), atol=0, rtol=0)
+    torch.testing.assert_close(given.log_prob(x), flow.log_prob(x, context=context))
+    flow.train()
+    given.eval()  # must not reach the parent's layers
+    assert all(module.training for module in flow.modules())
+
+
+def test_integer_contexts_are_cast_and_bound_flows_are_named():
+    flow = _conditional_flow()
+    codes = torch.nn.functional.one_hot(torch.tensor([0, 1]), 2)  # int64
+    assert flow(codes).log_prob(torch.zeros(2, 2, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(TypeError, match="already given a context"):
+        flow(codes)(codes)
+    from invertnet.models import evaluate_log_prob
+
+    with pytest.raises(TypeError, match="with context="):
+        evaluate_log_prob(flow(codes), torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_a_custom_conditional_branch_works_at_a_context():
+    class Branch(torch.nn.Module):  # a plain module: no linearize, no declarations
+        context_features = 2
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2).double()
+
+        def forward(self, x, context):
+            return 0.3 * torch.tanh(self.linear(x) + context)
+
+    block = InvertibleResidual(Branch(), log_det=ExactLogDet()).eval()
+    view = block.at(torch.ones(2, dtype=torch.float64))
+    x = torch.randn(4, 2, dtype=torch.float64)
+    y, log_det = view.forward_and_log_det(x)
+    torch.testing.assert_close(view.inverse(y, strict=False), x, atol=1e-8, rtol=0)
+    assert not hasattr(view.g, "linearize") and view.lipschitz_bound() is None
+
+
+def test_a_memory_saving_sequence_stays_one_at_a_context():
+    from invertnet.layers import MemorySavingSequential
+
+    flow = dense_iresnet_flow(2, n_blocks=2, hidden_features=8, context_features=2)
+    saving = MemorySavingSequential(*flow.transform)
+    view = saving.at(torch.zeros(2))
+    assert type(view) is MemorySavingSequential and len(view) == len(saving)
+    view(torch.randn(3, 2))
+
+
+def test_log_prob_of_a_given_flow_broadcasts_like_torch():
+    flow = _conditional_flow()
+    context = torch.randn(4, 2, dtype=torch.float64)
+    given = flow(context)
+    x = torch.randn(5, 1, 2, dtype=torch.float64)
+    assert given.log_prob(x).shape == (5, 4)
+    torch.testing.assert_close(given.log_prob(x)[:, 2], flow.log_prob(x[:, 0], context=context[2].expand(5, 2)))
+    assert given.log_prob(torch.zeros(2, dtype=torch.float64)).shape == (4,)
+    mixture = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(torch.ones(4)), given)
+    assert mixture.log_prob(torch.randn(7, 2, dtype=torch.float64)).shape == (7,)
+    with pytest.raises(ValueError, match="broadcast"):
+        given.log_prob(torch.zeros(3, 2, dtype=torch.float64))

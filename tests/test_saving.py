@@ -217,3 +217,14 @@ def test_a_failed_write_keeps_the_old_file(saved, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         invertnet.save(BUILDERS["dense_iresnet_flow"](features=2, n_blocks=1), saved)
     assert saved.read_bytes() == before and [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+@pytest.mark.parametrize("estimator", ["PowerSeriesLogDet", "UnbiasedLogDet", "ExactLogDet", "DenseExactLogDet"])
+def test_every_estimator_is_saved_with_its_arguments(estimator, tmp_path):
+    import invertnet.logdet as logdet
+
+    chosen = getattr(logdet, estimator)()
+    flow = BUILDERS["dense_iresnet_flow"](features=2, n_blocks=1, hidden_features=4, log_det=chosen)
+    loaded = invertnet.load(invertnet.save(flow, tmp_path / "flow.safetensors"))
+    restored = loaded.residual_blocks()[0].log_det_estimator
+    assert type(restored) is type(chosen) and vars(restored) == vars(chosen)

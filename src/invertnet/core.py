@@ -7,6 +7,7 @@ unless asked not to.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -710,11 +711,12 @@ class InvertibleSequential(InvertibleModule):
         return any(part.conditional for part in self.parts)
 
     def at(self, context: Tensor) -> InvertibleModule:
-        """The composition of the parts at the context (unconditional parts as they are), in this mode."""
+        """The composition of the parts at the context (unconditional parts as they are): a shallow copy of this
+        sequence (its class kept, e.g. memory saving) whose parts are the parts' views."""
         if not self.conditional:
             return self
-        view = InvertibleSequential(*(part.at(context) for part in self.parts))
-        view.training = self.training  # the parts keep their own modes
+        view = copy.copy(self)
+        view._modules = {**self._modules, "parts": nn.ModuleList(part.at(context) for part in self.parts)}
         return view
 
     def __len__(self) -> int:

@@ -103,6 +103,7 @@ class ModuleTransform(Transform):
         """log|det dy/dx| of shape batch: kept from the call that produced this (x, y), else computed from x."""
         last = self._last
         if last is not None and last[0] is x and last[1] is y:
+            self._last = None  # used once: hold no graph after it
             return last[2]
         batch = batch_shape_of(
             _checked_shape(x, "ModuleTransform.log_abs_det_jacobian"),

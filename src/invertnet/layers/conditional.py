@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from invertnet.layers.lipschitz_nets import POWER_ITERATIONS, Linearization, LipschitzMLP, LipschitzNet, ResidualBranch
 from invertnet.layers.spectral import SpectralNormLayer
 
-__all__ = ["ConditionalLipschitzMLP", "ContextBoundBranch", "ContextInput", "check_context", "is_conditional"]
+__all__ = [
+    "ConditionalLipschitzMLP",
+    "ContextBoundBranch",
+    "ContextInput",
+    "bind_context",
+    "check_context",
+    "is_conditional",
+]
 
 
 def check_context(context: object, context_features: int, where: str) -> Tensor:
@@ -124,11 +131,12 @@ class ConditionalLipschitzMLP(LipschitzMLP):
 
 
 class ContextBoundBranch(ResidualBranch):
-    """g_c(x) = g(x, c) at a fixed context: an ordinary residual branch sharing g's parameters.
+    """g_c(x) = g(x, c) at a fixed context: an ordinary residual branch sharing g's parameters, with g's
+    declarations (norm, Lipschitz bound, input check) or the defaults of a plain branch. Made by
+    :func:`bind_context`, which adds ``linearize`` when g has one.
 
     Arguments:
-        branch: A conditional branch (``context_features`` attribute; ``forward(x, context)``, optionally
-            ``linearize(x, context)``).
+        branch: A conditional branch (``context_features`` attribute, ``forward(x, context)``).
         context: (M, k) or (k,); a batch of B samples takes the M contexts tiled (B a multiple of M).
     """
 
@@ -136,23 +144,37 @@ class ContextBoundBranch(ResidualBranch):
         super().__init__()
         self.branch = branch
         self.context = check_context(context, branch.context_features, type(branch).__name__)
-        self.norm_order = getattr(branch, "norm_order", 2.0)
+        self.norm_order = getattr(branch, "norm_order", ResidualBranch.norm_order)
         self.event_shape = getattr(branch, "event_shape", ())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.branch(x, self.context)
 
-    def linearize(self, x: Tensor) -> Linearization:
-        return self.branch.linearize(x, self.context)
-
     def lipschitz_bound(self) -> float | None:
-        return self.branch.lipschitz_bound()
+        bound = getattr(self.branch, "lipschitz_bound", None)
+        return bound() if callable(bound) else None
 
     def check_input_shape(self, x: Tensor, where: str) -> None:
-        self.branch.check_input_shape(x, where)
+        check = getattr(self.branch, "check_input_shape", None)
+        if callable(check):
+            check(x, where)
 
     def normalized_layers(self) -> Sequence[SpectralNormLayer]:
         return self.branch.normalized_layers() if isinstance(self.branch, LipschitzNet) else []
+
+
+class _LinearizableContextBoundBranch(ContextBoundBranch):
+    """A :class:`ContextBoundBranch` of a branch with ``linearize(x, context)`` (the structured estimators use it)."""
+
+    def linearize(self, x: Tensor) -> Linearization:
+        return self.branch.linearize(x, self.context)
+
+
+def bind_context(branch: nn.Module, context: Tensor) -> ContextBoundBranch:
+    """The conditional ``branch`` at ``context`` as a plain branch (with ``linearize`` when the branch has one)."""
+    if callable(getattr(branch, "linearize", None)):
+        return _LinearizableContextBoundBranch(branch, context)
+    return ContextBoundBranch(branch, context)
 
 
 def is_conditional(branch: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from invertnet.core import (
     check_dtype,
     check_input,
 )
-from invertnet.layers.conditional import ContextBoundBranch, is_conditional
+from invertnet.layers.conditional import ContextBoundBranch, bind_context, is_conditional
 from invertnet.layers.lipschitz_nets import LipschitzMLP, ResidualBranch
 from invertnet.logdet.dense import DenseExactLogDet
 from invertnet.logdet.exact import ExactLogDet
@@ -115,7 +115,7 @@ class InvertibleResidual(IterativeInvertibleModule):
         if not self.conditional:
             return self
         view = copy.copy(self)  # shares the parameters and buffers; its own table of submodules
-        view._modules = {**self._modules, "g": ContextBoundBranch(self.g, context)}
+        view._modules = {**self._modules, "g": bind_context(self.g, context)}
         return view
 
     @property

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from invertnet.core import frozen_mode
 from invertnet.layers.residual import EXACT_EVALUATION_FEATURES
-from invertnet.models.flows import FlowDistribution
+from invertnet.models.flows import FlowDistribution, GivenContext
 
 __all__ = ["LogProbEvaluation", "evaluate_log_prob"]
 
@@ -97,6 +97,8 @@ def evaluate_log_prob(
     """
     if not isinstance(flow, FlowDistribution):
         raise TypeError(f"evaluate_log_prob: expected a FlowDistribution, got {type(flow).__name__}")
+    if isinstance(flow.transform, GivenContext):
+        raise TypeError("evaluate_log_prob: evaluate the conditional flow itself, with context= (not flow(c))")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError("evaluate_log_prob: expected a tensor of shape (N, *event_shape) with N >= 1")
     for name, value in (("bias_bits", bias_bits), ("standard_error_bits", standard_error_bits)):

@@ -3,13 +3,13 @@ r"""Normalising flows as distributions: p_X(x) = p_Z(F(x)) |det J_F(x)| (thesis 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, TransformedDistribution, constraints
 
-from invertnet.core import InvertibleModule, SolverOptions, SolverOverride, check_dtype
+from invertnet.core import InverseResult, InvertibleModule, SolverOptions, SolverOverride, check_dtype
 from invertnet.layers.lipschitz_nets import LipschitzMLP
 from invertnet.layers.residual import EXACT_EVALUATION_FEATURES, InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
@@ -19,6 +19,59 @@ from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncat
 from invertnet.transforms import batch_shape_of
 
 __all__ = ["FlowDistribution", "standard_normal"]
+
+
+class GivenContext(InvertibleModule):
+    """A conditional transform at fixed contexts, bound at every call: each use runs ``transform.at(context)``
+    anew, so the flow that :meth:`FlowDistribution.at` returns follows its parent's mode (``train`` / ``eval``),
+    estimators and parameters. The parent is not a submodule: ``train()`` / ``eval()`` / ``to()`` of the bound flow
+    do not reach it (set the mode on the parent flow).
+
+    Arguments:
+        transform: The conditional transform.
+        context: (M, k) contexts, tiled over a batch of a multiple of M samples.
+    """
+
+    def __init__(self, transform: InvertibleModule, context: Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "parent", transform)  # not registered: the parent keeps its own mode
+        self.context = context
+        self.bijective = transform.bijective
+
+    def bound(self) -> InvertibleModule:
+        """The transform at the context, in the parent's current state."""
+        return self.parent.at(self.context)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.parent.parameters(recurse)
+
+    @property
+    def exact_log_det(self) -> bool:  # type: ignore[override]
+        return self.bound().exact_log_det
+
+    @property
+    def analytic_inverse(self) -> bool:  # type: ignore[override]
+        return self.parent.analytic_inverse
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.bound().forward_and_log_det(x)
+
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
+        return self.bound().inverse_and_log_det(y, options)
+
+    def inverse(self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride) -> Tensor:
+        return self.bound().inverse(y, options, **overrides)
+
+    def inverse_result(
+        self, y: Tensor, options: SolverOptions | None = None, **overrides: SolverOverride
+    ) -> InverseResult:
+        return self.bound().inverse_result(y, options, **overrides)
+
+    def event_shape_after(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        return self.parent.event_shape_after(event_shape)
+
+    def event_shape_before(self, event_shape: Sequence[int]) -> tuple[int, ...]:
+        return self.parent.event_shape_before(event_shape)
 
 
 SampleShape = int | torch.Size | tuple[int, ...]
@@ -156,17 +209,17 @@ class FlowDistribution(nn.Module, Distribution):
             >>> given.batch_shape, given.sample((5,)).shape, given.log_prob(torch.zeros(4, 2)).shape
             (torch.Size([4]), torch.Size([5, 4, 2]), torch.Size([4]))
         """
+        if isinstance(self.transform, GivenContext):
+            raise TypeError("FlowDistribution: this flow is already given a context; use at() of the flow it came from")
         if not self.conditional:
             raise TypeError("FlowDistribution: this flow takes no context (build it with context_features=k)")
-        if tuple(self.batch_shape):
-            raise TypeError("FlowDistribution: this flow is already given a context")
         if not isinstance(context, Tensor) or context.dim() < 1:
             raise TypeError(f"FlowDistribution: the context must be a tensor of shape (..., k), got {context!r}")
         parameter = next(self.transform.parameters(), None)
-        if parameter is not None and context.is_floating_point():
+        if parameter is not None:  # integer codes (one_hot) too: the branches add the context to activations
             context = context.to(device=parameter.device, dtype=parameter.dtype)
         flat = context.reshape(-1, context.shape[-1])
-        return FlowDistribution(self.transform.at(flat), self.base, batch_shape=context.shape[:-1])
+        return FlowDistribution(GivenContext(self.transform, flat), self.base, batch_shape=context.shape[:-1])
 
     def _given(self, context: Tensor | None) -> FlowDistribution:
         """This flow, or its distribution given ``context``; a conditional flow without a context is named."""
@@ -210,12 +263,18 @@ class FlowDistribution(nn.Module, Distribution):
         check_dtype(x, self.transform, "FlowDistribution.log_prob")
         batch = batch_shape_of(x.shape, tuple(self.event_shape), "FlowDistribution.log_prob")
         own = tuple(self.batch_shape)
-        if own and tuple(batch[len(batch) - len(own) :]) != own:
-            expected = ", ".join(map(str, own + tuple(self.event_shape)))
-            raise ValueError(
-                f"FlowDistribution.log_prob: expected x of shape (..., {expected}) for {own} contexts, got "
-                f"{tuple(x.shape)}"
-            )
+        if own:  # x broadcasts against the contexts' batch shape, as in torch.distributions
+            try:
+                batch = torch.Size(torch.broadcast_shapes(batch, own))
+            except RuntimeError as error:
+                expected = ", ".join(map(str, own + tuple(self.event_shape)))
+                raise ValueError(
+                    f"FlowDistribution.log_prob: x of shape {tuple(x.shape)} does not broadcast to (..., {expected}) "
+                    f"for {own} contexts"
+                ) from error
+            if tuple(batch[len(batch) - len(own) :]) != own:
+                raise ValueError(f"FlowDistribution.log_prob: x's batch shape broadcasts beyond the contexts' {own}")
+            x = x.expand(*batch, *self.event_shape)
         if math.prod(batch) == 0:
             return self._empty(batch, x.device)
         if not x.is_floating_point():  # integer levels of a dequantising flow, in the parameters' dtype

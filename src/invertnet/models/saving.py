@@ -188,7 +188,11 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, dict) and all(isinstance(key, str) for key in value):
         return {"dict": {key: _encode(item, where) for key, item in value.items()}}
     if type(value).__name__ in _ESTIMATORS and type(value) is _ESTIMATORS[type(value).__name__]:
-        parameters = list(inspect.signature(type(value).__init__).parameters)[1:]
+        parameters = [
+            name
+            for name, parameter in inspect.signature(type(value)).parameters.items()
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        ]
         return {"estimator": type(value).__name__, "arguments": {p: getattr(value, p) for p in parameters}}
     raise TypeError(
         f"invertnet.save: the argument {where} is a {type(value).__name__}, which cannot be recorded as JSON "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,10 @@ class Trainer:
         checkpoint_key: Optional secret (bytes or text): checkpoints are signed with HMAC-SHA256 and only load
             with it (see :mod:`invertnet.training.checkpoint`).
         callbacks: Called with every record of ``metrics.jsonl`` (see :mod:`invertnet.training.callbacks`: wandb,
-            MLflow, ...), on rank 0. Default: :class:`~invertnet.training.callbacks.TensorBoardLogger` in
-            ``run_dir/tensorboard`` when TensorBoard is installed; ``[]`` for none.
+            MLflow, ...), on rank 0, after that step's checkpoint; one that raises gives a warning and training goes
+            on; their ``close()`` is called when each ``fit`` returns. Default:
+            :class:`~invertnet.training.callbacks.TensorBoardLogger` in ``run_dir/tensorboard`` when TensorBoard
+            is installed (reopened by the next ``fit``); ``[]`` for none.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Trainer:
         device = self.state.parameters[0].device
         self._batches = batch_source(train_data, config.batch_size, config.seed, device, self.world_size)
         self._callbacks: list[Callback] | None = None if callbacks is None else list(callbacks)
+        self._defaults = False
         for callback in self._callbacks or []:
             if not callable(callback):
                 raise TypeError(f"Trainer: a callback must be callable with a record, got {type(callback).__name__}")
@@ -222,22 +226,42 @@ class Trainer:
             write_atomically(metrics, "".join(kept))
 
     def _log(self, record: dict[str, Any]) -> None:
-        """Append a record to ``metrics.jsonl``, and to TensorBoard when it is installed (rank 0 only)."""
+        """Append a record to ``metrics.jsonl`` and give it to the callbacks (rank 0 only)."""
+        self._write(record)
+        self._notify(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         if self.rank:
             return
         with writing_to(self.run_dir), open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def _notify(self, record: dict[str, Any]) -> None:
+        """Call the callbacks; one that raises is reported by a warning and training goes on (a tracker's network
+        error must neither lose the run nor leave the other ranks waiting)."""
+        if self.rank:
+            return
         if self._callbacks is None:  # created at the first record: the folder exists then
+            self._defaults = True
             self._callbacks = default_callbacks(self.run_dir)
         for callback in self._callbacks:
-            callback(record)
+            try:
+                callback(record)
+            except Exception as error:  # noqa: BLE001 (any failure of user code is reported, not raised)
+                warnings.warn(
+                    f"Trainer: callback {callback!r} raised {type(error).__name__}: {error} (step {record['step']}); "
+                    "training goes on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _close_callbacks(self) -> None:
         for callback in self._callbacks or []:
             close = getattr(callback, "close", None)
             if callable(close):
                 close()
-
+        if self._defaults:
+            self._callbacks = None  # a later fit() opens new ones
     def _after_step(self, step: int, loss: float) -> None:
         """At a step where the losses were read: log their mean since the last record and the learning rate,
         evaluate and checkpoint when their periods say so."""
@@ -248,9 +272,10 @@ class Trainer:
         }
         if self.test_data is not None and self.config.eval_every and step % self.config.eval_every == 0:
             record.update({f"test_{key}": value for key, value in self.evaluate(self.test_data).items()})
-        self._log(record)
+        self._write(record)
         if self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
             self.save()
+        self._notify(record)  # after the checkpoint: nothing a callback does can cost the step
 
     def fit(self, until: int | None = None) -> dict[str, float]:
         """Train to step ``until`` (default: ``config.steps``), checkpointing and evaluating periodically;

@@ -87,7 +87,7 @@ class ConditionalFlowKind(FlowKind):
                 "probe_standard_error": result.probe_standard_error,
                 "probe_passes": result.probe_passes,
             },
-            "reconstruction": reconstruction(flow.at(contexts[:256]), images[:256]),
+            "reconstruction": reconstruction(_at(flow, contexts[:256]), images[:256]),
         }
         _class_rows(flow, run_dir / "samples.png", data.n_classes or _classes(flow))
         return summary
@@ -95,7 +95,7 @@ class ConditionalFlowKind(FlowKind):
     def invert(self, model: nn.Module, config: RunConfig, data: RunData) -> dict[str, Any]:
         refine_spectral_norms(model)
         images, labels = data.test
-        return reconstruction(model.at(_one_hot(model, labels[:256])), images[:256])  # type: ignore[operator]
+        return reconstruction(_at(model, _one_hot(model, labels[:256])), images[:256])  # type: ignore[arg-type]
 
     def sample(self, model: nn.Module, n: int) -> Tensor:
         """``n`` samples, of the classes 0, 1, ... in turn."""
@@ -105,6 +105,11 @@ class ConditionalFlowKind(FlowKind):
 
     def certify(self, model: nn.Module, data: RunData) -> Certificate:
         raise self._unsupported("certify", ": its blocks are conditional (certify the flow at a label: flow.at(c))")
+
+
+def _at(flow: FlowDistribution, contexts: Tensor) -> FlowDistribution:
+    """The flow at the contexts with its transform bound now (the parts listed, as ``reconstruction`` reads)."""
+    return FlowDistribution(flow.transform.at(contexts), flow.base)
 
 
 def _classes(flow: nn.Module) -> int:

@@ -101,3 +101,20 @@ def test_a_failing_callback_warns_and_loses_no_checkpoint(tmp_path):
         trainer.fit()
     assert (tmp_path / "step-00000004").is_dir() and (tmp_path / "step-00000008").is_dir()
 
+
+
+def test_a_resumed_run_tells_tensorboard_to_drop_the_steps_it_redoes(tmp_path, monkeypatch):
+    import invertnet.training.trainer as trainer_module
+
+    _trainer(tmp_path, checkpoint_every=4).fit(4)
+    asked = []
+
+    def recording(run_dir, purge_step=None):
+        asked.append(purge_step)
+        return []
+
+    monkeypatch.setattr(trainer_module, "default_callbacks", recording)
+    resumed = _trainer(tmp_path, checkpoint_every=4)
+    assert resumed.resume()
+    resumed.fit()
+    assert asked == [4]

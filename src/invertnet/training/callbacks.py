@@ -34,15 +34,16 @@ class TensorBoardLogger:
 
     Arguments:
         log_dir: The events' folder, e.g. ``RUN_DIR/tensorboard``.
+        purge_step: A resumed run's step: events of later steps, which the run redoes, are dropped.
 
     Raises:
         ImportError: TensorBoard is not installed, naming the extra that installs it.
     """
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         writer = require("torch.utils.tensorboard", "tensorboard", "TensorBoard events").SummaryWriter
         self.log_dir = Path(log_dir)
-        self._writer = writer(str(self.log_dir))
+        self._writer = writer(str(self.log_dir), purge_step=purge_step)
 
     def __call__(self, record: Mapping[str, float]) -> None:
         step = int(record["step"])
@@ -55,9 +56,10 @@ class TensorBoardLogger:
         self._writer.close()
 
 
-def default_callbacks(run_dir: Path) -> list[Callback]:
-    """What a Trainer reports to when given no callbacks: TensorBoard in ``run_dir/tensorboard`` when installed."""
+def default_callbacks(run_dir: Path, purge_step: int | None = None) -> list[Callback]:
+    """What a Trainer reports to when given no callbacks: TensorBoard in ``run_dir/tensorboard`` when installed
+    (dropping the events after ``purge_step``, a resumed run's step)."""
     try:
-        return [TensorBoardLogger(run_dir / "tensorboard")]
+        return [TensorBoardLogger(run_dir / "tensorboard", purge_step=purge_step)]
     except ImportError:
         return []

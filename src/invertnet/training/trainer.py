@@ -106,6 +106,7 @@ class Trainer:
         self._batches = batch_source(train_data, config.batch_size, config.seed, device, self.world_size)
         self._callbacks: list[Callback] | None = None if callbacks is None else list(callbacks)
         self._defaults = False
+        self._resumed_step: int | None = None
         for callback in self._callbacks or []:
             if not callable(callback):
                 raise TypeError(f"Trainer: a callback must be callable with a record, got {type(callback).__name__}")
@@ -198,6 +199,7 @@ class Trainer:
         step = 0 if loaded is None else loaded[1]
         if self.rank == 0:
             self._truncate_metrics(step)
+            self._resumed_step = step  # TensorBoard drops its events after it, as metrics.jsonl its records
         if loaded is None:
             return False
         _, step, state = loaded
@@ -243,7 +245,7 @@ class Trainer:
             return
         if self._callbacks is None:  # created at the first record: the folder exists then
             self._defaults = True
-            self._callbacks = default_callbacks(self.run_dir)
+            self._callbacks = default_callbacks(self.run_dir, purge_step=self._resumed_step)
         for callback in self._callbacks:
             try:
                 callback(record)

@@ -227,3 +227,25 @@ def test_log_prob_of_a_given_flow_broadcasts_like_torch():
     assert mixture.log_prob(torch.randn(7, 2, dtype=torch.float64)).shape == (7,)
     with pytest.raises(ValueError, match="broadcast"):
         given.log_prob(torch.zeros(3, 2, dtype=torch.float64))
+
+
+def test_conditional_image_flow_and_gradcheck_through_the_context():
+    from invertnet.layers import ConditionalLipschitzConvNet
+    from invertnet.models import multiscale_iresnet_flow
+
+    torch.manual_seed(4)
+    flow = multiscale_iresnet_flow((1, 4, 4), n_scales=2, n_blocks=1, hidden_channels=4, levels=17, context_features=3)
+    for block in flow.residual_blocks():
+        assert isinstance(block.g, ConditionalLipschitzConvNet)
+        with torch.no_grad():
+            block.g.context_map.weight.normal_(std=0.5)
+    levels = torch.randint(0, 17, (4, 1, 4, 4))
+    context = torch.randn(4, 3)
+    flow.log_prob(levels, context=context)
+    refine_spectral_norms(flow)
+    assert flow(context).sample().shape == (4, 1, 4, 4)
+    block = flow.residual_blocks()[0].double().eval()
+    block.use_log_det_estimator(ExactLogDet())
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda given: block.at(given).forward_and_log_det(x), (c,))

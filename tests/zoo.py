@@ -12,6 +12,7 @@ from invertnet import InvertibleModule, InvertibleSequential
 from invertnet.layers import (
     ActNorm,
     AffineCoupling,
+    ConditionalLipschitzConvNet,
     ConditionalLipschitzMLP,
     Flatten,
     InjectivePad,
@@ -154,7 +155,7 @@ def _randomised_context_maps(module: InvertibleModule) -> InvertibleModule:
     """Context maps (zero at initialisation: every context starts unconditional) that matter."""
     with torch.no_grad():
         for sub in module.modules():
-            if isinstance(sub, ConditionalLipschitzMLP):
+            if isinstance(sub, ConditionalLipschitzMLP | ConditionalLipschitzConvNet):
                 sub.context_map.weight.normal_(0.0, 0.5)
     return module
 
@@ -162,6 +163,11 @@ def _randomised_context_maps(module: InvertibleModule) -> InvertibleModule:
 def _conditional_residual() -> InvertibleModule:
     g = ConditionalLipschitzMLP(4, 3, 16, n_layers=3, coeff=0.9, preactivation=True)
     return _randomised_context_maps(InvertibleResidual(g, log_det=DenseExactLogDet())).at(_context(3))
+
+
+def _conditional_residual_conv() -> InvertibleModule:
+    g = ConditionalLipschitzConvNet(2, 3, 4, kernel_sizes=(3, 1, 3), coeff=0.9)
+    return _randomised_context_maps(InvertibleResidual(g, log_det=ExactLogDet())).at(_context(3))
 
 
 def _conditional_dense_flow() -> InvertibleModule:
@@ -224,6 +230,7 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "glow_vector": (lambda: _randomised_coupling(glow_flow(4, n_steps=2, hidden=6).transform), (4,)),
     "conditional_residual_mlp": (_conditional_residual, (4,)),
     "conditional_dense_flow": (_conditional_dense_flow, (3,)),
+    "conditional_residual_conv": (_conditional_residual_conv, (2, 3, 3)),
     "conditional_coupling_image": (
         lambda: _coupling((2, 3, 3), "checkerboard", context_features=2)().at(_context(2)),
         (2, 3, 3),

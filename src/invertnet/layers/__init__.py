@@ -7,6 +7,7 @@ from invertnet.layers.activations import CLipSwish as CLipSwish
 from invertnet.layers.activations import LipSwish as LipSwish
 from invertnet.layers.activations import Softplus as Softplus
 from invertnet.layers.activations import make_activation as make_activation
+from invertnet.layers.conditional import ConditionalLipschitzConvNet as ConditionalLipschitzConvNet
 from invertnet.layers.conditional import ConditionalLipschitzMLP as ConditionalLipschitzMLP
 from invertnet.layers.conditional import ContextBoundBranch as ContextBoundBranch
 from invertnet.layers.conditional import ContextInput as ContextInput
@@ -46,6 +47,7 @@ from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_n
 __all__ = [
     "DEQ",
     "CLipSwish",
+    "ConditionalLipschitzConvNet",
     "ConditionalLipschitzMLP",
     "ContextBoundBranch",
     "ContextInput",

@@ -23,10 +23,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from invertnet.layers.lipschitz_nets import POWER_ITERATIONS, Linearization, LipschitzMLP, LipschitzNet, ResidualBranch
+from invertnet.layers.lipschitz_nets import (
+    CONV_POWER_ITERATIONS,
+    POWER_ITERATIONS,
+    Linearization,
+    LipschitzConvNet,
+    LipschitzMLP,
+    LipschitzNet,
+    ResidualBranch,
+)
 from invertnet.layers.spectral import SpectralNormLayer
 
 __all__ = [
+    "ConditionalLipschitzConvNet",
     "ConditionalLipschitzMLP",
     "ContextBoundBranch",
     "ContextInput",
@@ -64,7 +73,47 @@ def _matched(context: Tensor, batch: int, where: str) -> Tensor:
     return context.repeat(batch // rows, 1)
 
 
-class ConditionalLipschitzMLP(LipschitzMLP):
+class _ContextBiases(LipschitzNet):
+    """A :class:`~invertnet.layers.LipschitzNet` whose every linear layer gets the bias E_i c: per feature for
+    dense layers, per channel (constant over the image) for convolutions."""
+
+    context_features: int
+
+    def _add_context_map(self, context_features: int) -> None:
+        if context_features < 1:
+            raise ValueError(f"{type(self).__name__}: context_features must be positive, got {context_features}")
+        self.context_features = context_features
+        self._output_sizes = [
+            getattr(layer, "out_features", None) or layer.out_channels for layer in self.normalized_layers()
+        ]
+        # E = 0 at initialisation: every context starts at the unconditional branch
+        self.context_map = nn.Linear(context_features, sum(self._output_sizes), bias=False)
+        nn.init.zeros_(self.context_map.weight)
+
+    def _biases(self, x: Tensor, context: Tensor | None) -> list[Tensor]:
+        where = type(self).__name__
+        context = check_context(context, self.context_features, where).to(dtype=x.dtype)
+        biases = self.context_map(_matched(context, x.shape[0], where)).split(self._output_sizes, dim=1)
+        trailing = [1] * (x.dim() - 2)  # a channel's bias is constant over the image
+        return [bias.reshape(*bias.shape, *trailing) for bias in biases]
+
+    def chain(self) -> list[nn.Module]:
+        """The layers and activations in x; ``lipschitz_bound`` (the bound in x for every context) reads them."""
+        return [module for name, module in self._modules.items() if name != "context_map" and module is not None]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """g(x, c) for x of shape (B, ...) and c of shape (B, k), (1, k) or (k,) (one context for every sample)."""
+        biases = iter(self._biases(x, context))
+        for module in self.chain():
+            x = module(x) + next(biases) if isinstance(module, SpectralNormLayer) else module(x)
+        return x
+
+    def linearize(self, x: Tensor, context: Tensor | None = None) -> Linearization:  # type: ignore[override]
+        """g(x, c) and the factors of J_x g(x, c) (the unconditional structure at shifted pre-activations)."""
+        return self._linearized(x, iter(self._biases(x, context)))
+
+
+class ConditionalLipschitzMLP(_ContextBiases, LipschitzMLP):
     r"""The dense branch g(x, c) of the module docstring: a :class:`~invertnet.layers.LipschitzMLP` in x whose
     every linear layer gets the bias :math:`E_i c`.
 
@@ -92,9 +141,8 @@ class ConditionalLipschitzMLP(LipschitzMLP):
         n_power_iterations: int = POWER_ITERATIONS,
         preactivation: bool = False,
     ) -> None:
-        if context_features < 1:
-            raise ValueError(f"ConditionalLipschitzMLP: context_features must be positive, got {context_features}")
-        super().__init__(
+        LipschitzMLP.__init__(
+            self,
             features,
             hidden_features,
             n_layers,
@@ -103,31 +151,49 @@ class ConditionalLipschitzMLP(LipschitzMLP):
             n_power_iterations=n_power_iterations,
             preactivation=preactivation,
         )
-        self.context_features = context_features
-        self._output_sizes = [layer.out_features for layer in self.normalized_layers()]
-        # E = 0 at initialisation: every context starts at the unconditional branch
-        self.context_map = nn.Linear(context_features, sum(self._output_sizes), bias=False)
-        nn.init.zeros_(self.context_map.weight)
+        self._add_context_map(context_features)
 
-    def _biases(self, x: Tensor, context: Tensor | None) -> list[Tensor]:
-        where = type(self).__name__
-        context = check_context(context, self.context_features, where).to(dtype=x.dtype)
-        return list(self.context_map(_matched(context, x.shape[0], where)).split(self._output_sizes, dim=1))
 
-    def chain(self) -> list[nn.Module]:
-        """The layers and activations in x; ``lipschitz_bound`` (the bound in x for every context) reads them."""
-        return [module for name, module in self._modules.items() if name != "context_map" and module is not None]
+class ConditionalLipschitzConvNet(_ContextBiases, LipschitzConvNet):
+    r"""A convolutional branch g(x, c): a :class:`~invertnet.layers.LipschitzConvNet` in x whose every
+    convolution gets the per-channel bias :math:`E_i c` (constant over the image), so Lip_x g is the same
+    certified bound for every context.
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """g(x, c) for x of shape (B, d) and c of shape (B, k), (1, k) or (k,) (one context for every sample)."""
-        biases = iter(self._biases(x, context))
-        for module in self.chain():
-            x = module(x) + next(biases) if isinstance(module, SpectralNormLayer) else module(x)
-        return x
+    Arguments:
+        channels: Input and output channels C (x of shape (B, C, H, W)).
+        context_features: Size k of the context (c of shape (B, k)).
+        hidden_channels, kernel_sizes, coeff, activation, n_power_iterations, preactivation: As
+            :class:`~invertnet.layers.LipschitzConvNet` (only the 2-norm).
 
-    def linearize(self, x: Tensor, context: Tensor | None = None) -> Linearization:  # type: ignore[override]
-        """g(x, c) and the factors of J_x g(x, c) (the unconditional structure at shifted pre-activations)."""
-        return self._linearized(x, iter(self._biases(x, context)))
+    Examples:
+        >>> g = ConditionalLipschitzConvNet(2, 3, 8, coeff=0.9)
+        >>> g(torch.randn(4, 2, 6, 6), torch.randn(4, 3)).shape
+        torch.Size([4, 2, 6, 6])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_features: int,
+        hidden_channels: int,
+        kernel_sizes: Sequence[int] = (3, 1, 3),
+        coeff: float = 0.97,
+        activation: str = "elu",
+        *,
+        n_power_iterations: int = CONV_POWER_ITERATIONS,
+        preactivation: bool = True,
+    ) -> None:
+        LipschitzConvNet.__init__(
+            self,
+            channels,
+            hidden_channels,
+            kernel_sizes,
+            coeff,
+            activation,
+            n_power_iterations=n_power_iterations,
+            preactivation=preactivation,
+        )
+        self._add_context_map(context_features)
 
 
 class ContextBoundBranch(ResidualBranch):

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from invertnet.core import InvertibleModule, InvertibleSequential
-from invertnet.layers.conditional import ConditionalLipschitzMLP
+from invertnet.layers.conditional import ConditionalLipschitzConvNet, ConditionalLipschitzMLP
 from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS, LipschitzConvNet, LipschitzMLP
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
@@ -102,6 +102,7 @@ def multiscale_iresnet_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     n_power_iterations: int = CONV_POWER_ITERATIONS,
+    context_features: int = 0,
 ) -> FlowDistribution:
     r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 
@@ -118,6 +119,9 @@ def multiscale_iresnet_flow(
         levels: Number K of discrete levels of the data (256 for 8-bit images), or ``None`` for continuous data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         n_power_iterations: Power-iteration steps of every normalised layer per training step.
+        context_features: Size k of a context c, shape (B, k), for a conditional flow p(x | c): every branch is a
+            :class:`~invertnet.layers.ConditionalLipschitzConvNet` (c as per-channel biases), contractive in x for
+            every c. 0: unconditional.
 
     Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
@@ -133,14 +137,20 @@ def multiscale_iresnet_flow(
             f"multiscale_iresnet_flow: {n_scales} scales squeeze {n_scales - 1} times, so H and W must be divisible "
             f"by {factor}; got {height}x{width}"
         )
+    if context_features < 0:
+        raise ValueError(f"multiscale_iresnet_flow: context_features must be 0 or positive, got {context_features}")
     parts: list[InvertibleModule] = []
     if levels is not None:
         parts += [UniformDequantization(levels), Logit(logit_alpha)]
     for scale in range(n_scales):
         for _ in range(n_blocks):
-            g = LipschitzConvNet(
-                channels, hidden_channels, kernel_sizes, coeff, activation, n_power_iterations=n_power_iterations
-            )
+            options = {"n_power_iterations": n_power_iterations}
+            if context_features:
+                g: LipschitzConvNet = ConditionalLipschitzConvNet(
+                    channels, context_features, hidden_channels, kernel_sizes, coeff, activation, **options
+                )
+            else:
+                g = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff, activation, **options)
             parts += [ActNorm(channels), InvertibleResidual(g, log_det=log_det)]
         if scale < n_scales - 1:
             parts.append(Squeeze())

@@ -235,6 +235,12 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
         lambda: _coupling((2, 3, 3), "checkerboard", context_features=2)().at(_context(2)),
         (2, 3, 3),
     ),
+    "conditional_glow_image": (
+        lambda: _randomised_coupling(
+            glow_flow((1, 4, 4), n_scales=2, n_steps=1, hidden=3, context_features=2).transform
+        ).at(_context(2)),
+        (1, 4, 4),
+    ),
     "conditional_coupling_vector": (
         lambda: _randomised_coupling(realnvp_flow(3, n_steps=2, hidden=6, context_features=4).transform).at(
             _context(4)

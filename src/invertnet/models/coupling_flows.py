@@ -146,6 +146,7 @@ def glow_flow(
     *,
     levels: int | None = None,
     logit_alpha: float = 0.05,
+    context_features: int = 0,
 ) -> FlowDistribution:
     r"""A Glow flow (Kingma & Dhariwal 2018, section 3 and Fig. 2): steps of ActNorm, invertible 1x1 convolution
     and affine coupling.
@@ -169,6 +170,8 @@ def glow_flow(
         levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
             so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        context_features: Size k of a context for a conditional flow p(x | c): every coupling's conditioner also
+            sees c (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
 
     Examples:
         >>> flow = glow_flow((1, 8, 8), n_steps=2, hidden=8, levels=17)
@@ -182,7 +185,7 @@ def glow_flow(
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
-    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp, "context_features": context_features}
 
     def steps(event: tuple[int, ...], mask: str, linear: type[LULinear | InvertibleConv1x1]) -> list[InvertibleModule]:
         parts: list[InvertibleModule] = []

@@ -9,7 +9,7 @@ the inverse (the module's solver for iterative inverses). It composes with torch
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,22 +81,28 @@ class ModuleTransform(Transform):
         self.codomain = constraints.independent(constraints.real, len(self.output_event_shape))
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _call(self, x: Tensor) -> Tensor:
-        batch = batch_shape_of(_checked_shape(x, "ModuleTransform"), self.event_shape, "ModuleTransform")
+    def _through(
+        self, map_and_log_det: Callable[[Tensor], tuple[Tensor, Tensor]], t: Tensor, inward: bool, where: str
+    ) -> tuple[Tensor, Tensor]:
+        """``map_and_log_det`` of t (*batch, *shape in) flattened to one batch dimension and back: the result of
+        shape (*batch, *shape out) and the log-det of shape batch. ``inward``: t is an output (the inverse)."""
+        shape_in, shape_out = (
+            (self.output_event_shape, self.event_shape) if inward else (self.event_shape, self.output_event_shape)
+        )
+        batch = batch_shape_of(_checked_shape(t, where), shape_in, where)
         if math.prod(batch) == 0:
-            return x.new_zeros(*batch, *self.output_event_shape)
-        y, log_det = self.module.forward_and_log_det(x.reshape(-1, *self.event_shape))
-        y = y.reshape(*batch, *self.output_event_shape)
-        self._last = (x, y, log_det.reshape(batch))
+            return t.new_zeros(*batch, *shape_out), t.new_zeros(batch)
+        out, log_det = map_and_log_det(t.reshape(-1, *shape_in))
+        return out.reshape(*batch, *shape_out), log_det.reshape(batch)
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, log_det = self._through(self.module.forward_and_log_det, x, False, "ModuleTransform")
+        self._last = (x, y, log_det)
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        batch = batch_shape_of(_checked_shape(y, "ModuleTransform.inv"), self.output_event_shape, "ModuleTransform.inv")
-        if math.prod(batch) == 0:
-            return y.new_zeros(*batch, *self.event_shape)
-        x, inverse_log_det = self.module.inverse_and_log_det(y.reshape(-1, *self.output_event_shape))
-        x = x.reshape(*batch, *self.event_shape)
-        self._last = (x, y, -inverse_log_det.reshape(batch))
+        x, inverse_log_det = self._through(self.module.inverse_and_log_det, y, True, "ModuleTransform.inv")
+        self._last = (x, y, -inverse_log_det)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
@@ -105,15 +111,7 @@ class ModuleTransform(Transform):
         if last is not None and last[0] is x and last[1] is y:
             self._last = None  # used once: hold no graph after it
             return last[2]
-        batch = batch_shape_of(
-            _checked_shape(x, "ModuleTransform.log_abs_det_jacobian"),
-            self.event_shape,
-            "ModuleTransform.log_abs_det_jacobian",
-        )
-        if math.prod(batch) == 0:
-            return x.new_zeros(batch)
-        _, log_det = self.module.forward_and_log_det(x.reshape(-1, *self.event_shape))
-        return log_det.reshape(batch)
+        return self._through(self.module.forward_and_log_det, x, False, "ModuleTransform.log_abs_det_jacobian")[1]
 
     def forward_shape(self, shape: Sequence[int]) -> torch.Size:
         batch = batch_shape_of(shape, self.event_shape, "ModuleTransform.forward_shape")

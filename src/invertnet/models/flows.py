@@ -215,9 +215,7 @@ class FlowDistribution(nn.Module, Distribution):
             raise TypeError("FlowDistribution: this flow takes no context (build it with context_features=k)")
         if not isinstance(context, Tensor) or context.dim() < 1:
             raise TypeError(f"FlowDistribution: the context must be a tensor of shape (..., k), got {context!r}")
-        parameter = next(self.transform.parameters(), None)
-        if parameter is not None:  # integer codes (one_hot) too: the branches add the context to activations
-            context = context.to(device=parameter.device, dtype=parameter.dtype)
+        context = self._like_parameters(context)  # integer codes (one_hot) too: they are added to activations
         flat = context.reshape(-1, context.shape[-1])
         return FlowDistribution(GivenContext(self.transform, flat), self.base, batch_shape=context.shape[:-1])
 
@@ -249,10 +247,21 @@ class FlowDistribution(nn.Module, Distribution):
             )
         return self.base.log_prob(z)
 
+    def _parameter(self) -> Tensor | None:
+        """The transform's first parameter (its device and dtype are the flow's), ``None`` without parameters."""
+        return next(self.transform.parameters(), None)
+
+    def _like_parameters(self, tensor: Tensor) -> Tensor:
+        """``tensor`` on the parameters' device and in their dtype (unchanged without parameters)."""
+        parameter = self._parameter()
+        return tensor if parameter is None else tensor.to(device=parameter.device, dtype=parameter.dtype)
+
+    def _dtype(self) -> torch.dtype:
+        parameter = self._parameter()
+        return parameter.dtype if parameter is not None else torch.get_default_dtype()
+
     def _empty(self, shape: torch.Size, device: torch.device) -> Tensor:
-        parameter = next(self.transform.parameters(), None)
-        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=self._dtype(), device=device)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """log p(x) (given the context, for conditional flows) with the batch shape of x = (*batch, *event_shape),
@@ -278,7 +287,7 @@ class FlowDistribution(nn.Module, Distribution):
         if math.prod(batch) == 0:
             return self._empty(batch, x.device)
         if not x.is_floating_point():  # integer levels of a dequantising flow, in the parameters' dtype
-            x = x.to(self._empty(torch.Size(), x.device).dtype)
+            x = x.to(self._dtype())
         z, log_det = self.transform.forward_and_log_det(x.reshape(-1, *self.event_shape))
         return (self._base_log_prob(z) + log_det).reshape(batch)
 
@@ -335,7 +344,7 @@ class FlowDistribution(nn.Module, Distribution):
         return self._shaped(x, shape), (self._base_log_prob(z) - inverse_log_det).reshape(shape)
 
     def _device(self) -> torch.device:
-        parameter = next(self.transform.parameters(), None)
+        parameter = self._parameter()
         return parameter.device if parameter is not None else torch.device("cpu")
 
     def _latents(self, sample_shape: SampleShape) -> tuple[torch.Size, Tensor | None]:
@@ -345,10 +354,7 @@ class FlowDistribution(nn.Module, Distribution):
         if n == 0:
             return shape, None
         z = self.base.rsample(torch.Size([n]))
-        parameter = next(self.transform.parameters(), None)
-        if parameter is not None:
-            z = z.to(device=parameter.device, dtype=parameter.dtype)
-        return shape, z
+        return shape, self._like_parameters(z)
 
     def _shaped(self, x: Tensor, shape: torch.Size) -> Tensor:
         if tuple(x.shape[1:]) != tuple(self.event_shape):

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from invertnet.app.datasets import labelled_levels
 from invertnet.app.kinds.base import RunData
-from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, reconstruction
+from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, evaluation_summary, reconstruction
 from invertnet.figures import save_figure, subplots
 from invertnet.layers import refine_spectral_norms
-from invertnet.models import FlowDistribution, evaluate_log_prob
+from invertnet.models import FlowDistribution
 from invertnet.training import ConditionalBitsPerDim
 
 if TYPE_CHECKING:
@@ -64,29 +64,9 @@ class ConditionalFlowKind(FlowKind):
         flow: FlowDistribution = model  # type: ignore[assignment]
         images, labels = data.test
         contexts = _one_hot(flow, labels)
-        settings = config.evaluation
-        result = evaluate_log_prob(
-            flow,
-            images,
-            context=contexts,
-            bias_bits=settings.bias_bits,
-            max_terms=settings.max_terms,
-            standard_error_bits=settings.probe_standard_error_bits,
-            max_passes=settings.max_passes,
-        )
         summary: dict[str, Any] = {
             "run_dir": str(run_dir),
-            "evaluation_estimator": {
-                "n_terms": result.n_terms,
-                "bias_bound_bits": result.bias_bound_bits,
-                "exact_blocks": result.exact_blocks,
-            },
-            "test": {
-                "bits_per_dim_given_label": result.bits_per_dim,
-                "standard_error": result.standard_error,
-                "probe_standard_error": result.probe_standard_error,
-                "probe_passes": result.probe_passes,
-            },
+            **evaluation_summary(flow, images, config, context=contexts, figure="bits_per_dim_given_label"),
             "reconstruction": reconstruction(_at(flow, contexts[:256]), images[:256]),
         }
         _class_rows(flow, run_dir / "samples.png", data.n_classes or _classes(flow))

@@ -209,26 +209,7 @@ class FlowKind(ModelKind):
 
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
         flow: FlowDistribution = model  # type: ignore[assignment]
-        summary: dict[str, Any] = {"run_dir": str(run_dir)}
-        settings = config.evaluation
-        result = evaluate_log_prob(
-            flow,
-            data.test,
-            bias_bits=settings.bias_bits,
-            max_terms=settings.max_terms,
-            standard_error_bits=settings.probe_standard_error_bits,
-            max_passes=settings.max_passes,
-        )
-        estimator = {"n_terms": result.n_terms, "bias_bound_bits": result.bias_bound_bits}
-        if result.lipschitz_bound is not None:
-            estimator["lipschitz_bound"] = result.lipschitz_bound
-        summary["evaluation_estimator"] = {**estimator, "exact_blocks": result.exact_blocks}
-        summary["test"] = {
-            "bits_per_dim": result.bits_per_dim,
-            "standard_error": result.standard_error,
-            "probe_standard_error": result.probe_standard_error,
-            "probe_passes": result.probe_passes,
-        }
+        summary: dict[str, Any] = {"run_dir": str(run_dir), **evaluation_summary(flow, data.test, config)}
         summary["reconstruction"] = reconstruction(flow, data.test[:256])
         _figures(flow, run_dir, data.levels, data.test)
         return summary
@@ -243,6 +224,39 @@ class FlowKind(ModelKind):
 
     def invertible_part(self, model: nn.Module) -> nn.Module:
         return model.transform  # type: ignore[return-value]
+
+
+def evaluation_summary(
+    flow: FlowDistribution,
+    x: Tensor,
+    config: RunConfig,
+    context: Tensor | None = None,
+    figure: str = "bits_per_dim",
+) -> dict[str, Any]:
+    """``{"evaluation_estimator", "test"}`` of a run's summary: :func:`~invertnet.models.evaluate_log_prob` of the
+    test data (given the contexts) with the run's evaluation settings, the test figure named ``figure``."""
+    settings = config.evaluation
+    result = evaluate_log_prob(
+        flow,
+        x,
+        context=context,
+        bias_bits=settings.bias_bits,
+        max_terms=settings.max_terms,
+        standard_error_bits=settings.probe_standard_error_bits,
+        max_passes=settings.max_passes,
+    )
+    estimator: dict[str, Any] = {"n_terms": result.n_terms, "bias_bound_bits": result.bias_bound_bits}
+    if result.lipschitz_bound is not None:
+        estimator["lipschitz_bound"] = result.lipschitz_bound
+    return {
+        "evaluation_estimator": {**estimator, "exact_blocks": result.exact_blocks},
+        "test": {
+            figure: result.bits_per_dim,
+            "standard_error": result.standard_error,
+            "probe_standard_error": result.probe_standard_error,
+            "probe_passes": result.probe_passes,
+        },
+    }
 
 
 @torch.no_grad()

@@ -249,3 +249,51 @@ def test_conditional_image_flow_and_gradcheck_through_the_context():
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda given: block.at(given).forward_and_log_det(x), (c,))
+
+
+def test_conditional_mint_layer_is_triangular_for_every_context_and_differentiable_in_it():
+    from invertnet.layers import MintLayer
+
+    torch.manual_seed(5)
+    layer = MintLayer(2, 2, context_features=3).double()
+    with torch.no_grad():
+        layer.context_map.weight.normal_(std=0.5)
+        for conv in (layer.conv1, layer.conv2, layer.conv3):
+            conv.raw_weight.normal_(std=0.4)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    outputs = []
+    for scale in (0.0, 1.0, 30.0):
+        view = layer.at(scale * torch.ones(3, dtype=torch.float64))
+        flat = lambda z, view=view: view(z.view(1, 2, 3, 3)).flatten()  # noqa: E731
+        jacobian = torch.autograd.functional.jacobian(flat, x[0].flatten())
+        assert torch.allclose(jacobian, jacobian.tril()), "lower triangular at every context"
+        assert bool((jacobian.diagonal() >= layer.t.detach().flatten().repeat_interleave(9) - 1e-12).all())
+        outputs.append(view(x))
+    assert not torch.allclose(outputs[0], outputs[1]), "the context changes the map"
+    c = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda given: layer.at(given).forward_and_log_det(x), (c,))
+    y = layer.at(c.detach())(x).detach()
+    assert torch.autograd.gradcheck(lambda given: layer.at(given).inverse(y), (c,), atol=1e-6)
+    with pytest.raises(TypeError, match="MintLayer: this layer is conditional"):
+        layer(x)
+
+
+def test_conditional_mintnet_flow_gives_each_context_its_density():
+    from invertnet.models import mintnet_flow
+
+    torch.manual_seed(6)
+    flow = mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=2, n_squeezes=1, levels=17, context_features=10)
+    for layer in flow.transform.modules():
+        if getattr(layer, "context_features", 0):
+            with torch.no_grad():
+                layer.context_map.weight.normal_(std=0.5)
+    levels = torch.randint(0, 17, (4, 1, 4, 4))
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 10).float()
+    flow.eval()
+    given = flow.log_prob(levels, context=labels)
+    other = flow.log_prob(levels, context=labels.roll(1, dims=0))
+    assert given.shape == (4,) and not torch.allclose(given, other)
+    samples = flow(labels).sample()
+    assert samples.shape == (4, 1, 4, 4)
+    with pytest.raises(TypeError, match="conditional"):
+        flow.log_prob(levels)

@@ -155,7 +155,9 @@ def _randomised_context_maps(module: InvertibleModule) -> InvertibleModule:
     """Context maps (zero at initialisation: every context starts unconditional) that matter."""
     with torch.no_grad():
         for sub in module.modules():
-            if isinstance(sub, ConditionalLipschitzMLP | ConditionalLipschitzConvNet):
+            if isinstance(sub, ConditionalLipschitzMLP | ConditionalLipschitzConvNet) or (
+                isinstance(sub, MintLayer) and sub.context_features
+            ):
                 sub.context_map.weight.normal_(0.0, 0.5)
     return module
 
@@ -173,6 +175,11 @@ def _conditional_residual_conv() -> InvertibleModule:
 def _conditional_dense_flow() -> InvertibleModule:
     flow = dense_iresnet_flow(3, n_blocks=2, hidden_features=8, context_features=2, log_det=ExactLogDet())
     return _randomised_context_maps(flow.transform).at(_context(2))
+
+
+def _conditional_mintnet_flow() -> InvertibleModule:
+    flow = mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=1, n_squeezes=1, context_features=3)
+    return _randomised_context_maps(_randomised_mint(flow.transform)).at(_context(3))
 
 
 ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
@@ -231,6 +238,11 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     "conditional_residual_mlp": (_conditional_residual, (4,)),
     "conditional_dense_flow": (_conditional_dense_flow, (3,)),
     "conditional_residual_conv": (_conditional_residual_conv, (2, 3, 3)),
+    "conditional_mint_layer": (
+        lambda: _randomised_context_maps(_randomised_mint(MintLayer(2, 2, context_features=3))).at(_context(3)),
+        (2, 3, 3),
+    ),
+    "conditional_mintnet_flow": (_conditional_mintnet_flow, (1, 4, 4)),
     "conditional_coupling_image": (
         lambda: _coupling((2, 3, 3), "checkerboard", context_features=2)().at(_context(2)),
         (2, 3, 3),

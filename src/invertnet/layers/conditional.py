@@ -63,7 +63,7 @@ def check_context(context: object, context_features: int, where: str) -> Tensor:
     return context
 
 
-def _matched(context: Tensor, batch: int, where: str) -> Tensor:
+def matched_context(context: Tensor, batch: int, where: str) -> Tensor:
     """The (M, k) context repeated to ``batch`` rows: one context for all, or M contexts tiled (sample-major)."""
     rows = context.shape[0]
     if rows == batch:
@@ -93,7 +93,7 @@ class _ContextBiases(LipschitzNet):
     def _biases(self, x: Tensor, context: Tensor | None) -> list[Tensor]:
         where = type(self).__name__
         context = check_context(context, self.context_features, where).to(dtype=x.dtype)
-        biases = self.context_map(_matched(context, x.shape[0], where)).split(self._output_sizes, dim=1)
+        biases = self.context_map(matched_context(context, x.shape[0], where)).split(self._output_sizes, dim=1)
         trailing = [1] * (x.dim() - 2)  # a channel's bias is constant over the image
         return [bias.reshape(*bias.shape, *trailing) for bias in biases]
 
@@ -261,7 +261,7 @@ class ContextInput(nn.Module):
         self.context = check_context(context, context_features, "AffineCoupling")
 
     def forward(self, h: Tensor) -> Tensor:
-        context = _matched(self.context, h.shape[0], "AffineCoupling").to(dtype=h.dtype)
+        context = matched_context(self.context, h.shape[0], "AffineCoupling").to(dtype=h.dtype)
         if h.dim() > 2:
             context = context.reshape(*context.shape, *([1] * (h.dim() - 2))).expand(-1, -1, *h.shape[2:])
         return self.net(torch.cat([h, context], dim=1))

@@ -15,6 +15,7 @@ forward pass.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -31,6 +32,7 @@ from invertnet.core import (
     check_input,
 )
 from invertnet.layers.activations import ELU, Softplus
+from invertnet.layers.conditional import check_context, matched_context
 from invertnet.solvers.common import TRIANGULAR_MAX_ITER
 from invertnet.solvers.triangular import sequential_solve, triangular_newton, triangular_transposed_solve
 
@@ -174,6 +176,12 @@ class MintLayer(IterativeInvertibleModule):
     over the centre taps between the k copies of p's channel c, which is >= t_c (Eq. 2), so
     log|det J| = sum_p log d_p exactly, computed alongside the forward pass.
 
+    With ``context_features=k`` the layer is conditional (the context as a bias of the masked convolutions):
+    every b^i becomes b^i + E^i c, one bias per channel constant over the image, with E^i (zero at
+    initialisation) unconstrained. A bias does not depend on x, so r(., c) is triangular with the diagonal above
+    at the shifted pre-activations: invertible with d_p >= t_c and an exact log-det for *every* context. Use it
+    at a context through :meth:`at`.
+
     The inverse solves r(x) = y by the parallel safeguarded Newton iteration of
     :func:`~invertnet.solvers.triangular_newton` (``solver="newton"``, the default) or coordinate by
     coordinate (``solver="sequential"``, the proof of Theorem 1; small inputs only). It is differentiable
@@ -187,6 +195,7 @@ class MintLayer(IterativeInvertibleModule):
         activation: ``"elu"`` (Song et al.'s choice) or ``"softplus"``.
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
+        context_features: Size k of a context c of shape (B, k) (conditional flows); 0: unconditional.
 
     Examples:
         >>> layer = MintLayer(2, hidden_factor=3).double()
@@ -208,9 +217,12 @@ class MintLayer(IterativeInvertibleModule):
         rtol: float | None = None,
         max_iter: int = TRIANGULAR_MAX_ITER,
         solver: Literal["newton", "sequential"] = "newton",
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         _check_direction(direction, "MintLayer")
+        if context_features < 0:
+            raise ValueError(f"MintLayer: context_features must be 0 or positive, got {context_features}")
         if channels < 1 or hidden_factor < 1:
             raise ValueError(f"MintLayer: channels and hidden_factor must be positive, got {channels}, {hidden_factor}")
         if activation not in _ACTIVATIONS:
@@ -227,6 +239,53 @@ class MintLayer(IterativeInvertibleModule):
         self.channels, self.hidden_factor, self.direction = channels, hidden_factor, direction
         self.solver_options = SolverOptions(atol=atol, rtol=rtol, max_iter=max_iter)
         self.solver = solver
+        self.context_features = context_features
+        self.context: Tensor | None = None  # the context of a view made by ``at``
+        if context_features:
+            # E = 0 at initialisation: every context starts at the unconditional layer
+            self.context_map = nn.Linear(context_features, 2 * hidden + channels, bias=False)
+            nn.init.zeros_(self.context_map.weight)
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        return self.context_features > 0 and self.context is None
+
+    def at(self, context: Tensor) -> MintLayer:
+        """The layer r(., c) at the context c: a view sharing this layer's parameters (see the class docstring)."""
+        if not self.conditional:
+            return self
+        view = copy.copy(self)  # shares the parameters and buffers
+        view.context = check_context(context, self.context_features, "MintLayer")
+        return view
+
+    def _biases(self, x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """b^1, b^2, b^3 of the three convolutions: the parameters, or (B, out, 1, 1) with the context's E^i c."""
+        biases = (self.conv1.bias, self.conv2.bias, self.conv3.bias)
+        if not self.context_features:
+            return biases
+        if self.context is None:
+            check_context(None, self.context_features, "MintLayer")  # raises: the layer needs its context
+        shifts = self.context_map(matched_context(self.context, x.shape[0], "MintLayer").to(dtype=x.dtype))
+        sizes = [self.conv1.out_channels, self.conv2.out_channels, self.conv3.out_channels]
+        return tuple(  # type: ignore[return-value]
+            shift[..., None, None] + (0.0 if bias is None else bias[:, None, None])
+            for shift, bias in zip(shifts.split(sizes, dim=1), biases, strict=True)
+        )
+
+    def _branch(self, x: Tensor, weights: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """l(x) of Eq. 4 with the given masked weights, and the activation derivatives h'(u^1), h'(u^2)."""
+        padding = self.conv1.kernel_size // 2
+        u = x
+        derivatives = []
+        for index, (weight, bias) in enumerate(zip(weights, self._biases(x), strict=True)):
+            if bias is None or bias.dim() == 1:
+                u = F.conv2d(u, weight, bias, padding=padding)
+            else:
+                u = F.conv2d(u, weight, None, padding=padding) + bias
+            if index < 2:
+                u, derivative = self.activation.forward_and_derivative(u)
+                derivatives.append(derivative)
+        return u, derivatives[0], derivatives[1]
 
     @property
     def t(self) -> Tensor:
@@ -242,10 +301,8 @@ class MintLayer(IterativeInvertibleModule):
     def map_and_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """r(x) and the diagonal of its Jacobian, both (B, C, H, W)."""
         w1, w2, w3 = self.conv1.weight, self.conv2.weight, self.conv3.weight
-        padding = self.conv1.kernel_size // 2
-        h1, dh1 = self.activation.forward_and_derivative(F.conv2d(x, w1, self.conv1.bias, padding=padding))
-        h2, dh2 = self.activation.forward_and_derivative(F.conv2d(h1, w2, self.conv2.bias, padding=padding))
-        value = self.t * x + F.conv2d(h2, w3, self.conv3.bias, padding=padding)
+        branch, dh1, dh2 = self._branch(x, (w1, w2, w3))
+        value = self.t * x + branch
         batch, c, height, width = x.shape
         k = self.hidden_factor
         d1 = self.conv1.diagonal_taps(w1)[..., 0]  # (C, k)
@@ -258,7 +315,9 @@ class MintLayer(IterativeInvertibleModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self.validate(x, "forward")
-        return self.t * x + self.conv3(self.activation(self.conv2(self.activation(self.conv1(x)))))
+        if not self.context_features:
+            return self.t * x + self.conv3(self.activation(self.conv2(self.activation(self.conv1(x)))))
+        return self.t * x + self._branch(x, (self.conv1.weight, self.conv2.weight, self.conv3.weight))[0]
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.validate(x, "forward_and_log_det")
@@ -282,7 +341,7 @@ class MintLayer(IterativeInvertibleModule):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden_factor={self.hidden_factor}, direction={self.direction!r}, "
-            f"solver={self.solver!r}"
+            f"solver={self.solver!r}" + (f", context_features={self.context_features}" if self.context_features else "")
         )
 
 

@@ -44,6 +44,7 @@ def mintnet_flow(
     actnorm: bool = True,
     levels: int | None = None,
     logit_alpha: float = 0.05,
+    context_features: int = 0,
 ) -> FlowDistribution:
     r"""A MintNet flow: ``n_blocks`` grouped layers (:class:`~invertnet.layers.MintBlock`) with squeezes.
 
@@ -62,6 +63,9 @@ def mintnet_flow(
         levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform.
+        context_features: Size k of a context (class-conditional flows): every masked convolution gets the
+            per-channel bias E c (:class:`~invertnet.layers.MintLayer`); use ``flow.log_prob(x, context=c)`` or
+            ``flow(c)``. 0: unconditional.
 
     Examples:
         >>> flow = mintnet_flow((1, 8, 8), n_blocks=2, hidden_factor=2, n_squeezes=1, levels=17)
@@ -88,5 +92,5 @@ def mintnet_flow(
             channels, height, width = 4 * channels, height // 2, width // 2
         if actnorm:
             parts.append(ActNorm(channels))
-        parts.append(MintBlock(channels, hidden_factor, kernel_size, activation))
+        parts.append(MintBlock(channels, hidden_factor, kernel_size, activation, context_features=context_features))
     return FlowDistribution(InvertibleSequential(*parts), standard_normal((channels, height, width)))

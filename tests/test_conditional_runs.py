@@ -43,10 +43,17 @@ def test_a_conditional_run_samples_classes_in_turn_and_inverts(conditional_run):
     assert refused.exit_code != 0 and "conditional" in refused.output
 
 
-def test_memory_saving_is_refused_for_conditional_flows(tmp_path):
-    config = load_config("digits_conditional", [*TINY, "model.memory_saving=true"])
-    with pytest.raises(ValueError, match="memory_saving"):
-        train_run(config, tmp_path, progress=False)
+def test_a_memory_saving_conditional_run_trains_the_same_flow(tmp_path):
+    results = []
+    for memory_saving in ("false", "true"):
+        config = load_config("digits_conditional", [*TINY, "train.steps=3", f"model.memory_saving={memory_saving}"])
+        run_dir = tmp_path / memory_saving
+        train_run(config, run_dir, progress=False)
+        results.append(open_run(run_dir).model.state_dict())
+    plain, saving = results
+    assert plain.keys() == saving.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], saving[key], rtol=1e-3, atol=1e-4), key
 
 
 def test_conditional_kind_needs_labelled_images():

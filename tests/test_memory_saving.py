@@ -8,7 +8,7 @@ from torch import nn
 
 from invertnet import InvertibleModule
 from invertnet.layers import InvertibleBatchNorm, MemorySavingSequential, saved_activation_bytes
-from invertnet.logdet import UnbiasedLogDet
+from invertnet.logdet import ExactLogDet, UnbiasedLogDet
 from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
 from invertnet.training import TrainConfig, Trainer
 
@@ -201,3 +201,28 @@ def test_memory_saving_through_invertnet_train(tmp_path):
     assert json.loads(evaluated.output)["test"]["bits_per_dim"] == pytest.approx(
         summary["test"]["bits_per_dim"], rel=0.05
     )
+
+
+@pytest.mark.parametrize("flow_kind", ["dense", "mintnet"])
+def test_conditional_flows_save_memory_with_the_same_gradients(flow_kind):
+    torch.manual_seed(1)
+    if flow_kind == "dense":
+        flow = dense_iresnet_flow(3, n_blocks=2, hidden_features=8, context_features=2, log_det=ExactLogDet())
+        x = torch.randn(5, 3, dtype=torch.float64)
+    else:
+        flow = mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=2, n_squeezes=1, context_features=2)
+        x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    flow = flow.double()
+    for module in flow.modules():
+        if getattr(module, "context_features", 0):
+            torch.nn.init.normal_(module.context_map.weight, std=0.5)
+    context = torch.randn(5, 2, dtype=torch.float64)
+    flow.log_prob(x, context=context)  # data-dependent initialisation
+    saving = copy.deepcopy(flow)
+    saving.transform = MemorySavingSequential(*saving.transform)
+    plain = torch.autograd.grad(flow.log_prob(x, context=context).sum(), list(flow.parameters()))
+    reconstructed = torch.autograd.grad(saving.log_prob(x, context=context).sum(), list(saving.parameters()))
+    for a, b in zip(plain, reconstructed, strict=True):
+        assert torch.allclose(a, b, atol=1e-8)
+    with pytest.raises(ValueError, match="context of .* requires a gradient"):
+        saving.log_prob(x, context=context.clone().requires_grad_(True))

@@ -275,6 +275,8 @@ class MemorySavingSequential(InvertibleSequential):
       module whose parameters are swapped or replaced between forward and backward still gets the right gradients.
     * The log-det must be the sum of per-part log-dets (true of every composition here); only first
       derivatives are available (no ``create_graph`` through the backward pass).
+    * Conditional flows work at their contexts (``flow.log_prob(x, context=c)``), with gradients for the
+      parameters and x; a context that requires a gradient (an encoder's output) is refused.
     * Layers whose training-mode output depends on batch statistics
       (:class:`~invertnet.layers.InvertibleBatchNorm`) are refused in training mode: their inverse uses the
       running averages, so it cannot reconstruct their input. ActNorm's data-dependent initialisation works.
@@ -313,9 +315,21 @@ class MemorySavingSequential(InvertibleSequential):
                         "put that layer in eval mode, or train with an ordinary InvertibleSequential"
                     )
 
+    def _check_contexts(self) -> None:
+        """Refuse contexts that need gradients: the backward pass reaches the parameters and x only."""
+        for module in self.modules():
+            context = getattr(module, "context", None)
+            if isinstance(context, Tensor) and context.requires_grad:
+                raise ValueError(
+                    f"{type(self).__name__}: the context of {type(module).__name__} requires a gradient, which the "
+                    "memory-saving backward pass does not compute (it reaches the parameters and the input only); "
+                    "detach the context (labels need no gradient) or use an ordinary InvertibleSequential"
+                )
+
     def _memory_saving(self, x: Tensor, with_log_det: bool) -> tuple[Tensor, Tensor]:
         check_input(x, None, f"{type(self).__name__}.forward")
         self._check_reconstructible()
+        self._check_contexts()
         return _MemorySavingFunction.apply(self, with_log_det, x, *self._trainable())
 
     def _needs_graph(self, x: Tensor) -> bool:

@@ -19,7 +19,7 @@ from invertnet.app.datasets import labelled_levels
 from invertnet.app.kinds.base import RunData
 from invertnet.app.kinds.flows import DenseFlowConfig, FlowKind, evaluation_summary, reconstruction
 from invertnet.figures import save_figure, subplots
-from invertnet.layers import refine_spectral_norms
+from invertnet.layers import MemorySavingSequential, refine_spectral_norms
 from invertnet.models import FlowDistribution
 from invertnet.training import ConditionalBitsPerDim
 
@@ -52,10 +52,11 @@ class ConditionalFlowKind(FlowKind):
 
     def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         model = config.model
-        if model.memory_saving:
-            raise ValueError("model.memory_saving: not available for conditional flows (their blocks run at contexts)")
         shape = tuple(data.train[0].shape[1:])
-        return model.builder(shape, levels=data.levels, context_features=data.n_classes, **model.builder_arguments())
+        flow = model.builder(shape, levels=data.levels, context_features=data.n_classes, **model.builder_arguments())
+        if model.memory_saving:
+            flow.transform = MemorySavingSequential(*flow.transform)
+        return flow
 
     def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
         return ConditionalBitsPerDim(model, _classes(model))  # type: ignore[arg-type]

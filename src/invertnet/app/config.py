@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 2
+"""The run-config format written now (``config_version`` of ``run_config.json``); version 1 files are converted."""
 
 DEFAULT_CONFIG = "digits_dense"
 """The embedded config ``invertnet train`` (and ``make run``) trains without ``--config``: the dense i-ResNet flow

@@ -26,8 +26,8 @@ from invertnet.data.values import checked_labels, checked_levels
 
 __all__ = ["DIGITS_LEVELS", "MAX_IDX_BYTES", "load_cifar10", "load_digits", "load_mnist", "read_idx"]
 
-#: scikit-learn's digits hold 17 grey levels, 0..16.
 DIGITS_LEVELS = 17
+"""Grey levels of scikit-learn's digits: 17, the values 0..16."""
 
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -96,6 +96,7 @@ TOY_DENSITIES: dict[str, Callable[[int, torch.Generator], Tensor]] = {
     "pinwheel": _pinwheel,
     "two_spirals": _two_spirals,
 }
+"""The 2-D toy densities by name: each draws ``n`` points of shape (n, 2) with a ``torch.Generator``."""
 
 
 def _gaussian_log_density(squared_distance: Tensor, scale: float) -> Tensor:

@@ -46,8 +46,8 @@ __all__ = [
     "top_singular_pair",
 ]
 
-#: Operators whose explicit matrix has at most this many entries get their norm from an SVD.
 EXACT_MATRIX_ENTRIES = 4_000_000
+"""Operators whose explicit matrix has at most this many entries get their norm from an SVD."""
 
 _EPS = torch.finfo(torch.float64).eps
 

@@ -18,6 +18,7 @@ __all__ = ["MASK_KINDS", "Mask", "make_mask"]
 
 MaskKind = Literal["uniform", "top", "bottom", "left", "right", "border"]
 MASK_KINDS: tuple[str, ...] = ("uniform", "top", "bottom", "left", "right", "border")
+"""The kinds of :func:`make_mask`: uniformly random pixels, a band of rows or columns from one side, a frame."""
 
 
 class Mask:

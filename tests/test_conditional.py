@@ -297,3 +297,75 @@ def test_conditional_mintnet_flow_gives_each_context_its_density():
     assert samples.shape == (4, 1, 4, 4)
     with pytest.raises(TypeError, match="conditional"):
         flow.log_prob(levels)
+
+
+def test_image_contexts_reach_every_layer_at_its_resolution():
+    from invertnet.layers import context_shape_at
+    from invertnet.layers.conditional import check_context
+
+    assert context_shape_at((1, 8, 8), 4, 4) == (4, 4, 4)  # finer: space to depth
+    assert context_shape_at((3, 2, 2), 8, 8) == (3, 8, 8)  # coarser: repeated
+    with pytest.raises(ValueError, match="integer multiple"):
+        context_shape_at((1, 6, 6), 4, 4)
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    squeezed = check_context(image, (4, 2, 2), "layer")
+    assert squeezed.shape == (1, 4, 2, 2) and sorted(squeezed.flatten().tolist()) == list(range(16))
+    repeated = check_context(image[0], (1, 8, 8), "layer")  # one context without its batch dimension
+    assert repeated.shape == (1, 1, 8, 8) and torch.equal(repeated[0, 0, ::2, ::2], image[0, 0])
+    with pytest.raises(ValueError, match=r"layer: expected an image context that becomes \(4, 2, 2\)"):
+        check_context(torch.zeros(1, 2, 4, 4), (4, 2, 2), "layer")
+
+
+@pytest.mark.parametrize("builder", ["multiscale_iresnet_flow", "realnvp_flow", "glow_flow", "mintnet_flow"])
+def test_image_conditional_flows_give_each_image_context_its_density(builder):
+    import invertnet.models as models
+
+    small = {
+        "multiscale_iresnet_flow": {"n_scales": 2, "n_blocks": 1, "hidden_channels": 4},
+        "realnvp_flow": {"n_steps": 1, "hidden": 4},
+        "glow_flow": {"n_steps": 1, "hidden": 4},
+        "mintnet_flow": {"n_blocks": 2, "hidden_factor": 2, "n_squeezes": 1},
+    }[builder]
+    torch.manual_seed(7)
+    flow = getattr(models, builder)((1, 8, 8), levels=17, context_shape=(1, 4, 4), **small)
+    for module in flow.modules():
+        if getattr(module, "context_features", 0):
+            for parameter in module.parameters():
+                torch.nn.init.normal_(parameter, std=0.2)
+    flow.eval()
+    levels = torch.randint(0, 17, (4, 1, 8, 8))
+    low_resolution = torch.randn(4, 1, 4, 4)
+    given = flow.log_prob(levels, context=low_resolution)
+    assert given.shape == (4,) and not torch.allclose(given, flow.log_prob(levels, context=low_resolution.flip(0)))
+    conditional = flow(low_resolution[:2])
+    assert conditional.batch_shape == (2,) and conditional.sample((3,)).shape == (3, 2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"expected contexts of shape \(\.\.\., 1, 4, 4\)"):
+        flow.log_prob(levels, context=torch.randn(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="context_features .* or context_shape"):
+        getattr(models, builder)((1, 8, 8), context_features=2, context_shape=(1, 4, 4), **small)
+
+
+def test_an_image_context_keeps_the_certified_bound_and_is_differentiable():
+    from invertnet.layers import ConditionalLipschitzConvNet, context_shape_at
+
+    torch.manual_seed(8)
+    g = ConditionalLipschitzConvNet(2, context_shape_at((1, 8, 8), 4, 4), 4, coeff=0.9).double()
+    with torch.no_grad():
+        g.context_map.weight.normal_(std=0.5)
+    block = InvertibleResidual(g, log_det=ExactLogDet()).double()
+    x = torch.randn(8, 2, 4, 4, dtype=torch.float64)
+    block.at(torch.zeros(1, 8, 8, dtype=torch.float64))(x)  # the convolutions learn their input size
+    refine_spectral_norms(block)
+    bound = block.lipschitz_bound()
+    assert bound is not None and bound < 1
+    dx = 1e-3 * torch.randn_like(x)
+    for scale in (0.0, 1.0, 30.0):
+        view = block.at(scale * torch.randn(1, 8, 8, dtype=torch.float64))
+        ratio = (view.g(x + dx) - view.g(x)).flatten(1).norm(dim=1) / dx.flatten(1).norm(dim=1)
+        assert bool((ratio <= bound + 1e-9).all())
+    block.eval()
+    c = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    x = x[:2]
+    assert torch.autograd.gradcheck(lambda given: block.at(given).forward_and_log_det(x), (c,))
+    y = block.at(c.detach())(x).detach()
+    assert torch.autograd.gradcheck(lambda given: block.at(given).inverse(y, atol=1e-12, rtol=0.0), (c,), atol=1e-6)

@@ -228,3 +228,20 @@ def test_every_estimator_is_saved_with_its_arguments(estimator, tmp_path):
     loaded = invertnet.load(invertnet.save(flow, tmp_path / "flow.safetensors"))
     restored = loaded.residual_blocks()[0].log_det_estimator
     assert type(restored) is type(chosen) and vars(restored) == vars(chosen)
+
+
+def test_a_conditional_flow_round_trips_with_its_image_context(tmp_path):
+    from invertnet.models import realnvp_flow
+
+    torch.manual_seed(0)
+    flow = realnvp_flow(IMAGE, n_scales=1, n_steps=1, hidden=4, levels=17, context_shape=(1, 4, 4))
+    context = torch.randn(6, 1, 4, 4)
+    with torch.no_grad():
+        flow.log_prob(DIGITS, context=context)  # data-dependent initialisation
+    flow.eval()
+    loaded = invertnet.load(invertnet.save(flow, tmp_path / "conditional.safetensors"))
+    assert loaded.context_shape == (1, 4, 4)
+    torch.manual_seed(3)
+    expected = flow.log_prob(DIGITS, context=context)
+    torch.manual_seed(3)
+    assert torch.equal(loaded.log_prob(DIGITS, context=context), expected)

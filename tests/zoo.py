@@ -4,6 +4,7 @@ Each factory returns a float64 module in eval mode whose spectral norms have con
 the generic suite by adding an entry here.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,7 @@ from invertnet.layers import (
     MintLayer,
     Squeeze,
     UniformDequantization,
+    context_shape_at,
     refine_spectral_norms,
 )
 from invertnet.logdet import DenseExactLogDet, ExactLogDet
@@ -177,6 +179,21 @@ def _conditional_dense_flow() -> InvertibleModule:
     return _randomised_context_maps(flow.transform).at(_context(2))
 
 
+def _image_context(shape: tuple[int, ...]) -> torch.Tensor:
+    """A fixed image context (one for every sample) far from zero."""
+    return torch.linspace(-1.5, 2.0, math.prod(shape), dtype=torch.float64).view(shape)
+
+
+def _conditional_residual_conv_image_context() -> InvertibleModule:
+    g = ConditionalLipschitzConvNet(2, context_shape_at((1, 6, 6), 3, 3), 4, kernel_sizes=(3, 1, 3), coeff=0.9)
+    return _randomised_context_maps(InvertibleResidual(g, log_det=ExactLogDet())).at(_image_context((1, 6, 6)))
+
+
+def _conditional_mintnet_flow_image_context() -> InvertibleModule:
+    flow = mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=1, n_squeezes=1, context_shape=(1, 4, 4))
+    return _randomised_context_maps(_randomised_mint(flow.transform)).at(_image_context((1, 4, 4)))
+
+
 def _conditional_mintnet_flow() -> InvertibleModule:
     flow = mintnet_flow((1, 4, 4), n_blocks=2, hidden_factor=1, n_squeezes=1, context_features=3)
     return _randomised_context_maps(_randomised_mint(flow.transform)).at(_context(3))
@@ -243,6 +260,14 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
         (2, 3, 3),
     ),
     "conditional_mintnet_flow": (_conditional_mintnet_flow, (1, 4, 4)),
+    "conditional_residual_conv_image_context": (_conditional_residual_conv_image_context, (2, 3, 3)),
+    "conditional_mintnet_flow_image_context": (_conditional_mintnet_flow_image_context, (1, 4, 4)),
+    "conditional_realnvp_image_context": (
+        lambda: _randomised_coupling(
+            realnvp_flow((1, 4, 4), n_scales=2, n_steps=1, hidden=3, context_shape=(2, 2, 2)).transform
+        ).at(_image_context((2, 2, 2))),
+        (1, 4, 4),
+    ),
     "conditional_coupling_image": (
         lambda: _coupling((2, 3, 3), "checkerboard", context_features=2)().at(_context(2)),
         (2, 3, 3),

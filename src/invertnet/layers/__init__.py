@@ -11,6 +11,7 @@ from invertnet.layers.conditional import ConditionalLipschitzConvNet as Conditio
 from invertnet.layers.conditional import ConditionalLipschitzMLP as ConditionalLipschitzMLP
 from invertnet.layers.conditional import ContextBoundBranch as ContextBoundBranch
 from invertnet.layers.conditional import ContextInput as ContextInput
+from invertnet.layers.conditional import context_shape_at as context_shape_at
 from invertnet.layers.coupling import AffineCoupling as AffineCoupling
 from invertnet.layers.coupling import coupling_mask as coupling_mask
 from invertnet.layers.coupling import default_conditioner as default_conditioner
@@ -80,6 +81,7 @@ __all__ = [
     "SpectralNormLinear",
     "Squeeze",
     "UniformDequantization",
+    "context_shape_at",
     "coupling_mask",
     "default_conditioner",
     "make_activation",

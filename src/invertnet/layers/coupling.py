@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, SolverOptions, check_input
-from invertnet.layers.conditional import ContextInput, check_context
+from invertnet.layers.conditional import ContextInput, ContextSpec, check_context, context_shape
 
 __all__ = ["AffineCoupling", "coupling_mask", "default_conditioner"]
 
@@ -160,8 +160,10 @@ class AffineCoupling(InvertibleModule):
         clamp: Bound c of the ``"exp"`` log-scale (``None``: unbounded); the ``"sigmoid"`` scale lies in
             (0, 1) and takes no clamp.
         context_features: Size k of a context c (conditional flows): the conditioner sees (x_a, c), c appended
-            to the vector or as k constant planes of an image (a custom conditioner takes those inputs); use the
-            layer through :meth:`at`. 0: unconditional.
+            to the vector or as k constant planes of an image (a custom conditioner takes those inputs); or, for
+            images, the shape (C', H, W) of an image context at the layer's resolution
+            (:func:`~invertnet.layers.context_shape_at`), whose C' channels the conditioner sees beside x_a. Use
+            the layer through :meth:`at`. 0: unconditional.
 
     Examples:
         >>> layer = AffineCoupling((4,), mask="half", hidden=8)
@@ -184,15 +186,19 @@ class AffineCoupling(InvertibleModule):
         hidden: int = 64,
         scale: Scale = "exp",
         clamp: float | None = 3.0,
-        context_features: int = 0,
+        context_features: ContextSpec = 0,
     ) -> None:
         super().__init__()
-        if context_features < 0:
-            raise ValueError(f"AffineCoupling: context_features must be 0 or positive, got {context_features}")
-        self.context_features = context_features
+        shape = context_shape(context_features, "AffineCoupling")
+        self.context_features = context_features if isinstance(context_features, int) else shape
         self.event_shape = tuple(int(size) for size in event_shape)
         if len(self.event_shape) not in (1, 3):
             raise ValueError(f"AffineCoupling: event_shape must be (d,) or (C, H, W), got {self.event_shape}")
+        if len(shape) == 3 and (len(self.event_shape) != 3 or shape[1:] != self.event_shape[1:]):
+            raise ValueError(
+                f"AffineCoupling: an image context of shape {shape} needs an image event of the same height and "
+                f"width, got event shape {self.event_shape}"
+            )
         if scale not in ("exp", "sigmoid"):
             raise ValueError(f"AffineCoupling: scale must be 'exp' (RealNVP) or 'sigmoid' (Glow), got {scale!r}")
         if scale == "sigmoid" and clamp is not None:
@@ -229,7 +235,8 @@ class AffineCoupling(InvertibleModule):
             in_size, self.n_transformed = self.event_shape[0], self.event_shape[0]
         self.register_buffer("mask", chosen, persistent=False)
         if conditioner is None:
-            conditioner = default_conditioner(in_size + context_features, 2 * self.n_transformed, hidden, image)
+            context_size = shape[0] if shape else 0
+            conditioner = default_conditioner(in_size + context_size, 2 * self.n_transformed, hidden, image)
         self.conditioner = conditioner
 
     def _check(self, x: Tensor, where: str) -> None:
@@ -237,7 +244,7 @@ class AffineCoupling(InvertibleModule):
 
     @property
     def conditional(self) -> bool:  # type: ignore[override]
-        return self.context_features > 0
+        return bool(context_shape(self.context_features))
 
     def at(self, context: Tensor) -> AffineCoupling:
         """The coupling at the context c: its conditioner sees (x_a, c); shares this layer's parameters."""

@@ -32,7 +32,7 @@ from invertnet.core import (
     check_input,
 )
 from invertnet.layers.activations import ELU, Softplus
-from invertnet.layers.conditional import check_context, matched_context
+from invertnet.layers.conditional import ContextSpec, check_context, context_biases, context_map, context_shape
 from invertnet.solvers.common import TRIANGULAR_MAX_ITER
 from invertnet.solvers.triangular import sequential_solve, triangular_newton, triangular_transposed_solve
 
@@ -178,9 +178,10 @@ class MintLayer(IterativeInvertibleModule):
 
     With ``context_features=k`` the layer is conditional (the context as a bias of the masked convolutions):
     every b^i becomes b^i + E^i c, one bias per channel constant over the image, with E^i (zero at
-    initialisation) unconstrained. A bias does not depend on x, so r(., c) is triangular with the diagonal above
-    at the shifted pre-activations: invertible with d_p >= t_c and an exact log-det for *every* context. Use it
-    at a context through :meth:`at`.
+    initialisation) unconstrained; an image context gives a bias per channel and position (E^i a 1x1
+    convolution of the context at the layer's resolution, :func:`~invertnet.layers.context_shape_at`). A bias
+    does not depend on x, so r(., c) is triangular with the diagonal above at the shifted pre-activations:
+    invertible with d_p >= t_c and an exact log-det for *every* context. Use it at a context through :meth:`at`.
 
     The inverse solves r(x) = y by the parallel safeguarded Newton iteration of
     :func:`~invertnet.solvers.triangular_newton` (``solver="newton"``, the default) or coordinate by
@@ -195,7 +196,8 @@ class MintLayer(IterativeInvertibleModule):
         activation: ``"elu"`` (Song et al.'s choice) or ``"softplus"``.
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
-        context_features: Size k of a context c of shape (B, k) (conditional flows); 0: unconditional.
+        context_features: Size k of a context c of shape (B, k) (conditional flows), or the shape (C', H, W) of an
+            image context at the layer's resolution; 0: unconditional.
 
     Examples:
         >>> layer = MintLayer(2, hidden_factor=3).double()
@@ -217,12 +219,11 @@ class MintLayer(IterativeInvertibleModule):
         rtol: float | None = None,
         max_iter: int = TRIANGULAR_MAX_ITER,
         solver: Literal["newton", "sequential"] = "newton",
-        context_features: int = 0,
+        context_features: ContextSpec = 0,
     ) -> None:
         super().__init__()
         _check_direction(direction, "MintLayer")
-        if context_features < 0:
-            raise ValueError(f"MintLayer: context_features must be 0 or positive, got {context_features}")
+        shape = context_shape(context_features, "MintLayer")
         if channels < 1 or hidden_factor < 1:
             raise ValueError(f"MintLayer: channels and hidden_factor must be positive, got {channels}, {hidden_factor}")
         if activation not in _ACTIVATIONS:
@@ -239,16 +240,14 @@ class MintLayer(IterativeInvertibleModule):
         self.channels, self.hidden_factor, self.direction = channels, hidden_factor, direction
         self.solver_options = SolverOptions(atol=atol, rtol=rtol, max_iter=max_iter)
         self.solver = solver
-        self.context_features = context_features
+        self.context_features = context_features if isinstance(context_features, int) else shape
         self.context: Tensor | None = None  # the context of a view made by ``at``
-        if context_features:
-            # E = 0 at initialisation: every context starts at the unconditional layer
-            self.context_map = nn.Linear(context_features, 2 * hidden + channels, bias=False)
-            nn.init.zeros_(self.context_map.weight)
+        if shape:
+            self.context_map = context_map(shape, 2 * hidden + channels)
 
     @property
     def conditional(self) -> bool:  # type: ignore[override]
-        return self.context_features > 0 and self.context is None
+        return bool(self.context_features) and self.context is None
 
     def at(self, context: Tensor) -> MintLayer:
         """The layer r(., c) at the context c: a view sharing this layer's parameters (see the class docstring)."""
@@ -265,10 +264,12 @@ class MintLayer(IterativeInvertibleModule):
             return biases
         if self.context is None:
             check_context(None, self.context_features, "MintLayer")  # raises: the layer needs its context
-        shifts = self.context_map(matched_context(self.context, x.shape[0], "MintLayer").to(dtype=x.dtype))
+        shifts = context_biases(self.context_map, self.context, x, "MintLayer")
+        if shifts.dim() == 2:  # a vector context: one bias per channel, constant over the image
+            shifts = shifts[..., None, None]
         sizes = [self.conv1.out_channels, self.conv2.out_channels, self.conv3.out_channels]
         return tuple(  # type: ignore[return-value]
-            shift[..., None, None] + (0.0 if bias is None else bias[:, None, None])
+            shift + (0.0 if bias is None else bias[:, None, None])
             for shift, bias in zip(shifts.split(sizes, dim=1), biases, strict=True)
         )
 

@@ -16,7 +16,7 @@ from invertnet.layers.linear import InvertibleConv1x1, LULinear
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Squeeze
-from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
 from invertnet.models.saving import saveable
 
 __all__ = ["glow_flow", "realnvp_flow"]
@@ -52,10 +52,17 @@ def _check_divisible(shape: tuple[int, ...], squeezes: int, where: str) -> None:
         )
 
 
-def _flow(parts: list[InvertibleModule], shape: tuple[int, ...], levels: int | None, alpha: float) -> FlowDistribution:
+def _flow(
+    parts: list[InvertibleModule], shape: tuple[int, ...], levels: int | None, alpha: float, contexts: LayerContexts
+) -> FlowDistribution:
     """The flow of ``parts`` with dequantisation and the logit transform first when ``levels`` is given."""
     preprocessing: list[InvertibleModule] = [] if levels is None else [UniformDequantization(levels), Logit(alpha)]
-    return FlowDistribution(InvertibleSequential(*preprocessing, *parts), standard_normal(shape))
+    return FlowDistribution(
+        InvertibleSequential(*preprocessing, *parts), standard_normal(shape), context_shape=contexts.shape
+    )
+
+
+
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -75,6 +82,7 @@ def realnvp_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     context_features: int = 0,
+    context_shape: Sequence[int] | None = None,
 ) -> FlowDistribution:
     r"""A RealNVP flow (Dinh et al. 2017): affine couplings with alternating masks, each after an ActNorm.
 
@@ -101,6 +109,9 @@ def realnvp_flow(
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
+        context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
+            (H', W' an integer multiple or fraction of H, W), which every conditioner sees as C' f^2 extra
+            channels at its resolution (:func:`~invertnet.layers.context_shape_at`).
 
     Examples:
         >>> flow = realnvp_flow(2, n_steps=4, hidden=16)
@@ -114,17 +125,21 @@ def realnvp_flow(
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
-    options = {"hidden": hidden, "scale": scale, "clamp": clamp, "context_features": context_features}
+    contexts = LayerContexts(context_features, context_shape, where, image=len(shape) == 3)
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
 
     def couplings(event: tuple[int, ...], mask: str, count: int) -> list[InvertibleModule]:
         steps: list[InvertibleModule] = []
+        context = contexts.at(*event[1:]) if len(event) == 3 else contexts.features
         for index in range(count):
-            coupling = AffineCoupling(event, mask, flip=index % 2 == 1, **options)  # type: ignore[arg-type]
+            coupling = AffineCoupling(
+                event, mask, flip=index % 2 == 1, context_features=context, **options  # type: ignore[arg-type]
+            )
             steps += [ActNorm(event[0]), coupling]
         return steps
 
     if len(shape) == 1:
-        return _flow(couplings(shape, "half", n_steps), shape, levels, logit_alpha)
+        return _flow(couplings(shape, "half", n_steps), shape, levels, logit_alpha, contexts)
     _check_divisible(shape, n_scales - 1, where)
     parts: list[InvertibleModule] = []
     for _ in range(n_scales - 1):
@@ -132,7 +147,7 @@ def realnvp_flow(
         shape = _squeezed(shape)
         parts += [Squeeze(), *couplings(shape, "channel", n_steps)]
     parts += couplings(shape, "checkerboard", n_steps + 1)
-    return _flow(parts, shape, levels, logit_alpha)
+    return _flow(parts, shape, levels, logit_alpha, contexts)
 
 
 @saveable
@@ -147,6 +162,7 @@ def glow_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     context_features: int = 0,
+    context_shape: Sequence[int] | None = None,
 ) -> FlowDistribution:
     r"""A Glow flow (Kingma & Dhariwal 2018, section 3 and Fig. 2): steps of ActNorm, invertible 1x1 convolution
     and affine coupling.
@@ -172,6 +188,9 @@ def glow_flow(
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         context_features: Size k of a context for a conditional flow p(x | c): every coupling's conditioner also
             sees c (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
+        context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
+            (H', W' an integer multiple or fraction of H, W), which every conditioner sees as extra channels at its
+            resolution (:func:`~invertnet.layers.context_shape_at`).
 
     Examples:
         >>> flow = glow_flow((1, 8, 8), n_steps=2, hidden=8, levels=17)
@@ -185,19 +204,22 @@ def glow_flow(
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
-    options = {"hidden": hidden, "scale": scale, "clamp": clamp, "context_features": context_features}
+    contexts = LayerContexts(context_features, context_shape, where, image=len(shape) == 3)
+    options = {"hidden": hidden, "scale": scale, "clamp": clamp}
 
     def steps(event: tuple[int, ...], mask: str, linear: type[LULinear | InvertibleConv1x1]) -> list[InvertibleModule]:
         parts: list[InvertibleModule] = []
+        context = contexts.at(*event[1:]) if len(event) == 3 else contexts.features
         for _ in range(n_steps):
-            parts += [ActNorm(event[0]), linear(event[0]), AffineCoupling(event, mask, **options)]  # type: ignore[arg-type]
+            coupling = AffineCoupling(event, mask, context_features=context, **options)  # type: ignore[arg-type]
+            parts += [ActNorm(event[0]), linear(event[0]), coupling]
         return parts
 
     if len(shape) == 1:
-        return _flow(steps(shape, "half", LULinear), shape, levels, logit_alpha)
+        return _flow(steps(shape, "half", LULinear), shape, levels, logit_alpha, contexts)
     _check_divisible(shape, n_scales, where)
     parts: list[InvertibleModule] = []
     for _ in range(n_scales):
         shape = _squeezed(shape)
         parts += [Squeeze(), *steps(shape, "channel", InvertibleConv1x1)]
-    return _flow(parts, shape, levels, logit_alpha)
+    return _flow(parts, shape, levels, logit_alpha, contexts)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, TransformedDistribution, constraints
 
 from invertnet.core import InverseResult, InvertibleModule, SolverOptions, SolverOverride, check_dtype
+from invertnet.layers.conditional import context_shape, context_shape_at
 from invertnet.layers.lipschitz_nets import LipschitzMLP
 from invertnet.layers.residual import EXACT_EVALUATION_FEATURES, InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
@@ -113,6 +114,40 @@ def _mapped(distribution: Distribution, fn: Callable[[Tensor], Tensor]) -> Distr
     return distribution
 
 
+class LayerContexts:
+    """The contexts of a flow builder's layers: ``features`` = k for vector contexts (B, k), or an image context
+    of ``shape`` (C, H, W), which each layer sees at its resolution (:func:`~invertnet.layers.context_shape_at`).
+
+    Arguments:
+        features: k, or 0.
+        shape: (C, H, W) of an image context, or ``None``; at most one of the two is given.
+        where: The builder, for error messages.
+        image: Whether the builder's data are images (image contexts need image data).
+    """
+
+    def __init__(self, features: int, shape: Sequence[int] | None, where: str, image: bool = True) -> None:
+        if features < 0:
+            raise ValueError(f"{where}: context_features must be 0 or positive, got {features}")
+        if shape is not None and features:
+            raise ValueError(f"{where}: give context_features (vector contexts) or context_shape (images), not both")
+        if shape is not None and not image:
+            raise ValueError(f"{where}: context_shape (image contexts) needs image data; use context_features=k")
+        self.features, self.where = features, where
+        self.shape = None if shape is None else context_shape(shape, where)
+
+    def __bool__(self) -> bool:
+        return bool(self.features) or self.shape is not None
+
+    def at(self, height: int, width: int) -> int | tuple[int, int, int]:
+        """The ``context_features`` of a layer of resolution height x width."""
+        if self.shape is None:
+            return self.features
+        try:
+            return context_shape_at(self.shape, height, width)
+        except ValueError as error:
+            raise ValueError(f"{self.where}: context_shape {self.shape}: {error}") from None
+
+
 class FlowDistribution(nn.Module, Distribution):
     r"""The distribution of x = F^{-1}(z), z ~ base, for an invertible transform F (data -> latent).
 
@@ -138,6 +173,9 @@ class FlowDistribution(nn.Module, Distribution):
             ``log_prob`` of shape (B,), e.g. :func:`standard_normal`. Normal bases move with the module
             (``flow.to(device)``, ``flow.double()``); other distributions must be created on the right device by
             the caller.
+        batch_shape: Of a flow given contexts (:meth:`at` sets it).
+        context_shape: The shape of one context of a conditional flow: ``(C, H, W)`` for image contexts; ``None``
+            (the default): vector contexts, whose last dimension is the context.
 
     Examples:
         >>> from invertnet.layers import ActNorm
@@ -153,7 +191,11 @@ class FlowDistribution(nn.Module, Distribution):
     has_rsample = True
 
     def __init__(
-        self, transform: InvertibleModule, base: Distribution, batch_shape: torch.Size | tuple[int, ...] = ()
+        self,
+        transform: InvertibleModule,
+        base: Distribution,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         if not isinstance(transform, InvertibleModule):
@@ -170,6 +212,7 @@ class FlowDistribution(nn.Module, Distribution):
             )
         self.transform = transform
         self.base = base
+        self.context_shape = None if context_shape is None else tuple(int(size) for size in context_shape)
         event_shape = transform.event_shape_before(tuple(base.event_shape))
         Distribution.__init__(
             self, batch_shape=torch.Size(batch_shape), event_shape=torch.Size(event_shape), validate_args=False
@@ -199,8 +242,8 @@ class FlowDistribution(nn.Module, Distribution):
         return self.at(context)
 
     def at(self, context: Tensor) -> FlowDistribution:
-        """The distribution of x given the context c of shape (*batch, k): a flow with batch shape ``batch``
-        (one distribution per context) that shares this flow's parameters.
+        """The distribution of x given the context c of shape (*batch, k) (image contexts: (*batch, C, H, W)): a
+        flow with batch shape ``batch`` (one distribution per context) that shares this flow's parameters.
 
         Examples:
             >>> from invertnet.models import dense_iresnet_flow
@@ -213,19 +256,28 @@ class FlowDistribution(nn.Module, Distribution):
             raise TypeError("FlowDistribution: this flow is already given a context; use at() of the flow it came from")
         if not self.conditional:
             raise TypeError("FlowDistribution: this flow takes no context (build it with context_features=k)")
-        if not isinstance(context, Tensor) or context.dim() < 1:
-            raise TypeError(f"FlowDistribution: the context must be a tensor of shape (..., k), got {context!r}")
+        event_dims = 1 if self.context_shape is None else len(self.context_shape)
+        expected = "(..., k)" if self.context_shape is None else f"(..., {', '.join(map(str, self.context_shape))})"
+        if not isinstance(context, Tensor) or context.dim() < event_dims:
+            raise TypeError(f"FlowDistribution: the context must be a tensor of shape {expected}, got {context!r}")
+        if self.context_shape is not None and tuple(context.shape[context.dim() - event_dims :]) != self.context_shape:
+            raise ValueError(f"FlowDistribution: expected contexts of shape {expected}, got {tuple(context.shape)}")
         context = self._like_parameters(context)  # integer codes (one_hot) too: they are added to activations
-        flat = context.reshape(-1, context.shape[-1])
-        return FlowDistribution(GivenContext(self.transform, flat), self.base, batch_shape=context.shape[:-1])
+        batch_shape = context.shape[: context.dim() - event_dims]
+        flat = context.reshape(-1, *context.shape[context.dim() - event_dims :])
+        return FlowDistribution(
+            GivenContext(self.transform, flat), self.base, batch_shape=batch_shape, context_shape=self.context_shape
+        )
 
     def _given(self, context: Tensor | None) -> FlowDistribution:
         """This flow, or its distribution given ``context``; a conditional flow without a context is named."""
         if context is not None:
             return self.at(context)
         if self.conditional and not tuple(self.batch_shape):
+            sizes = ", ".join(map(str, self.context_shape or ()))
+            shape = "(B, k) or (k,)" if self.context_shape is None else f"(B, {sizes})"
             raise TypeError(
-                "FlowDistribution: this flow is conditional: pass context= a tensor of shape (B, k) or (k,), or use "
+                f"FlowDistribution: this flow is conditional: pass context= a tensor of shape {shape}, or use "
                 "flow(context)"
             )
         return self

@@ -13,7 +13,7 @@ from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
 from invertnet.layers.shape import Flatten, Squeeze
-from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
 from invertnet.models.saving import saveable
 
 __all__ = ["dense_iresnet_flow", "multiscale_iresnet_flow"]
@@ -103,6 +103,7 @@ def multiscale_iresnet_flow(
     logit_alpha: float = 0.05,
     n_power_iterations: int = CONV_POWER_ITERATIONS,
     context_features: int = 0,
+    context_shape: Sequence[int] | None = None,
 ) -> FlowDistribution:
     r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 
@@ -122,6 +123,9 @@ def multiscale_iresnet_flow(
         context_features: Size k of a context c, shape (B, k), for a conditional flow p(x | c): every branch is a
             :class:`~invertnet.layers.ConditionalLipschitzConvNet` (c as per-channel biases), contractive in x for
             every c. 0: unconditional.
+        context_shape: Instead of ``context_features``: the shape (C', H', W') of an image context c (a
+            low-resolution or a partly observed image, a segmentation), H' and W' an integer multiple or fraction
+            of H and W; each branch sees c at its resolution as biases per channel and position.
 
     Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
@@ -137,17 +141,16 @@ def multiscale_iresnet_flow(
             f"multiscale_iresnet_flow: {n_scales} scales squeeze {n_scales - 1} times, so H and W must be divisible "
             f"by {factor}; got {height}x{width}"
         )
-    if context_features < 0:
-        raise ValueError(f"multiscale_iresnet_flow: context_features must be 0 or positive, got {context_features}")
+    contexts = LayerContexts(context_features, context_shape, "multiscale_iresnet_flow")
     parts: list[InvertibleModule] = []
     if levels is not None:
         parts += [UniformDequantization(levels), Logit(logit_alpha)]
     for scale in range(n_scales):
         for _ in range(n_blocks):
             options = {"n_power_iterations": n_power_iterations}
-            if context_features:
+            if contexts:
                 g: LipschitzConvNet = ConditionalLipschitzConvNet(
-                    channels, context_features, hidden_channels, kernel_sizes, coeff, activation, **options
+                    channels, contexts.at(height, width), hidden_channels, kernel_sizes, coeff, activation, **options
                 )
             else:
                 g = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff, activation, **options)
@@ -155,4 +158,6 @@ def multiscale_iresnet_flow(
         if scale < n_scales - 1:
             parts.append(Squeeze())
             channels, height, width = 4 * channels, height // 2, width // 2
-    return FlowDistribution(InvertibleSequential(*parts), standard_normal((channels, height, width)))
+    return FlowDistribution(
+        InvertibleSequential(*parts), standard_normal((channels, height, width)), context_shape=contexts.shape
+    )

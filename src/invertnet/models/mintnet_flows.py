@@ -10,7 +10,7 @@ from invertnet.layers.masked import MintBlock
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Squeeze
-from invertnet.models.flows import FlowDistribution, standard_normal
+from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
 from invertnet.models.saving import saveable
 
 __all__ = ["mintnet_flow", "squeeze_positions"]
@@ -45,6 +45,7 @@ def mintnet_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     context_features: int = 0,
+    context_shape: Sequence[int] | None = None,
 ) -> FlowDistribution:
     r"""A MintNet flow: ``n_blocks`` grouped layers (:class:`~invertnet.layers.MintBlock`) with squeezes.
 
@@ -66,6 +67,8 @@ def mintnet_flow(
         context_features: Size k of a context (class-conditional flows): every masked convolution gets the
             per-channel bias E c (:class:`~invertnet.layers.MintLayer`); use ``flow.log_prob(x, context=c)`` or
             ``flow(c)``. 0: unconditional.
+        context_shape: Instead of ``context_features``: the shape (C', H', W') of an image context (H', W' an
+            integer multiple or fraction of H, W), a bias per channel and position at every layer's resolution.
 
     Examples:
         >>> flow = mintnet_flow((1, 8, 8), n_blocks=2, hidden_factor=2, n_squeezes=1, levels=17)
@@ -82,6 +85,7 @@ def mintnet_flow(
         raise ValueError(
             f"mintnet_flow: {n_squeezes} squeezes need H and W divisible by {2**n_squeezes}, got {height}x{width}"
         )
+    contexts = LayerContexts(context_features, context_shape, "mintnet_flow")
     squeezes = set(squeeze_positions(n_blocks, n_squeezes))
     parts: list[InvertibleModule] = []
     if levels is not None:
@@ -92,5 +96,8 @@ def mintnet_flow(
             channels, height, width = 4 * channels, height // 2, width // 2
         if actnorm:
             parts.append(ActNorm(channels))
-        parts.append(MintBlock(channels, hidden_factor, kernel_size, activation, context_features=context_features))
-    return FlowDistribution(InvertibleSequential(*parts), standard_normal((channels, height, width)))
+        context = contexts.at(height, width)
+        parts.append(MintBlock(channels, hidden_factor, kernel_size, activation, context_features=context))
+    return FlowDistribution(
+        InvertibleSequential(*parts), standard_normal((channels, height, width)), context_shape=contexts.shape
+    )

@@ -79,3 +79,16 @@ def test_empty_data_and_non_flows_are_refused():
         evaluate_log_prob(flow, torch.zeros(0, 2))
     with pytest.raises(TypeError, match="FlowDistribution"):
         evaluate_log_prob(flow.transform, torch.zeros(2, 2))
+
+
+def test_a_flow_says_whether_its_log_prob_is_exact_in_the_current_mode():
+    torch.manual_seed(0)
+    dense = dense_iresnet_flow(4, n_blocks=2, hidden_features=8)
+    assert not dense.log_prob_is_exact  # training: the power series, one draw of probes
+    dense.eval()
+    x = torch.randn(3, 4)
+    assert dense.log_prob_is_exact and torch.equal(dense.log_prob(x), dense.log_prob(x))
+    image = multiscale_iresnet_flow((1, 4, 4), n_scales=1, n_blocks=1, hidden_channels=4).eval()
+    assert not image.log_prob_is_exact  # convolutional blocks keep their estimator in eval mode
+    image.residual_blocks()[0].use_log_det_estimator(ExactLogDet())
+    assert image.log_prob_is_exact

@@ -164,8 +164,11 @@ class FlowDistribution(nn.Module, Distribution):
     data: its expectation over the dequantisation noise upper-bounds the discrete bits/dim (Behrmann et al. 2019,
     section 5.3; Theis et al. 2016).
 
-    ``log_prob`` uses the transform's log-det as configured: residual blocks estimate it (power series or
-    Russian roulette) unless they were given an exact estimator, e.g. by :meth:`use_evaluation_estimator`.
+    ``log_prob`` uses the transform's log-det as configured. In training mode residual blocks estimate it (power
+    series or Russian roulette: one random draw of probes per call). In eval mode blocks with dense branches of at
+    most 256 features compute it exactly; other blocks keep their estimator, so the value is random and, for a
+    truncated series, biased. :attr:`log_prob_is_exact` says which holds now;
+    :func:`~invertnet.evaluate_log_prob` evaluates with a stated bias bound and probe standard error.
 
     Arguments:
         transform: The flow F, mapping data with shape (B, ...) to latents.
@@ -230,6 +233,12 @@ class FlowDistribution(nn.Module, Distribution):
     def support(self) -> constraints.Constraint:  # type: ignore[override]
         """Real tensors of the event shape (dequantising flows take levels in [0, levels) there)."""
         return constraints.independent(constraints.real, len(self.event_shape))
+
+    @property
+    def log_prob_is_exact(self) -> bool:
+        """Whether :meth:`log_prob` is exact in the current mode: every log-det exact, no probe randomness (a
+        dequantising flow still draws its dequantisation noise)."""
+        return bool(self.transform.exact_log_det)
 
     @property
     def conditional(self) -> bool:

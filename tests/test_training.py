@@ -113,7 +113,7 @@ def test_metrics_and_config_are_written(tmp_path):
 @pytest.mark.parametrize(
     "settings, match",
     [
-        (dict(optimizer="sgd"), "optimizer"),
+        (dict(optimizer="rmsprop"), "optimizer"),
         (dict(schedule="linear"), "schedule"),
         (dict(steps=0), "steps"),
         (dict(ema_decay=1.0), "ema_decay"),
@@ -267,3 +267,34 @@ def test_every_safetensors_writer_follows_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert [path.stat().st_mode & 0o777 for path in written] == [0o640, 0o640]
+
+
+def test_random_shift_translates_signals_too_and_random_flip_mirrors_half():
+    from invertnet.training import random_flip, random_shift
+
+    torch.manual_seed(1)
+    signal = torch.zeros(400, 1, 30)
+    signal[:, 0, 10] = 1.0
+    shifted = random_shift(signal, 3, fill=torch.tensor(-1.0))
+    peaks = shifted[:, 0].argmax(dim=1)
+    assert peaks.min() == 7 and peaks.max() == 13 and bool((shifted.max(dim=2).values == 1).all())
+    images = torch.arange(4.0).view(1, 1, 1, 4).repeat(400, 1, 1, 1)
+    flipped = random_flip(images)
+    mirrored = (flipped[:, 0, 0, 0] == 3).float().mean()
+    assert 0.4 < mirrored < 0.6 and bool(((flipped == images) | (flipped == images.flip(-1))).flatten(1).all(1).all())
+
+
+def test_momentum_sgd_and_its_settings():
+    from pydantic import ValidationError
+
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    optimizer = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4).make_optimizer(
+        [parameter]
+    )
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.1, 0.9, True, 5e-4)
+    with pytest.raises(ValidationError, match="optimizer='adam' does not read them"):
+        TrainConfig(momentum=0.9)
+    with pytest.raises(ValidationError, match="Nesterov momentum needs momentum > 0"):
+        TrainConfig(optimizer="sgd", nesterov=True)

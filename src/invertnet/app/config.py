@@ -77,6 +77,14 @@ class DataConfig(_Strict):
     augment_shift: int = Field(
         0, ge=0, le=1024, description="classifiers: random translations of up to this many pixels"
     )
+    augment_flip: bool = Field(
+        False, description="image classifiers: random horizontal flips in training (Behrmann et al. 2019, C.2: CIFAR)"
+    )
+    normalization: Literal["centered", "standardized"] = Field(
+        "centered",
+        description="image classifiers: levels scaled to [-0.5, 0.5] (centered; MNIST in Behrmann et al. 2019, C.2) "
+        "or, per channel, minus the training set's mean and divided by its standard deviation (standardized; CIFAR)",
+    )
     n_train: int = Field(20_000, gt=0, le=MAX_POINTS, description="toy densities: number of training points")
     n_test: int = Field(5_000, gt=0, le=MAX_POINTS, description="toy densities: number of test points")
     validation_fraction: float = Field(

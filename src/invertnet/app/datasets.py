@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from invertnet.data import (
@@ -20,7 +21,7 @@ from invertnet.data import (
 if TYPE_CHECKING:
     from invertnet.app.config import DataConfig
 
-__all__ = ["labelled_images", "labelled_levels", "unlabelled_data"]
+__all__ = ["labelled_images", "labelled_levels", "standardized", "unlabelled_data"]
 
 Labelled = tuple[Tensor, Tensor]
 
@@ -53,12 +54,25 @@ def unlabelled_data(data: DataConfig) -> tuple[Tensor, Tensor, int | None]:
 
 
 def labelled_images(data: DataConfig) -> tuple[Labelled, Labelled, int]:
-    """``((x_train, y_train), (x_test, y_test), n_classes)``, images scaled to [-0.5, 0.5]."""
+    """``((x_train, y_train), (x_test, y_test), n_classes)``, images scaled to [-0.5, 0.5], or standardised per
+    channel with the training set's mean and standard deviation (``data.normalization``)."""
     if data.name in TOY_DENSITIES:
         raise ValueError(f"data.name: this model needs labelled images, not the toy density {data.name!r}")
     (x_train, y_train), (x_test, y_test), levels = _images(data)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
-    return (centered_levels(x_train, levels), y_train), (centered_levels(x_test, levels), y_test), n_classes
+    x_train, x_test = centered_levels(x_train, levels), centered_levels(x_test, levels)
+    if data.normalization == "standardized":
+        x_train, x_test = standardized(x_train, x_test)
+    return (x_train, y_train), (x_test, y_test), n_classes
+
+
+def standardized(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Both image sets (N, C, H, W) minus the training set's per-channel mean, divided by its per-channel standard
+    deviation (Behrmann et al. 2019, appendix C.2, for CIFAR); a constant channel is only centred."""
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (train - mean) / std, (test - mean) / std
 
 
 def labelled_levels(data: DataConfig) -> tuple[Labelled, Labelled, int, int]:

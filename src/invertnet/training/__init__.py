@@ -24,6 +24,7 @@ from invertnet.training.objectives import IndependenceLosses as IndependenceLoss
 from invertnet.training.objectives import balanced_accuracy as balanced_accuracy
 from invertnet.training.objectives import bits_per_sample as bits_per_sample
 from invertnet.training.objectives import mean_and_standard_error as mean_and_standard_error
+from invertnet.training.objectives import random_flip as random_flip
 from invertnet.training.objectives import random_shift as random_shift
 from invertnet.training.settings import TrainConfig as TrainConfig
 from invertnet.training.trainer import Trainer as Trainer
@@ -59,6 +60,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest_checkpoint",
     "mean_and_standard_error",
+    "random_flip",
     "random_shift",
     "save_checkpoint",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "balanced_accuracy",
     "bits_per_sample",
     "mean_and_standard_error",
+    "random_flip",
     "random_shift",
 ]
 
@@ -116,15 +117,37 @@ class ConditionalBitsPerDim(nn.Module):
         return mean_and_standard_error(bits)
 
 
-def random_shift(images: Tensor, max_shift: int, fill: float) -> Tensor:
-    """Each image (B, C, H, W) translated by its own random offsets in [-max_shift, max_shift] pixels, the
-    uncovered border filled with ``fill`` (thesis A.1: shifts of up to two pixels for MNIST)."""
+def random_shift(inputs: Tensor, max_shift: int, fill: float | Tensor) -> Tensor:
+    """Each sample translated by its own random offsets in [-max_shift, max_shift] along every spatial dimension
+    (images (B, C, H, W), signals (B, C, L)), the uncovered border filled with ``fill`` (a number or a 0-d
+    tensor, read without a host synchronisation) (thesis A.1: shifts of up to two pixels)."""
     if max_shift <= 0:
-        return images
-    padded = F.pad(images, (max_shift,) * 4, value=fill)
-    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2))
-    height, width = images.shape[-2:]
-    return torch.stack([padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets.tolist())])
+        return inputs
+    if inputs.dim() not in (3, 4):
+        raise ValueError(f"random_shift: expected (B, C, L) or (B, C, H, W), got {tuple(inputs.shape)}")
+    spatial = inputs.shape[2:]
+    pad = (max_shift,) * (2 * len(spatial))
+    inside = F.pad(torch.ones_like(inputs[:1, :1], dtype=torch.bool), pad)
+    fill = torch.as_tensor(fill, dtype=inputs.dtype, device=inputs.device)
+    shifted = torch.where(inside, F.pad(inputs, pad), fill)
+    batch = inputs.shape[0]
+    for axis, size in enumerate(spatial):
+        dimension = 2 + axis
+        offsets = torch.randint(0, 2 * max_shift + 1, (batch,), device=inputs.device)
+        index = offsets[:, None] + torch.arange(size, device=inputs.device)  # (B, size): the kept window
+        view = [batch] + [1] * (shifted.dim() - 1)
+        view[dimension] = size
+        target = list(shifted.shape)
+        target[dimension] = size
+        shifted = shifted.gather(dimension, index.view(view).expand(target))
+    return shifted
+
+
+def random_flip(images: Tensor) -> Tensor:
+    """Each sample mirrored along its last (width) dimension with probability 1/2 (random horizontal flips,
+    Behrmann et al. 2019, appendix C.2, for CIFAR)."""
+    flipped = torch.rand(images.shape[0], *([1] * (images.dim() - 1)), device=images.device) < 0.5
+    return torch.where(flipped, images.flip(-1), images)
 
 
 class CrossEntropy(nn.Module):
@@ -134,18 +157,21 @@ class CrossEntropy(nn.Module):
         classifier: A module mapping (B, ...) inputs to (B, n_classes) logits; batches are ``(x, y)``.
         max_shift: Data augmentation in training mode: random translations of up to this many pixels
             (thesis A.1), the border filled with the batch's smallest value (the background).
+        flip: Data augmentation in training mode: random horizontal flips (Behrmann et al. 2019, C.2: CIFAR).
     """
 
     name = "cross_entropy"
 
-    def __init__(self, classifier: nn.Module, max_shift: int = 0) -> None:
+    def __init__(self, classifier: nn.Module, max_shift: int = 0, flip: bool = False) -> None:
         super().__init__()
-        self.classifier, self.max_shift = classifier, max_shift
+        self.classifier, self.max_shift, self.flip = classifier, max_shift, flip
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         if self.training and self.max_shift:
-            x = random_shift(x, self.max_shift, x.min().item())
+            x = random_shift(x, self.max_shift, x.amin())
+        if self.training and self.flip:
+            x = random_flip(x)
         return F.cross_entropy(self.classifier(x), y)
 
     @torch.no_grad()

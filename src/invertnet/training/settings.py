@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 __all__ = ["MAX_BATCH_SIZE", "MAX_STEPS", "SEED_BITS", "TrainConfig"]
@@ -21,7 +21,8 @@ SEED_BITS = 62
 
 
 class TrainConfig(BaseModel):
-    """Settings of a training run (Behrmann's thesis, appendix A.2, trains MNIST with Adamax, lr 0.003).
+    """Settings of a training run (Behrmann's thesis, appendix A.2, trains MNIST with Adamax, lr 0.003; its
+    classifiers, A.1 and Behrmann et al. 2019, C.2, use momentum SGD, lr 0.1, weight decay 5e-4).
 
     Built with keyword arguments, ``TrainConfig(steps=300, lr=5e-3)``; every field is checked on construction
     and on assignment, and a bad or unknown field raises a :class:`pydantic.ValidationError` (a
@@ -45,8 +46,12 @@ class TrainConfig(BaseModel):
         64, gt=0, le=MAX_BATCH_SIZE, description="samples per step (a DataLoader's batches are taken as it yields them)"
     )
     lr: float = Field(1e-3, gt=0, description="learning rate")
-    optimizer: Literal["adam", "adamax", "amsgrad"] = Field("adam", description="the optimiser")
-    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the optimiser (DCGANs use 0.5)")
+    optimizer: Literal["adam", "adamax", "amsgrad", "sgd"] = Field("adam", description="the optimiser")
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="Adam / Adamax / AMSGrad: first-moment decay of the optimiser (DCGANs use 0.5)"
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD: momentum (0: plain SGD; the i-ResNet classifiers: 0.9)")
+    nesterov: bool = Field(False, description="SGD: Nesterov momentum (needs momentum > 0)")
     schedule: Literal["constant", "cosine", "step"] = Field(
         "constant",
         description="learning-rate schedule: constant, cosine (to 0 over `steps`), or step (x `gamma` every "
@@ -94,9 +99,24 @@ class TrainConfig(BaseModel):
             raise ValueError(f"milestones must be increasing positive steps, got {milestones}")
         return milestones
 
+    @model_validator(mode="after")
+    def _momentum_is_for_sgd(self) -> TrainConfig:
+        if self.optimizer != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError(
+                f"momentum / nesterov: settings of optimizer='sgd'; optimizer={self.optimizer!r} does not read them "
+                "(its first-moment decay is beta1)"
+            )
+        if self.nesterov and not self.momentum:
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
+        return self
+
     def make_optimizer(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """The optimiser of ``parameters`` these settings describe (``optimizer``, ``lr``, ``beta1``,
-        ``weight_decay``; the second-moment decay is 0.999)."""
+        """The optimiser of ``parameters`` these settings describe (``optimizer``, ``lr``, ``weight_decay``;
+        Adam's ``beta1``, with second-moment decay 0.999; SGD's ``momentum`` and ``nesterov``)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                parameters, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay
+            )
         betas = (self.beta1, 0.999)
         if self.optimizer == "adamax":
             return torch.optim.Adamax(parameters, lr=self.lr, betas=betas, weight_decay=self.weight_decay)

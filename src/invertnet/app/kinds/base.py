@@ -150,10 +150,11 @@ class ModelKind:
     """
 
     family: ClassVar[str] = "model"
-    augmented: ClassVar[bool] = False
+    augmentations: ClassVar[frozenset[str]] = frozenset()
+    """The ``data`` fields of augmentation and input normalisation that training reads (``augment_shift``,
+    ``augment_flip``, ``normalization``); a kind refuses the others when they are set."""
     validated: ClassVar[bool] = True
     """Whether runs hold out ``data.validation_fraction`` of the training data to choose their weights."""
-    """Whether training reads ``data.augment_shift`` (random shifts of classifier inputs)."""
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     """Optional dependencies a run of this kind needs, as (module, extra, what needs it): checked before training,
     so that a missing one is named before the run's time is spent, not after."""
@@ -164,11 +165,13 @@ class ModelKind:
 
     def check_requirements(self, config: RunConfig) -> None:
         """Raise the ``ImportError`` naming the extra of the first missing optional dependency, or a ``ValueError``
-        for ``data.augment_shift`` on a kind that does not read it."""
-        if config.data.augment_shift and not self.augmented:
-            raise ValueError(
-                f"data.augment_shift: random shifts augment classifier training; a {self.family} does not read it"
-            )
+        for an augmentation or normalisation setting (``data.augment_shift``, ...) the kind does not read."""
+        defaults = {"augment_shift": 0, "augment_flip": False, "normalization": "centered"}
+        for field, default in defaults.items():
+            if getattr(config.data, field) != default and field not in self.augmentations:
+                raise ValueError(
+                    f"data.{field}: augments or normalises classifier inputs; a {self.family} does not read it"
+                )
         for module, extra, feature in self.requires:
             require(module, extra, feature)
 

@@ -120,7 +120,7 @@ class ClassifierKind(ModelKind):
     classifier)."""
 
     family: ClassVar[str] = "classifier"
-    augmented: ClassVar[bool] = True
+    augmentations: ClassVar[frozenset[str]] = frozenset({"augment_shift", "augment_flip", "normalization"})
 
     def load_data(self, config: RunConfig) -> RunData:
         train, test, n_classes = labelled_images(config.data)
@@ -144,7 +144,7 @@ class ClassifierKind(ModelKind):
     def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:
         if isinstance(model, IndependenceCrossEntropy):
             return model
-        return CrossEntropy(model, max_shift=config.data.augment_shift)
+        return CrossEntropy(model, max_shift=config.data.augment_shift, flip=config.data.augment_flip)
 
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
         classifier = _classifier_of(model)

@@ -60,7 +60,7 @@ class SpectraKind(ModelKind):
 
     family: ClassVar[str] = "spectrum classifier"
     validated: ClassVar[bool] = False  # grouped folds: a random hold-out would leak groups
-    augmented: ClassVar[bool] = True
+    augmentations: ClassVar[frozenset[str]] = frozenset({"augment_shift"})
     requires: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("matplotlib.figure", "plots", "a spectra run's sensitivity.png"),
     )

@@ -1,0 +1,57 @@
+"""The papers' settings as written: the configs that claim a paper's experiment use its optimiser, schedule,
+augmentation and input normalisation (Behrmann et al. 2019, appendix C; Behrmann's thesis, appendix A)."""
+
+import math
+
+import pytest
+import torch
+
+from invertnet.app.config import load_config
+from invertnet.app.datasets import standardized
+
+
+def test_the_cifar10_classifier_config_is_appendix_c2_as_written():
+    """"200 epochs with momentum SGD and a weight decay of 5e-4 ... learning rate 0.1, decayed by a factor of
+    0.2 after 60, 120 and 160 epochs ... shifts / random horizontal flips for CIFAR ... normalise by subtracting
+    the mean and dividing by the standard deviation of the training set" (the momentum, unstated, is 0.9)."""
+    config = load_config("iresnet_classifier_cifar10")
+    train, data = config.train, config.data
+    epoch = math.ceil(50_000 / train.batch_size)
+    assert (train.optimizer, train.lr, train.momentum, train.nesterov) == ("sgd", 0.1, 0.9, False)
+    assert train.weight_decay == 5e-4 and train.steps == 200 * epoch
+    assert (train.schedule, train.gamma, train.milestones) == ("step", 0.2, [60 * epoch, 120 * epoch, 160 * epoch])
+    assert (data.augment_shift, data.augment_flip, data.normalization) == (2, True, "standardized")
+
+
+def test_standardisation_uses_the_training_sets_statistics_per_channel():
+    torch.manual_seed(0)
+    train = torch.randn(200, 3, 4, 4) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1) + 2.0
+    test = torch.randn(50, 3, 4, 4)
+    train_standard, test_standard = standardized(train, test)
+    assert torch.allclose(train_standard.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(train_standard.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5)
+    mean, std = train.mean(dim=(0, 2, 3), keepdim=True), train.std(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(test_standard, (test - mean) / std)
+    constant, _ = standardized(torch.ones(5, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    assert torch.equal(constant, torch.zeros(5, 1, 2, 2))
+
+
+@pytest.mark.integration
+def test_a_classifier_trains_with_the_papers_recipe(tmp_path):
+    from invertnet.app.runs import train_run
+
+    overrides = [
+        "data.augment_shift=1",
+        "data.augment_flip=true",
+        "data.normalization=standardized",
+        "model.n_blocks=1",
+        "model.hidden_channels=16",
+        "train.optimizer=sgd",
+        "train.momentum=0.9",
+        "train.lr=0.1",
+        "train.weight_decay=5e-4",
+        "train.steps=200",
+        "train.checkpoint_every=200",
+    ]
+    summary = train_run(load_config("iresnet_classifier_digits", overrides), tmp_path / "run", progress=False)
+    assert summary["test"]["accuracy"] > 0.5, summary["test"]

@@ -11,7 +11,7 @@ from invertnet.app.datasets import standardized
 
 
 def test_the_cifar10_classifier_config_is_appendix_c2_as_written():
-    """"200 epochs with momentum SGD and a weight decay of 5e-4 ... learning rate 0.1, decayed by a factor of
+    """ "200 epochs with momentum SGD and a weight decay of 5e-4 ... learning rate 0.1, decayed by a factor of
     0.2 after 60, 120 and 160 epochs ... shifts / random horizontal flips for CIFAR ... normalise by subtracting
     the mean and dividing by the standard deviation of the training set" (the momentum, unstated, is 0.9)."""
     config = load_config("iresnet_classifier_cifar10")
@@ -55,3 +55,40 @@ def test_a_classifier_trains_with_the_papers_recipe(tmp_path):
     ]
     summary = train_run(load_config("iresnet_classifier_digits", overrides), tmp_path / "run", progress=False)
     assert summary["test"]["accuracy"] > 0.5, summary["test"]
+
+
+def _config_model_size(name: str, shape: tuple[int, ...]) -> int:
+    """Free parameters of a config's model, built without allocating it (the CIFAR-10 models are large)."""
+    from invertnet.models import parameter_count
+
+    model = load_config(name).model
+    return parameter_count(lambda: model.builder(shape, levels=256, **model.builder_arguments()))
+
+
+def test_mintnet_sizes_are_those_of_the_text():
+    """Song, Meng & Ermon 2019, 5.2: "Our MinvNet on MNIST has comparable number of parameters to i-ResNet, and our
+    MinvNet on CIFAR-10 only uses 1/4 parameters of i-ResNet" (the i-ResNets of Behrmann's thesis, A.2)."""
+    mintnet_mnist, iresnet_mnist = (
+        _config_model_size("mintnet_mnist", (1, 28, 28)),
+        _config_model_size("mnist", (1, 28, 28)),
+    )
+    mintnet_cifar, iresnet_cifar = (
+        _config_model_size("mintnet_cifar10", (3, 32, 32)),
+        _config_model_size("cifar10", (3, 32, 32)),
+    )
+    assert 0.5 < mintnet_mnist / iresnet_mnist < 2.0, (mintnet_mnist, iresnet_mnist)
+    assert mintnet_cifar / iresnet_cifar <= 0.26, (mintnet_cifar, iresnet_cifar)
+    assert (mintnet_mnist, iresnet_mnist, mintnet_cifar, iresnet_cifar) == (536_588, 493_536, 10_646_712, 43_849_632)
+
+
+def test_free_weights_of_a_masked_convolution_are_its_mask():
+    from invertnet.layers import MaskedConv2d
+
+    for out_channels, in_channels, kernel, data_channels, direction in [
+        (1, 1, 3, 1, "lower"),
+        (4, 4, 3, 2, "upper"),
+        (6, 2, 5, 2, "lower"),
+        (9, 9, 3, 3, "upper"),
+    ]:
+        layer = MaskedConv2d(in_channels, out_channels, kernel, data_channels=data_channels, direction=direction)
+        assert layer.free_weights == int(layer.mask.sum())

@@ -130,6 +130,10 @@ class MaskedConv2d(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
         self.register_buffer("diagonal_mask", diagonal, persistent=False)
         self.raw_weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        copies = (out_channels // data_channels) * (in_channels // data_channels)
+        earlier_pairs, same_pairs = copies * data_channels * (data_channels - 1) // 2, copies * data_channels
+        #: Entries of ``raw_weight`` the mask keeps (the layer's free weights), counted without the mask's values.
+        self.free_weights = earlier_pairs * kernel_size**2 + same_pairs * (kernel_size**2 + 1) // 2
         nn.init.xavier_normal_(self.raw_weight, gain=init_gain)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 

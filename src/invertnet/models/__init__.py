@@ -25,6 +25,8 @@ from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
 from invertnet.models.saving import load as load
 from invertnet.models.saving import save as save
+from invertnet.models.sizes import parameter_count as parameter_count
+from invertnet.models.sizes import without_allocation as without_allocation
 from invertnet.models.spectra import IsotopeNet as IsotopeNet
 from invertnet.models.spectra import ResidualNet as ResidualNet
 
@@ -50,8 +52,10 @@ __all__ = [
     "mintnet_classifier",
     "mintnet_flow",
     "multiscale_iresnet_flow",
+    "parameter_count",
     "realnvp_flow",
     "save",
     "save_generator",
     "standard_normal",
+    "without_allocation",
 ]

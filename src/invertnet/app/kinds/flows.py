@@ -141,6 +141,27 @@ class MintNetFlowConfig(MintNetLayers, _FlowConfig):
     kind: Literal["mintnet"] = "mintnet"
     builder: ClassVar = staticmethod(mintnet_flow)
     actnorm: bool = Field(True, description="ActNorm before every grouped layer")
+    hidden_factor: int | None = Field(  # type: ignore[assignment]
+        8, gt=0, le=1024, description="copies of each channel in the hidden layers (None with hidden_channels)"
+    )
+    hidden_channels: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_WIDTH,
+        description="instead of hidden_factor: the hidden width of every layer at every scale (Song, Meng & Ermon "
+        "2019's 'filters')",
+    )
+
+    @model_validator(mode="after")
+    def _one_width(self) -> MintNetFlowConfig:
+        if self.hidden_channels is not None and self.hidden_factor is not None:
+            if "hidden_factor" in self.model_fields_set:
+                raise ValueError(
+                    "hidden_factor and hidden_channels both set: give the copies per channel or the width (set "
+                    "the other to null)"
+                )
+            self.hidden_factor = None
+        return self
 
 
 class _CouplingFlowConfig(_FlowConfig):

@@ -92,3 +92,11 @@ def test_free_weights_of_a_masked_convolution_are_its_mask():
     ]:
         layer = MaskedConv2d(in_channels, out_channels, kernel, data_channels=data_channels, direction=direction)
         assert layer.free_weights == int(layer.mask.sum())
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_density_evaluation_runs_to_the_papers_standard_error(name):
+    """Behrmann et al. 2019, A.2: evaluation "such that the standard error is less than 0.0001 bit/dim"."""
+    evaluation = load_config(name).evaluation
+    assert evaluation.probe_standard_error_bits <= 1e-4 and evaluation.max_passes is None
+    assert evaluation.bias_bits <= 1e-4

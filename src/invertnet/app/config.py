@@ -116,7 +116,9 @@ class EvalSettings(_Strict):
         200, gt=0, le=MAX_EVALUATION_TERMS, description="most series terms (one vector-Jacobian product each)"
     )
     probe_standard_error_bits: float = Field(1e-3, gt=0, description="stop averaging probe passes below this")
-    max_passes: int = Field(20, ge=2, le=1000, description="most passes over the test set with fresh probes")
+    max_passes: int | None = Field(
+        20, ge=2, le=1_000_000, description="most passes over the test set with fresh probes (null: no cap)"
+    )
 
 
 class RunConfig(_Strict):

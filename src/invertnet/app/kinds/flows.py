@@ -265,6 +265,7 @@ def evaluation_summary(
         max_terms=settings.max_terms,
         standard_error_bits=settings.probe_standard_error_bits,
         max_passes=settings.max_passes,
+        warn=False,  # the summary records whether the target was reached
     )
     estimator: dict[str, Any] = {"n_terms": result.n_terms, "bias_bound_bits": result.bias_bound_bits}
     if result.lipschitz_bound is not None:
@@ -276,6 +277,7 @@ def evaluation_summary(
             "standard_error": result.standard_error,
             "probe_standard_error": result.probe_standard_error,
             "probe_passes": result.probe_passes,
+            "probe_target_reached": result.probe_target_reached,
         },
     }
 

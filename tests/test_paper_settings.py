@@ -100,3 +100,39 @@ def test_density_evaluation_runs_to_the_papers_standard_error(name):
     evaluation = load_config(name).evaluation
     assert evaluation.probe_standard_error_bits <= 1e-4 and evaluation.max_passes is None
     assert evaluation.bias_bits <= 1e-4
+
+
+def test_the_toy_density_config_is_appendix_c3_as_written():
+    """"100 residual blocks, where each residual connection is a multilayer perceptron with state sizes of
+    2-64-64-64-2 and ELU nonlinearities ... ActNorm after each residual block. The change in log density was
+    computed exactly"."""
+    from invertnet.layers import ActNorm, InvertibleResidual, SpectralNormLinear
+    from invertnet.logdet import ExactLogDet
+
+    model = load_config("two_moons_c3").model
+    flow = model.builder(2, **model.builder_arguments())
+    parts = list(flow.transform)
+    assert len(parts) == 200
+    assert all(isinstance(part, InvertibleResidual) for part in parts[0::2])
+    assert all(isinstance(part, ActNorm) for part in parts[1::2])  # after each block
+    for block in parts[0::2]:
+        layers = [layer for layer in block.g if isinstance(layer, SpectralNormLinear)]
+        sizes = [layers[0].in_features] + [layer.out_features for layer in layers]
+        assert sizes == [2, 64, 64, 64, 2]
+        assert isinstance(block.g[0], SpectralNormLinear)  # no activation before the first layer
+        assert {type(module).__name__ for module in block.g if not isinstance(module, SpectralNormLinear)} == {"ELU"}
+        assert isinstance(block.log_det_estimator, ExactLogDet)
+
+
+def test_actnorm_placement_of_the_dense_flow():
+    from invertnet.models import dense_iresnet_flow
+
+    kinds = {
+        placement: [type(part).__name__ for part in dense_iresnet_flow(2, n_blocks=2, actnorm=placement).transform]
+        for placement in ("before", "after", "none")
+    }
+    assert kinds["before"] == ["ActNorm", "InvertibleResidual"] * 2
+    assert kinds["after"] == ["InvertibleResidual", "ActNorm"] * 2
+    assert kinds["none"] == ["InvertibleResidual"] * 2
+    with pytest.raises(ValueError, match="actnorm must be 'before', 'after' or 'none'"):
+        dense_iresnet_flow(2, n_blocks=1, actnorm="between")

@@ -114,8 +114,16 @@ class DenseFlowConfig(_ResidualFlowConfig):
         POWER_ITERATIONS, ge=1, le=100, description="power-iteration steps of every normalised layer per training step"
     )
     preactivation: bool = Field(True, description="apply the activation to each branch's input first (Eq. 4.5)")
+    actnorm: Literal["before", "after", "none"] = Field(
+        "before", description="ActNorm before every block, after every block (Behrmann et al. 2019, C.3), or none"
+    )
     recorded_before: ClassVar[dict[str, Any]] = {"n_power_iterations": 1, "preactivation": False}
     legacy_names: ClassVar[dict[str, str]] = {"hidden": "hidden_features"}
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> dict[str, Any]:
+        """invertnet 0.1's ``actnorm`` was MintNet's switch; its dense flows had an ActNorm before every block."""
+        return super().from_legacy({key: value for key, value in flat.items() if key != "actnorm"})
 
 
 class MultiscaleFlowConfig(_ResidualFlowConfig):

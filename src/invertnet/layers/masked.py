@@ -197,7 +197,8 @@ class MintLayer(IterativeInvertibleModule):
         hidden_factor: k, the copies per channel in the hidden layers (Song et al.'s MNIST model: 45).
         kernel_size: Odd filter size of the three convolutions.
         direction: ``"lower"`` or ``"upper"`` triangular.
-        activation: ``"elu"`` (Song et al.'s choice) or ``"softplus"``.
+        activation: ``"elu"`` or ``"softplus"``: strictly increasing, as section 3.3 requires (Song, Meng & Ermon
+            name no activation for their experiments; ELU is this library's default).
         init_gain: Xavier gain of the convolutions; small values start r near t * x.
         atol, rtol, max_iter, solver: Defaults of the inverse.
         context_features: Size k of a context c of shape (B, k) (conditional flows), or the shape (C', H, W) of an

@@ -18,7 +18,9 @@ __all__ = ["mintnet_flow", "squeeze_positions"]
 
 def squeeze_positions(n_blocks: int, n_squeezes: int) -> list[int]:
     """Indices of the grouped layers that a squeeze precedes: evenly spaced, ``n_blocks // (n_squeezes + 1)``
-    apart (the layout of Song, Meng & Ermon's reference code; 20 layers, 2 squeezes: before layers 6 and 12).
+    apart (20 layers, 2 squeezes: before layers 6 and 12). Song, Meng & Ermon 2019 say only "two squeezing
+    operations are used" for density estimation (for classification: where the ResNet subsamples); the even
+    spacing is this library's choice.
 
     Examples:
         >>> squeeze_positions(20, 2)

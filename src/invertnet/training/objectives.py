@@ -282,10 +282,12 @@ class IndependenceCrossEntropy(nn.Module):
     points of accuracy, see the issue note). The default ``"confusion"`` makes z_n uninformative by driving D's
     prediction to the uniform distribution, N = -(1/C) sum_j log D(z_n)_j >= log C, a bounded objective with
     the same optimum: under the Bayes-optimal D, N = log C exactly when p(y | z_n) is uniform, i.e. z_n holds
-    no information about a balanced label (the bounded divergence the thesis suggests in Remark 6.20).
+    no information about a balanced label. (The thesis' Remark 6.20 finds a bounded divergence "not necessary"
+    for its objective and names one as future work; the confusion term is this library's choice, measured.)
     The likelihood term makes z_s and z_n independent (Lemma 6.19) and keeps z_n where the prior puts it; its
-    log-determinant is the body's own (power series and Hutchinson for i-ResNet blocks, thesis 5.1), per
-    input dimension like bits/dim.
+    log-determinant is the body's own (power series and Hutchinson for i-ResNet blocks, thesis 5.1). It is
+    divided by d (per input dimension, like bits/dim), where Eq. 6.13 adds L_MLEn unscaled: Eq. 6.13 as written
+    is ``likelihood_weight = d``.
 
     The returned loss is semantic + adversary + lambda nuisance + mu nuisance_nll (see
     :class:`IndependenceLosses`): the nuisance classifier's parameters receive only the gradient of its own
@@ -302,7 +304,8 @@ class IndependenceCrossEntropy(nn.Module):
         nuisance_classifier: A module mapping z_n (B, d - C) to logits (B, C); by default an MLP with one
             hidden layer of ``hidden`` units.
         nuisance_weight: lambda (1 in Def. 6.14).
-        likelihood_weight: mu (1 in Eq. 6.13; 0 for Def. 6.14 alone).
+        likelihood_weight: mu, the weight of the per-dimension likelihood term (Eq. 6.13 as written: mu = d;
+            0 for Def. 6.14 alone).
         nuisance_objective: ``"confusion"`` (default) or ``"cross_entropy"`` (Def. 6.14 as written).
 
     Examples:

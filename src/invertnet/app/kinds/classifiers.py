@@ -74,7 +74,9 @@ class IndependenceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nuisance_weight: float = Field(1.0, ge=0, description="weight of the nuisance term")
-    likelihood_weight: float = Field(1.0, ge=0, description="weight of the nuisance likelihood term (Eq. 6.13)")
+    likelihood_weight: float = Field(
+        1.0, ge=0, description="weight of the per-dimension nuisance likelihood term (Eq. 6.13 as written: d)"
+    )
     nuisance_objective: Literal["confusion", "cross_entropy"] = Field(
         "confusion", description="drive D(z_n) to uniform (bounded) or maximise its cross-entropy (Def. 6.14)"
     )

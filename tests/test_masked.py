@@ -198,14 +198,18 @@ def _strongly_coupled(hidden_factor: int, log_t: float, solver: str = "newton") 
 def test_a_strongly_coupled_layer_is_reported_diverged_not_max_iter():
     """t = e^-5, gain 5, a 1x16x16 input: the parallel Newton's later coordinates overshoot by orders of
     magnitude before the earlier ones settle (measured: residual 1e-0 to 4e12 in 4 evaluations)."""
+    from invertnet.solvers import triangular_newton
+
     layer = _strongly_coupled(4, -5.0)
     y = layer(torch.randn(1, 1, 16, 16, dtype=torch.float64)).detach()
-    record = layer.inverse_result(y)
+    record = triangular_newton(layer.map_and_diagonal, y, layer.t.detach(), strict=False)
     assert record.status is SolverStatus.DIVERGED and not record.converged.any()
     assert max(record.residual_history) > 1e8 * record.residual_history[0]
     assert record.condition_number is None  # no solution to judge the conditioning at
     with pytest.raises(ConvergenceError, match="diverged"):
-        layer.inverse(y)
+        triangular_newton(layer.map_and_diagonal, y, layer.t.detach())
+    fallback = layer.inverse_result(y, strict=False)  # the layer solves again, sequentially
+    assert fallback.status is not SolverStatus.DIVERGED and fallback.residual.item() < 1e-8
 
 
 def test_an_ill_conditioned_layer_is_not_called_a_success():
@@ -236,3 +240,20 @@ def test_a_well_conditioned_layer_reports_its_condition_estimate():
         exact = torch.linalg.cond(_jacobian(layer, record.value[sample]), p=float("inf"))
         assert exact / 3 <= record.condition_number[sample] <= exact * (1 + 1e-9)  # Hager: a lower estimate
     assert (record.forward_error_estimate >= (record.value - x).flatten(1).abs().amax(1)).all()
+
+
+def test_a_strongly_coupled_layer_is_inverted_where_parallel_newton_diverges():
+    from invertnet.solvers import triangular_newton
+
+    torch.manual_seed(0)
+    layer = MintLayer(2, 4).double()
+    with torch.no_grad():
+        for conv in (layer.conv1, layer.conv2, layer.conv3):
+            conv.raw_weight.normal_(0.0, 0.5)
+        layer.log_t.fill_(-3.0)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    y = layer(x).detach()
+    parallel = triangular_newton(layer.map_and_diagonal, y, layer.t.detach(), strict=False)
+    assert parallel.status is SolverStatus.DIVERGED  # measured: residual ~1e10
+    result = layer.inverse_result(y)
+    assert result.success and (result.value - x).abs().max() < 1e-5

@@ -56,8 +56,8 @@ class SolverStatus(enum.Enum):
         "input is not finite"
     )
     DIVERGED = (
-        "the residual grew by many orders of magnitude: the map is expanding, not contractive; check the "
-        "block's Lipschitz coefficient and that the spectral norms have converged"
+        "the residual grew by many orders of magnitude: the iteration runs away (a fixed-point inverse: the map "
+        "is not contractive; check the block's Lipschitz coefficient and that the spectral norms have converged)"
     )
     SINGULAR = (
         "the Jacobian is singular or numerically singular (condition number beyond the solver's "

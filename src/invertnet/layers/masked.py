@@ -27,6 +27,7 @@ from invertnet.core import (
     InvertibleSequential,
     IterativeInvertibleModule,
     SolverOptions,
+    SolverStatus,
     TransposedSolve,
     check_dtype,
     check_input,
@@ -189,7 +190,9 @@ class MintLayer(IterativeInvertibleModule):
 
     The inverse solves r(x) = y by the parallel safeguarded Newton iteration of
     :func:`~invertnet.solvers.triangular_newton` (``solver="newton"``, the default) or coordinate by
-    coordinate (``solver="sequential"``, the proof of Theorem 1; small inputs only). It is differentiable
+    coordinate (``solver="sequential"``, the proof of Theorem 1; slow on large inputs). Parallel Newton can
+    diverge on strongly coupled layers (measured: residuals of 1e10 and more once the off-diagonal weights are
+    large against t); the layer then solves again sequentially, which converges. It is differentiable
     by implicit differentiation (:func:`~invertnet.solvers.triangular_transposed_solve`).
 
     Arguments:
@@ -331,12 +334,16 @@ class MintLayer(IterativeInvertibleModule):
         return value, diagonal.log().flatten(1).sum(dim=1)
 
     def solve(self, y: Tensor, options: SolverOptions) -> InverseResult:
-        """Solve r(x) = y from x = y; ``max_iter`` is per coordinate for the sequential solver."""
+        """Solve r(x) = y from x = y; ``max_iter`` is per coordinate for the sequential solver. A parallel Newton
+        solve that diverges or overflows (strongly coupled layers: every coordinate steps on stale predecessors)
+        is redone by the sequential solver, whose convergence Theorem 1's argument gives."""
         slope = self.t.detach()
         common = dict(lower=self.direction == "lower", atol=options.atol, rtol=options.rtol, strict=False)
-        if self.solver == "sequential":
-            return sequential_solve(self.map_and_diagonal, y, slope, max_iter_per_coordinate=options.max_iter, **common)
-        return triangular_newton(self.map_and_diagonal, y, slope, max_iter=options.max_iter, **common)
+        if self.solver == "newton":
+            result = triangular_newton(self.map_and_diagonal, y, slope, max_iter=options.max_iter, **common)
+            if result.status not in (SolverStatus.DIVERGED, SolverStatus.NONFINITE):
+                return result
+        return sequential_solve(self.map_and_diagonal, y, slope, max_iter_per_coordinate=options.max_iter, **common)
 
     def transposed_solver(self, x: Tensor, options: SolverOptions) -> TransposedSolve:
         """J_r(x)^T v = u by the Jacobi iteration, exact after at most n steps; the diagonal is taken now."""

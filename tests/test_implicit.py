@@ -287,6 +287,46 @@ def test_seed_002_worked_examples():
     torch.testing.assert_close(from_solves[0], torch.tensor([[0.5**0.5, 0.5**0.5], [-0.5, 0.5]], dtype=DOUBLE))
 
 
+def test_seed_002_remaining_worked_examples():
+    """Examples 1-3, 5, 7, 9-11, 13, 14 and Remark 4 of the formalML notes, as examples/implicit_functions.py
+    runs them, against the notes' closed forms."""
+    examples = _example_module()
+    q = torch.tensor([[0.5, 1.0], [2.0, 0.3]], dtype=DOUBLE)
+    torch.testing.assert_close(examples.polar_determinant(q), q[:, 0])  # Example 1: det J = r
+    preimages, images, determinants = examples.exponential_preimages()  # Example 2
+    torch.testing.assert_close(images, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=DOUBLE), atol=1e-9, rtol=0)
+    assert abs((preimages[1, 1] - preimages[0, 1]).item() - 2 * math.pi) < 1e-9 and bool((determinants > 0).all())
+    inverse = examples.squaring_inverse_jacobian(torch.ones(1, 2, dtype=DOUBLE))[0]  # Example 3
+    torch.testing.assert_close(inverse, torch.tensor([[1.0, 1.0], [-1.0, 1.0]], dtype=DOUBLE) / 4)
+    from_solve, direct = examples.coupling_inverse_jacobian()  # Example 5
+    torch.testing.assert_close(from_solve, direct, atol=1e-12, rtol=0)
+    x = torch.tensor([[0.6], [-0.3]], dtype=DOUBLE)
+    y, first, second = examples.circle_curvature(x)  # Examples 6, 8 and Remark 4
+    torch.testing.assert_close(first, -x / y)
+    torch.testing.assert_close(second, -1 / y**3)
+    g, derivative, formula = examples.two_equations_in_four_variables()  # Example 7
+    torch.testing.assert_close(g, torch.ones(1, 2, dtype=DOUBLE))
+    torch.testing.assert_close(derivative, formula)
+    curve = examples.elliptic_curve()  # Example 9
+    assert curve["y"] == pytest.approx(math.sqrt(6)) and curve["slope"] == pytest.approx(11 / (2 * math.sqrt(6)))
+    assert curve["origin_status"] is SolverStatus.SINGULAR
+    p, multiplier = examples.maximum_entropy()  # Example 10
+    torch.testing.assert_close(p, torch.full((1, 3), 1 / 3, dtype=DOUBLE))
+    assert multiplier.item() == pytest.approx(math.log(3) - 1)
+    nearest = examples.nearest_points()  # Example 11
+    torch.testing.assert_close(nearest["point"], torch.full((1, 3), 1 / 3, dtype=DOUBLE))
+    assert nearest["multiplier"].item() == pytest.approx(-2 / 3)
+    assert nearest["degenerate_status"] is SolverStatus.SINGULAR
+    t_fold, t_min = examples.fold()  # Example 13
+    assert abs(t_fold) < 1e-8 and t_min > -1e-8
+    landscape = examples.relu_landscape()  # Example 14
+    w1, w2 = landscape["point"].tolist()
+    assert w1 * w2 == pytest.approx(1.0) and landscape["hessian_rank"] == 1
+    assert landscape["status"] is SolverStatus.SINGULAR
+    contraction = examples.cosine_contraction(20)  # Example 12, Theorem 2's iteration count
+    assert contraction["iterations_for_1e-10"] <= contraction["a_priori_iterations_for_1e-10"] + 1
+
+
 def test_implicit_fixed_point_raises_on_a_failed_forward_solve_unless_told_not_to():
     x = torch.ones(2, 3, dtype=torch.float64)
     expanding = lambda z, x: 2 * z + x  # noqa: E731 - no fixed point reachable by iteration

@@ -111,6 +111,9 @@ class InverseResult:
             conditioning (triangular solvers: |J^{-1}|_inf estimate times the max-abs residual, the first-order
             error of a linearised solve), or ``None`` for solvers that do not compute it. An estimate, not a
             bound: compare ``error_bound``.
+        iteration_bound: Tensor with shape (B,): for fixed-point solves with a known Lipschitz bound 0 < L < 1, the
+            a-priori number of iterations after which the Contraction Mapping Theorem guarantees an error below
+            the tolerance, log(tol (1 - L) / |x_1 - x_0|) / log L rounded up (formalML IFT notes, Theorem 2).
     """
 
     value: Tensor
@@ -124,6 +127,7 @@ class InverseResult:
     condition_number: Tensor | None = None
     condition_kind: ConditionKind | None = None
     forward_error_estimate: Tensor | None = None
+    iteration_bound: Tensor | None = None
 
     @property
     def success(self) -> bool:

@@ -7,6 +7,7 @@ is checked on exactly the quantity its name promises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ from invertnet.solvers.common import (
     resolve_tolerances,
 )
 
-__all__ = ["fixed_point"]
+__all__ = ["a_priori_iterations", "fixed_point"]
 
 #: Anderson mixes only while the last step shrank the residual by less than this factor; faster-contracting
 #: steps are left to plain iteration, which Anderson's extrapolation only perturbs (measured in float32).
@@ -124,7 +125,29 @@ def fixed_point(
     threshold = _thresholds(x0, atol, rtol, reference, norm)
     mixer = _AndersonMixer(anderson_memory, anderson_regularization) if method == "anderson" else None
     state = _iterate(map, x0, threshold, norm, max_iter, mixer)
-    return _record(state, lipschitz, strict)
+    return _record(state, lipschitz, threshold, strict)
+
+
+def a_priori_iterations(lipschitz: float, first_step: Tensor, tolerance: Tensor | float) -> Tensor:
+    r"""The number n of Banach iterations after which the Contraction Mapping Theorem guarantees
+    |x_n - x^*| <= tolerance (formalML IFT notes, Theorem 2: |x_n - x^*| <= L^n / (1 - L) |x_1 - x_0|):
+
+    .. math:: n = \left\lceil \frac{\log(\varepsilon (1 - L) / |x_1 - x_0|)}{\log L} \right\rceil, \quad n \ge 0.
+
+    Arguments:
+        lipschitz: L in (0, 1), a bound on the map's Lipschitz constant.
+        first_step: |x_1 - x_0| per sample (B,).
+        tolerance: epsilon > 0, a number or per sample (B,).
+
+    Examples:
+        >>> a_priori_iterations(0.5, torch.tensor([1.0]), 1e-3)  # 0.5^n / 0.5 <= 1e-3 from n = 11
+        tensor([11.])
+    """
+    if not 0 < lipschitz < 1:
+        raise ValueError(f"a_priori_iterations: the Lipschitz bound must lie in (0, 1), got {lipschitz}")
+    tolerance = torch.as_tensor(tolerance, dtype=first_step.dtype, device=first_step.device)
+    ratio = (tolerance * (1 - lipschitz) / first_step.clamp_min(torch.finfo(first_step.dtype).tiny)).clamp_max(1.0)
+    return torch.ceil(torch.log(ratio) / math.log(lipschitz)).clamp_min(0.0)
 
 
 def _check_options(method: str, max_iter: int, anderson_memory: int) -> None:
@@ -162,6 +185,8 @@ class _IterationState:
     nonfinite: bool = False
     diverged: bool = False
     iterations: int = 0
+    first_step: Tensor | None = None
+    """|x_1 - x_0|_p = |T(x_0) - x_0|_p per sample (B,), for Theorem 2's a-priori bound."""
 
     @classmethod
     def start(cls, x0: Tensor, threshold: Tensor) -> _IterationState:
@@ -177,6 +202,8 @@ class _IterationState:
         divergence by :data:`~invertnet.solvers.common.DIVERGENCE_FACTOR` or every sample converged.
         """
         step_residual = per_sample_norm(difference, norm)
+        if self.first_step is None:
+            self.first_step = step_residual
         active = ~self.converged & self.finite
         self.finite = self.finite & torch.isfinite(step_residual)
         self.residual = torch.where(active & self.finite, step_residual, self.residual)
@@ -248,12 +275,15 @@ def _iterate(
     return state
 
 
-def _record(state: _IterationState, lipschitz: float | None, strict: bool) -> InverseResult:
+def _record(state: _IterationState, lipschitz: float | None, threshold: Tensor, strict: bool) -> InverseResult:
     """The :class:`~invertnet.InverseResult` of the final state, with the error bound residual / (1 - L)
-    (B,) when L < 1 is known; raises :class:`~invertnet.ConvergenceError` if ``strict`` and it failed."""
-    error_bound = None
+    (B,) and Theorem 2's a-priori iteration count for an error below the tolerance when 0 < L < 1 is known;
+    raises :class:`~invertnet.ConvergenceError` if ``strict`` and it failed."""
+    error_bound = iteration_bound = None
     if lipschitz is not None and lipschitz < 1:
         error_bound = state.residual / (1.0 - lipschitz)
+        if lipschitz > 0 and state.first_step is not None:
+            iteration_bound = a_priori_iterations(lipschitz, state.first_step, threshold)
     status = decide_status(
         converged=state.converged,
         nonfinite=state.nonfinite,
@@ -268,5 +298,6 @@ def _record(state: _IterationState, lipschitz: float | None, strict: bool) -> In
         error_bound=error_bound,
         status=status,
         residual_history=state.history,
+        iteration_bound=iteration_bound,
     )
     return finish(result, strict)

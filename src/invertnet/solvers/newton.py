@@ -10,7 +10,7 @@ GMRES with Jacobian-vector products, never forming J.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,6 +28,7 @@ from invertnet.solvers.common import (
     resolve_max_condition,
     resolve_tolerances,
 )
+from invertnet.solvers.implicit_step import differentiable_solution
 from invertnet.solvers.krylov import gmres
 
 __all__ = ["DENSE_LIMIT", "newton"]
@@ -82,7 +83,11 @@ def newton(
 
     Returns:
         An :class:`~invertnet.InverseResult` with ``condition_number`` at the returned point and
-        ``condition_kind`` naming it (``"exact"`` or ``"lower_bound"``).
+        ``condition_kind`` naming it (``"exact"`` or ``"lower_bound"``). With gradients enabled its ``value`` is
+        differentiable in y and in every tensor f uses (parameters, closure variables) by the implicit function
+        theorem, dx/dy = J_f(x)^{-1} (formalML IFT notes, Theorem 1), one transposed solve per backward pass
+        (:func:`~invertnet.solvers.implicit_step.differentiable_solution`); under ``torch.no_grad()`` it is
+        returned as computed.
 
     Examples:
         >>> result = newton(lambda x: x**3, torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[8.0]]).double())
@@ -109,7 +114,10 @@ def newton(
         if not active.any():
             break
         _iterate(state, active, f, y, threshold, options)
-    return _record(state, f, options, strict)
+    record = _record(state, f, options, strict)
+    if torch.is_grad_enabled():
+        record = replace(record, value=differentiable_solution(lambda x: f(x) - y, record.value, dense=options.dense))
+    return record
 
 
 def _target(x0: Tensor, y: Tensor | None) -> Tensor:

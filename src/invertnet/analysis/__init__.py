@@ -1,6 +1,6 @@
 """Analysis of networks: certificates of invertibility, exact singular values of convolutions, ReLU preimages,
 inverse stability, invariance (metameric sampling, the nuisance probe; the adversarial spheres in
-``analysis.spheres``)."""
+``analysis.spheres``), and whether trained weights look Gaussian."""
 
 from invertnet.analysis.certificates import BlockCertificate as BlockCertificate
 from invertnet.analysis.certificates import Certificate as Certificate
@@ -20,6 +20,9 @@ from invertnet.analysis.stability import LayerSpectrum as LayerSpectrum
 from invertnet.analysis.stability import layer_spectra as layer_spectra
 from invertnet.analysis.stability import lemma_3_5_bounds as lemma_3_5_bounds
 from invertnet.analysis.stability import plot_layer_spectra as plot_layer_spectra
+from invertnet.analysis.weight_laws import WeightNormality as WeightNormality
+from invertnet.analysis.weight_laws import plot_weight_histograms as plot_weight_histograms
+from invertnet.analysis.weight_laws import weight_normality as weight_normality
 
 __all__ = [
     "BlockCertificate",
@@ -28,6 +31,7 @@ __all__ = [
     "LayerNorm",
     "LayerSpectrum",
     "PreimageResult",
+    "WeightNormality",
     "certify",
     "conv_norm_bounds",
     "conv_singular_values",
@@ -38,6 +42,8 @@ __all__ = [
     "nuisance_probe",
     "plot_certificate",
     "plot_layer_spectra",
+    "plot_weight_histograms",
     "relu_mlp_preimages",
     "relu_preimage",
+    "weight_normality",
 ]

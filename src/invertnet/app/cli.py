@@ -257,7 +257,7 @@ def recover(
 @main.command("recover-study")
 @click.argument("experiment", type=click.Choice(["landscape", "phase-transition"]))
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("recovery-study"), show_default=True)
-@click.option("--rates", default="0.02,0.05,0.1,0.15,0.2,0.3,0.5,0.7", show_default=True)
+@click.option("--rates", default="0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5", show_default=True)
 @click.option("--kinds", default="uniform,top,bottom,left,right,border", show_default=True)
 @click.option("--networks", default=10, show_default=True, help="Random generators per setting.")
 @click.option("--codes", default=10, show_default=True, help="Random codes per generator.")

@@ -17,6 +17,7 @@ from invertnet.models.gan import ConditionalGAN as ConditionalGAN
 from invertnet.models.gan import conditional_dcgan as conditional_dcgan
 from invertnet.models.generators import DCGANDiscriminator as DCGANDiscriminator
 from invertnet.models.generators import DCGANGenerator as DCGANGenerator
+from invertnet.models.generators import GeneratorConditions as GeneratorConditions
 from invertnet.models.generators import TransposedConvGenerator as TransposedConvGenerator
 from invertnet.models.generators import load_generator as load_generator
 from invertnet.models.generators import save_generator as save_generator
@@ -36,6 +37,7 @@ __all__ = [
     "DCGANGenerator",
     "FlowDistribution",
     "FullyInvertibleClassifier",
+    "GeneratorConditions",
     "InvertibleClassifier",
     "IsotopeNet",
     "LogProbEvaluation",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from invertnet.models.saving import saveable
 __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "GeneratorConditions",
     "TransposedConvGenerator",
     "dcgan_image_size",
     "load_generator",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh"]
-WeightLaw = Literal["gaussian", "uniform", "sign"]
+WeightLaw = Literal["gaussian", "uniform", "centered_uniform", "sign"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -42,6 +44,54 @@ def _activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+@dataclass(frozen=True)
+class GeneratorConditions:
+    r"""Which hypotheses of Ma, Ayaz & Karaman 2018, Theorems 1 and 4, a :class:`TransposedConvGenerator` meets.
+
+    Theorem 1 (exact recovery of z from G(z) by gradient descent, no stationary point away from z* and a
+    negative multiple of it) assumes two transposed-convolution layers with ReLU, filters in R^l with i.i.d.
+    N(0, 1 / (C_i l)) entries, and expansive layers, C_1 l >~ C_0 log C_0 and C_2 l >~ C_1 log C_1. Theorem 4
+    (partial measurements at sampling rate r) asks the last layer to be 1 / r times more expansive,
+    r C_2 l >~ C_1 log C_1. The ">~" hides constants that depend on the accuracy epsilon; the checks here take
+    the constant 1, so they say whether the network is expansive by the logarithmic factor, not that the
+    theorem's probability bound is a given number.
+
+    Attributes:
+        two_layers, relu, gaussian, no_overlap: The architecture (two layers; ReLU; Gaussian weights of the
+            theory's variance; stride = kernel size, the setting of the proof).
+        expansion: C_i l / (C_{i-1} log C_{i-1}) for each layer (>= 1: expansive by the factor).
+        rate: The sampling rate r of Theorem 4's check (1: full observation).
+    """
+
+    two_layers: bool
+    relu: bool
+    gaussian: bool
+    no_overlap: bool
+    expansion: tuple[float, ...]
+    rate: float = 1.0
+
+    @property
+    def theorem_1(self) -> bool:
+        """Every hypothesis of Theorem 1."""
+        return self.two_layers and self.relu and self.gaussian and self.no_overlap and min(self.expansion) >= 1
+
+    @property
+    def theorem_4(self) -> bool:
+        """Theorem 1's hypotheses with the last layer expansive by 1 / r more."""
+        return self.theorem_1 and self.expansion[-1] * self.rate >= 1
+
+    def unmet(self) -> list[str]:
+        """The hypotheses of Theorem 4 at this rate (Theorem 1's at rate 1) that fail, named."""
+        names = [name for name in ("two_layers", "relu", "gaussian", "no_overlap") if not getattr(self, name)]
+        for layer, value in enumerate(self.expansion, start=1):
+            if value < 1:
+                names.append(f"expansion of layer {layer} ({value:.2f} < 1)")
+        last, needed = (self.expansion[-1] if self.expansion else 0.0), 1 / self.rate
+        if 1 <= last < needed:
+            names.append(f"last layer expansive by 1/r = {needed:.3g} ({last:.2f} < {needed:.3g})")
+        return names
+
+
 @saveable
 class TransposedConvGenerator(nn.Module):
     r"""G(z) = h(W_d ... h(W_1 z)): transposed convolutions, each followed by the activation h.
@@ -52,8 +102,12 @@ class TransposedConvGenerator(nn.Module):
     of Theorem 1 is stride = kernel size (the default), so the filters of different input pixels never
     overlap, and weights i.i.d. N(0, 1 / (C_i l)) with C_i the output channels of layer i and l = k^2 the
     filter size. ``weights`` draws them from that law (``"gaussian"``), from U[0, 1] (``"uniform"``, the
-    counter-example of Fig. 4d, many-to-one) or as +-1 / sqrt(C_i l) (``"sign"``, Conjecture 3). The weights
-    are fixed (buffers, not parameters): the generator is the object of study, and recovery optimises z.
+    counter-example of Fig. 4d, not zero-mean, many-to-one), or from the zero-mean subgaussian laws of
+    Conjecture 3 with the same variance: U[-a, a] with a = sqrt(3 / (C_i l)) (``"centered_uniform"``) and
+    +-1 / sqrt(C_i l) (``"sign"``). ``weight_std`` replaces the theory's standard deviation (section 4.2 draws
+    the landscapes' weights with unit standard deviation). :meth:`conditions` says which hypotheses of
+    Theorems 1 and 4 the network meets. The weights are fixed (buffers, not parameters): the generator is the
+    object of study, and recovery optimises z.
 
     Arguments:
         latent_shape: (C_0, H_0, W_0) of one latent code, e.g. (10, 1, 1).
@@ -63,6 +117,7 @@ class TransposedConvGenerator(nn.Module):
         activation: ``"relu"`` (the theory), ``"leaky_relu"``, ``"sigmoid"`` or ``"tanh"``, after every layer.
         weights: The weight law.
         generator: Random number generator for the weights (default: torch's global one).
+        weight_std: Standard deviation of the zero-mean laws (default: the theory's 1 / sqrt(C_i l)).
 
     Examples:
         >>> G = TransposedConvGenerator((10, 1, 1), channels=(16, 1), kernel_size=4)
@@ -79,6 +134,7 @@ class TransposedConvGenerator(nn.Module):
         activation: Activation = "relu",
         weights: WeightLaw = "gaussian",
         generator: torch.Generator | None = None,
+        weight_std: float | None = None,
     ) -> None:
         super().__init__()
         self.latent_shape = tuple(int(size) for size in latent_shape)
@@ -86,8 +142,13 @@ class TransposedConvGenerator(nn.Module):
             raise ValueError(f"TransposedConvGenerator: latent_shape must be (C, H, W), got {latent_shape}")
         if not channels or min(channels) < 1 or kernel_size < 1:
             raise ValueError("TransposedConvGenerator: need at least one layer, positive channels and kernel_size")
-        if weights not in ("gaussian", "uniform", "sign"):
-            raise ValueError(f"TransposedConvGenerator: weights must be gaussian, uniform or sign, got {weights!r}")
+        if weights not in ("gaussian", "uniform", "centered_uniform", "sign"):
+            raise ValueError(
+                f"TransposedConvGenerator: weights must be gaussian, uniform, centered_uniform or sign, got {weights!r}"
+            )
+        if weight_std is not None and not (math.isfinite(weight_std) and weight_std > 0):
+            raise ValueError(f"TransposedConvGenerator: weight_std must be positive, got {weight_std}")
+        self.weight_std = weight_std
         self.kernel_size, self.stride = kernel_size, kernel_size if stride is None else stride
         self.activation_name, self.weight_law = activation, weights
         self.architecture = {
@@ -98,6 +159,7 @@ class TransposedConvGenerator(nn.Module):
             "stride": self.stride,
             "activation": activation,
             "weights": weights,
+            "weight_std": weight_std,
         }
         self.activation = _activation(activation)
         inputs = [self.latent_shape[0], *channels[:-1]]
@@ -107,12 +169,43 @@ class TransposedConvGenerator(nn.Module):
 
     def _draw(self, c_in: int, c_out: int, generator: torch.Generator | None) -> Tensor:
         shape = (c_in, c_out, self.kernel_size, self.kernel_size)  # conv_transpose2d layout
-        scale = 1.0 / math.sqrt(c_out * self.kernel_size**2)
+        scale = 1.0 / math.sqrt(c_out * self.kernel_size**2) if self.weight_std is None else self.weight_std
         if self.weight_law == "uniform":
             return torch.rand(shape, generator=generator)
         if self.weight_law == "sign":
             return scale * (2.0 * torch.randint(0, 2, shape, generator=generator) - 1.0)
+        if self.weight_law == "centered_uniform":
+            return scale * math.sqrt(3.0) * (2.0 * torch.rand(shape, generator=generator) - 1.0)
         return scale * torch.randn(shape, generator=generator)
+
+    def conditions(self, rate: float = 1.0) -> GeneratorConditions:
+        """The hypotheses of Theorem 1 (and of Theorem 4 at sampling rate ``rate``) this network meets
+        (:class:`GeneratorConditions`).
+
+        Examples:
+            >>> G = TransposedConvGenerator((10, 1, 1), channels=(16, 1), kernel_size=4)
+            >>> G.conditions().theorem_1, G.conditions().unmet()
+            (False, ['expansion of layer 2 (0.36 < 1)'])
+            >>> TransposedConvGenerator((10, 1, 1), (8, 4), kernel_size=6).conditions(rate=0.2).theorem_4
+            True
+        """
+        if not 0 < rate <= 1:
+            raise ValueError(f"TransposedConvGenerator.conditions: rate must lie in (0, 1], got {rate}")
+        filter_size = self.kernel_size**2
+        channels = [self.latent_shape[0], *(getattr(self, f"weight{i}").shape[1] for i in range(self.n_layers))]
+        expansion = tuple(
+            (c_out * filter_size) / (c_in * math.log(c_in)) if c_in > 1 else math.inf
+            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
+        )
+        theory_scale = self.weight_std is None
+        return GeneratorConditions(
+            two_layers=self.n_layers == 2,
+            relu=self.activation_name == "relu",
+            gaussian=self.weight_law == "gaussian" and theory_scale,
+            no_overlap=self.stride == self.kernel_size,
+            expansion=expansion,
+            rate=rate,
+        )
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

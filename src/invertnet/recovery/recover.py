@@ -128,6 +128,7 @@ def recover(
     patience: int = 300,
     seed: int | None = None,
     progress: bool = False,
+    z0: Tensor | None = None,
 ) -> RecoveryResult:
     r"""Recover z from y = A G(z) for a batch of problems (Ma, Ayaz & Karaman 2018, Eq. 3; Theorems 1 and 4).
 
@@ -152,6 +153,7 @@ def recover(
         seed: Seed of the initialisations (``None``: torch's global random number generator). Do not reuse
             the seed that drew the true codes: the initialisation would start at the answer.
         progress: Show a progress bar.
+        z0: Starting codes (B, *latent_shape) instead of random ones (every restart starts there).
 
     Examples:
         >>> from invertnet.models import TransposedConvGenerator
@@ -165,7 +167,13 @@ def recover(
     latent_shape = _check_arguments(generator, y, latent_shape, method, restarts, max_iter, z_true)
     y = y.detach()
     problems = _Problems.stack(generator, y, mask, condition, restarts)
-    z = _initial_codes((restarts * y.shape[0], *latent_shape), init_std, seed, y)
+    if z0 is not None and tuple(z0.shape) != (y.shape[0], *latent_shape):
+        raise ValueError(f"recover: z0 must have shape {(y.shape[0], *latent_shape)}, got {tuple(z0.shape)}")
+    z = (
+        _initial_codes((restarts * y.shape[0], *latent_shape), init_std, seed, y)
+        if z0 is None
+        else z0.detach().to(dtype=y.dtype, device=y.device).repeat(restarts, *[1] * len(latent_shape))
+    )
     optimiser = (_Adam if method == "adam" else _AdaptiveDescent)(z, 0.1 if lr is None else lr)
     state = _descend(problems, z, optimiser, rtol, patience, max_iter, progress)
     _restore_best_accepted(state, optimiser, problems.scale)

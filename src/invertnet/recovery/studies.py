@@ -7,6 +7,7 @@ import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,11 +20,14 @@ from invertnet.recovery.recover import recover
 
 __all__ = [
     "Landscape",
+    "NegativeMultiple",
     "PhaseTransitionRow",
     "loss_landscape",
+    "negative_multiple",
     "phase_transition",
     "plot_landscapes",
     "plot_phase_transition",
+    "theorem_network",
     "write_phase_transition_csv",
 ]
 
@@ -69,6 +73,73 @@ def loss_landscape(
     return Landscape(axis_x, axis_y, torch.cat(losses).view(resolution, resolution), centre, title)
 
 
+@dataclass(frozen=True)
+class NegativeMultiple:
+    """J along the ray -s z*, where Theorem 1 of Ma, Ayaz & Karaman 2018 leaves a neighbourhood of -rho z* open
+    (a local minimum or saddle may sit there), and whether descent from there still finds z*.
+
+    Attributes:
+        rho: The s in (0, ``max_scale``] minimising J(-s z*) on the ray.
+        interior: Whether that minimum lies inside the searched interval (a stationary point on the ray), not at
+            its ends (J monotone along the ray: no negative multiple to fear).
+        loss: J(-rho z*), against J(0) = ``loss_at_zero``.
+        loss_at_zero: J(0).
+        gradient_norm: |grad J(-rho z*)|: the point is stationary along the ray; this says whether it is
+            stationary in every direction.
+        escapes: Adam from -rho z* reaches z* (relative error below ``success_tol``).
+        relative_error: The relative latent error Adam ended at.
+    """
+
+    rho: float
+    interior: bool
+    loss: float
+    loss_at_zero: float
+    gradient_norm: float
+    escapes: bool
+    relative_error: float
+
+
+def negative_multiple(
+    generator: Callable[[Tensor], Tensor],
+    z_true: Tensor,
+    mask: Mask,
+    max_scale: float = 3.0,
+    resolution: int = 3001,
+    max_iter: int = 3000,
+    success_tol: float = 1e-3,
+) -> NegativeMultiple:
+    """Find the minimiser -rho z* of J on the negative ray and test it (:class:`NegativeMultiple`): one problem,
+    ``z_true`` of shape (1, *latent_shape), a shared ``mask``."""
+    if z_true.shape[0] != 1:
+        raise ValueError(f"negative_multiple: one problem, z_true of shape (1, ...), got {tuple(z_true.shape)}")
+    target = mask(generator(z_true)).detach()
+
+    def loss(z: Tensor) -> Tensor:
+        return 0.5 * (mask(generator(z)) - target).flatten(1).square().sum(dim=1)
+
+    with torch.no_grad():
+        scales = torch.linspace(0.0, max_scale, resolution, dtype=z_true.dtype)[1:]
+        rays = -scales.view(-1, *[1] * (z_true.dim() - 1)) * z_true  # (resolution - 1, *latent_shape)
+        along = torch.cat([loss(chunk) for chunk in rays.split(512)])
+        best = int(along.argmin())
+        rho = scales[best].item()
+        at_zero = loss(torch.zeros_like(z_true)).item()
+    point = (-rho * z_true).detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(loss(point).sum(), point)
+    result = recover(generator, generator(z_true).detach(), mask, z_true=z_true, z0=point.detach(), max_iter=max_iter)
+    assert result.relative_error is not None
+    error = result.relative_error.item()
+    return NegativeMultiple(
+        rho=rho,
+        interior=0 < best < len(scales) - 1,
+        loss=along.min().item(),
+        loss_at_zero=at_zero,
+        gradient_norm=gradient.norm().item(),
+        escapes=error < success_tol,
+        relative_error=error,
+    )
+
+
 def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:
     """Save the landscapes side by side as log10(J) heat maps with the true code marked.
 
@@ -97,17 +168,26 @@ def plot_landscapes(landscapes: Sequence[Landscape], path: str | Path) -> Path:
 @dataclass
 class PhaseTransitionRow:
     """Exact-recovery counts for one mask kind at one requested sampling rate (``observed_rate``: the fraction
-    the pattern really observes; a border cannot be thinner than one pixel)."""
+    the pattern really observes; a border cannot be thinner than one pixel), and whether the networks meet
+    Theorem 4's hypotheses at that rate (:meth:`~invertnet.models.TransposedConvGenerator.conditions`)."""
 
     mask: str
     rate: float
     observed_rate: float
     successes: int
     trials: int
+    meets_theorem_4: bool = False
 
     @property
     def probability(self) -> float:
         return self.successes / self.trials
+
+
+def theorem_network(rng: torch.Generator) -> TransposedConvGenerator:
+    """A 2-layer ReLU generator that meets Theorem 1's hypotheses, and Theorem 4's at sampling rates
+    r >= 0.116: latent (10, 1, 1), channels (8, 4), kernel = stride = 6 (36 x 36 images with 4 channels), Gaussian
+    weights of the theory's variance; C_1 l = 288 >= C_0 log C_0 = 23 and C_2 l = 144 >= C_1 log C_1 / r."""
+    return TransposedConvGenerator((10, 1, 1), (8, 4), kernel_size=6, generator=rng)
 
 
 def phase_transition(
@@ -120,24 +200,26 @@ def phase_transition(
     max_iter: int = 2000,
     seed: int = 0,
     progress: bool = False,
+    method: Literal["adam", "gd"] = "adam",
 ) -> list[PhaseTransitionRow]:
     r"""Probability of exact recovery (relative latent error < ``success_tol``) against the sampling rate.
 
     For every mask kind and rate, ``n_networks`` random generators each recover ``n_codes`` random codes
-    (uniform masks: a fresh pattern per code), by gradient descent with the adaptive step, in float64.
+    (uniform masks: a fresh pattern per code), in float64, by Adam at lr 0.1 (the optimiser of Ma, Ayaz &
+    Karaman 2018, 4.3; ``method="gd"``: gradient descent with the adaptive step, whose step collapses at ReLU
+    kinks). Each row says whether the networks meet Theorem 4's hypotheses at its rate.
 
     Arguments:
         rates: Sampling rates r in (0, 1].
-        kinds: Mask kinds (:data:`~invertnet.recovery.MASK_KINDS`).
+        kinds: Mask kinds (:data:`~invertnet.recovery.MASK_KINDS`: the paper's five, uniform, top, bottom, left
+            and right, and a border).
         n_networks, n_codes: Trials = n_networks * n_codes per (kind, rate).
-        make_generator: Builds a random generator from a seeded RNG (default: the 2-layer ReLU network of
-            Theorem 1, latent (10, 1, 1), channels (16, 1), kernel = stride = 4: 16x16 images).
+        make_generator: Builds a random generator from a seeded RNG (default: :func:`theorem_network`).
         success_tol: Relative latent error counted as exact recovery.
+        method: The optimiser of :func:`~invertnet.recovery.recover`.
     """
     if make_generator is None:
-
-        def make_generator(rng: torch.Generator) -> TransposedConvGenerator:
-            return TransposedConvGenerator((10, 1, 1), (16, 1), kernel_size=4, generator=rng)
+        make_generator = theorem_network
 
     rows = []
     settings = [(kind, rate) for kind in kinds for rate in rates]
@@ -154,25 +236,34 @@ def phase_transition(
                 generator(z_true),
                 mask,
                 z_true=z_true,
-                method="gd",
+                method=method,
                 max_iter=max_iter,
                 seed=seed + 1000 * network + 1,
             )
             assert result.relative_error is not None
             successes += int((result.relative_error < success_tol).sum())
-        rows.append(PhaseTransitionRow(kind, float(rate), mask.rate, successes, n_networks * n_codes))
+        meets = generator.conditions(min(max(mask.rate, 1e-12), 1.0)).theorem_4
+        rows.append(PhaseTransitionRow(kind, float(rate), mask.rate, successes, n_networks * n_codes, meets))
     return rows
 
 
 def write_phase_transition_csv(rows: Sequence[PhaseTransitionRow], path: str | Path) -> Path:
-    """Write ``mask,rate,observed_rate,successes,trials,probability`` rows."""
+    """Write ``mask,rate,observed_rate,successes,trials,probability,meets_theorem_4`` rows."""
     path = Path(path)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["mask", "rate", "observed_rate", "successes", "trials", "probability"])
+        writer.writerow(["mask", "rate", "observed_rate", "successes", "trials", "probability", "meets_theorem_4"])
         for row in rows:
             writer.writerow(
-                [row.mask, row.rate, f"{row.observed_rate:.4f}", row.successes, row.trials, f"{row.probability:.4f}"]
+                [
+                    row.mask,
+                    row.rate,
+                    f"{row.observed_rate:.4f}",
+                    row.successes,
+                    row.trials,
+                    f"{row.probability:.4f}",
+                    int(row.meets_theorem_4),
+                ]
             )
     return path
 

@@ -26,6 +26,13 @@ def test_metameric_samples_keep_the_logits_of_one_input_and_the_nuisance_of_the_
     assert model(x).shape == (5, 3) and nuisance.shape == (5, 13)
     with pytest.raises(ValueError, match="differ"):
         metameric_sample(model, x, reference[:2])
+    halfway = metameric_sample(model, x, reference, fraction=0.5)  # thesis Fig. 6.5: interpolated nuisances
+    semantic, nuisance = model.split(model.features(halfway))
+    own, target = model.split(model.features(x))[1], model.split(model.features(reference))[1]
+    assert (semantic - model(x)).abs().max() < 1e-5 and (nuisance - (own + target) / 2).abs().max() < 1e-5
+    assert (metameric_sample(model, x, reference, fraction=0.0) - x).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="fraction"):
+        metameric_sample(model, x, reference, fraction=1.5)
 
 
 def test_metameric_command_on_a_trained_run(tmp_path):
@@ -179,6 +186,9 @@ def test_independence_study_writes_the_comparison(tmp_path):
         partners_of_other_classes(torch.zeros(3, dtype=torch.long), torch.Generator())
     report = independence_study(tmp_path, steps=20, n_pairs=6, dense_blocks=1)
     assert (tmp_path / "independence.png").is_file() and report["pairs"] == 6
+    assert (tmp_path / "interpolation.png").is_file()
+    along = report["independence"]["interpolation_judged_as_logits_class"]
+    assert list(along) == ["0.00", "0.20", "0.40", "0.60", "0.80", "1.00"]
     for name in ("cross_entropy", "independence"):
         judged = report[name]
         for share in ("metameric_judged_as_logits_class", "metameric_judged_as_reference_class"):

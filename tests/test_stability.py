@@ -123,3 +123,47 @@ def test_reconstruction_error_falls_with_iterations_and_faster_for_smaller_c(tmp
         assert curve[0] > curve[1] > curve[2] and curve[2] < 1e-6
     assert record["errors"]["c=0.5"][1] < record["errors"]["c=0.9"][1]
     assert (tmp_path / "reconstruction.png").is_file()
+
+
+def test_lemma_3_6_bounds_the_smallest_singular_value_when_its_hypothesis_holds():
+    from invertnet.analysis import lemma_3_6_bound
+
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        A = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+        removed = sorted(torch.randperm(8, generator=generator)[:3].tolist())
+        kept = [j for j in range(8) if j not in removed]
+        c, holds = lemma_3_6_bound(A, removed, removed[0])
+        values = torch.linalg.svdvals(A[kept])
+        smallest = values[values > 1e-12 * values.max()].min()
+        if holds:
+            checked += 1
+            assert smallest <= c + 1e-12
+    assert checked > 100  # 5 kept rows of R^5 span it: the hypothesis holds almost surely
+    # the hypothesis fails when a_k has a component in the null space of D_I A
+    A = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    c, holds = lemma_3_6_bound(A, removed=[0], k=0)
+    assert not holds
+    with pytest.raises(ValueError, match="removed rows"):
+        lemma_3_6_bound(A, removed=[0], k=1)
+
+
+def test_the_table_3_1_networks_and_their_median_spectra(tmp_path):
+    from invertnet.experiments.stability import TABLE_3_1, cifar_spectra_study, table_3_1_cnn
+
+    for variant, column in (("wide", 0), ("thin", 1)):
+        net = table_3_1_cnn(variant)
+        convolutions = [layer for layer in net if isinstance(layer, torch.nn.Conv2d)]
+        assert [conv.out_channels for conv in convolutions] == [row[column] for row in TABLE_3_1]
+        assert [conv.stride[0] for conv in convolutions] == [1, 2, 1, 1, 1, 2]
+        assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10) and net[-3].out_features == 512
+    with pytest.raises(ValueError, match="wide"):
+        table_3_1_cnn("medium")
+    report = cifar_spectra_study(tmp_path, n_samples=3, window=2, cifar_root=tmp_path / "absent")
+    assert report["inputs"].startswith("standard normal") and report["samples"] == 3
+    wide, thin = report["networks"]["wide"], report["networks"]["thin"]
+    assert len(wide) == len(thin) == 12 and wide[0]["output_units"] == 32 * 32 * 32
+    assert thin[2]["output_units"] == 32 * 16 * 16 and wide[2]["output_units"] == 64 * 16 * 16
+    assert all(row["median_rank"] <= 12 for row in wide)  # a 2 x 2 window of 3 channels: 12 input directions
+    assert (tmp_path / "cifar_spectra.png").stat().st_size > 0

@@ -19,6 +19,7 @@ from invertnet.analysis.spectral import conv_singular_values as conv_singular_va
 from invertnet.analysis.stability import LayerSpectrum as LayerSpectrum
 from invertnet.analysis.stability import layer_spectra as layer_spectra
 from invertnet.analysis.stability import lemma_3_5_bounds as lemma_3_5_bounds
+from invertnet.analysis.stability import lemma_3_6_bound as lemma_3_6_bound
 from invertnet.analysis.stability import plot_layer_spectra as plot_layer_spectra
 from invertnet.analysis.weight_laws import WeightNormality as WeightNormality
 from invertnet.analysis.weight_laws import plot_weight_histograms as plot_weight_histograms
@@ -38,6 +39,7 @@ __all__ = [
     "is_omnidirectional",
     "layer_spectra",
     "lemma_3_5_bounds",
+    "lemma_3_6_bound",
     "metameric_sample",
     "nuisance_probe",
     "plot_certificate",

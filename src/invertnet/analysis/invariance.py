@@ -17,9 +17,15 @@ __all__ = ["metameric_sample", "nuisance_probe"]
 
 @torch.no_grad()
 def metameric_sample(
-    model: FullyInvertibleClassifier, x: Tensor, x_reference: Tensor, **solver_options: object
+    model: FullyInvertibleClassifier,
+    x: Tensor,
+    x_reference: Tensor,
+    fraction: float = 1.0,
+    **solver_options: object,
 ) -> Tensor:
-    r"""x_met = F^{-1}(z_s, z~_n): the logits of x with the nuisance variables of x_reference (thesis Def. 6.8).
+    r"""x_met = F^{-1}(z_s, z~_n): the logits of x with the nuisance variables of x_reference (thesis Def. 6.8),
+    or, with ``fraction`` t in [0, 1], with the nuisance z~_n = (1 - t) z_n + t z*_n interpolated linearly from
+    x's own (t = 0: x itself) to the reference's (t = 1), as in thesis Fig. 6.5 (Jacobsen et al. 2019).
 
     The classifier cannot tell x_met from x (their logits agree up to the inverse's tolerance), while x_met
     carries everything else of the reference; if x_met looks like the reference, the classifier is invariant
@@ -29,14 +35,18 @@ def metameric_sample(
         model: A :class:`~invertnet.models.FullyInvertibleClassifier`, in eval mode.
         x: Inputs (B, ...) whose logits are kept.
         x_reference: Inputs (B, ...) whose nuisance variables are kept.
+        fraction: t, the share of the reference's nuisance.
         **solver_options: ``atol``, ``rtol``, ``max_iter``, ``strict`` of the inverse.
     """
     if x.shape != x_reference.shape:
         raise ValueError(f"metameric_sample: x {tuple(x.shape)} and x_reference {tuple(x_reference.shape)} differ")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"metameric_sample: fraction must lie in [0, 1], got {fraction}")
     z, z_reference = model.features(x), model.features(x_reference)
-    semantic, _ = model.split(z)
+    semantic, own = model.split(z)
     _, nuisance = model.split(z_reference)
-    return model.invert_features(model.merge(semantic, nuisance, z), **solver_options)
+    mixed = nuisance if fraction == 1.0 else (1.0 - fraction) * own + fraction * nuisance
+    return model.invert_features(model.merge(semantic, mixed, z), **solver_options)
 
 
 def nuisance_probe(

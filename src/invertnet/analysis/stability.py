@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from invertnet.figures import save_figure, subplots
 
-__all__ = ["LayerSpectrum", "layer_spectra", "lemma_3_5_bounds", "plot_layer_spectra"]
+__all__ = ["LayerSpectrum", "layer_spectra", "lemma_3_5_bounds", "lemma_3_6_bound", "plot_layer_spectra"]
 
 
 @dataclass
@@ -71,7 +71,11 @@ def layer_spectra(
             full = x.flatten().index_put((columns,), values)
             return prefix(full.view(1, *x.shape)).flatten()
 
-        jacobian = torch.autograd.functional.jacobian(restricted, x.flatten()[columns]).detach()
+        point = x.flatten()[columns]
+        with torch.no_grad():
+            outputs = restricted(point).numel()
+        # forward mode when the window has fewer inputs than the prefix has outputs (one jvp per input column)
+        jacobian = (torch.func.jacfwd if len(columns) < outputs else torch.func.jacrev)(restricted)(point).detach()
         values = torch.linalg.svdvals(jacobian)
         nonzero = values[values > rtol * values.max()] if values.numel() and values.max() > 0 else values[:0]
         condition = (nonzero[0] / nonzero[-1]).item() if nonzero.numel() else float("inf")
@@ -89,6 +93,37 @@ def lemma_3_5_bounds(A: Tensor, removed: Sequence[int]) -> tuple[float, float | 
         return 0.0, None  # A = 0: D_I A has no non-zero singular value
     k = len(values) - len(set(removed))
     return values[0].item(), values[k - 1].item() if k >= 1 else None
+
+
+def lemma_3_6_bound(A: Tensor, removed: Sequence[int], k: int) -> tuple[float, bool]:
+    r"""Thesis Lemma 3.6 (removal of weakly correlated rows): for a removed row k of A (k in I, the rows ReLU
+    zeroes), the smallest c with |<a_j, a_k>| <= c |a_k| / sqrt(M) for every kept row j (M = m - |I|) bounds the
+    smallest non-zero singular value of D_I A from above, provided a_k lies in the orthogonal complement of
+    N(D_I A). Returns ``(c, hypothesis_holds)``; when the hypothesis fails the lemma says nothing.
+
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]], dtype=torch.float64)
+        >>> c, holds = lemma_3_6_bound(A, removed=[0], k=0)  # a_0 = e_1 is weakly correlated with a_1
+        >>> holds, round(c, 6), bool(torch.linalg.svdvals(A[1:]).min() <= c)
+        (True, 1.414214, True)
+    """
+    A = A.double()
+    removed_set = set(int(index) for index in removed)
+    if k not in removed_set:
+        raise ValueError(f"lemma_3_6_bound: row k = {k} must be one of the removed rows {sorted(removed_set)}")
+    kept = [j for j in range(A.shape[0]) if j not in removed_set]
+    if not kept:
+        return 0.0, False
+    row = A[k]
+    norm = row.norm()
+    if norm == 0:
+        return 0.0, False
+    c = (A[kept] @ row).abs().max().item() * len(kept) ** 0.5 / norm.item()
+    _, values, vh = torch.linalg.svd(A[kept], full_matrices=True)
+    rank = int((values > 1e-12 * values.max()).sum()) if values.numel() else 0
+    null_space = vh[rank:]  # rows spanning N(D_I A)
+    holds = bool((null_space @ row).norm() <= 1e-10 * norm) if null_space.numel() else True
+    return c, holds
 
 
 def plot_layer_spectra(spectra: Sequence[LayerSpectrum], path: str | Path, title: str = "") -> Path:

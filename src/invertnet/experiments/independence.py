@@ -59,7 +59,9 @@ def independence_study(
     I(Y; Z_n)), and metameric samples of ``n_pairs`` test pairs of different classes (logits of x, nuisance of
     the reference) judged by an independent CNN: the fraction it assigns to x's class (the logits' class; what
     a classifier without excessive invariance should give) and to the reference's class (the invariance-based
-    adversarial examples of Def. 6.3). Saves ``independence.png`` (thesis Fig. 6.5)."""
+    adversarial examples of Def. 6.3), and the same along the interpolation of the nuisance from x's to the
+    reference's (thesis Fig. 6.5, :data:`FRACTIONS`). Saves ``independence.png`` (the swaps) and
+    ``interpolation.png`` (the interpolations, as in Fig. 6.5)."""
     (x_train, y_train), (x_test, y_test) = load_digits("train"), load_digits("test")
     train = (centered_levels(x_train, DIGITS_LEVELS), y_train)
     test = (centered_levels(x_test, DIGITS_LEVELS), y_test)
@@ -73,6 +75,7 @@ def independence_study(
     reference, reference_labels = x[partners], labels[partners]
     report: dict[str, Any] = {"judge_test_accuracy": judge_accuracy, "pairs": len(x)}
     samples: dict[str, Tensor] = {}
+    paths: dict[str, list[Tensor]] = {}
     for name in ("cross_entropy", "independence"):
         torch.manual_seed(seed)
         model = fully_invertible_classifier((1, 8, 8), 10, 4, 32, 2, 0.9, dense_blocks=dense_blocks)
@@ -82,25 +85,63 @@ def independence_study(
         refine_spectral_norms(model)
         model.eval()
         samples[name] = _metameric(model, x, reference)
+        paths[name] = [_metameric(model, x[:4], reference[:4], fraction) for fraction in FRACTIONS]
         with torch.no_grad():
             accuracy = (model(test[0]).argmax(1) == test[1]).double().mean().item()
             judged = judge(samples[name]).argmax(1)
+            along = [judge(_metameric(model, x, reference, fraction)).argmax(1) for fraction in FRACTIONS]
         report[name] = {
             "test_accuracy": accuracy,
             **nuisance_probe(model, train, test, seed=seed),
             "metameric_judged_as_logits_class": (judged == labels).double().mean().item(),
             "metameric_judged_as_reference_class": (judged == reference_labels).double().mean().item(),
+            "interpolation_judged_as_logits_class": {
+                f"{fraction:.2f}": (classes == labels).double().mean().item()
+                for fraction, classes in zip(FRACTIONS, along, strict=True)
+            },
         }
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report["figure"] = str(_plot(x, reference, samples, output_dir / "independence.png"))
+    report["interpolation_figure"] = str(_plot_interpolation(reference[:4], paths, output_dir / "interpolation.png"))
     return report
 
 
-def _metameric(model: FullyInvertibleClassifier, x: Tensor, reference: Tensor) -> Tensor:
+#: The shares t of the reference's nuisance along the interpolation of thesis Fig. 6.5.
+FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _metameric(model: FullyInvertibleClassifier, x: Tensor, reference: Tensor, fraction: float = 1.0) -> Tensor:
     """Metameric samples in float64 (the inverse to 1e-12), returned in float32."""
     double = copy.deepcopy(model).double()
-    return metameric_sample(double, x.double(), reference.double()).float()
+    return metameric_sample(double, x.double(), reference.double(), fraction).float()
+
+
+def _plot_interpolation(reference: Tensor, paths: dict[str, list[Tensor]], path: Path) -> Path:
+    """Thesis Fig. 6.5: for each model, columns of samples F^{-1}(z_s, (1 - t) z_n + t z*_n) as t goes from 0
+    (the image, top) to 1 (the target's nuisance), one column per pair, the targets in the last row."""
+    pairs = len(reference)
+    columns = 2 * pairs + 1
+    figure, axes = subplots(
+        len(FRACTIONS) + 1,
+        columns,
+        figsize=(columns * 0.9, (len(FRACTIONS) + 1) * 0.95),
+        squeeze=False,
+        feature="independence_study",
+    )
+    for block, name in enumerate(("cross_entropy", "independence")):
+        for step, images in enumerate(paths[name]):
+            for pair in range(pairs):
+                axes[step][block * (pairs + 1) + pair].imshow(images[pair, 0].numpy(), cmap="gray", vmin=-0.5, vmax=0.5)
+        for pair in range(pairs):
+            axes[-1][block * (pairs + 1) + pair].imshow(reference[pair, 0].numpy(), cmap="gray", vmin=-0.5, vmax=0.5)
+        axes[0][block * (pairs + 1)].set_title("CE" if name == "cross_entropy" else "iCE", fontsize=8, loc="left")
+    for axis in axes.flat:
+        axis.axis("off")
+    for step, fraction in enumerate(FRACTIONS):
+        axes[step][pairs].text(0.5, 0.5, f"t = {fraction:.1f}", ha="center", va="center", fontsize=7)
+    axes[-1][pairs].text(0.5, 0.5, "target", ha="center", va="center", fontsize=7)
+    return save_figure(figure, path)
 
 
 def _plot(x: Tensor, reference: Tensor, samples: dict[str, Tensor], path: Path) -> Path:

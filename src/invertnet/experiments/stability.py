@@ -29,9 +29,12 @@ from invertnet.layers import InvertibleResidual, LipschitzMLP, refine_spectral_n
 from invertnet.training import CrossEntropy, fit
 
 __all__ = [
+    "TABLE_3_1",
+    "cifar_spectra_study",
     "cnn_spectra_study",
     "reconstruction_study",
     "spheres_study",
+    "table_3_1_cnn",
     "two_circles",
     "two_circles_study",
     "vanilla_vs_iresnet",
@@ -169,6 +172,104 @@ def cnn_spectra_study(output_dir: str | Path, steps: int = 400, seed: int = 0) -
         "figure": str(figure),
         "layers": [{"layer": s.name, "rank": s.rank, "condition_number": s.condition_number} for s in spectra],
     }
+
+
+TABLE_3_1 = ((32, 32, 1), (64, 32, 2), (64, 16, 1), (32, 16, 1), (32, 16, 1), (64, 32, 2))
+"""Thesis Table 3.1: (feature maps of WideCIFAR, of ThinCIFAR, stride) of the six 3x3 convolutions."""
+
+
+def table_3_1_cnn(variant: str, n_classes: int = 10) -> nn.Sequential:
+    """WideCIFAR or ThinCIFAR of thesis Table 3.1 for 3 x 32 x 32 inputs: six 3x3 convolutions ("same" padding,
+    strides 1, 2, 1, 1, 1, 2; no pooling, residual connections or normalisation), each followed by ReLU, then a
+    dense layer of 512 units with ReLU and a dense read-out of ``n_classes`` (softmax in the loss)."""
+    if variant not in ("wide", "thin"):
+        raise ValueError(f"table_3_1_cnn: variant must be 'wide' or 'thin', got {variant!r}")
+    layers: list[nn.Module] = []
+    channels, size = 3, 32
+    for wide, thin, stride in TABLE_3_1:
+        out = wide if variant == "wide" else thin
+        layers += [nn.Conv2d(channels, out, 3, stride=stride, padding=1), nn.ReLU()]
+        channels, size = out, (size - 1) // stride + 1
+    layers += [nn.Flatten(), nn.Linear(channels * size * size, 512), nn.ReLU(), nn.Linear(512, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def cifar_spectra_study(
+    output_dir: str | Path,
+    n_samples: int = 50,
+    window: int = 8,
+    cifar_root: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Thesis Fig. 3.4 on the Table 3.1 networks: for WideCIFAR and ThinCIFAR, the singular values, ranks and
+    condition numbers of every prefix Jacobian (each convolution and each ReLU), as medians over ``n_samples``
+    inputs. The inputs are CIFAR-10 test images when ``cifar_root`` holds the data set, else standard normal
+    inputs of CIFAR's size (the networks are at their seeded initialisation: train them with your own loop and
+    call :func:`~invertnet.analysis.layer_spectra` for trained ones). The Jacobians are taken with respect to a
+    ``window`` x ``window`` patch of the input (all channels), as the thesis suggests for large inputs.
+    Saves ``cifar_spectra.png``."""
+    from invertnet.data import load_cifar10
+
+    generator = torch.Generator().manual_seed(seed)
+    if cifar_root is not None and Path(cifar_root).exists():
+        images = load_cifar10(cifar_root, "test")[0][:n_samples].double() / 255.0 - 0.5
+        source = "CIFAR-10 test images"
+    else:
+        images = torch.randn(n_samples, 3, 32, 32, generator=generator, dtype=torch.float64)
+        source = "standard normal inputs of CIFAR's size"
+    start = (32 - window) // 2
+    patch = (slice(start, start + window), slice(start, start + window))
+    report: dict[str, Any] = {"inputs": source, "samples": len(images), "window": window, "networks": {}}
+    medians: dict[str, list[dict[str, Any]]] = {}
+    for variant in ("wide", "thin"):
+        torch.manual_seed(seed)
+        net = table_3_1_cnn(variant)
+        convolutional = nn.Sequential(*list(net.children())[:12])  # the six convolutions and their ReLUs
+        per_sample = [layer_spectra(convolutional, image, window=patch) for image in images]
+        rows = []
+        for depth, name in enumerate(dict(convolutional.named_children())):
+            values = torch.stack([spectra[depth].singular_values for spectra in per_sample])
+            rows.append(
+                {
+                    "layer": f"{type(convolutional[depth]).__name__} {name}",
+                    "output_units": int(convolutional[: depth + 1](images[:1].float()).numel()),
+                    "median_rank": float(torch.tensor([spectra[depth].rank for spectra in per_sample]).median()),
+                    "median_condition_number": float(
+                        torch.tensor([spectra[depth].condition_number for spectra in per_sample]).median()
+                    ),
+                    "median_singular_values": values.median(dim=0).values,
+                }
+            )
+        medians[variant] = rows
+        report["networks"][variant] = [
+            {key: value for key, value in row.items() if key != "median_singular_values"} for row in rows
+        ]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report["figure"] = str(_plot_cifar_spectra(medians, output_dir / "cifar_spectra.png"))
+    return report
+
+
+def _plot_cifar_spectra(medians: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Fig. 3.4: left, WideCIFAR's median singular values after every ReLU; right, output units, median number
+    of non-zero singular values and median condition number per layer for both networks."""
+    figure, axes = subplots(1, 4, figsize=(17, 3.8), feature="cifar_spectra.png")
+    for row in medians["wide"][1::2]:  # after each ReLU
+        values = row["median_singular_values"].clamp_min(1e-16)
+        axes[0].semilogy(range(1, len(values) + 1), values.numpy(), label=row["layer"])
+    axes[0].set(title="WideCIFAR: median singular values", xlabel="index", ylabel="singular value")
+    axes[0].legend(fontsize=6)
+    for variant, colour in (("wide", "tab:blue"), ("thin", "tab:red")):
+        layers = range(1, len(medians[variant]) + 1)
+        label = "WideCIFAR" if variant == "wide" else "ThinCIFAR"
+        axes[1].plot(layers, [row["output_units"] for row in medians[variant]], color=colour, marker=".", label=label)
+        axes[2].plot(layers, [row["median_rank"] for row in medians[variant]], color=colour, marker=".")
+        axes[3].semilogy(layers, [row["median_condition_number"] for row in medians[variant]], color=colour, marker=".")
+    axes[1].set(title="output units", xlabel="layer (conv, ReLU alternating)")
+    axes[2].set(title="non-zero singular values (median)", xlabel="layer")
+    axes[3].set(title="condition number (median)", xlabel="layer")
+    axes[1].legend()
+    return save_figure(figure, path)
 
 
 def spheres_study(

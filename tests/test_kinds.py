@@ -157,7 +157,7 @@ def test_a_run_needing_a_missing_extra_says_so_before_training(tmp_path, monkeyp
         ("dcgan_digits", ["data.normalization=standardized"], "a GAN does not read it"),
         ("isotopenet_synthetic", ["data.augment_flip=true"], "a spectrum classifier does not read it"),
         ("independence_digits", ["model.independence.bogus=1"], "not a setting of model.independence (its settings"),
-        ("residualnet_synthetic", ["model.width=3"], "(its settings: none)"),
+        ("residualnet_synthetic", ["model.width=3"], "(its settings: layout)"),
         ("digits_glow", ["model.clamp=2"], "clamp bounds the 'exp' scale; the 'sigmoid' scale lies in (0, 1)"),
         ("digits_glow", ["model.n_scales=4"], "glow_flow: 4 squeezes need H and W divisible by 16, got 8x8"),
         ("two_moons_realnvp", ["model.n_scales=2"], "realnvp_flow: vectors (2,) have one scale"),

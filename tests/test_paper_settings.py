@@ -136,3 +136,41 @@ def test_actnorm_placement_of_the_dense_flow():
     assert kinds["none"] == ["InvertibleResidual"] * 2
     with pytest.raises(ValueError, match="actnorm must be 'before', 'after' or 'none'"):
         dense_iresnet_flow(2, n_blocks=1, actnorm="between")
+
+
+@pytest.mark.parametrize("name, batch", [("isotopenet_synthetic", 256), ("residualnet_synthetic", 64)])
+def test_the_spectra_configs_train_with_table_a2(name, batch):
+    """Thesis Table A.2, task ADSQ: weight decay 0.05 for both, Adam at step size 0.0005, batches of 256
+    (IsotopeNet) and 64 (ResidualNet), dropout 30% for IsotopeNet."""
+    config = load_config(name)
+    assert (config.train.optimizer, config.train.lr, config.train.weight_decay) == ("adam", 0.0005, 0.05)
+    assert config.train.batch_size == batch
+    if name.startswith("isotopenet"):
+        assert config.model.dropout == 0.3
+
+
+def test_the_spectra_networks_sizes_and_receptive_field():
+    from invertnet.models import IsotopeNet, ResidualNet
+
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    # Table 7.2's 13935 parameters include the batch norm after the locally connected layer (2 parameters)
+    assert count(IsotopeNet(27286, locally_connected_kernel=5)) == 13935
+    assert count(IsotopeNet(27286, locally_connected_kernel=5, locally_connected_norm=False)) == 13933
+    assert IsotopeNet(2000).receptive_field() == 49  # Table 7.2 by Luo et al.'s formula; the thesis draws 43
+    assert count(ResidualNet(27286)) == 2132130 and len(ResidualNet(27286).features) == 15  # Table A.1's count
+    table = ResidualNet(27286, layout="table")
+    assert len(table.features) == 12 and count(table) == 1622690  # Table A.1's rows read literally
+
+
+def test_the_carbon_isotope_model_of_the_thesis():
+    """Thesis 7.3.2: a Bernoulli model of the Averagine carbons; the full formula (IsoSpecPy) keeps more peaks."""
+    from invertnet.data.isotopes import isotope_pattern
+
+    for mass, carbon_peaks, full_peaks in ((1000.0, 4, 5), (4000.0, 8, 10)):
+        assert len(isotope_pattern(mass, model="carbon")[0]) == carbon_peaks
+        assert len(isotope_pattern(mass)[0]) == full_peaks
+    masses, probabilities = isotope_pattern(1000.0, model="carbon", threshold=1e-12)
+    carbons = round(4.9384 * 1000.0 / 111.1254)
+    assert probabilities[1] / probabilities[0] == pytest.approx(carbons * 0.0107 / (1 - 0.0107))
+    with pytest.raises(ValueError, match="model"):
+        isotope_pattern(1000.0, model="deuterium")

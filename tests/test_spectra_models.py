@@ -94,3 +94,41 @@ def test_sensitivity_map_of_a_linear_classifier_is_its_weights():
     torch.testing.assert_close(sensitivity_map(linear, x, labels, batch_size=7)[0], expected)
     assert linear.training  # the mode is restored
     assert top_sensitive_bins(torch.tensor([1.0, 9.0, 8.0, 0.0, 7.0, 2.0]), 2, min_separation=2).tolist() == [1, 4]
+
+
+def test_the_roc_statistic_is_the_mann_whitney_auc_and_lda_finds_the_discriminative_bins():
+    from scipy.stats import mannwhitneyu
+
+    from invertnet.models import RocLda, roc_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 40, generator=generator, dtype=torch.float64)
+    y = torch.arange(120) % 2
+    x[:, 3] += 1.5 * y
+    x[:, 17] -= 1.0 * y
+    statistics = roc_statistics(x, y)
+    u = mannwhitneyu(x[y == 1].numpy(), x[y == 0].numpy(), axis=0).statistic
+    torch.testing.assert_close(statistics, torch.from_numpy(abs(u / (60 * 60) - 0.5)))
+    model = RocLda(k=2).fit(x, y)
+    assert sorted(model.features.tolist()) == [3, 17]
+    test = torch.randn(400, 40, generator=generator, dtype=torch.float64)
+    labels = torch.arange(400) % 2
+    test[:, 3] += 1.5 * labels
+    test[:, 17] -= 1.0 * labels
+    accuracy = (model.predict(test) == labels).double().mean().item()
+    assert accuracy > 0.75  # two Gaussians 1.8 standard deviations apart: Bayes accuracy ~0.82
+    with pytest.raises(ValueError, match="two classes"):
+        roc_statistics(x, torch.zeros(120, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must be positive"):
+        RocLda(0)
+
+
+def test_core_level_balanced_accuracy_takes_each_cores_majority():
+    from invertnet.training import core_balanced_accuracy
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])  # core 2 is mostly class 0
+    predictions = torch.tensor([0, 1, 0, 1, 0, 1, 1, 1, 0])  # majorities: 0, 1, 1
+    assert core_balanced_accuracy(predictions, labels, groups) == pytest.approx((1.0 + 0.5) / 2)
+    with pytest.raises(ValueError, match="one shape"):
+        core_balanced_accuracy(predictions, labels, groups[:3])

@@ -4,6 +4,11 @@ A peptide of average mass M is modelled by Averagine (Senko et al. 1995), an ave
 C 4.9384, H 7.7583, N 1.3577, O 1.4773, S 0.0417 and average mass 111.1254 Da. Its isotope distribution is computed
 with IsoSpecPy, merged to nominal isotope peaks about 1 Da apart, and cut at ``threshold`` (the thesis' t_iso = 0.005)
 times the most abundant peak. IsoSpecPy comes with the ``spectra`` extra (``pip install 'invertnet[spectra]'``).
+``model="carbon"`` is the thesis' own model instead: only the n_C = 4.9384 M / 111.1254 carbon atoms vary, each
+13C with probability 1.07%, so the k-th peak has the binomial probability C(n_C, k) p^k (1 - p)^(n_C - k) and lies
+k * 1.00336 Da above the monoisotopic mass (no dependency). Ignoring the other elements' heavy isotopes (15N, 18O,
+34S, 2H) narrows the patterns: at t_iso = 0.005 it keeps 4 peaks at 1000 Da where the full formula keeps 5, and 8
+at 4000 Da where it keeps 10.
 
 Width model. Each peak of an ion at m/z m is a Gaussian with full width at half maximum FWHM = m / R, where R is
 the resolving power (default 10 000, a MALDI-TOF in reflectron mode measuring peptides; a linear TOF has R of a
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from types import ModuleType
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -32,6 +38,7 @@ from invertnet._optional import require
 
 __all__ = [
     "AVERAGINE",
+    "CARBON_13_ABUNDANCE",
     "AVERAGINE_MASS",
     "DEFAULT_RESOLVING_POWER",
     "PROTON_MASS",
@@ -50,6 +57,14 @@ PROTON_MASS = 1.007276466621
 """Proton mass in Da (CODATA 2018): an [M + zH]^z+ ion of neutral mass M has m/z (M + z * PROTON_MASS) / z."""
 DEFAULT_RESOLVING_POWER = 10_000.0
 """R = m / FWHM of a MALDI-TOF in reflectron mode on peptides."""
+CARBON_13_ABUNDANCE = 0.0107
+"""Natural abundance of 13C (IUPAC), the Bernoulli probability of the thesis' carbon model."""
+_CARBON_13_SHIFT = 1.0033548  # Da between 13C and 12C
+_MONOISOTOPIC_PER_RESIDUE = 111.0543  # monoisotopic mass of one Averagine residue, Da (Senko et al. 1995)
+
+IsotopeModel = Literal["isospec", "carbon"]
+"""How isotope patterns are computed: the full Averagine formula with IsoSpecPy, or the thesis' binomial model of
+its carbon atoms."""
 
 _COVERED_PROBABILITY = 1 - 1e-6  # fine-structure probability IsoSpecPy computes before merging
 _FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
@@ -87,12 +102,16 @@ def _average_mass(formula: dict[str, int]) -> float:
     return sum(count * masses[element] for element, count in formula.items())
 
 
-def isotope_pattern(mass: float, threshold: float = 0.005) -> tuple[np.ndarray, np.ndarray]:
+def isotope_pattern(
+    mass: float, threshold: float = 0.005, model: IsotopeModel = "isospec"
+) -> tuple[np.ndarray, np.ndarray]:
     """Nominal isotope peaks of the Averagine peptide of average mass ``mass`` (Da), neutral.
 
-    The fine-structure distribution (IsoSpecPy, covering all but 1e-6 of the probability) is merged by the number
-    of extra neutrons: each peak's mass is the probability-weighted mean of its isotopologues, its probability
-    their sum. Peaks with probability below ``threshold`` times the largest are dropped (thesis t_iso = 0.005).
+    ``model="isospec"``: the fine-structure distribution of the full formula (IsoSpecPy, covering all but 1e-6 of
+    the probability) merged by the number of extra neutrons: each peak's mass is the probability-weighted mean of
+    its isotopologues, its probability their sum. ``model="carbon"``: the thesis' binomial model of the carbon
+    atoms alone (the module docstring). Peaks with probability below ``threshold`` times the largest are dropped
+    (thesis t_iso = 0.005).
 
     Returns:
         ``(masses, probabilities)``, float64 arrays of shape (K,), sorted by mass; probabilities sum to at most 1.
@@ -102,12 +121,36 @@ def isotope_pattern(mass: float, threshold: float = 0.005) -> tuple[np.ndarray, 
     (5, 0)
     >>> np.round(np.diff(masses), 2).tolist()
     [1.0, 1.0, 1.0, 1.0]
+    >>> len(isotope_pattern(1000.0, model="carbon")[0]), len(isotope_pattern(4000.0, model="carbon")[0])
+    (4, 8)
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"isotope_pattern: threshold must be in (0, 1], got {threshold}")
+    if model == "carbon":
+        return _carbon_pattern(mass, threshold)
+    if model != "isospec":
+        raise ValueError(f"isotope_pattern: model must be 'isospec' or 'carbon', got {model!r}")
     formula = averagine_formula(mass)
     masses, probabilities = _nominal_pattern(tuple(formula.items()), threshold)
     return masses.copy(), probabilities.copy()
+
+
+def _carbon_pattern(mass: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The binomial carbon model: n_C = round(4.9384 M / 111.1254) carbons, k of them 13C."""
+    if not mass > 0:
+        raise ValueError(f"isotope_pattern: mass must be positive, got {mass}")
+    residues = mass / AVERAGINE_MASS
+    carbons = max(1, round(AVERAGINE["C"] * residues))
+    k = np.arange(carbons + 1)
+    log_binomial = (
+        np.array([math.lgamma(carbons + 1) - math.lgamma(i + 1) - math.lgamma(carbons - i + 1) for i in k])
+        + k * math.log(CARBON_13_ABUNDANCE)
+        + (carbons - k) * math.log1p(-CARBON_13_ABUNDANCE)
+    )
+    probabilities = np.exp(log_binomial)
+    masses = _MONOISOTOPIC_PER_RESIDUE * residues + k * _CARBON_13_SHIFT
+    keep = probabilities >= threshold * probabilities.max()
+    return masses[keep], probabilities[keep]
 
 
 @lru_cache(maxsize=4096)
@@ -157,14 +200,16 @@ def _edges(grid: ArrayLike, edges: bool) -> np.ndarray:
     return grid
 
 
-def _pattern_interval(mz: float, threshold: float, charge: int, resolving_power: float) -> tuple[float, float]:
+def _pattern_interval(
+    mz: float, threshold: float, charge: int, resolving_power: float, model: IsotopeModel = "isospec"
+) -> tuple[float, float]:
     """m/z interval where the Gaussian-convolved pattern of an ion at average m/z ``mz`` reaches ``threshold`` times
     its most abundant peak (see the module docstring)."""
     if int(charge) != charge or charge < 1:
         raise ValueError(f"isotope_pattern_bins: charge must be a positive integer, got {charge!r}")
     if not resolving_power > 0:
         raise ValueError(f"isotope_pattern_bins: resolving_power must be positive, got {resolving_power}")
-    masses, probabilities = isotope_pattern(charge * (mz - PROTON_MASS), threshold)
+    masses, probabilities = isotope_pattern(charge * (mz - PROTON_MASS), threshold, model)
     peaks = (masses + charge * PROTON_MASS) / charge
     sigma = peaks / resolving_power / _FWHM_PER_SIGMA
     reach = sigma * np.sqrt(2 * np.log(probabilities / (threshold * probabilities.max())))
@@ -187,6 +232,7 @@ def isotope_pattern_bins(
     resolving_power: float = DEFAULT_RESOLVING_POWER,
     *,
     edges: bool = False,
+    model: IsotopeModel = "isospec",
 ) -> int:
     """Number of m/z bins covered by the isotope pattern of an Averagine [M + zH]^z+ ion whose average m/z is
     ``mz`` (thesis Fig. 7.3), on a possibly non-equidistant grid.
@@ -197,11 +243,12 @@ def isotope_pattern_bins(
         threshold: t_iso, relative to the most abundant peak, for both the peaks kept and the Gaussian tails.
         charge: Charge state z (peaks are 1/z apart in m/z).
         resolving_power: R = m / FWHM of each peak's Gaussian.
+        model: ``"isospec"`` (the full formula) or ``"carbon"`` (the thesis' binomial carbon model).
 
     >>> isotope_pattern_bins(1000.0, np.arange(800.0, 4000.0, 0.163), edges=True)
     27
     """
-    return _count_bins(_edges(grid, edges), *_pattern_interval(mz, threshold, charge, resolving_power))
+    return _count_bins(_edges(grid, edges), *_pattern_interval(mz, threshold, charge, resolving_power, model))
 
 
 def isotope_pattern_bin_counts(
@@ -212,6 +259,7 @@ def isotope_pattern_bin_counts(
     resolving_power: float = DEFAULT_RESOLVING_POWER,
     *,
     edges: bool = False,
+    model: IsotopeModel = "isospec",
 ) -> np.ndarray:
     """:func:`isotope_pattern_bins` at each m/z of ``mz`` (any shape), an int64 array of the same shape: the curve of
     thesis Fig. 7.3 over a mass range. Patterns are cached per Averagine formula, so dense curves are cheap.
@@ -223,5 +271,6 @@ def isotope_pattern_bin_counts(
     mz = np.asarray(mz, dtype=np.float64)
     counts = np.empty(mz.shape, dtype=np.int64)
     for index, value in np.ndenumerate(mz):
-        counts[index] = _count_bins(bin_edges, *_pattern_interval(float(value), threshold, charge, resolving_power))
+        interval = _pattern_interval(float(value), threshold, charge, resolving_power, model)
+        counts[index] = _count_bins(bin_edges, *interval)
     return counts

@@ -24,6 +24,8 @@ from invertnet.models.generators import save_generator as save_generator
 from invertnet.models.iresnet_flows import dense_iresnet_flow as dense_iresnet_flow
 from invertnet.models.iresnet_flows import multiscale_iresnet_flow as multiscale_iresnet_flow
 from invertnet.models.mintnet_flows import mintnet_flow as mintnet_flow
+from invertnet.models.roc_lda import RocLda as RocLda
+from invertnet.models.roc_lda import roc_statistics as roc_statistics
 from invertnet.models.saving import load as load
 from invertnet.models.saving import save as save
 from invertnet.models.sizes import parameter_count as parameter_count
@@ -42,6 +44,7 @@ __all__ = [
     "IsotopeNet",
     "LogProbEvaluation",
     "ResidualNet",
+    "RocLda",
     "TransposedConvGenerator",
     "conditional_dcgan",
     "dense_iresnet_flow",
@@ -56,6 +59,7 @@ __all__ = [
     "multiscale_iresnet_flow",
     "parameter_count",
     "realnvp_flow",
+    "roc_statistics",
     "save",
     "save_generator",
     "standard_normal",

@@ -127,11 +127,15 @@ class IsotopeNet(nn.Module):
     k the locally connected kernel. The table's 13935 parameters are reproduced by k = 5 (the reference
     implementation's width) on L = 27286 m/z bins, L' = 1820, or by the table's k = 3 on L' = 2548.
 
+    The batch norm and ReLU after the locally connected layer are not in Table 7.2; ``locally_connected_norm=False``
+    is the table as written (the locally connected layer straight into the read-out).
+
     Arguments:
         input_length: L, bins per spectrum; input (B, 1, L).
         n_classes: Number of classes.
         locally_connected_kernel: k (3 in Table 7.2).
         dropout: Dropout probability before the locally connected layer.
+        locally_connected_norm: Batch norm and ReLU after the locally connected layer.
 
     Examples:
         >>> net = IsotopeNet(300)
@@ -143,7 +147,12 @@ class IsotopeNet(nn.Module):
     CHANNELS = (8, 8, 8, 1)
 
     def __init__(
-        self, input_length: int, n_classes: int = 2, locally_connected_kernel: int = 3, dropout: float = 0.3
+        self,
+        input_length: int,
+        n_classes: int = 2,
+        locally_connected_kernel: int = 3,
+        dropout: float = 0.3,
+        locally_connected_norm: bool = True,
     ) -> None:
         super().__init__()
         if input_length < 1 or n_classes < 2:
@@ -156,13 +165,14 @@ class IsotopeNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.locally_connected = LocallyConnected1d(1, 1, length, locally_connected_kernel, bias=False)
-        self.norm = nn.BatchNorm1d(1)
+        self.norm = nn.BatchNorm1d(1) if locally_connected_norm else None
         self.head = nn.Linear(length, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_spectra(x, self.input_length, "IsotopeNet")
-        h = self.dropout(F.relu(self.features(x)))
-        h = F.relu(self.norm(self.locally_connected(h)))
+        h = self.locally_connected(self.dropout(F.relu(self.features(x))))
+        if self.norm is not None:
+            h = F.relu(self.norm(h))
         return self.head(h.flatten(1))
 
     def receptive_field(self, include_locally_connected: bool = False) -> int:
@@ -180,9 +190,15 @@ class ResidualNet(nn.Module):
     then a stride-3 layer with 256 maps, global average pooling and a linear read-out. 2132130 parameters for
     two classes and 21871 to 65610 bins (seven pairs).
 
+    ``layout="table"`` is Table A.1 read literally instead: twelve residual layers with 16, 32, 32, 64, 64,
+    5 x 128 (strides alternating 3 and 1) and 128, 256 maps and strides 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3
+    (1.6e6 parameters for two classes; the text's 2132130 needs the fitted layout's 15 layers).
+
     Arguments:
         input_length: L, bins per spectrum; input (B, 1, L).
         n_classes: Number of classes.
+        layout: ``"fitted"`` (pairs while the length exceeds 30 bins, matching the stated parameter count) or
+            ``"table"`` (the table's twelve layers).
 
     Examples:
         >>> net = ResidualNet(100)
@@ -190,13 +206,23 @@ class ResidualNet(nn.Module):
         torch.Size([2, 2])
     """
 
-    def __init__(self, input_length: int, n_classes: int = 2) -> None:
+    TABLE_A1 = ((16, 1), (32, 3), (32, 1), (64, 3), (64, 1), (128, 3), (128, 1), (128, 3), (128, 1), (128, 3))
+    """(maps, stride) of Table A.1's first ten residual layers (the five 128-map layers alternate 3 / 1); two
+    stride-3 layers with 128 and 256 maps follow."""
+
+    def __init__(self, input_length: int, n_classes: int = 2, layout: Literal["fitted", "table"] = "fitted") -> None:
         super().__init__()
         if input_length < 1 or n_classes < 2:
             raise ValueError(f"ResidualNet: need input_length >= 1 and n_classes >= 2, got {input_length}, {n_classes}")
+        if layout not in ("fitted", "table"):
+            raise ValueError(f"ResidualNet: layout must be 'fitted' or 'table', got {layout!r}")
         layers: list[nn.Module] = []
         channels, maps, width = 1, 16, float(input_length)
-        while width > 30:
+        if layout == "table":
+            for maps, stride in (*self.TABLE_A1, (128, 3)):
+                layers.append(ResidualLayer1d(channels, maps, 5, stride, norm_order="before_conv"))
+                channels = maps
+        while layout == "fitted" and width > 30:
             layers.append(ResidualLayer1d(channels, maps, 5, 1, norm_order="before_conv"))
             channels, maps = maps, min(2 * maps, 128)
             layers.append(ResidualLayer1d(channels, maps, 5, 3, norm_order="before_conv"))

@@ -23,6 +23,7 @@ from invertnet.training.objectives import IndependenceCrossEntropy as Independen
 from invertnet.training.objectives import IndependenceLosses as IndependenceLosses
 from invertnet.training.objectives import balanced_accuracy as balanced_accuracy
 from invertnet.training.objectives import bits_per_sample as bits_per_sample
+from invertnet.training.objectives import core_balanced_accuracy as core_balanced_accuracy
 from invertnet.training.objectives import mean_and_standard_error as mean_and_standard_error
 from invertnet.training.objectives import random_flip as random_flip
 from invertnet.training.objectives import random_shift as random_shift
@@ -50,6 +51,7 @@ __all__ = [
     "Trainer",
     "WeightChoice",
     "balanced_accuracy",
+    "core_balanced_accuracy",
     "batch_source",
     "bits_per_sample",
     "choose_weights",

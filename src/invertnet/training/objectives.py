@@ -26,6 +26,7 @@ __all__ = [
     "IndependenceCrossEntropy",
     "IndependenceLosses",
     "balanced_accuracy",
+    "core_balanced_accuracy",
     "bits_per_sample",
     "mean_and_standard_error",
     "random_flip",
@@ -56,6 +57,25 @@ def balanced_accuracy(predictions: Tensor, labels: Tensor) -> float:
         raise ValueError(f"balanced_accuracy: predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)}")
     recalls = [(predictions[labels == c] == c).double().mean() for c in torch.unique(labels)]
     return torch.stack(recalls).mean().item()
+
+
+def core_balanced_accuracy(predictions: Tensor, labels: Tensor, groups: Tensor) -> float:
+    """Balanced accuracy per tissue core (thesis Fig. 7.5, "core level"): each group's prediction is the majority
+    of its spots' predicted labels (ties: the smallest class) and its label the majority of its spots' labels.
+
+    Examples:
+        >>> predictions, labels = torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> core_balanced_accuracy(predictions, labels, torch.tensor([0, 0, 0, 1, 1, 1]))  # 2 of 3 per core
+        1.0
+    """
+    if not predictions.shape == labels.shape == groups.shape:
+        raise ValueError("core_balanced_accuracy: predictions, labels and groups need one shape")
+    core_predictions, core_labels = [], []
+    for group in torch.unique(groups):
+        members = groups == group
+        core_predictions.append(torch.bincount(predictions[members]).argmax())
+        core_labels.append(torch.bincount(labels[members]).argmax())
+    return balanced_accuracy(torch.stack(core_predictions), torch.stack(core_labels))
 
 
 class BitsPerDim(nn.Module):

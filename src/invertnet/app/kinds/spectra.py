@@ -8,6 +8,7 @@ test spectra with its peaks against the peptides that differ (synthetic data); w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -20,8 +21,9 @@ from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.data import SpectraDataset, grouped_folds, read_imzml, synthetic_spectra
 from invertnet.figures import save_figure, subplots
+from invertnet.models.roc_lda import RocLda
 from invertnet.models.spectra import IsotopeNet, ResidualNet
-from invertnet.training.objectives import CrossEntropy, balanced_accuracy
+from invertnet.training.objectives import CrossEntropy, balanced_accuracy, core_balanced_accuracy
 
 if TYPE_CHECKING:
     from invertnet.app.config import DataConfig, RunConfig
@@ -45,14 +47,20 @@ class IsotopeNetConfig(KindConfig):
         3, gt=0, le=1001, description="odd kernel size of the locally connected layer"
     )
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the locally connected layer")
+    locally_connected_norm: bool = Field(
+        True, description="batch norm and ReLU after the locally connected layer (not in Table 7.2's rows)"
+    )
     legacy_names: ClassVar[dict[str, str]] = {"kernel_size": "locally_connected_kernel"}
 
 
 class ResidualNetConfig(KindConfig):
-    """``residualnet``: :class:`~invertnet.models.ResidualNet` (thesis Table A.1), no settings."""
+    """``residualnet``: :class:`~invertnet.models.ResidualNet` (thesis Table A.1)."""
 
     kind: Literal["residualnet"] = "residualnet"
     builder: ClassVar = ResidualNet
+    layout: Literal["fitted", "table"] = Field(
+        "fitted", description="depth fitted to the stated parameter count (15 layers) or Table A.1's 12 rows"
+    )
 
 
 class SpectraKind(ModelKind):
@@ -66,8 +74,8 @@ class SpectraKind(ModelKind):
     )
 
     def load_data(self, config: RunConfig) -> RunData:
-        train, test, dataset = load_spectra(config)
-        return RunData(train, test, n_classes=max(int(dataset.labels.max()) + 1, 2), extra=dataset)
+        train, test, split = load_spectra(config)
+        return RunData(train, test, n_classes=max(int(split.dataset.labels.max()) + 1, 2), extra=split)
 
     def construct(self, config: RunConfig, data: RunData) -> nn.Module:
         model = config.model
@@ -77,7 +85,7 @@ class SpectraKind(ModelKind):
         return CrossEntropy(model, max_shift=config.data.augment_shift)
 
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
-        return finish_spectra(model, run_dir, data.test, data.extra)
+        return finish_spectra(model, run_dir, data.test, data.extra, data.train)
 
 
 def load_spectra_dataset(config: RunConfig) -> SpectraDataset:
@@ -112,8 +120,16 @@ def _read_dataset(data: DataConfig, kind: str, seed: int) -> SpectraDataset:
     return dataset
 
 
-def load_spectra(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], SpectraDataset]:
-    """``((x, y) train, (x, y) test, dataset)`` for fold ``data.fold`` of ``data.n_folds`` grouped folds (no
+@dataclass(frozen=True)
+class SpectraSplit:
+    """The data set of a spectra run and the group (tissue core) of every test spectrum."""
+
+    dataset: SpectraDataset
+    test_groups: Tensor
+
+
+def load_spectra(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], SpectraSplit]:
+    """``((x, y) train, (x, y) test, split)`` for fold ``data.fold`` of ``data.n_folds`` grouped folds (no
     group in both parts, thesis 7.4) when the data has at least ``n_folds`` groups (patients / cores, e.g. the
     labels CSV's group column), else folds over spectra; stratified by class; spectra shaped (N, 1, L)."""
     dataset = load_spectra_dataset(config)
@@ -125,20 +141,53 @@ def load_spectra(config: RunConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor
     folds = grouped_folds(groups, config.data.n_folds, seed=config.train.seed, labels=dataset.labels)
     train_index, test_index = folds[config.data.fold]
     x = dataset.spectra.unsqueeze(1)
-    return (x[train_index], dataset.labels[train_index]), (x[test_index], dataset.labels[test_index]), dataset
+    split = SpectraSplit(dataset, dataset.groups[test_index])
+    return (x[train_index], dataset.labels[train_index]), (x[test_index], dataset.labels[test_index]), split
+
+
+#: The numbers K of discriminative m/z values the ROC / LDA baseline is run with (thesis 7.4.1: 5 to 100).
+BASELINE_FEATURES = (5, 10, 20, 50, 100)
+
+
+def roc_lda_report(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], groups: Tensor) -> dict[str, Any]:
+    """The ROC / LDA baseline (:class:`~invertnet.models.RocLda`) fitted on ``train`` for every K of
+    :data:`BASELINE_FEATURES`, its worst and best balanced accuracy on ``test`` per spot and per core (thesis
+    Fig. 7.5 reports both ends)."""
+    spot, core = [], []
+    for k in BASELINE_FEATURES:
+        predictions = RocLda(k).fit(*train).predict(test[0])
+        spot.append(balanced_accuracy(predictions, test[1]))
+        core.append(core_balanced_accuracy(predictions, test[1], groups))
+    return {
+        "features": list(BASELINE_FEATURES),
+        "balanced_accuracy": spot,
+        "core_balanced_accuracy": core,
+        "worst": min(spot),
+        "best": max(spot),
+        "core_worst": min(core),
+        "core_best": max(core),
+    }
 
 
 def finish_spectra(
-    model: nn.Module, run_dir: Path, test: tuple[Tensor, Tensor], dataset: SpectraDataset
+    model: nn.Module,
+    run_dir: Path,
+    test: tuple[Tensor, Tensor],
+    split: SpectraSplit,
+    train: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Test metrics (cross-entropy, accuracy, balanced accuracy), the sensitivity map averaged over the test
-    spectra with its peaks against the known discriminative m/z (synthetic data), and ``sensitivity.png``."""
+    """Test metrics (cross-entropy, accuracy, balanced accuracy per spot and per core, the majority vote of a
+    core's spots), the ROC / LDA baseline on the same split (when ``train`` is given), the sensitivity map
+    averaged over the test spectra with its peaks against the known discriminative m/z (synthetic data), and
+    ``sensitivity.png``."""
     model.eval()
     x, y = test
+    dataset = split.dataset
     with torch.no_grad():
         predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
     metrics = CrossEntropy(model).evaluate(test)
     metrics["balanced_accuracy"] = balanced_accuracy(predictions, y)
+    metrics["core_balanced_accuracy"] = core_balanced_accuracy(predictions, y, split.test_groups)
     sensitivity = sensitivity_map(model, x, y, method="gradient_times_input")[0]
     report: dict[str, Any] = {"run_dir": str(run_dir), "test": metrics}
     report["sensitivity"] = sensitivity_report(sensitivity, dataset)
@@ -146,6 +195,8 @@ def finish_spectra(
     save_tensors({"sensitivity": sensitivity}, run_dir / "sensitivity.safetensors")
     if isinstance(model, IsotopeNet):
         report["receptive_field_bins"] = model.receptive_field()
+    if train is not None:
+        report["roc_lda"] = roc_lda_report(train, test, split.test_groups)
     return report
 
 

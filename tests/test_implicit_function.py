@@ -129,3 +129,69 @@ def test_the_a_priori_iteration_bound_of_theorem_2_holds():
     assert fixed_point(torch.cos, start, lipschitz=None).iteration_bound is None
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         a_priori_iterations(1.0, torch.tensor([1.0]), 1e-3)
+
+
+def test_newton_gradients_equal_the_implicit_function_formula_on_a_coupled_3d_map():
+    """f(x) = A tanh(x) + x + b in R^3: dx/dy = J_f(x)^{-1} and dx/db = -J_f(x)^{-1}, against brute force."""
+    torch.manual_seed(3)
+    A = 0.6 * torch.randn(3, 3, dtype=DOUBLE)
+    b = torch.randn(3, dtype=DOUBLE, requires_grad=True)
+    y = torch.randn(1, 3, dtype=DOUBLE, requires_grad=True)
+
+    def f(x):
+        return torch.tanh(x) @ A.T + x + b
+
+    x = newton(f, torch.zeros(1, 3, dtype=DOUBLE), y, atol=1e-14).value
+    jacobian = torch.autograd.functional.jacobian(lambda v: f(v[None])[0], x[0].detach())
+    inverse = torch.linalg.inv(jacobian)
+    rows_y = torch.stack([torch.autograd.grad(x[0, i], y, retain_graph=True)[0][0] for i in range(3)])
+    rows_b = torch.stack([torch.autograd.grad(x[0, i], b, retain_graph=True)[0] for i in range(3)])
+    torch.testing.assert_close(rows_y, inverse, atol=1e-10, rtol=0)
+    torch.testing.assert_close(rows_b, -inverse, atol=1e-10, rtol=0)
+
+
+def _finite_difference(solve, x, step=1e-6):
+    """Central differences of solve (B, n) -> (B, m) as (B, m, n)."""
+    columns = []
+    for a in range(x.shape[1]):
+        shift = torch.zeros_like(x)
+        shift[:, a] = step
+        columns.append((solve(x + shift) - solve(x - shift)) / (2 * step))
+    return torch.stack(columns, dim=2)
+
+
+def _autograd_derivative(solve, x):
+    x = x.clone().requires_grad_(True)
+    y = solve(x)
+    rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0] for i in range(y.shape[1])]
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("problem", ["circle", "three_dimensional", "lagrange"])
+def test_implicit_function_derivatives_against_finite_differences(problem):
+    if problem == "circle":
+        F = lambda x, y: x**2 + y**2 - 1  # noqa: E731
+        x, y0 = torch.tensor([[0.3], [-0.7]], dtype=DOUBLE), torch.ones(2, 1, dtype=DOUBLE)
+    elif problem == "three_dimensional":
+        M = torch.tensor([[1.0, 0.2, -0.3], [0.1, 0.8, 0.4], [-0.2, 0.3, 1.1]], dtype=DOUBLE)
+        F = lambda x, y: y + 0.5 * torch.sin(y) @ M.T - x  # noqa: E731 - y in R^3 given x in R^3
+        x, y0 = torch.tensor([[0.4, -1.0, 0.7]], dtype=DOUBLE), torch.zeros(1, 3, dtype=DOUBLE)
+    else:  # the nearest point of the plane sum(p) = t to c: KKT in (p, lambda), parameter t
+        c = torch.tensor([0.5, -1.0, 2.0], dtype=DOUBLE)
+
+        def F(t, z):
+            p, multiplier = z[:, :3], z[:, 3:]
+            return torch.cat([2 * (p - c) + multiplier, p.sum(dim=1, keepdim=True) - t], dim=1)
+
+        x, y0 = torch.tensor([[1.0], [2.5]], dtype=DOUBLE), torch.zeros(2, 4, dtype=DOUBLE)
+
+    def solve(x):
+        return implicit_function(F, x, y0, atol=1e-14).value
+
+    derivative = _autograd_derivative(solve, x)
+    with torch.no_grad():
+        reference = _finite_difference(solve, x)
+    torch.testing.assert_close(derivative, reference, atol=1e-7, rtol=0)
+    if problem == "lagrange":  # p = c + (t - sum c) / 3, lambda = -2 (t - sum c) / 3
+        expected = torch.tensor([1 / 3, 1 / 3, 1 / 3, -2 / 3], dtype=DOUBLE).expand(2, 4).unsqueeze(2)
+        torch.testing.assert_close(derivative, expected, atol=1e-12, rtol=0)

@@ -212,3 +212,25 @@ def test_independence_cross_entropy_through_invertnet_train(tmp_path):
     wrong = runner.invoke(main, ["train", "--config", "iresnet_classifier_digits", "--set", "model.independence={}"])
     assert wrong.exit_code != 0
     assert "model.independence: not a setting of model kind 'iresnet_classifier'" in wrong.output
+
+
+def test_the_independence_likelihood_term_is_per_input_dimension():
+    """The likelihood term is L_MLEn of the thesis' Eq. 6.13 divided by d: Eq. 6.13 as written is mu = d."""
+    from invertnet.training import IndependenceCrossEntropy
+
+    torch.manual_seed(0)
+    model = fully_invertible_classifier((1, 4, 4), n_classes=2, n_blocks=1, hidden_channels=4, dense_blocks=1).double()
+    objective = IndependenceCrossEntropy(model, 14, hidden=8).double()
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    y = torch.arange(8) % 2
+    with torch.no_grad():
+        objective((x, y))  # ActNorm initialisation
+    objective.eval()
+    torch.manual_seed(1)
+    terms = objective.losses(x, y)
+    torch.manual_seed(1)
+    z, log_det = model.body.forward_and_log_det(x)
+    nuisance = model.split(z)[1]
+    log_prior = torch.distributions.Normal(objective.prior_mean, objective.prior_log_scale.exp()).log_prob(nuisance)
+    l_mle = -(log_prior.sum(1) + log_det).mean()  # Eq. 6.13's L_MLEn, per sample
+    torch.testing.assert_close(terms.nuisance_nll * 16, l_mle)

@@ -1,5 +1,6 @@
 r"""Newton's method for square maps f(x) = y, batched per sample, with a backtracking line search and the
-condition of every Jacobian reported (formalML IFT notes: Remark 5, Newton as a super-contraction; Remark 7, the
+condition number of the Jacobian at the solution reported, exact for dense Jacobians and a lower bound for
+Newton-Krylov (formalML IFT notes: Remark 5, Newton as a super-contraction; Remark 7, the
 condition number decides whether an invertible map is numerically invertible).
 
 Small dimensions use the dense per-sample Jacobian (d vector-Jacobian products, then an LU solve and an SVD

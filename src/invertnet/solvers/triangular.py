@@ -14,9 +14,10 @@ Two solvers share one safeguarded Newton update, applied to every coordinate p a
   coordinate moved by more than the tolerance, since its equation then changed, and when it collapsed
   while the residual is still above the tolerance.
 
-:func:`triangular_newton` updates all coordinates in parallel (Song et al. 2019 sample with 5 such Newton
-steps; their reference code scales the step by a constant hand-tuned per data set, which the bracket makes
-unnecessary). :func:`sequential_solve` solves one coordinate at a time in the triangular order, the exact
+:func:`triangular_newton` updates all coordinates in parallel (Song et al. 2019 sample with 5 Newton
+iterations; the bracket needs no step size to tune). Parallel updates can still run away on strongly coupled
+layers, which :class:`~invertnet.layers.MintLayer` then solves again with :func:`sequential_solve`.
+:func:`sequential_solve` solves one coordinate at a time in the triangular order, the exact
 procedure of the proof, as a reference for small inputs. Both report iterations, per-sample residuals
 max_p |r_p(x) - y_p| and a :class:`~invertnet.SolverStatus`, and never fail silently.
 

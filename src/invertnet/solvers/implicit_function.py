@@ -293,11 +293,11 @@ def follow_solutions(
         return torch.linalg.det(batched_jacobian(equation, point)[1][0][:, 1:])
 
     points, determinants, records, folds = [z[0]], [determinant(z)], [start], []
-    tangent = None
+    tangent: Tensor | None = None
     status = SolverStatus.SUCCESS
     for _ in range(n_steps):
         tangent = _tangent(batched_jacobian(equation, z)[1][0], tangent)
-        if tangent is not None and len(points) == 1 and tangent[0] * step < 0:
+        if len(points) == 1 and tangent[0] * step < 0:  # the first step goes the way the sign of step says
             tangent = -tangent
         prediction = z + abs(step) * tangent
         direction = tangent

@@ -100,3 +100,19 @@ def test_a_flow_says_whether_its_log_prob_is_exact_in_the_current_mode():
     assert not image.log_prob_is_exact  # convolutional blocks keep their estimator in eval mode
     image.residual_blocks()[0].use_log_det_estimator(ExactLogDet())
     assert image.log_prob_is_exact
+
+
+def test_image_conditional_flows_are_evaluated_with_one_or_many_contexts():
+    from invertnet.models import realnvp_flow
+
+    torch.manual_seed(0)
+    flow = realnvp_flow((1, 8, 8), n_steps=1, hidden=4, levels=17, context_shape=(1, 4, 4))
+    x = torch.randint(0, 17, (6, 1, 8, 8))
+    contexts = torch.randn(6, 1, 4, 4)
+    many = evaluate_log_prob(flow, x, context=contexts)
+    one = evaluate_log_prob(flow, x, context=contexts[0])
+    assert many.log_prob.shape == one.log_prob.shape == (6,)
+    torch.manual_seed(1)
+    shared = evaluate_log_prob(flow, x, context=contexts[0].expand(6, 1, 4, 4))
+    torch.manual_seed(1)
+    assert torch.allclose(evaluate_log_prob(flow, x, context=contexts[0]).log_prob, shared.log_prob)

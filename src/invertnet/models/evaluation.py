@@ -83,7 +83,8 @@ def evaluate_log_prob(
     Arguments:
         flow: The flow.
         x: Data of shape (N, *event_shape), N >= 1 (integer levels for dequantising flows).
-        context: Conditional flows: the contexts, shape (N, k) (or (k,) for all): log p(x | c).
+        context: Conditional flows: the contexts, shape (N, k) (or (k,) for all; image contexts (N, C, H, W) or
+            (C, H, W)): log p(x | c).
         bias_bits: Bound on the series' bias, bits/dim.
         standard_error_bits: Stop averaging passes when the probe standard error is below this, bits/dim.
         max_terms: Most series terms (the bias bound reports what was reached).
@@ -121,7 +122,7 @@ def evaluate_log_prob(
     saved = [(block.log_det_estimator, block.eval_log_det) for block in blocks]
     try:
         with frozen_mode(flow):
-            first = context if context is None or context.dim() == 1 else context[:1]
+            first = context if _shared(flow, context) else context[:1]
             _log_prob(flow, x[:1], first, batch_size)  # convolutions learn their input size
             report = flow.use_evaluation_estimator(
                 dim, bias_bits=bias_bits, max_terms=max_terms, exact_features=exact_features
@@ -161,9 +162,14 @@ def evaluate_log_prob(
     )
 
 
+def _shared(flow: FlowDistribution, context: Tensor | None) -> bool:
+    """Whether ``context`` is one context for every sample (no batch dimension), or there is none."""
+    return context is None or context.dim() == (1 if flow.context_shape is None else len(flow.context_shape))
+
+
 def _log_prob(flow: FlowDistribution, x: Tensor, context: Tensor | None, batch_size: int) -> Tensor:
     """log p(x) (given the contexts, one per sample or one for all) in chunks of ``batch_size``."""
-    if context is None or context.dim() == 1:
+    if _shared(flow, context):
         return torch.cat([flow.log_prob(chunk, context) for chunk in x.split(batch_size)])
     if len(context) != len(x):
         raise ValueError(f"evaluate_log_prob: {len(x)} samples but {len(context)} contexts")

@@ -441,6 +441,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="models to run (default: all of the mode)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and batch order")
     parser.add_argument("--checks", type=int, help="--settings: validation evaluations per run (default 10)")
+    parser.add_argument(
+        "--logit-alpha",
+        type=float,
+        default=LOGIT_ALPHA,
+        help=f"margin of the logit every model shares (default {LOGIT_ALPHA}; the embedded configs keep their own)",
+    )
     args = parser.parse_args(argv)
     names = [spec.name for spec in INVERTNET + PEERS] if args.settings else [*CONFIGS, *(p.name for p in PEERS)]
     unknown = sorted(set(args.models or []) - set(names))
@@ -452,15 +458,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--lr, --batch and --budget must be positive")
     if args.checks is not None and args.checks < 1:
         parser.error(f"--checks must be at least 1, got {args.checks}")
+    if not 0 < args.logit_alpha < 0.5:
+        parser.error(f"--logit-alpha must lie in (0, 0.5), got {args.logit_alpha}")
     args.models = args.models or names
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    global LOGIT_ALPHA  # noqa: PLW0603 - one preprocessing for every model of the run
     args = parse(argv)
+    LOGIT_ALPHA = args.logit_alpha
     split = digits_split()
     common = {
         "seed": args.seed,
+        "logit_alpha": LOGIT_ALPHA,
         "threads": torch.get_num_threads(),
         "target_parameters": target_parameters(),
         "data": {**split.sizes(), "levels": DIGITS_LEVELS, "dequantisation_draws": DRAWS},

@@ -30,12 +30,12 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 2
-"""The run-config format written now (``config_version`` of ``run_config.json``); version 1 files are converted."""
+"""The run-config format written now (``config_version`` of ``run_config.json``); version 1 (no
+``config_version`` key, one flat model section for all kinds) is converted."""
 
 DEFAULT_CONFIG = "digits_dense"
 """The embedded config ``invertnet train`` (and ``make run``) trains without ``--config``: the dense i-ResNet flow
-on the digits (2.08 test bits/dim in under 2 minutes on 2 cores; the multi-scale ``digits`` config: 2.29)."""
-"""Version of the run-config layout; 1 (no ``config_version`` key) had one flat model section for all kinds."""
+on the digits (2.00 test bits/dim in about a minute on 2 cores; the multi-scale ``digits`` config: 2.21)."""
 
 ModelConfig = Annotated[Union[tuple(kind.config for kind in KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
 

@@ -99,13 +99,19 @@ def context_shape_at(shape: Sequence[int], height: int, width: int) -> tuple[int
             f"an image context of size {context_height}x{context_width} cannot be brought to a layer of size "
             f"{height}x{width}: one must be an integer multiple of the other, equally in both directions"
         )
-    return (channels * how[1] ** 2 if how[0] == "squeeze" else channels, height, width)
+    return _channels_after(channels, how), height, width
+
+
+def _channels_after(channels: int, how: tuple[str, int]) -> int:
+    """Channels of an image context after :func:`_resolution_factor`'s resampling: f^2 times more when squeezed."""
+    kind, factor = how
+    return channels * factor**2 if kind == "squeeze" else channels
 
 
 def _at_resolution(context: Tensor, shape: tuple[int, ...], where: str) -> Tensor:
     """An (M, C, H, W) context brought to the layer's (C', h, w) by :func:`context_shape_at`'s rule."""
     how = _resolution_factor(context.shape[2], context.shape[3], shape[1:])
-    if how is None or context_shape_at(context.shape[1:], *shape[1:]) != shape:
+    if how is None or _channels_after(context.shape[1], how) != shape[0]:
         raise ValueError(
             f"{where}: expected an image context that becomes {shape} at this layer (the flow's context shape), "
             f"got {tuple(context.shape)}"

@@ -244,7 +244,7 @@ class AffineCoupling(InvertibleModule):
 
     @property
     def conditional(self) -> bool:  # type: ignore[override]
-        return bool(context_shape(self.context_features))
+        return bool(self.context_features)  # k > 0 or an image shape; a view at a context sets 0
 
     def at(self, context: Tensor) -> AffineCoupling:
         """The coupling at the context c: its conditioner sees (x_a, c); shares this layer's parameters."""

@@ -130,7 +130,7 @@ def realnvp_flow(
 
     def couplings(event: tuple[int, ...], mask: str, count: int) -> list[InvertibleModule]:
         steps: list[InvertibleModule] = []
-        context = contexts.at(*event[1:]) if len(event) == 3 else contexts.features
+        context = contexts.at(event)
         for index in range(count):
             coupling = AffineCoupling(
                 event, mask, flip=index % 2 == 1, context_features=context, **options  # type: ignore[arg-type]
@@ -209,7 +209,7 @@ def glow_flow(
 
     def steps(event: tuple[int, ...], mask: str, linear: type[LULinear | InvertibleConv1x1]) -> list[InvertibleModule]:
         parts: list[InvertibleModule] = []
-        context = contexts.at(*event[1:]) if len(event) == 3 else contexts.features
+        context = contexts.at(event)
         for _ in range(n_steps):
             coupling = AffineCoupling(event, mask, context_features=context, **options)  # type: ignore[arg-type]
             parts += [ActNorm(event[0]), linear(event[0]), coupling]

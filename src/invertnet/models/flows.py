@@ -138,12 +138,13 @@ class LayerContexts:
     def __bool__(self) -> bool:
         return bool(self.features) or self.shape is not None
 
-    def at(self, height: int, width: int) -> int | tuple[int, int, int]:
-        """The ``context_features`` of a layer of resolution height x width."""
-        if self.shape is None:
+    def at(self, event_shape: Sequence[int]) -> int | tuple[int, int, int]:
+        """The ``context_features`` of a layer whose inputs have ``event_shape``: k for vector contexts (and for
+        vector events), the image context's shape at the layer's resolution (C, H, W) otherwise."""
+        if self.shape is None or len(event_shape) != 3:
             return self.features
         try:
-            return context_shape_at(self.shape, height, width)
+            return context_shape_at(self.shape, *event_shape[1:])
         except ValueError as error:
             raise ValueError(f"{self.where}: context_shape {self.shape}: {error}") from None
 

@@ -84,15 +84,14 @@ def dense_iresnet_flow(
     if len(shape) > 1:
         parts.append(Flatten(shape))
     dim = math.prod(shape)
-    if context_features < 0:
-        raise ValueError(f"dense_iresnet_flow: context_features must be 0 or positive, got {context_features}")
+    contexts = LayerContexts(context_features, None, "dense_iresnet_flow", image=False)
     if actnorm not in ("before", "after", "none"):
         raise ValueError(f"dense_iresnet_flow: actnorm must be 'before', 'after' or 'none', got {actnorm!r}")
     for _ in range(n_blocks):
         branch = dict(n_power_iterations=n_power_iterations, preactivation=preactivation)
-        if context_features:
+        if contexts:
             g: LipschitzMLP = ConditionalLipschitzMLP(
-                dim, context_features, hidden_features, n_layers, coeff, activation, **branch
+                dim, contexts.at((dim,)), hidden_features, n_layers, coeff, activation, **branch
             )
         else:
             g = LipschitzMLP(dim, hidden_features, n_layers, coeff, activation, **branch)
@@ -163,8 +162,9 @@ def multiscale_iresnet_flow(
         for _ in range(n_blocks):
             options = {"n_power_iterations": n_power_iterations}
             if contexts:
+                context = contexts.at((channels, height, width))
                 g: LipschitzConvNet = ConditionalLipschitzConvNet(
-                    channels, contexts.at(height, width), hidden_channels, kernel_sizes, coeff, activation, **options
+                    channels, context, hidden_channels, kernel_sizes, coeff, activation, **options
                 )
             else:
                 g = LipschitzConvNet(channels, hidden_channels, kernel_sizes, coeff, activation, **options)

@@ -111,7 +111,7 @@ def mintnet_flow(
             channels, height, width = 4 * channels, height // 2, width // 2
         if actnorm:
             parts.append(ActNorm(channels))
-        context = contexts.at(height, width)
+        context = contexts.at((channels, height, width))
         copies = hidden_factor or max(1, round(hidden_channels / channels))  # type: ignore[operator]
         parts.append(MintBlock(channels, copies, kernel_size, activation, context_features=context))
     return FlowDistribution(

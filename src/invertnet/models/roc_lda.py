@@ -67,10 +67,12 @@ class RocLda:
             raise ValueError(f"RocLda: shrinkage must lie in [0, 1], got {shrinkage}")
         self.k, self.shrinkage = k, shrinkage
 
-    def fit(self, x: Tensor, y: Tensor) -> RocLda:
-        """Select the features on (x, y) and fit the class means, the shared covariance and the priors."""
+    def fit(self, x: Tensor, y: Tensor, statistics: Tensor | None = None) -> RocLda:
+        """Select the features on (x, y) and fit the class means, the shared covariance and the priors;
+        ``statistics`` are :func:`roc_statistics` of (x, y) when already computed (several K on one split)."""
         flat = x.reshape(len(x), -1).double()
-        self.features = torch.topk(roc_statistics(flat, y), min(self.k, flat.shape[1])).indices
+        statistics = roc_statistics(flat, y) if statistics is None else statistics
+        self.features = torch.topk(statistics, min(self.k, flat.shape[1])).indices
         chosen = flat[:, self.features]
         self.classes = torch.unique(y)
         self.means = torch.stack([chosen[y == c].mean(dim=0) for c in self.classes])  # (C, K)

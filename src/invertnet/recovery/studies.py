@@ -43,6 +43,12 @@ class Landscape:
     title: str
 
 
+def _measurement_loss(generator: Callable[[Tensor], Tensor], mask: Mask, z_true: Tensor) -> Callable[[Tensor], Tensor]:
+    """z -> J(z) = 1/2 |A (G(z) - G(z*))|^2 per code (N,), the cost of Ma, Ayaz & Karaman 2018, Eq. 3."""
+    target = mask(generator(z_true)).detach()
+    return lambda z: 0.5 * (mask(generator(z)) - target).flatten(1).square().sum(dim=1)
+
+
 @torch.no_grad()
 def loss_landscape(
     generator: Callable[[Tensor], Tensor],
@@ -68,8 +74,8 @@ def loss_landscape(
     axis_x, axis_y = centre[0] + offsets, centre[1] + offsets
     grid_y, grid_x = torch.meshgrid(axis_y, axis_x, indexing="ij")
     codes = torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).view(-1, *shape)
-    target = mask(generator(z_true.reshape(1, *shape)))
-    losses = [0.5 * (mask(generator(chunk)) - target).flatten(1).square().sum(1) for chunk in codes.split(4096)]
+    loss = _measurement_loss(generator, mask, z_true.reshape(1, *shape))
+    losses = [loss(chunk) for chunk in codes.split(4096)]
     return Landscape(axis_x, axis_y, torch.cat(losses).view(resolution, resolution), centre, title)
 
 
@@ -112,11 +118,7 @@ def negative_multiple(
     ``z_true`` of shape (1, *latent_shape), a shared ``mask``."""
     if z_true.shape[0] != 1:
         raise ValueError(f"negative_multiple: one problem, z_true of shape (1, ...), got {tuple(z_true.shape)}")
-    target = mask(generator(z_true)).detach()
-
-    def loss(z: Tensor) -> Tensor:
-        return 0.5 * (mask(generator(z)) - target).flatten(1).square().sum(dim=1)
-
+    loss = _measurement_loss(generator, mask, z_true)
     with torch.no_grad():
         scales = torch.linspace(0.0, max_scale, resolution, dtype=z_true.dtype)[1:]
         rays = -scales.view(-1, *[1] * (z_true.dim() - 1)) * z_true  # (resolution - 1, *latent_shape)

@@ -60,7 +60,9 @@ class _KrylovSolve(torch.autograd.Function):
         return None, None, gmres(ctx.transposed, grad, strict=False).value
 
 
-def differentiable_solution(residual: Callable[[Tensor], Tensor], solution: Tensor, *, dense: bool) -> Tensor:
+def differentiable_solution(
+    residual: Callable[[Tensor], Tensor], solution: Tensor, *, dense: bool, jacobian: Tensor | None = None
+) -> Tensor:
     """``solution`` (B, ...) of residual(y) = 0, differentiable in everything ``residual`` depends on besides y
     (dy/dtheta = -R_y^{-1} R_theta, the module docstring), or returned as it is when nothing needs a gradient.
 
@@ -68,6 +70,7 @@ def differentiable_solution(residual: Callable[[Tensor], Tensor], solution: Tens
         residual: y -> R(y) of the shape of y, per sample, evaluated with gradients enabled.
         solution: y*, computed without a graph.
         dense: Solve with the dense per-sample Jacobian (small dimensions) or by GMRES.
+        jacobian: R_y at the solution (B, m, m) when the caller has it already (dense only).
     """
     solution = solution.detach()
     with torch.enable_grad():
@@ -75,7 +78,7 @@ def differentiable_solution(residual: Callable[[Tensor], Tensor], solution: Tens
     if not value.requires_grad:
         return solution
     if dense:
-        matrix = batched_jacobian(residual, solution)[1]
+        matrix = batched_jacobian(residual, solution)[1] if jacobian is None else jacobian
         return solution - _DenseSolve.apply(matrix, value)
     with torch.enable_grad():
         _, pullback = vjp(residual, solution)

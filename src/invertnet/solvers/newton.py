@@ -115,9 +115,11 @@ def newton(
         if not active.any():
             break
         _iterate(state, active, f, y, threshold, options)
-    record = _record(state, f, options, strict)
+    jacobian = batched_jacobian(f, state.x)[1] if options.dense else None  # at the returned point, used twice
+    record = _record(state, f, options, strict, jacobian)
     if torch.is_grad_enabled():
-        record = replace(record, value=differentiable_solution(lambda x: f(x) - y, record.value, dense=options.dense))
+        value = differentiable_solution(lambda x: f(x) - y, record.value, dense=options.dense, jacobian=jacobian)
+        record = replace(record, value=value)
     return record
 
 
@@ -219,10 +221,16 @@ def _iterate(
     state.measure(threshold)
 
 
-def _record(state: _NewtonState, f: Callable[[Tensor], Tensor], options: _Options, strict: bool) -> InverseResult:
+def _record(
+    state: _NewtonState, f: Callable[[Tensor], Tensor], options: _Options, strict: bool, jacobian: Tensor | None
+) -> InverseResult:
     """The record at the returned point: its condition number (B,) (at least the largest seen on the way for
-    unconverged samples), ``SINGULAR`` beyond ``max_condition``; raises if ``strict`` and the solve failed."""
-    final_condition = _condition_at(f, state.x, options.dense, options.krylov_restart)
+    unconverged samples; from ``jacobian``, the dense per-sample Jacobian there, or GMRES's lower bound when it is
+    ``None``), ``SINGULAR`` beyond ``max_condition``; raises if ``strict`` and the solve failed."""
+    if jacobian is not None:
+        final_condition = condition_numbers(jacobian)
+    else:
+        final_condition = _krylov_condition_at(f, state.x, options.krylov_restart)
     condition = torch.where(state.converged, final_condition, torch.maximum(state.condition, final_condition))
     return conditioned_result(
         state.x,
@@ -293,10 +301,8 @@ def _line_search(
     return new_x, new_r, new_residual, accepted
 
 
-def _condition_at(f: Callable[[Tensor], Tensor], x: Tensor, dense: bool, restart: int) -> Tensor:
-    """The condition number of J_f(x) per sample: exact when dense, GMRES's lower bound otherwise."""
-    if dense:
-        return condition_numbers(batched_jacobian(f, x)[1])
+def _krylov_condition_at(f: Callable[[Tensor], Tensor], x: Tensor, restart: int) -> Tensor:
+    """GMRES's lower bound on the condition number of J_f(x) per sample."""
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
     result = gmres(
         lambda v: jvp(f, (x,), (v,))[1],

@@ -21,7 +21,7 @@ from invertnet.analysis.sensitivity import sensitivity_map, top_sensitive_bins
 from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.data import SpectraDataset, grouped_folds, read_imzml, synthetic_spectra
 from invertnet.figures import save_figure, subplots
-from invertnet.models.roc_lda import RocLda
+from invertnet.models.roc_lda import RocLda, roc_statistics
 from invertnet.models.spectra import IsotopeNet, ResidualNet
 from invertnet.training.objectives import CrossEntropy, balanced_accuracy, core_balanced_accuracy
 
@@ -154,8 +154,9 @@ def roc_lda_report(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], gr
     :data:`BASELINE_FEATURES`, its worst and best balanced accuracy on ``test`` per spot and per core (thesis
     Fig. 7.5 reports both ends)."""
     spot, core = [], []
+    statistics = roc_statistics(*train)  # one ranking of the m/z values for every K
     for k in BASELINE_FEATURES:
-        predictions = RocLda(k).fit(*train).predict(test[0])
+        predictions = RocLda(k).fit(*train, statistics=statistics).predict(test[0])
         spot.append(balanced_accuracy(predictions, test[1]))
         core.append(core_balanced_accuracy(predictions, test[1], groups))
     return {

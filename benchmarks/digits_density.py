@@ -54,6 +54,8 @@ number of standard errors that separate them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -122,16 +124,16 @@ class LogitSpaceDensity(nn.Module):
     """A peer's density of 64-vectors y (or of (1, 8, 8) images when ``image``) as a density of digit levels:
     y = logit(alpha + (1 - 2 alpha) (levels + u) / K), the same maps and log-dets as invertnet's flows."""
 
-    def __init__(self, flow: nn.Module, image: bool = False) -> None:
+    def __init__(self, flow: nn.Module, alpha: float, image: bool = False) -> None:
         super().__init__()
-        self.flow, self.image = flow, image
+        self.flow, self.alpha, self.image = flow, alpha, image
 
     def bits_per_dim(self, levels: Tensor) -> Tensor:
         """-log p(levels + u) / (64 ln 2) per image, for one draw of u (drawn as UniformDequantization does)."""
         x = ((levels + torch.rand_like(levels)) / DIGITS_LEVELS).flatten(1)
-        p = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * x
+        p = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(p) - torch.log1p(-p)
-        log_det = (math.log(1 - 2 * LOGIT_ALPHA) - torch.log(p) - torch.log1p(-p)).sum(dim=1)
+        log_det = (math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p)).sum(dim=1)
         log_density = self.flow.log_prob(y.view(-1, *SHAPE) if self.image else y) + log_det
         return -(log_density - DIM * math.log(DIGITS_LEVELS)) / (DIM * math.log(2))
 
@@ -141,15 +143,15 @@ def checkerboard_mask() -> Tensor:
     return ((row + column) % 2).flatten().float()
 
 
-def zuko_maf(width: int) -> nn.Module:
-    return LogitSpaceDensity(zuko_flow("MAF", DIM, transforms=3, hidden_features=(width, width)))
+def zuko_maf(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    return LogitSpaceDensity(zuko_flow("MAF", DIM, transforms=3, hidden_features=(width, width)), alpha)
 
 
-def zuko_nsf(width: int) -> nn.Module:
-    return LogitSpaceDensity(zuko_flow("NSF", DIM, bins=4, transforms=2, hidden_features=(width, width)))
+def zuko_nsf(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    return LogitSpaceDensity(zuko_flow("NSF", DIM, bins=4, transforms=2, hidden_features=(width, width)), alpha)
 
 
-def normflows_realnvp(width: int) -> nn.Module:
+def normflows_realnvp(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     nf = require("normflows")
     mask = checkerboard_mask()
     flows = []
@@ -157,21 +159,21 @@ def normflows_realnvp(width: int) -> nn.Module:
         scale = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
         shift = nf.nets.MLP([DIM, width, width, DIM], init_zeros=True)
         flows += [nf.flows.MaskedAffineFlow(mask if i % 2 == 0 else 1 - mask, shift, scale), nf.flows.ActNorm(DIM)]
-    return LogitSpaceDensity(nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows))
+    return LogitSpaceDensity(nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows), alpha)
 
 
-def normflows_glow(width: int) -> nn.Module:
+def normflows_glow(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     nf = require("normflows")
     blocks = [nf.flows.GlowBlock(4, width, split_mode="channel") for _ in range(4)]
     base = nf.distributions.DiagGaussian((4, 4, 4), trainable=False)
-    return LogitSpaceDensity(nf.NormalizingFlow(base, [*blocks, nf.flows.Squeeze()]), image=True)
+    return LogitSpaceDensity(nf.NormalizingFlow(base, [*blocks, nf.flows.Squeeze()]), alpha, image=True)
 
 
-def normflows_residual(width: int) -> nn.Module:
-    return LogitSpaceDensity(residual_flow(DIM, width, DENSE_BLOCKS, DENSE_LAYERS))
+def normflows_residual(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    return LogitSpaceDensity(residual_flow(DIM, width, DENSE_BLOCKS, DENSE_LAYERS), alpha)
 
 
-def nflows_nsf(width: int) -> nn.Module:
+def nflows_nsf(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     require("nflows")
     from nflows import distributions, flows, transforms
     from nflows.nn.nets import ResidualNet
@@ -187,7 +189,8 @@ def nflows_nsf(width: int) -> nn.Module:
         )
         for i in range(4)
     ]
-    return LogitSpaceDensity(flows.Flow(transforms.CompositeTransform(couplings), distributions.StandardNormal([DIM])))
+    flow = flows.Flow(transforms.CompositeTransform(couplings), distributions.StandardNormal([DIM]))
+    return LogitSpaceDensity(flow, alpha)
 
 
 NORMFLOWS_RESIDUAL_ESTIMATOR = (
@@ -234,7 +237,7 @@ PEERS = [
 # invertnet: the registry of candidates, public builders only (one line per builder)
 
 
-def dense(width: int) -> nn.Module:
+def dense(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     """The dense i-ResNet flow with the builder's defaults but for the shape (Behrmann et al. 2019, app. C.3)."""
     return dense_iresnet_flow(
         SHAPE,
@@ -242,30 +245,26 @@ def dense(width: int) -> nn.Module:
         hidden_features=width,
         n_layers=DENSE_LAYERS,
         levels=DIGITS_LEVELS,
-        logit_alpha=LOGIT_ALPHA,
+        logit_alpha=alpha,
     )
 
 
-def multiscale(width: int) -> nn.Module:
+def multiscale(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     """The multi-scale i-ResNet at the builder's 3 scales, 4 blocks each (3 scales cost 2.6x fewer multiply-adds
     per image than 2 at the same parameter count, since the wide layers act on 4x4 and 2x2 maps)."""
-    return multiscale_iresnet_flow(
-        SHAPE, n_blocks=4, hidden_channels=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA
-    )
+    return multiscale_iresnet_flow(SHAPE, n_blocks=4, hidden_channels=width, levels=DIGITS_LEVELS, logit_alpha=alpha)
 
 
-def mintnet(width: int) -> nn.Module:
-    return mintnet_flow(
-        SHAPE, n_blocks=4, hidden_factor=width, n_squeezes=1, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA
-    )
+def mintnet(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    return mintnet_flow(SHAPE, n_blocks=4, hidden_factor=width, n_squeezes=1, levels=DIGITS_LEVELS, logit_alpha=alpha)
 
 
-def coupling(builder: str) -> Callable[[int], nn.Module]:
+def coupling(builder: str) -> Callable[..., nn.Module]:
     """A coupling-flow builder of ``invertnet.models`` on the digits, if this invertnet has it."""
 
-    def build_coupling(width: int) -> nn.Module:
+    def build_coupling(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
         factory = optional_invertnet_builder(builder)
-        return factory(SHAPE, hidden=width, levels=DIGITS_LEVELS, logit_alpha=LOGIT_ALPHA)
+        return factory(SHAPE, hidden=width, levels=DIGITS_LEVELS, logit_alpha=alpha)
 
     return build_coupling
 
@@ -283,6 +282,9 @@ INVERTNET = [
     invertnet_candidate("invertnet-mintnet", mintnet, "mintnet_flow: 4 grouped layers, 1 squeeze, builder defaults"),
     invertnet_candidate("invertnet-glow", coupling("glow_flow"), "glow_flow, builder defaults"),
     invertnet_candidate("invertnet-realnvp", coupling("realnvp_flow"), "realnvp_flow, builder defaults"),
+    invertnet_candidate(
+        "invertnet-spline", coupling("spline_flow"), "spline_flow: the digits flattened, builder defaults"
+    ),
 ]
 
 #: The default mode's embedded configs.
@@ -338,6 +340,28 @@ def run_plain(spec: Spec, width: int, setting: Setting, split: Split, seed: int,
     return run(spec, model, step, setting.training_budget(), split, bits_per_dim, checks=checks, draws=DRAWS)
 
 
+#: One model's runs, each with its logit margin (``None``: the model's own, an embedded config's).
+Runs = list[tuple[Result, float | None]]
+
+
+def at_margin(spec: Spec, alpha: float, label: bool) -> Spec:
+    """The model with the logit margin ``alpha``, named ``name @alpha`` when several margins run."""
+    name = f"{spec.name} @{alpha:g}" if label else spec.name
+    return dataclasses.replace(spec, name=name, build=functools.partial(spec.build, alpha=alpha))
+
+
+def at_margins(spec: Spec, margins: list[float], run_one: Callable[[Spec], Result]) -> Runs:
+    """The model trained and tested at every margin."""
+    runs = [(at_margin(spec, alpha, len(margins) > 1), alpha) for alpha in margins]
+    return [(guarded(run, lambda run=run: run_one(run)), alpha) for run, alpha in runs]
+
+
+def chosen_margin(name: str, runs: Runs) -> tuple[Result, float | None]:
+    """The run with the lowest validation bits/dim (the test data choose nothing), under the model's name."""
+    best, alpha = min(runs, key=lambda pair: pair[0].validation)
+    return dataclasses.replace(best, spec=dataclasses.replace(best.spec, name=name)), alpha
+
+
 def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
     pairs = [("equal architecture", "invertnet-dense", "normflows-residual")]
     best = best_by_validation(results, "invertnet")
@@ -346,37 +370,49 @@ def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def report(results: list[Result], architectures: dict[str, str], title: str) -> dict:
-    """Log the table and verdicts; the JSON part of one setting."""
-    found = comparisons(results, named_pairs(results))
-    best = winner(results)
+def report(groups: dict[str, Runs], architectures: dict[str, str], title: str) -> dict:
+    """Log the table and verdicts; the JSON part of one setting. ``groups`` holds every model's runs; each model
+    enters the comparisons at its margin chosen on validation."""
+    everything = [result for runs in groups.values() for result, _ in runs]
+    picks = {name: chosen_margin(name, runs) for name, runs in groups.items()}
+    chosen = [result for result, _ in picks.values()]
+    found = comparisons(chosen, named_pairs(chosen))
+    best = winner(chosen)
     won = f"winner: {best['model']}, {best['test']:.4f} bits/dim" if best else "winner: none (no model was tested)"
-    log(f"\n{title}\n{table(results, 'test bits/dim')}\n{won}\n{verdicts(found, 'bits/dim')}\n")
+    margins = {name: alpha for name, (_, alpha) in picks.items() if len(groups[name]) > 1}
+    picked = "".join(f"{name}: margin {alpha:g} chosen on validation\n" for name, alpha in margins.items())
+    log(f"\n{title}\n{table(everything, 'test bits/dim')}\n{picked}{won}\n{verdicts(found, 'bits/dim')}\n")
     return {
-        "models": [described(r, architectures.get(r.spec.name, r.spec.architecture)) for r in results],
+        "models": [
+            {**described(r, architectures.get(name, r.spec.architecture)), "logit_alpha": alpha}
+            for name, runs in groups.items()
+            for r, alpha in runs
+        ],
+        "chosen_margins": margins,
         "winner": best,
         "comparisons": found,
     }
 
 
-def run_settings(settings: list[Setting], specs: list[Spec], split: Split, seed: int, checks: int) -> list[dict]:
+def run_settings(
+    settings: list[Setting], specs: list[Spec], margins: list[float], split: Split, seed: int, checks: int
+) -> list[dict]:
     target = target_parameters()
-    widths: dict[str, int] = {}
-    architectures: dict[str, str] = {}
-
-    def one(spec: Spec, setting: Setting) -> Result:
-        if spec.name not in widths:
-            widths[spec.name] = width_of(spec, target)
-            architectures[spec.name] = f"{spec.architecture}; width {widths[spec.name]}"
-        return run_plain(spec, widths[spec.name], setting, split, seed, checks)
-
+    widths = {spec.name: width_of(spec, target) for spec in specs}
+    architectures = {spec.name: f"{spec.architecture}; width {widths[spec.name]}" for spec in specs}
     reports = []
     for setting in settings:
         log(f"== {setting.label()}")
-        results = [guarded(spec, lambda spec=spec, setting=setting: one(spec, setting)) for spec in specs]
+        groups = {}
+        for spec in specs:
+
+            def one(run: Spec, width: int = widths[spec.name], setting: Setting = setting) -> Result:
+                return run_plain(run, width, setting, split, seed, checks)
+
+            groups[spec.name] = at_margins(spec, margins, one)
         spent = {"budget_steps": setting.steps} if setting.steps is not None else {"budget_seconds": setting.budget}
         entry = {"lr": setting.lr, "batch_size": setting.batch_size, **spent}
-        reports.append({**entry, **report(results, architectures, setting.label())})
+        reports.append({**entry, **report(groups, architectures, setting.label())})
     return reports
 
 
@@ -408,23 +444,25 @@ def run_config(spec: Spec, budget: float, split: Split) -> Result:
         )
 
 
-def run_configs(names: list[str], budget: float, split: Split, seed: int) -> dict:
+def run_configs(names: list[str], margins: list[float], budget: float, split: Split, seed: int) -> dict:
+    """The embedded configs on their own recipes (and margins); the peers at every margin."""
     target = target_parameters()
-    results, architectures = [], {}
+    groups: dict[str, Runs] = {}
+    architectures: dict[str, str] = {}
     for name in names:
         if name in CONFIGS:
             spec = config_spec(name)
-            results.append(guarded(spec, lambda spec=spec: run_config(spec, budget, split)))
+            groups[name] = [(guarded(spec, lambda spec=spec: run_config(spec, budget, split)), None)]
             continue
         spec = next(peer for peer in PEERS if peer.name == name)
+        width = width_of(spec, target)
+        architectures[name] = f"{spec.architecture}; width {width}"
 
-        def peer_run(spec: Spec = spec) -> Result:
-            width = width_of(spec, target)
-            architectures[spec.name] = f"{spec.architecture}; width {width}"
-            return run_plain(spec, width, Setting(PEER_LR, PEER_BATCH, budget), split, seed, checks=1)
+        def peer_run(run: Spec, width: int = width) -> Result:
+            return run_plain(run, width, Setting(PEER_LR, PEER_BATCH, budget), split, seed, checks=1)
 
-        results.append(guarded(spec, peer_run))
-    return {"budget_seconds": budget, **report(results, architectures, f"embedded configs, {budget:g} s")}
+        groups[name] = at_margins(spec, margins, peer_run)
+    return {"budget_seconds": budget, **report(groups, architectures, f"embedded configs, {budget:g} s")}
 
 
 # command line
@@ -444,8 +482,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--logit-alpha",
         type=float,
-        default=LOGIT_ALPHA,
-        help=f"margin of the logit every model shares (default {LOGIT_ALPHA}; the embedded configs keep their own)",
+        nargs="+",
+        default=[LOGIT_ALPHA],
+        help=f"margins of the logit (default {LOGIT_ALPHA}); every model runs at each and enters the comparisons "
+        "at the one its validation bits/dim choose (the embedded configs keep their own)",
     )
     args = parser.parse_args(argv)
     names = [spec.name for spec in INVERTNET + PEERS] if args.settings else [*CONFIGS, *(p.name for p in PEERS)]
@@ -458,20 +498,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--lr, --batch and --budget must be positive")
     if args.checks is not None and args.checks < 1:
         parser.error(f"--checks must be at least 1, got {args.checks}")
-    if not 0 < args.logit_alpha < 0.5:
-        parser.error(f"--logit-alpha must lie in (0, 0.5), got {args.logit_alpha}")
+    outside = [alpha for alpha in args.logit_alpha if not 0 < alpha < 0.5]
+    if outside or len(set(args.logit_alpha)) < len(args.logit_alpha):
+        parser.error(f"--logit-alpha takes distinct margins in (0, 0.5), got {args.logit_alpha}")
     args.models = args.models or names
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    global LOGIT_ALPHA  # noqa: PLW0603 - one preprocessing for every model of the run
     args = parse(argv)
-    LOGIT_ALPHA = args.logit_alpha
     split = digits_split()
     common = {
         "seed": args.seed,
-        "logit_alpha": LOGIT_ALPHA,
+        "logit_alphas": args.logit_alpha,
         "threads": torch.get_num_threads(),
         "target_parameters": target_parameters(),
         "data": {**split.sizes(), "levels": DIGITS_LEVELS, "dequantisation_draws": DRAWS},
@@ -482,11 +521,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         settings = [Setting(lr, batch, budget) for budget, lr, batch in itertools.product(axes[2], axes[0], axes[1])]
         standard = all(s.lr in LEARNING_RATES and s.batch_size in BATCH_SIZES and s.budget in BUDGETS for s in settings)
         specs = [spec for spec in INVERTNET + PEERS if spec.name in args.models]
-        reports = run_settings(settings, specs, split, args.seed, args.checks or 10)
+        reports = run_settings(settings, specs, args.logit_alpha, split, args.seed, args.checks or 10)
         output = {"mode": "settings", "standard_settings": standard, **common, "settings": reports}
     else:
         budget = args.budget[0] if args.budget else 60.0
-        output = {"mode": "configs", **common, **run_configs(args.models, budget, split, args.seed)}
+        output = {"mode": "configs", **common, **run_configs(args.models, args.logit_alpha, budget, split, args.seed)}
     print(json.dumps(output, indent=2))
     return output
 

@@ -56,22 +56,22 @@ WIDTH = digits_density.DENSE_HIDDEN
 NEAR_IDENTITY_SCALE = 0.01
 
 
-def dense(**options: object) -> Callable[[int], nn.Module]:
-    """The grid's dense flow with builder keywords changed."""
-    return lambda width: dense_iresnet_flow(
+def dense(**options: object) -> Callable[..., nn.Module]:
+    """The grid's dense flow with builder keywords changed (a function of the width and the logit margin)."""
+    return lambda width, alpha=digits_density.LOGIT_ALPHA: dense_iresnet_flow(
         digits_density.SHAPE,
         n_blocks=BLOCKS,
         hidden_features=width,
         n_layers=LAYERS,
         levels=DIGITS_LEVELS,
-        logit_alpha=digits_density.LOGIT_ALPHA,
+        logit_alpha=alpha,
         **options,
     )
 
 
-def near_identity(width: int) -> nn.Module:
+def near_identity(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.Module:
     """The defaults with every branch's last layer scaled down, so each block starts close to x -> x."""
-    flow = dense()(width)
+    flow = dense()(width, alpha)
     with torch.no_grad():
         for block in flow.residual_blocks():
             last = [layer for layer in block.g if isinstance(layer, SpectralNormLinear)][-1]
@@ -79,15 +79,15 @@ def near_identity(width: int) -> nn.Module:
     return flow
 
 
-def clipswish(width: int) -> nn.Module:
+def clipswish(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.Module:
     """CLipSwish instead of ELU, at the width whose parameter count is closest to the defaults' at ``width``."""
     build = dense(activation="clipswish")
-    return build(matched_width(build, parameter_count(dense()(width))))
+    return build(matched_width(build, parameter_count(dense()(width))), alpha)
 
 
-def actnorm_after(width: int) -> nn.Module:
+def actnorm_after(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.Module:
     """The defaults with each ActNorm moved behind its residual block."""
-    flow = dense()(width)
+    flow = dense()(width, alpha)
     parts = list(flow.transform)
     for index, part in enumerate(parts[:-1]):
         if isinstance(part, ActNorm) and isinstance(parts[index + 1], InvertibleResidual):
@@ -95,9 +95,9 @@ def actnorm_after(width: int) -> nn.Module:
     return FlowDistribution(InvertibleSequential(*parts), flow.base)
 
 
-def lu_mixing(width: int) -> nn.Module:
+def lu_mixing(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.Module:
     """The defaults with an LU-parameterised linear layer before each ActNorm (Glow's mixing, dense)."""
-    flow = dense()(width)
+    flow = dense()(width, alpha)
     parts: list[nn.Module] = []
     for part in flow.transform:
         if isinstance(part, ActNorm):
@@ -106,7 +106,7 @@ def lu_mixing(width: int) -> nn.Module:
     return FlowDistribution(InvertibleSequential(*parts), flow.base)
 
 
-VARIANTS: dict[str, Callable[[int], nn.Module]] = {
+VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "defaults": dense(),
     "power_iterations_1": dense(n_power_iterations=1),
     "power_iterations_5": dense(n_power_iterations=5),
@@ -147,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     specs = [invertnet_candidate(name, VARIANTS[name], f"dense i-ResNet, {name}", width=WIDTH) for name in names]
     setting = digits_density.Setting(args.lr, args.batch, args.budget, args.steps)
     log(f"{len(specs)} variants at {setting.label()}")
-    reports = digits_density.run_settings([setting], specs, digits_density.digits_split(), args.seed, args.checks)
+    margins = [digits_density.LOGIT_ALPHA]
+    reports = digits_density.run_settings(
+        [setting], specs, margins, digits_density.digits_split(), args.seed, args.checks
+    )
     output = {"seed": args.seed, "threads": torch.get_num_threads(), "versions": versions(("invertnet", "torch"))}
     output.update(reports[0])
     print(json.dumps(output, indent=2))

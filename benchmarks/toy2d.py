@@ -17,7 +17,8 @@ Models (``--models``, default all):
 
 * ``invertnet-dense``: ``dense_iresnet_flow(2, n_blocks=8, hidden_features=64, n_layers=4)``, the toy net of
   Behrmann et al. 2019 (app. C.3: 2-64-64-64-2) at 8 blocks, every other argument at the builder's default;
-* ``invertnet-glow`` / ``invertnet-realnvp``: ``glow_flow`` / ``realnvp_flow`` where this invertnet has them;
+* ``invertnet-glow`` / ``invertnet-realnvp`` / ``invertnet-spline``: ``glow_flow`` / ``realnvp_flow`` /
+  ``spline_flow`` where this invertnet has them, at the builders' defaults but for the width of 64;
 * ``zuko-nsf``, ``zuko-maf``: ``zuko.flows.NSF(2)``, ``zuko.flows.MAF(2)`` with zuko's defaults;
 * ``normflows-residual``: normflows' residual flow of the same architecture as invertnet's, 8 x
   [Residual(LipschitzMLP 2-64-64-64-2), ActNorm], its Lipschitz updates after every step.
@@ -106,6 +107,9 @@ MODELS = [
     invertnet_candidate("invertnet-glow", lambda _: coupling("glow_flow"), "glow_flow, builder defaults", width=0),
     invertnet_candidate(
         "invertnet-realnvp", lambda _: coupling("realnvp_flow"), "realnvp_flow, builder defaults", width=0
+    ),
+    invertnet_candidate(
+        "invertnet-spline", lambda _: coupling("spline_flow"), "spline_flow, builder defaults", width=0
     ),
     Spec("zuko-nsf", "peer", lambda _: zuko_flow("NSF", 2), "zuko.flows.NSF(2), zuko's defaults", width=0),
     Spec("zuko-maf", "peer", lambda _: zuko_flow("MAF", 2), "zuko.flows.MAF(2), zuko's defaults", width=0),

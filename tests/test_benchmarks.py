@@ -97,6 +97,31 @@ def test_digits_grid_compares_invertnet_with_the_peers(small_digits):
     assert "unbiased" in rows["normflows-residual"]["estimator"]
 
 
+def test_every_model_runs_at_every_margin_and_is_compared_at_its_validation_choice(small_digits):
+    output = digits_density.main(
+        ["--settings", "--lr", "1e-3", "--batch", "32", "--budget", "0.2", "--checks", "1",
+         "--models", "invertnet-dense", "invertnet-spline", "--logit-alpha", "0.003", "0.05"]
+    )  # fmt: skip
+    assert output["logit_alphas"] == [0.003, 0.05]
+    (setting,) = output["settings"]
+    rows = _finite_rows(setting["models"])
+    assert set(rows) == {
+        f"{name} @{alpha}" for name in ("invertnet-dense", "invertnet-spline") for alpha in (0.003, 0.05)
+    }
+    assert {row["logit_alpha"] for row in setting["models"]} == {0.003, 0.05}
+    for name, alpha in setting["chosen_margins"].items():
+        runs = {a: rows[f"{name} @{a:g}"]["best_validation"] for a in (0.003, 0.05)}
+        assert alpha == min(runs, key=runs.get)  # the validation chooses, never the test
+    assert setting["comparisons"] == []  # no peer ran
+    winner = setting["winner"]["model"]  # among the chosen runs, under the model's own name
+    assert winner in setting["chosen_margins"]
+    assert setting["winner"]["test"] == rows[f"{winner} @{setting['chosen_margins'][winner]:g}"]["test"]
+    with pytest.raises(SystemExit):
+        digits_density.parse(["--settings", "--logit-alpha", "0.05", "0.05"])
+    with pytest.raises(SystemExit):
+        digits_density.parse(["--settings", "--logit-alpha", "0.6"])
+
+
 def test_digits_default_mode_trains_an_embedded_config_on_its_recipe(small_digits):
     output = digits_density.main(["--budget", "0.2", "--models", "mintnet_digits"])
     assert output["mode"] == "configs" and output["budget_seconds"] == 0.2
@@ -124,9 +149,9 @@ def test_peers_see_the_same_maps_and_dequantisation_noise_as_invertnet_flows():
     from invertnet.models import FlowDistribution, standard_normal
 
     levels = torch.randint(0, 17, (40, 1, 8, 8)).float()
-    preprocessing = InvertibleSequential(UniformDequantization(17), Logit(0.05), Flatten((1, 8, 8)))
+    preprocessing = InvertibleSequential(UniformDequantization(17), Logit(0.01), Flatten((1, 8, 8)))
     invertnet_side = FlowDistribution(preprocessing, standard_normal((64,)))
-    peer_side = digits_density.LogitSpaceDensity(_StandardNormal())
+    peer_side = digits_density.LogitSpaceDensity(_StandardNormal(), alpha=0.01)
     expected = flowbench.per_sample(digits_density.bits_per_dim, invertnet_side, levels, draws=2)
     torch.testing.assert_close(flowbench.per_sample(digits_density.bits_per_dim, peer_side, levels, draws=2), expected)
     one_draw = flowbench.per_sample(digits_density.bits_per_dim, peer_side, levels, draws=1)

@@ -24,6 +24,7 @@ SHIPPED = {
     "mintnet_classifier_digits": (["model.n_blocks=2", "model.hidden_factor=1"], "I"),
     "digits_glow": (["model.n_steps=1", "model.hidden=4"], "IS"),
     "two_moons_realnvp": (["model.n_steps=2", "model.hidden=8", "data.n_train=256", "data.n_test=128"], "IS"),
+    "two_moons_spline": (["model.n_steps=2", "model.hidden=8", "data.n_train=256", "data.n_test=128"], "IS"),
     "iresnet_classifier_digits": (["model.n_blocks=1"], "I C"),
     "fully_invertible_classifier_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
     "independence_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
@@ -32,7 +33,7 @@ SHIPPED = {
     "residualnet_synthetic": (["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"], ""),
 }
 #: Kinds whose inverse is closed-form: their reconstruction's status is ``analytic``, not ``success``.
-ANALYTIC_KINDS = {"glow", "realnvp"}
+ANALYTIC_KINDS = {"glow", "realnvp", "spline"}
 TINY = ["train.steps=2", "train.batch_size=16", "train.checkpoint_every=2", "evaluation.max_passes=2"]
 
 
@@ -121,6 +122,7 @@ _CONVERTED = {
     "residualnet": ({"hidden": 7}, {}),
     "realnvp": ({"hidden": 7, "n_scales": 3}, {"hidden": 7, "n_scales": 3, "scale": "exp", "clamp": 3.0}),
     "glow": ({"hidden": 7}, {"hidden": 7, "n_scales": 2, "scale": "sigmoid", "clamp": None}),
+    "spline": ({"hidden": 7}, {"hidden": 7, "n_steps": 8, "bins": 16}),  # no 0.1 runs; the shared fields
 }  # fmt: skip
 
 

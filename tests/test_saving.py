@@ -47,6 +47,7 @@ RECIPES = {
         "log_prob",
     ),
     "glow_flow": ({"features_or_shape": 4, "n_steps": 2, "hidden": 8}, torch.randn(6, 4), "log_prob"),
+    "spline_flow": ({"features_or_shape": 3, "n_steps": 2, "hidden": 8, "bins": 4}, torch.randn(6, 3), "log_prob"),
     "iresnet_classifier": (
         {"input_shape": IMAGE, "n_blocks": 1, "hidden_channels": 4, "n_stages": 1, "pad_channels": 2},
         torch.randn(6, *IMAGE),

@@ -15,6 +15,7 @@ from invertnet.layers import (
     AffineCoupling,
     ConditionalLipschitzConvNet,
     ConditionalLipschitzMLP,
+    Coupling,
     Flatten,
     InjectivePad,
     InvertibleBatchNorm,
@@ -28,13 +29,14 @@ from invertnet.layers import (
     MemorySavingSequential,
     MintBlock,
     MintLayer,
+    SplineCoupling,
     Squeeze,
     UniformDequantization,
     context_shape_at,
     refine_spectral_norms,
 )
 from invertnet.logdet import DenseExactLogDet, ExactLogDet
-from invertnet.models import dense_iresnet_flow, glow_flow, mintnet_flow, realnvp_flow
+from invertnet.models import dense_iresnet_flow, glow_flow, mintnet_flow, realnvp_flow, spline_flow
 
 Sampler = Callable[[int], torch.Tensor]
 
@@ -135,7 +137,7 @@ def _randomised_coupling(module: InvertibleModule) -> InvertibleModule:
     the identity, so that the couplings and linear maps have non-trivial log-dets."""
     with torch.no_grad():
         for sub in module.modules():
-            if isinstance(sub, AffineCoupling):
+            if isinstance(sub, Coupling):
                 for parameter in sub.conditioner.parameters():
                     parameter.normal_(0.0, 0.4)
             if isinstance(sub, LULinear | InvertibleConv1x1):
@@ -146,6 +148,10 @@ def _randomised_coupling(module: InvertibleModule) -> InvertibleModule:
 
 def _coupling(*args, **options) -> Callable[[], InvertibleModule]:
     return lambda: _randomised_coupling(AffineCoupling(*args, hidden=6, **options))
+
+
+def _spline(*args, **options) -> Callable[[], InvertibleModule]:
+    return lambda: _randomised_coupling(SplineCoupling(*args, hidden=6, **options))
 
 
 def _context(features: int) -> torch.Tensor:
@@ -244,6 +250,20 @@ ZOO: dict[str, tuple[Callable[[], InvertibleModule], tuple[int, ...]]] = {
     ),
     "coupling_channel_sigmoid": (_coupling((4, 2, 2), "channel", scale="sigmoid", clamp=None), (4, 2, 2)),
     "coupling_checkerboard": (_coupling((2, 3, 3), "checkerboard", flip=True), (2, 3, 3)),
+    "spline_coupling_half": (_spline((4,), "half", bins=5, bound=2.0), (4,)),
+    "spline_coupling_checkerboard": (_spline((2, 3, 3), "checkerboard", bins=3), (2, 3, 3)),
+    "spline_coupling_channel": (_spline((4, 2, 2), "channel", flip=True, bins=4), (4, 2, 2)),
+    "spline_flow_vector": (lambda: _randomised_coupling(spline_flow(3, n_steps=2, hidden=6, bins=4).transform), (3,)),
+    "spline_flow_image": (
+        lambda: _randomised_coupling(spline_flow((1, 2, 2), n_steps=2, hidden=5, bins=3, bound=1.5).transform),
+        (1, 2, 2),
+    ),
+    "conditional_spline_flow": (
+        lambda: _randomised_coupling(spline_flow(3, n_steps=2, hidden=6, bins=4, context_features=2).transform).at(
+            _context(2)
+        ),
+        (3,),
+    ),
     "lu_linear": (lambda: _randomised_coupling(LULinear(4)), (4,)),
     "invertible_conv1x1": (lambda: _randomised_coupling(InvertibleConv1x1(3)), (3, 2, 2)),
     "realnvp_vector": (lambda: _randomised_coupling(realnvp_flow(3, n_steps=2, hidden=6).transform), (3,)),

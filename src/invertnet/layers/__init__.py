@@ -1,6 +1,7 @@
 """Invertible layers: i-ResNet blocks and their Lipschitz branches, MintNet masked layers, affine couplings and LU
-linear maps (RealNVP, Glow), normalisation, reshapes; memory-saving compositions (``MemorySavingSequential``); and
-deep equilibrium layers (``DEQ``), whose output is a differentiable fixed point."""
+linear maps (RealNVP, Glow), rational-quadratic spline couplings (neural spline flows), normalisation, reshapes;
+memory-saving compositions (``MemorySavingSequential``); and deep equilibrium layers (``DEQ``), whose output is a
+differentiable fixed point."""
 
 from invertnet.layers.activations import ELU as ELU
 from invertnet.layers.activations import CLipSwish as CLipSwish
@@ -13,6 +14,7 @@ from invertnet.layers.conditional import ContextBoundBranch as ContextBoundBranc
 from invertnet.layers.conditional import ContextInput as ContextInput
 from invertnet.layers.conditional import context_shape_at as context_shape_at
 from invertnet.layers.coupling import AffineCoupling as AffineCoupling
+from invertnet.layers.coupling import Coupling as Coupling
 from invertnet.layers.coupling import coupling_mask as coupling_mask
 from invertnet.layers.coupling import default_conditioner as default_conditioner
 from invertnet.layers.deq import DEQ as DEQ
@@ -44,6 +46,8 @@ from invertnet.layers.spectral import SpectralNormConv2d as SpectralNormConv2d
 from invertnet.layers.spectral import SpectralNormLayer as SpectralNormLayer
 from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
 from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
+from invertnet.layers.spline_coupling import SplineCoupling as SplineCoupling
+from invertnet.layers.splines import rational_quadratic_spline as rational_quadratic_spline
 
 __all__ = [
     "DEQ",
@@ -55,6 +59,7 @@ __all__ = [
     "ELU",
     "ActNorm",
     "AffineCoupling",
+    "Coupling",
     "ContractiveCell",
     "EquilibriumCell",
     "Flatten",
@@ -76,6 +81,7 @@ __all__ = [
     "PowerIterationResult",
     "ResidualBranch",
     "Softplus",
+    "SplineCoupling",
     "SpectralNormConv2d",
     "SpectralNormLayer",
     "SpectralNormLinear",
@@ -85,6 +91,7 @@ __all__ = [
     "coupling_mask",
     "default_conditioner",
     "make_activation",
+    "rational_quadratic_spline",
     "refine_spectral_norms",
     "saved_activation_bytes",
     "triangular_mask",

@@ -373,10 +373,10 @@ class ContextInput(nn.Module):
     def __init__(self, net: nn.Module, context: Tensor, context_features: ContextSpec) -> None:
         super().__init__()
         self.net = net
-        self.context = check_context(context, context_features, "AffineCoupling")
+        self.context = check_context(context, context_features, "coupling conditioner")
 
     def forward(self, h: Tensor) -> Tensor:
-        context = matched_context(self.context, h.shape[0], "AffineCoupling").to(dtype=h.dtype)
+        context = matched_context(self.context, h.shape[0], "coupling conditioner").to(dtype=h.dtype)
         if h.dim() > 2 and context.dim() == 2:
             context = context.reshape(*context.shape, *([1] * (h.dim() - 2))).expand(-1, -1, *h.shape[2:])
         return self.net(torch.cat([h, context], dim=1))

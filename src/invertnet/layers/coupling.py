@@ -1,7 +1,9 @@
-r"""Affine coupling layers: RealNVP (Dinh et al. 2017, 3.3-3.5) and Glow's scale (Kingma & Dhariwal 2018, Table 1).
+r"""Coupling layers (Dinh et al. 2017, section 3.3) and the affine ones: RealNVP (3.3-3.5) and Glow's scale
+(Kingma & Dhariwal 2018, Table 1).
 
 A coupling layer splits the input by a binary mask b into a conditioning part x_a (b = 1), passed through
-unchanged, and a transformed part x_b (b = 0), scaled and shifted by functions of x_a:
+unchanged, and a transformed part x_b (b = 0), each entry of which goes through a monotone map with parameters
+computed from x_a; the affine map scales and shifts:
 
 .. math:: y_a = x_a, \qquad y_b = x_b \odot \sigma(x_a) + t(x_a), \qquad
     \log|\det J| = \sum_b \log \sigma_b(x_a).
@@ -10,6 +12,8 @@ The Jacobian is triangular once the positions are ordered a before b, so the log
 inverse x_b = (y_b - t(y_a)) / sigma(y_a) is closed-form. Vector masks and channel masks of images split the
 input along dimension 1 and the conditioner sees only x_a (``split`` layout); spatial masks of images
 (checkerboard) keep the shape and the conditioner sees b * x (``masked`` layout, Dinh et al. 2017, Eq. 9).
+:class:`Coupling` holds the masks, layouts and contexts; :class:`AffineCoupling` and
+:class:`~invertnet.layers.SplineCoupling` (rational-quadratic splines) are its maps.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 from invertnet.core import InvertibleModule, SolverOptions, check_input
 from invertnet.layers.conditional import ContextInput, ContextSpec, check_context, context_shape
 
-__all__ = ["AffineCoupling", "coupling_mask", "default_conditioner"]
+__all__ = ["AffineCoupling", "Coupling", "coupling_mask", "default_conditioner"]
 
 Scale = Literal["exp", "sigmoid"]
 MaskName = Literal["half", "alternating", "channel", "checkerboard"]
@@ -69,21 +73,21 @@ def coupling_mask(event_shape: tuple[int, ...], mask: MaskName, flip: bool = Fal
     return chosen != flip
 
 
-def _validated_mask(mask: Tensor, event_shape: tuple[int, ...]) -> Tensor:
+def _validated_mask(mask: Tensor, event_shape: tuple[int, ...], name: str) -> Tensor:
     """The user's mask as booleans, refusing a wrong shape, values other than 0 / 1 and an empty part."""
     if not isinstance(mask, Tensor):
-        raise TypeError(f"AffineCoupling: mask must be a name or a tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name}: mask must be a name or a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != event_shape:
-        raise ValueError(f"AffineCoupling: the mask has shape {tuple(mask.shape)}, the event shape is {event_shape}")
+        raise ValueError(f"{name}: the mask has shape {tuple(mask.shape)}, the event shape is {event_shape}")
     if mask.dtype != torch.bool:
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("AffineCoupling: mask entries must be 0 / 1 (or booleans): 1 marks the conditioning part")
+            raise ValueError(f"{name}: mask entries must be 0 / 1 (or booleans): 1 marks the conditioning part")
         mask = mask != 0
     n_conditioning = int(mask.sum())
     if n_conditioning in (0, mask.numel()):
         part = "transformed" if n_conditioning else "conditioning"
         raise ValueError(
-            f"AffineCoupling: the mask leaves the {part} part empty (it has {n_conditioning} of {mask.numel()} "
+            f"{name}: the mask leaves the {part} part empty (it has {n_conditioning} of {mask.numel()} "
             "entries set); a coupling needs at least one position in each part"
         )
     return mask
@@ -128,27 +132,23 @@ def default_conditioner(in_size: int, out_size: int, hidden: int, image: bool) -
     )
 
 
-class AffineCoupling(InvertibleModule):
-    r"""Affine coupling layer (Dinh et al. 2017, sections 3.3-3.5, Eq. 4-9) with the RealNVP or Glow scale.
+class Coupling(InvertibleModule):
+    r"""A coupling layer: x_a passes unchanged, every entry of x_b goes through a monotone map whose parameters
+    the conditioner computes from x_a (Dinh et al. 2017, section 3.3):
 
-    With the mask b (1: conditioning part x_a) and the conditioner's output (h_t, h_s) = NN(x_a),
+    .. math:: y_a = x_a, \qquad y_b = \tau(x_b; \theta(x_a)), \qquad
+        \log|\det J| = \sum_b \log \tau'(x_b; \theta(x_a)).
 
-    .. math:: y_a = x_a, \quad y_b = x_b \odot \sigma + h_t, \quad \log|\det J| = \sum \log \sigma,
-
-    where ``scale="exp"``: :math:`\log\sigma = c \tanh(h_s / c)`, the exponential of Dinh et al. 2017 (Eq. 5)
-    with its log-scale softly bounded to (-c, c) by ``clamp`` = c (``None``: unbounded), and
-    ``scale="sigmoid"``: :math:`\sigma = \mathrm{sigmoid}(h_s + 2)`, the scale of Kingma & Dhariwal's Glow code
-    (their Table 1 writes the exponential). The inverse is x_b = (y_b - h_t) / sigma.
+    Subclasses say how many raw parameters P each transformed entry takes (``parameters_per_entry``) and apply
+    the map entrywise (:meth:`_elementwise`): :class:`AffineCoupling` (P = 2, RealNVP and Glow) and
+    :class:`~invertnet.layers.SplineCoupling` (P = 3K - 1, Durkan et al. 2019).
 
     Layouts. Vector masks and image masks constant over (H, W) (``"channel"``) split dimension 1: the conditioner
-    maps x_a of shape (B, n_a, ...) to (B, 2 n_b, ...), the first n_b channels h_t, the last n_b h_s. Other image
+    maps x_a of shape (B, n_a, ...) to (B, P n_b, ...), parameter p of channel j at channel p n_b + j. Other image
     masks (``"checkerboard"``) use Dinh et al.'s Eq. 9: the conditioner maps b * x, shape (B, C, H, W), to
-    (B, 2C, H, W) and the entries at b = 1 are discarded.
+    (B, P C, H, W) and the entries at b = 1 are discarded.
 
-    At initialisation the default conditioner outputs 0 (zero last layer), so the ``"exp"`` layer is the
-    identity and the ``"sigmoid"`` layer scales x_b by sigmoid(2) = 0.881.
-
-    Arguments:
+    Arguments (shared by the subclasses):
         event_shape: (d,) for vectors, (C, H, W) for images.
         mask: ``"half"``, ``"alternating"`` (vectors), ``"channel"``, ``"checkerboard"`` (images; see
             :func:`coupling_mask`), or a 0 / 1 or boolean tensor of shape ``event_shape`` with 1 at x_a.
@@ -156,25 +156,15 @@ class AffineCoupling(InvertibleModule):
         conditioner: A module with the input and output shapes above (default: :func:`default_conditioner` with
             ``hidden`` units or channels). Zero-initialise its last layer to start at the identity.
         hidden: Width of the default conditioner.
-        scale: ``"exp"`` (RealNVP) or ``"sigmoid"`` (Glow).
-        clamp: Bound c of the ``"exp"`` log-scale (``None``: unbounded); the ``"sigmoid"`` scale lies in
-            (0, 1) and takes no clamp.
         context_features: Size k of a context c (conditional flows): the conditioner sees (x_a, c), c appended
             to the vector or as k constant planes of an image (a custom conditioner takes those inputs); or, for
             images, the shape (C', H, W) of an image context at the layer's resolution
             (:func:`~invertnet.layers.context_shape_at`), whose C' channels the conditioner sees beside x_a. Use
             the layer through :meth:`at`. 0: unconditional.
-
-    Examples:
-        >>> layer = AffineCoupling((4,), mask="half", hidden=8)
-        >>> x = torch.randn(5, 4)
-        >>> y, log_det = layer.forward_and_log_det(x)
-        >>> torch.equal(y, x), log_det.shape  # identity at initialisation
-        (True, torch.Size([5]))
-        >>> glow = AffineCoupling((4, 2, 2), mask="channel", hidden=8, scale="sigmoid", clamp=None)
-        >>> torch.allclose(glow.inverse(glow(torch.ones(1, 4, 2, 2))), torch.ones(1, 4, 2, 2))
-        True
     """
+
+    #: Raw parameters of the entrywise map per transformed entry.
+    parameters_per_entry: int = 2
 
     def __init__(
         self,
@@ -184,41 +174,33 @@ class AffineCoupling(InvertibleModule):
         flip: bool = False,
         conditioner: nn.Module | None = None,
         hidden: int = 64,
-        scale: Scale = "exp",
-        clamp: float | None = 3.0,
         context_features: ContextSpec = 0,
     ) -> None:
         super().__init__()
-        shape = context_shape(context_features, "AffineCoupling")
+        name = type(self).__name__
+        shape = context_shape(context_features, name)
         self.context_features = context_features if isinstance(context_features, int) else shape
         self.event_shape = tuple(int(size) for size in event_shape)
         if len(self.event_shape) not in (1, 3):
-            raise ValueError(f"AffineCoupling: event_shape must be (d,) or (C, H, W), got {self.event_shape}")
+            raise ValueError(f"{name}: event_shape must be (d,) or (C, H, W), got {self.event_shape}")
         if len(shape) == 3 and (len(self.event_shape) != 3 or shape[1:] != self.event_shape[1:]):
             raise ValueError(
-                f"AffineCoupling: an image context of shape {shape} needs an image event of the same height and "
+                f"{name}: an image context of shape {shape} needs an image event of the same height and "
                 f"width, got event shape {self.event_shape}"
             )
-        if scale not in ("exp", "sigmoid"):
-            raise ValueError(f"AffineCoupling: scale must be 'exp' (RealNVP) or 'sigmoid' (Glow), got {scale!r}")
-        if scale == "sigmoid" and clamp is not None:
-            raise ValueError(f"AffineCoupling: the sigmoid scale lies in (0, 1) and takes no clamp; got clamp={clamp}")
-        if clamp is not None and not (isinstance(clamp, int | float) and math.isfinite(clamp) and clamp > 0):
-            raise ValueError(f"AffineCoupling: clamp must be a positive finite number or None, got {clamp!r}")
         if hidden < 1:
-            raise ValueError(f"AffineCoupling: hidden must be positive, got {hidden}")
+            raise ValueError(f"{name}: hidden must be positive, got {hidden}")
         if isinstance(mask, str):
             chosen = coupling_mask(self.event_shape, mask, flip)  # type: ignore[arg-type]
             if not 0 < int(chosen.sum()) < chosen.numel():
                 raise ValueError(
-                    f"AffineCoupling: mask {mask!r} leaves one part empty for event shape {self.event_shape}; a "
+                    f"{name}: mask {mask!r} leaves one part empty for event shape {self.event_shape}; a "
                     "coupling needs at least one position in each part"
                 )
         else:
             if flip:
-                raise ValueError("AffineCoupling: flip applies to named masks; invert the tensor mask instead")
-            chosen = _validated_mask(mask, self.event_shape)
-        self.scale, self.clamp = scale, clamp
+                raise ValueError(f"{name}: flip applies to named masks; invert the tensor mask instead")
+            chosen = _validated_mask(mask, self.event_shape, name)
         self.mask_name = mask if isinstance(mask, str) else "custom"
         pattern = _split_channels(chosen)
         self.layout = "split" if pattern is not None else "masked"
@@ -236,17 +218,18 @@ class AffineCoupling(InvertibleModule):
         self.register_buffer("mask", chosen, persistent=False)
         if conditioner is None:
             context_size = shape[0] if shape else 0
-            conditioner = default_conditioner(in_size + context_size, 2 * self.n_transformed, hidden, image)
+            outputs = self.parameters_per_entry * self.n_transformed
+            conditioner = default_conditioner(in_size + context_size, outputs, hidden, image)
         self.conditioner = conditioner
 
     def _check(self, x: Tensor, where: str) -> None:
-        check_input(x, self.event_shape, f"AffineCoupling.{where}")
+        check_input(x, self.event_shape, f"{type(self).__name__}.{where}")
 
     @property
     def conditional(self) -> bool:  # type: ignore[override]
         return bool(self.context_features)  # k > 0 or an image shape; a view at a context sets 0
 
-    def at(self, context: Tensor) -> AffineCoupling:
+    def at(self, context: Tensor) -> Coupling:
         """The coupling at the context c: its conditioner sees (x_a, c); shares this layer's parameters."""
         if not self.conditional:
             return self
@@ -255,45 +238,41 @@ class AffineCoupling(InvertibleModule):
         view.context_features = 0
         return view
 
-    def _log_scale(self, raw: Tensor) -> Tensor:
-        if self.scale == "sigmoid":
-            return F.logsigmoid(raw + GLOW_SCALE_OFFSET)
-        if self.clamp is None:
-            return raw
-        return self.clamp * torch.tanh(raw / self.clamp)
-
-    def _parameters_of(self, conditioning: Tensor) -> tuple[Tensor, Tensor]:
-        """(shift, log-scale) from the conditioner's output, after checking its shape."""
+    def _parameters_of(self, conditioning: Tensor) -> Tensor:
+        """The raw parameters (B, P, n_b, ...) from the conditioner's output, after checking its shape."""
+        name = type(self).__name__
         if self.context_features:
-            check_context(None, self.context_features, "AffineCoupling")  # raises: the layer needs its context
+            check_context(None, self.context_features, name)  # raises: the layer needs its context
         h = self.conditioner(conditioning)
-        expected = (conditioning.shape[0], 2 * self.n_transformed, *conditioning.shape[2:])
+        count = self.parameters_per_entry
+        expected = (conditioning.shape[0], count * self.n_transformed, *conditioning.shape[2:])
         if tuple(h.shape) != expected:
             raise ValueError(
-                f"AffineCoupling: the conditioner maps {tuple(conditioning.shape)} to {tuple(h.shape)}, expected "
-                f"{expected} (shift and raw scale of the {self.n_transformed} transformed channels)"
+                f"{name}: the conditioner maps {tuple(conditioning.shape)} to {tuple(h.shape)}, expected "
+                f"{expected} ({count} parameters of each of the {self.n_transformed} transformed channels)"
             )
-        shift, raw = h.chunk(2, dim=1)
-        return shift, self._log_scale(raw)
+        return h.unflatten(1, (count, self.n_transformed))
+
+    def _elementwise(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The monotone map (or its inverse) of x (B, n, ...) at raw parameters (B, P, n, ...), and log tau' per
+        entry at the forward map's input."""
+        raise NotImplementedError
 
     def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """y = F(x) (or x = F^{-1}(y) when ``inverse``) and log|det J_F|, shape (B,), at the same point."""
         if self.layout == "split":
             fixed = x.index_select(1, self.conditioning_index)
-            moved = x.index_select(1, self.transformed_index)
-            shift, log_scale = self._parameters_of(fixed)
+            moved, log_derivative = self._elementwise(
+                x.index_select(1, self.transformed_index), self._parameters_of(fixed), inverse
+            )
+            out = torch.cat([fixed, moved], dim=1).index_select(1, self.restore_index)
         else:
-            free = (~self.mask).to(x.dtype)
-            fixed, moved = x * self.mask.to(x.dtype), x
-            shift, log_scale = self._parameters_of(fixed)
-            shift, log_scale = shift * free, log_scale * free
-        if inverse:
-            moved = (moved - shift) * torch.exp(-log_scale)
-        else:
-            moved = moved * torch.exp(log_scale) + shift
-        if self.layout == "split":
-            moved = torch.cat([fixed, moved], dim=1).index_select(1, self.restore_index)
-        return moved, log_scale.flatten(1).sum(dim=1)
+            free = (~self.mask).to(x.dtype)  # raw parameters 0 at x_a: finite maps there, then discarded
+            fixed = x * self.mask.to(x.dtype)
+            moved, log_derivative = self._elementwise(x, self._parameters_of(fixed) * free, inverse)
+            out = torch.where(self.mask, x, moved)
+            log_derivative = log_derivative * free
+        return out, log_derivative.flatten(1).sum(dim=1)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, "forward")
@@ -305,5 +284,81 @@ class AffineCoupling(InvertibleModule):
         return x, -log_det
 
     def extra_repr(self) -> str:
+        return f"{self.event_shape}, mask={self.mask_name!r}, layout={self.layout!r}"
+
+
+class AffineCoupling(Coupling):
+    r"""Affine coupling layer (Dinh et al. 2017, sections 3.3-3.5, Eq. 4-9) with the RealNVP or Glow scale.
+
+    With the mask b (1: conditioning part x_a) and the conditioner's output (h_t, h_s) = NN(x_a),
+
+    .. math:: y_a = x_a, \quad y_b = x_b \odot \sigma + h_t, \quad \log|\det J| = \sum \log \sigma,
+
+    where ``scale="exp"``: :math:`\log\sigma = c \tanh(h_s / c)`, the exponential of Dinh et al. 2017 (Eq. 5)
+    with its log-scale softly bounded to (-c, c) by ``clamp`` = c (``None``: unbounded), and
+    ``scale="sigmoid"``: :math:`\sigma = \mathrm{sigmoid}(h_s + 2)`, the scale of Kingma & Dhariwal's Glow code
+    (their Table 1 writes the exponential). The inverse is x_b = (y_b - h_t) / sigma.
+
+    Layouts and the conditioner are those of :class:`Coupling` with P = 2: of the conditioner's 2 n_b output
+    channels the first n_b are h_t, the last n_b h_s. At initialisation the default conditioner outputs 0 (zero
+    last layer), so the ``"exp"`` layer is the identity and the ``"sigmoid"`` layer scales x_b by
+    sigmoid(2) = 0.881.
+
+    Arguments:
+        event_shape, mask, flip, conditioner, hidden, context_features: As :class:`Coupling`.
+        scale: ``"exp"`` (RealNVP) or ``"sigmoid"`` (Glow).
+        clamp: Bound c of the ``"exp"`` log-scale (``None``: unbounded); the ``"sigmoid"`` scale lies in
+            (0, 1) and takes no clamp.
+
+    Examples:
+        >>> layer = AffineCoupling((4,), mask="half", hidden=8)
+        >>> x = torch.randn(5, 4)
+        >>> y, log_det = layer.forward_and_log_det(x)
+        >>> torch.equal(y, x), log_det.shape  # identity at initialisation
+        (True, torch.Size([5]))
+        >>> glow = AffineCoupling((4, 2, 2), mask="channel", hidden=8, scale="sigmoid", clamp=None)
+        >>> torch.allclose(glow.inverse(glow(torch.ones(1, 4, 2, 2))), torch.ones(1, 4, 2, 2))
+        True
+    """
+
+    parameters_per_entry = 2
+
+    def __init__(
+        self,
+        event_shape: tuple[int, ...],
+        mask: MaskName | Tensor = "half",
+        *,
+        flip: bool = False,
+        conditioner: nn.Module | None = None,
+        hidden: int = 64,
+        scale: Scale = "exp",
+        clamp: float | None = 3.0,
+        context_features: ContextSpec = 0,
+    ) -> None:
+        if scale not in ("exp", "sigmoid"):
+            raise ValueError(f"AffineCoupling: scale must be 'exp' (RealNVP) or 'sigmoid' (Glow), got {scale!r}")
+        if scale == "sigmoid" and clamp is not None:
+            raise ValueError(f"AffineCoupling: the sigmoid scale lies in (0, 1) and takes no clamp; got clamp={clamp}")
+        if clamp is not None and not (isinstance(clamp, int | float) and math.isfinite(clamp) and clamp > 0):
+            raise ValueError(f"AffineCoupling: clamp must be a positive finite number or None, got {clamp!r}")
+        super().__init__(
+            event_shape, mask, flip=flip, conditioner=conditioner, hidden=hidden, context_features=context_features
+        )
+        self.scale, self.clamp = scale, clamp
+
+    def _log_scale(self, raw: Tensor) -> Tensor:
+        if self.scale == "sigmoid":
+            return F.logsigmoid(raw + GLOW_SCALE_OFFSET)
+        if self.clamp is None:
+            return raw
+        return self.clamp * torch.tanh(raw / self.clamp)
+
+    def _elementwise(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        shift, log_scale = parameters[:, 0], self._log_scale(parameters[:, 1])
+        if inverse:
+            return (x - shift) * torch.exp(-log_scale), log_scale
+        return x * torch.exp(log_scale) + shift, log_scale
+
+    def extra_repr(self) -> str:
         clamp = f", clamp={self.clamp}" if self.scale == "exp" else ""
-        return f"{self.event_shape}, mask={self.mask_name!r}, layout={self.layout!r}, scale={self.scale!r}{clamp}"
+        return f"{super().extra_repr()}, scale={self.scale!r}{clamp}"

@@ -9,6 +9,7 @@ from invertnet.models.classifiers import iresnet_classifier as iresnet_classifie
 from invertnet.models.classifiers import mintnet_classifier as mintnet_classifier
 from invertnet.models.coupling_flows import glow_flow as glow_flow
 from invertnet.models.coupling_flows import realnvp_flow as realnvp_flow
+from invertnet.models.coupling_flows import spline_flow as spline_flow
 from invertnet.models.evaluation import LogProbEvaluation as LogProbEvaluation
 from invertnet.models.evaluation import evaluate_log_prob as evaluate_log_prob
 from invertnet.models.flows import FlowDistribution as FlowDistribution
@@ -59,6 +60,7 @@ __all__ = [
     "multiscale_iresnet_flow",
     "parameter_count",
     "realnvp_flow",
+    "spline_flow",
     "roc_statistics",
     "save",
     "save_generator",

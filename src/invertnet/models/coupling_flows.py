@@ -1,4 +1,5 @@
-r"""Coupling-flow baselines: RealNVP (Dinh et al. 2017) and Glow (Kingma & Dhariwal 2018), for vectors and images.
+r"""Coupling flows: RealNVP (Dinh et al. 2017) and Glow (Kingma & Dhariwal 2018), for vectors and images, and
+neural spline flows (Durkan et al. 2019) for vectors and flattened images.
 
 Both flows keep every dimension to the end: there is no factoring-out of half the variables after a scale
 (Dinh et al. 2017, section 3.6; Kingma & Dhariwal 2018, Fig. 2b), so their latents have the shape of the last
@@ -8,6 +9,7 @@ scale, like :func:`~invertnet.models.multiscale_iresnet_flow`'s, and all layers 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from invertnet.core import InvertibleModule, InvertibleSequential
@@ -15,20 +17,25 @@ from invertnet.layers.coupling import AffineCoupling, Scale
 from invertnet.layers.linear import InvertibleConv1x1, LULinear
 from invertnet.layers.norm import ActNorm
 from invertnet.layers.preprocess import Logit, UniformDequantization
-from invertnet.layers.shape import Squeeze
+from invertnet.layers.shape import Flatten, Squeeze
+from invertnet.layers.spline_coupling import SplineCoupling
 from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
 from invertnet.models.saving import saveable
 
-__all__ = ["glow_flow", "realnvp_flow"]
+__all__ = ["glow_flow", "realnvp_flow", "spline_flow"]
 
 
-def _event_shape(features_or_shape: int | Sequence[int], where: str) -> tuple[int, ...]:
+def _event_shape(features_or_shape: int | Sequence[int], where: str, any_rank: bool = False) -> tuple[int, ...]:
+    """The event shape: (d,) or (C, H, W), or any non-empty shape when ``any_rank`` (the flow flattens it)."""
     if isinstance(features_or_shape, int):
         shape: tuple[int, ...] = (features_or_shape,)
     else:
         shape = tuple(int(size) for size in features_or_shape)
-    if len(shape) not in (1, 3) or min(shape) < 1:
-        raise ValueError(f"{where}: expected a number of features d, (d,) or an image shape (C, H, W), got {shape}")
+    if not shape or min(shape) < 1 or (not any_rank and len(shape) not in (1, 3)):
+        expected = (
+            "a positive size or shape" if any_rank else "a number of features d, (d,) or an image shape (C, H, W)"
+        )
+        raise ValueError(f"{where}: expected {expected}, got {shape}")
     return shape
 
 
@@ -60,9 +67,6 @@ def _flow(
     return FlowDistribution(
         InvertibleSequential(*preprocessing, *parts), standard_normal(shape), context_shape=contexts.shape
     )
-
-
-
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -133,7 +137,11 @@ def realnvp_flow(
         context = contexts.at(event)
         for index in range(count):
             coupling = AffineCoupling(
-                event, mask, flip=index % 2 == 1, context_features=context, **options  # type: ignore[arg-type]
+                event,
+                mask,
+                flip=index % 2 == 1,
+                context_features=context,
+                **options,  # type: ignore[arg-type]
             )
             steps += [ActNorm(event[0]), coupling]
         return steps
@@ -223,3 +231,68 @@ def glow_flow(
         shape = _squeezed(shape)
         parts += [Squeeze(), *steps(shape, "channel", InvertibleConv1x1)]
     return _flow(parts, shape, levels, logit_alpha, contexts)
+
+
+@saveable
+def spline_flow(
+    features_or_shape: int | Sequence[int],
+    n_steps: int = 8,
+    hidden: int = 64,
+    bins: int = 16,
+    bound: float = 3.0,
+    linear: bool | None = None,
+    *,
+    levels: int | None = None,
+    logit_alpha: float = 0.05,
+    context_features: int = 0,
+) -> FlowDistribution:
+    r"""A neural spline flow (Durkan et al. 2019): ``n_steps`` steps of ActNorm, (LULinear,) SplineCoupling.
+
+    Each step standardises (:class:`~invertnet.layers.ActNorm`, data-initialised, so the entries fall inside
+    the splines' interval [-B, B]), mixes the features (:class:`~invertnet.layers.LULinear`, Kingma & Dhariwal
+    2018, section 3.2, as Durkan et al.'s coupling flows do) and applies a rational-quadratic spline coupling
+    (:class:`~invertnet.layers.SplineCoupling`, half mask, ``bins`` bins, identity outside [-B, B]) with a
+    default conditioner of width ``hidden``. Without the mixing, the couplings' half masks flip from step to
+    step instead. The log-det is exact and the inverse closed-form. Given an image shape (C, H, W), the flow
+    flattens it first (:class:`~invertnet.layers.Flatten`) and models it densely. Standard normal base. The
+    defaults (8 steps, 16 bins) were measured on the 2-D toy densities (docs/defaults.md).
+
+    Arguments:
+        features_or_shape: d for vectors (data (B, d), d >= 2), or the event shape of one sample.
+        n_steps: Steps of the flow.
+        hidden: Units of the conditioners (two hidden layers).
+        bins: Bins K of every spline.
+        bound: B: every spline acts on [-B, B] and is the identity outside.
+        linear: Mix the features with an LU-parameterised linear map before every coupling. ``None``: when
+            d > 2 (a fixed half mask would otherwise always split the same features); in 2-D the flips already
+            alternate the two coordinates.
+        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
+            so that ``bits_per_dim`` is with respect to the discrete data.
+        logit_alpha: Margin of the logit transform when ``levels`` is given.
+        context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
+            (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
+
+    Examples:
+        >>> flow = spline_flow(2, n_steps=2, hidden=16)
+        >>> flow.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+        >>> spline_flow((1, 8, 8), n_steps=1, hidden=8, levels=17).base.event_shape
+        torch.Size([64])
+    """
+    where = "spline_flow"
+    shape = _event_shape(features_or_shape, where, any_rank=True)
+    if n_steps < 1:
+        raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
+    dim = math.prod(shape)
+    if dim < 2:
+        raise ValueError(f"{where}: a coupling needs at least 2 features, got {dim}")
+    mixing = dim > 2 if linear is None else linear
+    contexts = LayerContexts(context_features, None, where, image=False)
+    parts: list[InvertibleModule] = [Flatten(shape)] if len(shape) > 1 else []
+    for index in range(n_steps):
+        flip = not mixing and index % 2 == 1
+        coupling = SplineCoupling(
+            (dim,), "half", flip=flip, hidden=hidden, bins=bins, bound=bound, context_features=contexts.at((dim,))
+        )
+        parts += [ActNorm(dim), LULinear(dim), coupling] if mixing else [ActNorm(dim), coupling]
+    return _flow(parts, (dim,), levels, logit_alpha, contexts)

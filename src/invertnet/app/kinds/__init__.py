@@ -27,6 +27,7 @@ from invertnet.app.kinds.flows import (
     MintNetFlowConfig,
     MultiscaleFlowConfig,
     RealNVPFlowConfig,
+    SplineFlowConfig,
 )
 from invertnet.app.kinds.gans import DCGANConfig, GANKind
 from invertnet.app.kinds.spectra import IsotopeNetConfig, ResidualNetConfig, SpectraKind
@@ -50,6 +51,7 @@ _REGISTERED = (
     FlowKind(MintNetFlowConfig),
     FlowKind(RealNVPFlowConfig),
     FlowKind(GlowFlowConfig),
+    FlowKind(SplineFlowConfig),
     ConditionalFlowKind(ConditionalDenseFlowConfig),
     ClassifierKind(MintNetClassifierConfig),
     ClassifierKind(IResNetClassifierConfig),

@@ -1,6 +1,6 @@
 r"""Density models: the i-ResNet flows ``dense`` (Behrmann et al. 2019, appendix C.3) and ``multiscale``
-(thesis A.2), ``mintnet`` (Song, Meng & Ermon 2019, section 5.2) and the coupling baselines ``realnvp`` (Dinh et
-al. 2017) and ``glow`` (Kingma & Dhariwal 2018), trained by maximum likelihood.
+(thesis A.2), ``mintnet`` (Song, Meng & Ermon 2019, section 5.2) and the coupling flows ``realnvp`` (Dinh et
+al. 2017), ``glow`` (Kingma & Dhariwal 2018) and ``spline`` (Durkan et al. 2019), trained by maximum likelihood.
 
 A finished flow run reports test bits/dim with the series length chosen for a stated truncation bias (thesis
 A.2), the reconstruction error through the inverse, and writes ``samples.png`` (images) or ``density.png``
@@ -32,6 +32,7 @@ from invertnet.models import (
     mintnet_flow,
     multiscale_iresnet_flow,
     realnvp_flow,
+    spline_flow,
 )
 from invertnet.solvers import linearized_inverse_error
 from invertnet.training import BitsPerDim
@@ -46,6 +47,7 @@ __all__ = [
     "MintNetFlowConfig",
     "MultiscaleFlowConfig",
     "RealNVPFlowConfig",
+    "SplineFlowConfig",
 ]
 
 LogDetChoice = Literal["power_series", "unbiased", "exact"]
@@ -207,6 +209,21 @@ class GlowFlowConfig(_CouplingFlowConfig):
     n_steps: int = Field(4, gt=0, le=MAX_BLOCKS, description="steps (ActNorm, 1x1 convolution, coupling) per scale")
     scale: Literal["exp", "sigmoid"] = "sigmoid"
     clamp: float | None = Field(None, gt=0, description="'exp' scale: bound of the log-scale (None: unbounded)")
+
+
+class SplineFlowConfig(_FlowConfig):
+    """``spline``: :func:`~invertnet.models.spline_flow` (Durkan et al. 2019) on flattened data, exact log-det."""
+
+    kind: Literal["spline"] = "spline"
+    builder: ClassVar = staticmethod(spline_flow)
+    image_data: ClassVar[bool] = False
+    n_steps: int = Field(8, gt=0, le=MAX_BLOCKS, description="steps (ActNorm, LU linear map, spline coupling)")
+    hidden: int = Field(64, gt=0, le=MAX_WIDTH, description="units of the conditioners")
+    bins: int = Field(16, ge=2, le=256, description="bins of every rational-quadratic spline")
+    bound: float = Field(3.0, gt=0, le=100, description="the splines act on [-bound, bound], the identity outside")
+    linear: bool | None = Field(
+        None, description="LU mixing before every coupling (None: when the data have more than 2 features)"
+    )
 
 
 class FlowKind(ModelKind):

@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/digits_density.py [--budget SECONDS] [--models NAME ...]
     .venv/bin/python benchmarks/digits_density.py --settings [--lr LR ...] [--batch B ...] [--budget S ...]
-        [--models NAME ...] [--seed N]
+        [--models NAME ...] [--seed N] [--logit-alpha A ...]
 
 Progress and tables go to stderr, one JSON object to stdout. Training time is wall-clock time of the optimiser
 steps on the CPU with torch's default number of threads; evaluations are not counted.
@@ -19,22 +19,28 @@ Two modes:
   validation bits/dim are evaluated at every tenth of the budget (``--checks``) and the best evaluated copy is
   tested. Models (``--models``, default all): the invertnet registry :data:`INVERTNET` (the dense i-ResNet of
   the builder's defaults at the equal architecture below, the multi-scale i-ResNet, MintNet, and the coupling
-  flows ``glow_flow`` / ``realnvp_flow`` where this invertnet has them) and the peers :data:`PEERS`.
+  flows ``glow_flow`` / ``realnvp_flow`` / ``spline_flow`` where this invertnet has them) and the peers
+  :data:`PEERS`.
 * default (no ``--settings``): invertnet's embedded configs ``digits_dense``, ``mintnet_digits`` and ``digits``
   (the ``make run`` model), each trained with its own optimiser settings (schedule held at its initial rate,
   gradient clipping, EMA) through ``Trainer.train_step`` and evaluated with its averaged weights, against the
   peers trained with Adam (lr 1e-3, batch 64); one budget (default 60 s); the final weights are tested.
 
 Equal architecture: invertnet's ``dense_iresnet_flow((1, 8, 8), n_blocks=6, hidden_features=128, n_layers=3,
-levels=17, logit_alpha=0.05)`` with every other argument at the builder's default, and normflows' residual flow
+levels=17, logit_alpha=A)`` with every other argument at the builder's default, and normflows' residual flow
 6 x [Residual(LipschitzMLP 64-128-128-64), ActNorm] (both ~199k parameters). Every other model takes the width
 whose parameter count is closest to the dense flow's.
 
 Data: ``load_digits`` train/test (1438/359 images), with the application's validation split (a fixed draw of
 ``DataConfig.validation_fraction`` = 10 % of the training images, ``RunData.with_validation``) held out of the
 training data. Peers see the data flattened to 64 dimensions, dequantised as x = (levels + U[0, 1)) / 17 and
-mapped by the same logit (alpha = 0.05, its log-det included) as invertnet's ``UniformDequantization`` and
+mapped by the same logit (margin A, its log-det included) as invertnet's ``UniformDequantization`` and
 ``Logit``; under the same seed both draw the same noise.
+
+Logit margins (``--logit-alpha``, default 0.05): the margin is part of every model (each margin gives a density
+of the same discrete data), and families prefer different ones (zuko's NSF splines act on a bounded interval that
+a small margin's logit leaves). Given several, every model trains at each, the table lists every run as
+``name @A``, and each model enters the comparisons and the winner at the margin its validation bits/dim choose.
 
 Evaluation (shared by both modes, ``flowbench.run``): bits/dim with respect to the discrete data, -log p(levels + u)
 / (64 ln 2), averaged per test image over 4 dequantisation draws that are the same for every model (validation: one

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCHMARKS))
 pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (pip install 'invertnet[data]')")
 import digits_density  # noqa: E402
 import flowbench  # noqa: E402
+import spline_flow_defaults  # noqa: E402
 import toy2d  # noqa: E402
 from flowbench import parameter_count  # noqa: E402
 
@@ -213,3 +214,13 @@ def test_the_defaults_study_runs_its_variants_through_the_grid(small_digits, cap
     defaults, clipswish = residual_flow_defaults.VARIANTS["defaults"](32), residual_flow_defaults.clipswish(32)
     assert abs(parameter_count(clipswish) - parameter_count(defaults)) < 0.05 * parameter_count(defaults)
     assert any(isinstance(module, CLipSwish) for module in clipswish.modules())
+
+
+def test_the_spline_study_runs_its_variants_on_the_toy_sets(capsys):
+    rows = spline_flow_defaults.main(
+        ["--variants", "defaults", "steps_4_bins_8_lu", "--datasets", "checkerboard", "--steps", "3"]
+    )
+    assert [row["variant"] for row in rows] == ["defaults", "steps_4_bins_8_lu"]
+    assert all(math.isfinite(row["test_log_likelihood"]) and row["standard_error"] > 0 for row in rows)
+    assert rows[1]["options"] == {"n_steps": 4, "bins": 8, "linear": True}
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one JSON line per run

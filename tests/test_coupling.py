@@ -249,3 +249,10 @@ def test_a_few_steps_of_maximum_likelihood_lower_the_loss(make):
     assert after < before - 0.05, (before, after)
     with torch.no_grad():
         assert_close(flow.transform.inverse(flow.transform(data)), data, atol=1e-4, rtol=0)
+
+
+def test_the_coupling_base_names_what_a_subclass_must_implement():
+    from invertnet.layers import Coupling
+
+    with pytest.raises(NotImplementedError, match="Coupling is a base class; a subclass sets parameters_per_entry"):
+        Coupling((4,), "half", hidden=4)(torch.randn(3, 4))

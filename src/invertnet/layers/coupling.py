@@ -140,7 +140,7 @@ class Coupling(InvertibleModule):
         \log|\det J| = \sum_b \log \tau'(x_b; \theta(x_a)).
 
     Subclasses say how many raw parameters P each transformed entry takes (``parameters_per_entry``) and apply
-    the map entrywise (:meth:`_elementwise`): :class:`AffineCoupling` (P = 2, RealNVP and Glow) and
+    the map entrywise (:meth:`transform_entries`): :class:`AffineCoupling` (P = 2, RealNVP and Glow) and
     :class:`~invertnet.layers.SplineCoupling` (P = 3K - 1, Durkan et al. 2019).
 
     Layouts. Vector masks and image masks constant over (H, W) (``"channel"``) split dimension 1: the conditioner
@@ -253,23 +253,36 @@ class Coupling(InvertibleModule):
             )
         return h.unflatten(1, (count, self.n_transformed))
 
-    def _elementwise(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """The monotone map (or its inverse) of x (B, n, ...) at raw parameters (B, P, n, ...), and log tau' per
-        entry at the forward map's input."""
-        raise NotImplementedError
+    def transform_entries(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The entrywise monotone map tau of a subclass: what it implements.
+
+        Arguments:
+            x: The transformed entries x_b, shape (B, n, ...) (their images y_b when ``inverse``).
+            parameters: The conditioner's raw parameters, shape (B, P, n, ...). In the masked layout they are 0
+                at the conditioning positions, whose results are discarded: the map must be finite there.
+            inverse: Apply tau^{-1} instead of tau.
+
+        Returns:
+            ``(out, log_derivative)``, both of x's shape: tau(x) (or tau^{-1}(y)) and log |tau'| at the forward
+            map's input (x, or the preimage tau^{-1}(y) when ``inverse``).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}: Coupling is a base class; a subclass sets parameters_per_entry and implements "
+            "transform_entries (see AffineCoupling, SplineCoupling)"
+        )
 
     def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """y = F(x) (or x = F^{-1}(y) when ``inverse``) and log|det J_F|, shape (B,), at the same point."""
         if self.layout == "split":
             fixed = x.index_select(1, self.conditioning_index)
-            moved, log_derivative = self._elementwise(
+            moved, log_derivative = self.transform_entries(
                 x.index_select(1, self.transformed_index), self._parameters_of(fixed), inverse
             )
             out = torch.cat([fixed, moved], dim=1).index_select(1, self.restore_index)
         else:
             free = (~self.mask).to(x.dtype)  # raw parameters 0 at x_a: finite maps there, then discarded
             fixed = x * self.mask.to(x.dtype)
-            moved, log_derivative = self._elementwise(x, self._parameters_of(fixed) * free, inverse)
+            moved, log_derivative = self.transform_entries(x, self._parameters_of(fixed) * free, inverse)
             out = torch.where(self.mask, x, moved)
             log_derivative = log_derivative * free
         return out, log_derivative.flatten(1).sum(dim=1)
@@ -353,7 +366,7 @@ class AffineCoupling(Coupling):
             return raw
         return self.clamp * torch.tanh(raw / self.clamp)
 
-    def _elementwise(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def transform_entries(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         shift, log_scale = parameters[:, 0], self._log_scale(parameters[:, 1])
         if inverse:
             return (x - shift) * torch.exp(-log_scale), log_scale

@@ -73,7 +73,7 @@ class SplineCoupling(Coupling):
         )
         self.bins, self.bound = bins, float(bound)
 
-    def _elementwise(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def transform_entries(self, x: Tensor, parameters: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         return rational_quadratic_spline(x, parameters.movedim(1, -1), self.bound, inverse=inverse)
 
     def extra_repr(self) -> str:

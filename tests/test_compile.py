@@ -9,7 +9,14 @@ import torch
 
 import invertnet
 from invertnet.layers import ActNorm, Logit
-from invertnet.models import dense_iresnet_flow, glow_flow, mintnet_flow, multiscale_iresnet_flow, realnvp_flow
+from invertnet.models import (
+    dense_iresnet_flow,
+    glow_flow,
+    mintnet_flow,
+    multiscale_iresnet_flow,
+    realnvp_flow,
+    spline_flow,
+)
 
 
 def test_value_checks_can_be_switched_off_and_come_back():
@@ -39,8 +46,10 @@ def test_value_checks_can_be_switched_off_and_come_back():
         (lambda: realnvp_flow((1, 8, 8), n_scales=2, n_steps=1, hidden=4, levels=17), (1, 8, 8)),
         (lambda: glow_flow((1, 8, 8), n_scales=2, n_steps=1, hidden=4, levels=17), (1, 8, 8)),
         (lambda: glow_flow(2, n_steps=2, hidden=8), (2,)),
+        (lambda: spline_flow(2, n_steps=2, hidden=8), (2,)),
+        (lambda: spline_flow((1, 4, 4), n_steps=2, hidden=8, levels=17), (1, 4, 4)),
     ],
-    ids=["dense", "multiscale", "mintnet", "realnvp", "glow", "glow_vector"],
+    ids=["dense", "multiscale", "mintnet", "realnvp", "glow", "glow_vector", "spline", "spline_image"],
 )
 def test_the_training_log_prob_compiles_without_graph_breaks(make, shape):
     flow = make()

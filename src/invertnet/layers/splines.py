@@ -115,9 +115,10 @@ def rational_quadratic_spline(
         out = x_k + xi * width
     else:
         xi = (point - x_k) / width
-        mix = xi * (1 - xi)
-        out = y_k + height * (slope * xi * xi + d_k * mix) / (slope + curvature * mix)
     mix = xi * (1 - xi)
+    denominator = slope + curvature * mix
+    if not inverse:
+        out = y_k + height * (slope * xi * xi + d_k * mix) / denominator
     numerator = slope * slope * (d_next * xi * xi + 2 * slope * mix + d_k * (1 - xi) ** 2)
-    log_derivative = torch.log(numerator) - 2 * torch.log(slope + curvature * mix)
+    log_derivative = torch.log(numerator) - 2 * torch.log(denominator)
     return torch.where(inside, out, x), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))

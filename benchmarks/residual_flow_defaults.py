@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/residual_flow_defaults.py [--lr 1e-3] [--batch 128] [--budget 60 | --steps N]
-        [--variants ...]
+        [--variants ...] [--logit-alpha 0.05]
 
 Every variant is ``dense_iresnet_flow`` on the digits at the shape of the settings grid (6 blocks of
 LipschitzMLP 64-128-128-64, ~199k parameters) with the builder's defaults except the one choice its name says,
@@ -135,7 +135,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="variants to run (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every variant's initialisation and batches")
     parser.add_argument("--checks", type=int, default=10, help="validation evaluations per run")
+    parser.add_argument(
+        "--logit-alpha",
+        type=float,
+        default=digits_density.LOGIT_ALPHA,
+        help="margin of the flows' logit transform (docs/defaults.md)",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.logit_alpha < 0.5:
+        parser.error("--logit-alpha must lie in (0, 0.5)")
     if args.lr <= 0 or args.batch <= 0 or args.budget <= 0 or args.checks < 1 or (args.steps or 1) < 1:
         parser.error("--lr, --batch, --budget, --steps and --checks must be positive")
     return args
@@ -147,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     specs = [invertnet_candidate(name, VARIANTS[name], f"dense i-ResNet, {name}", width=WIDTH) for name in names]
     setting = digits_density.Setting(args.lr, args.batch, args.budget, args.steps)
     log(f"{len(specs)} variants at {setting.label()}")
-    margins = [digits_density.LOGIT_ALPHA]
+    margins = [args.logit_alpha]
     reports = digits_density.run_settings(
         [setting], specs, margins, digits_density.digits_split(), args.seed, args.checks
     )

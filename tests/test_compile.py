@@ -1,4 +1,5 @@
-"""Value checks can be switched off, and are off in compiled code: flows' training log_prob compiles whole."""
+"""Value checks can be switched off, and are off in compiled code: flows' training log_prob compiles whole, and an
+eager training step then reads nothing back from the device (no host synchronisation on a GPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import invertnet
 from invertnet.layers import ActNorm, Logit
@@ -37,7 +39,7 @@ def test_value_checks_can_be_switched_off_and_come_back():
         invertnet.set_validation("no")
 
 
-@pytest.mark.parametrize(
+FLOWS = pytest.mark.parametrize(
     "make, shape",
     [
         (lambda: dense_iresnet_flow(2, n_blocks=2, hidden_features=16), (2,)),
@@ -51,6 +53,9 @@ def test_value_checks_can_be_switched_off_and_come_back():
     ],
     ids=["dense", "multiscale", "mintnet", "realnvp", "glow", "glow_vector", "spline", "spline_image"],
 )
+
+
+@FLOWS
 def test_the_training_log_prob_compiles_without_graph_breaks(make, shape):
     flow = make()
     x = torch.randn(4, *shape) if len(shape) == 1 else torch.randint(0, 17, (4, *shape)).float()
@@ -58,3 +63,44 @@ def test_the_training_log_prob_compiles_without_graph_breaks(make, shape):
     explanation = torch._dynamo.explain(flow.log_prob)(x)
     assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operations that copy a tensor's value to the host (``.item()``, ``bool(tensor)``)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@FLOWS
+def test_a_training_step_without_value_checks_reads_nothing_from_the_device(make, shape):
+    flow = make()
+    x = torch.randn(4, *shape) if len(shape) == 1 else torch.randint(0, 17, (4, *shape)).float()
+    flow.log_prob(x)  # ActNorm's initialisation reads its flag until it is set
+    with invertnet.validation(False), DeviceReads() as counter:
+        flow.log_prob(x).mean().backward()
+    assert counter.reads == []
+    with DeviceReads() as counter:
+        flow.log_prob(x)
+    assert counter.reads, "with value checks on, the layers do read their inputs' finiteness"
+
+
+def test_actnorm_reads_its_loaded_initialisation_flag():
+    trained, fresh = ActNorm(2), ActNorm(2)
+    trained(torch.randn(8, 2) * 3 + 1)
+    fresh(torch.randn(8, 2))  # initialised on other data ...
+    fresh.load_state_dict(ActNorm(2).state_dict())  # ... then reset by a state dict: initialises again
+    fresh(torch.randn(8, 2) * 3 + 1)
+    assert fresh.log_scale.abs().max() > 0.5
+    reloaded = ActNorm(2)
+    reloaded.load_state_dict(trained.state_dict())
+    reloaded(torch.zeros(8, 2))  # a loaded, initialised layer keeps its parameters
+    assert torch.equal(reloaded.log_scale, trained.log_scale)

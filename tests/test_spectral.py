@@ -105,6 +105,22 @@ def test_gram_squaring_gives_the_vectors_of_one_power_step_at_a_time(in_features
     torch.testing.assert_close(squared.sigma, stepwise.sigma, rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gram_squaring_without_intermediate_normalisation_stays_accurate_in_low_precision(dtype, atol):
+    torch.manual_seed(0)
+    squared = SpectralNormLinear(64, 128, n_power_iterations=32)
+    squared.weight.data.mul_(1e-3)  # a small weight: its powers would underflow unless rescaled
+    stepwise = SpectralNormLinear(64, 128, n_power_iterations=1)
+    stepwise.load_state_dict(squared.state_dict())
+    squared.to(dtype)(torch.randn(3, 64, dtype=dtype))
+    stepwise.double()(torch.randn(3, 64, dtype=torch.float64))
+    for _ in range(31):
+        stepwise(torch.randn(3, 64, dtype=torch.float64))
+    assert torch.isfinite(squared.v).all() and abs(torch.linalg.vector_norm(squared.v.double()) - 1) < atol
+    torch.testing.assert_close(squared.v.double(), stepwise.v, rtol=0, atol=atol)
+    torch.testing.assert_close(squared.sigma.double(), stepwise.sigma, rtol=atol, atol=0)
+
+
 def test_gram_squaring_is_chosen_only_where_it_saves_operations():
     assert not spectral.gram_power_pays((128, 128), 5)  # too few steps: the plain loop
     assert spectral.gram_power_pays((128, 64), 8)

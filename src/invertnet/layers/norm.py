@@ -24,6 +24,10 @@ class ActNorm(InvertibleModule):
         eps: Channels whose initial standard deviation is at most ``eps`` (constant channels, such as zero
             padding) start with scale 1 instead of 1 / std.
 
+    Whether the layer is initialised is the ``initialized`` buffer (saved with the state dict); the layer reads it
+    from the device once it holds True and then remembers it, so a training step on a GPU does not wait for the
+    host. Loading a state dict makes the layer read the loaded value; a write to the buffer in place is not seen.
+
     Examples:
         >>> layer = ActNorm(3)
         >>> y, log_det = layer.forward_and_log_det(5 + 2 * torch.randn(64, 3, 4, 4))
@@ -38,6 +42,7 @@ class ActNorm(InvertibleModule):
         self.loc = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized_read = False  # True once `initialized` is known to hold True (no device read any more)
 
     def _view(self, parameter: Tensor, x: Tensor) -> Tensor:
         return parameter.view(1, -1, *([1] * (x.dim() - 2)))
@@ -58,6 +63,18 @@ class ActNorm(InvertibleModule):
         # change of their values into a huge output
         self.log_scale.copy_(torch.where(std > self.eps, std, torch.ones_like(std)).log())
         self.initialized.fill_(True)
+        self._initialized_read = True
+
+    def _needs_initialization(self) -> bool:
+        """Whether the next training call initialises the layer: reads the buffer (a host synchronisation on a
+        GPU) only until it has been seen to be True."""
+        if not self._initialized_read:
+            self._initialized_read = bool(self.initialized)
+        return not self._initialized_read
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        self._initialized_read = False  # the loaded buffer decides; read it at the next training call
 
     def _log_det(self, x: Tensor) -> Tensor:
         spatial = x[0, 0].numel()
@@ -65,7 +82,7 @@ class ActNorm(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, "forward")
-        if self.training and not torch.compiler.is_compiling() and not self.initialized:
+        if self.training and not torch.compiler.is_compiling() and self._needs_initialization():
             self._initialize(x)  # data-dependent: compiled code assumes a layer already called once
         y = (x - self._view(self.loc, x)) * torch.exp(-self._view(self.log_scale, x))
         return y, self._log_det(x)

@@ -457,7 +457,7 @@ class SpectralNormLinear(SpectralNormLayer, nn.Linear):
         if self.in_features <= self.out_features:  # u = W (W^T W)^(k-1) v
             u = _dual(F.linear(_gram_power(weight.mT @ weight, self.v, steps - 1), weight), 2.0)
         else:  # u = (W W^T)^(k-1) W v
-            u = _gram_power(weight @ weight.mT, _dual(F.linear(self.v, weight), 2.0), steps - 1)
+            u = _dual(_gram_power(weight @ weight.mT, F.linear(self.v, weight), steps - 1), 2.0)
         self.u, self.v = u.contiguous(), _dual(u @ weight, 2.0).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -478,12 +478,20 @@ def gram_power_pays(shape: torch.Size | tuple[int, int], steps: int) -> bool:
 
 
 def _gram_power(gram: Tensor, v: Tensor, steps: int) -> Tensor:
-    """gram^steps v, normalised, by binary powering: the squares are rescaled by their Frobenius norm (their top
-    eigenvalue stays >= 1 / sqrt(side) of it, so nothing over- or underflows) and the vector after every product."""
+    """The direction of gram^steps v (not normalised) by binary powering, for a positive semi-definite gram of side n.
+
+    The powers are rescaled by their Frobenius norm, so each factor applied to v has its top eigenvalue in
+    [1 / sqrt(n), 1]: nothing overflows, and v shrinks by at most about n^(-1/2) per product when warm-started
+    near the top eigenvector (about 1 / n from a random start), in at most log2(steps) + 1 products: far from
+    float32's underflow for the sides :func:`gram_power_pays` allows, so v is normalised in between only in half
+    precision (the caller normalises the result)."""
     power = gram / torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
+    half = v.element_size() < 4
     while steps:
         if steps & 1:
-            v = _dual(power @ v, 2.0)
+            v = power @ v
+            if half:
+                v = _dual(v, 2.0)
         steps >>= 1
         if steps:
             power = power @ power

@@ -54,7 +54,7 @@ def _series_estimate(
 
     With :math:`w_k^T = v^T J_g^k` (k vector-Jacobian products, no graph kept),
 
-    .. math:: \text{value} = \sum_{k=1}^{n} a_k\, w_k^T v, \qquad
+    .. math:: \text{value} = \Big(\sum_{k=1}^{n} a_k\, w_k\Big)^T v, \qquad
         \text{gradient of } w^T J_g v \text{ with } w = \sum_{j=0}^{m} b_j w_j \text{ held fixed},
 
     where a_k = ``value_weight(k)``, b_j = ``gradient_weight(j)`` and m = ``n_gradient_terms``. Only the
@@ -70,12 +70,14 @@ def _series_estimate(
             v = _draw_probe(x, probe)
             w = v
             neumann = gradient_weight(0) * v
+            weighted = torch.zeros_like(v)  # sum_k a_k w_k: the value is its inner product with v
             for k in range(1, max(n_terms, n_gradient_terms) + 1):
                 w = vjp(w)
                 if k <= n_terms:
-                    value.add_(_dot(w, v), alpha=value_weight(k))
+                    weighted.add_(w, alpha=value_weight(k))
                 if k <= n_gradient_terms:
                     neumann.add_(w, alpha=gradient_weight(k))
+            value.add_(_dot(weighted, v))
             if need_graph:
                 surrogate = surrogate + bilinear(neumann, v)
     value = value.detach() / n_samples

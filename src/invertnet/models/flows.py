@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, TransformedDistribution, constraints
 
-from invertnet.core import InverseResult, InvertibleModule, SolverOptions, SolverOverride, check_dtype
+from invertnet.core import (
+    InverseResult,
+    InvertibleModule,
+    SolverOptions,
+    SolverOverride,
+    check_dtype,
+    validation_enabled,
+)
 from invertnet.layers.conditional import context_shape, context_shape_at
 from invertnet.layers.lipschitz_nets import LipschitzMLP
 from invertnet.layers.residual import EXACT_EVALUATION_FEATURES, InvertibleResidual
@@ -99,18 +106,26 @@ def _sample_size(sample_shape: SampleShape) -> torch.Size:
 def standard_normal(
     shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Distribution:
-    """The standard normal on tensors of the given event shape (log_prob sums over the event)."""
+    """The standard normal on tensors of the given event shape (log_prob sums over the event).
+
+    Without torch.distributions' own argument checks (``validate_args=False``): :class:`FlowDistribution` checks
+    its latents itself while :func:`invertnet.validation` is on, so switching validation off removes the check's
+    host synchronisation here too."""
     zeros = torch.zeros(shape, dtype=dtype or torch.get_default_dtype(), device=device)
-    return Independent(Normal(zeros, torch.ones_like(zeros)), len(shape))
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), len(shape), validate_args=False)
 
 
 def _mapped(distribution: Distribution, fn: Callable[[Tensor], Tensor]) -> Distribution:
     """The distribution rebuilt with ``fn`` applied to its tensors (normal and independent-normal bases);
     other distributions are returned unchanged."""
     if isinstance(distribution, Independent):
-        return Independent(_mapped(distribution.base_dist, fn), distribution.reinterpreted_batch_ndims)
+        return Independent(
+            _mapped(distribution.base_dist, fn),
+            distribution.reinterpreted_batch_ndims,
+            validate_args=distribution._validate_args,
+        )
     if isinstance(distribution, Normal):
-        return Normal(fn(distribution.loc), fn(distribution.scale))
+        return Normal(fn(distribution.loc), fn(distribution.scale), validate_args=distribution._validate_args)
     return distribution
 
 
@@ -306,6 +321,10 @@ class FlowDistribution(nn.Module, Distribution):
             raise ValueError(
                 f"FlowDistribution: the transform maps to latents of shape {tuple(z.shape[1:])}, but the base "
                 f"distribution's event shape is {expected}"
+            )
+        if validation_enabled() and not torch.isfinite(z).all():
+            raise ValueError(
+                f"FlowDistribution: the transform gave {int((~torch.isfinite(z)).sum())} NaN or infinite latents"
             )
         return self.base.log_prob(z)
 

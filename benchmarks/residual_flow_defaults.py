@@ -122,6 +122,7 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "coeff_0.99": dense(coeff=0.99),
     "series_2": dense(log_det=PowerSeriesLogDet(2)),
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
+    "series_5_rademacher": dense(log_det=PowerSeriesLogDet(5, probe="rademacher")),
     "unbiased": dense(log_det=UnbiasedLogDet()),
 }
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from invertnet import InvertibleSequential
-from invertnet.layers import ActNorm, InvertibleResidual, LipschitzConvNet, LipschitzMLP, refine_spectral_norms
+from invertnet.layers import (
+    ActNorm,
+    InvertibleResidual,
+    Linearization,
+    LipschitzConvNet,
+    LipschitzMLP,
+    refine_spectral_norms,
+)
 from invertnet.logdet import (
     DenseExactLogDet,
     ExactLogDet,
@@ -206,7 +213,9 @@ def test_invalid_estimator_options_are_refused():
 
 @pytest.mark.parametrize("activation", ["elu", "softplus", "lipswish", "clipswish"])
 @pytest.mark.parametrize(
-    "estimator", [PowerSeriesLogDet(n_terms=6), UnbiasedLogDet(p=1.0, n_exact_terms=4)], ids=["series", "roulette"]
+    "estimator",
+    [PowerSeriesLogDet(n_terms=6), PowerSeriesLogDet(n_terms=1, n_samples=2), UnbiasedLogDet(p=1.0, n_exact_terms=4)],
+    ids=["series", "one-term", "roulette"],
 )
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_structured_jacobian_path_equals_autograd_path(activation, estimator, kind):
@@ -236,6 +245,24 @@ def test_structured_jacobian_path_equals_autograd_path(activation, estimator, ki
     assert len(grads_fast) == len(grads_slow) > 0
     for fast, slow in zip(grads_fast, grads_slow, strict=True):
         torch.testing.assert_close(fast, slow)
+    with torch.no_grad():  # the value alone, without graphs
+        values = []
+        for branch in (g, lambda v: g(v)):
+            torch.manual_seed(3)
+            values.append(estimator(branch, x)[1])
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(values[0], value_fast)
+
+
+@pytest.mark.parametrize("n_terms", [1, 2, 5, 10])
+def test_factored_power_series_takes_one_vector_jacobian_product_fewer_than_terms(n_terms, monkeypatch):
+    """The n-th term v^T J^n v = (v^T J^(n-1)) (J v) reuses the gradient's forward-mode product J v."""
+    calls = []
+    vjp = Linearization.vjp
+    monkeypatch.setattr(Linearization, "vjp", lambda self, w: calls.append(1) or vjp(self, w))
+    g = LipschitzMLP(4, 8, n_layers=2, coeff=0.9)
+    PowerSeriesLogDet(n_terms)(g, torch.randn(3, 4))[1].sum().backward()
+    assert len(calls) == n_terms - 1
 
 
 def test_evaluation_estimator_meets_its_bias_bound():

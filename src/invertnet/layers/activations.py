@@ -33,9 +33,10 @@ class ELU(nn.Module):
         return F.elu(x)
 
     def forward_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(phi(x), phi'(x)); phi'(x) is 1 for x > 0 and e^x = phi(x) + 1 otherwise."""
+        """(phi(x), phi'(x)); phi'(x) is 1 for x > 0 and e^x = phi(x) + 1 otherwise, i.e. min(phi(x) + 1, 1)
+        (phi(x) + 1 = x + 1 > 1 for x > 0)."""
         y = F.elu(x)
-        return y, torch.where(x > 0, torch.ones_like(x), y + 1)
+        return y, (y + 1).clamp(max=1.0)
 
 
 class Softplus(nn.Module):
@@ -78,7 +79,8 @@ class LipSwish(nn.Module):
         r"""(phi(x), phi'(x)) with phi'(x) = (s + \beta x s (1 - s)) / 1.1, s = sigmoid(beta x)."""
         beta_x = F.softplus(self.raw_beta) * x
         s = torch.sigmoid(beta_x)
-        return x * s / 1.1, s * (1 + beta_x * (1 - s)) / 1.1
+        scaled = s / 1.1
+        return x * scaled, torch.addcmul(scaled, beta_x, scaled * (1 - s))
 
 
 @dataclass

@@ -49,6 +49,7 @@ __all__ = [
     "SpectralNormConv2d",
     "SpectralNormLayer",
     "SpectralNormLinear",
+    "linear_power_steps",
     "refine_spectral_norms",
 ]
 
@@ -137,6 +138,8 @@ class SpectralNormLayer(nn.Module):
     v: Tensor
     sigma: Tensor
     inflation: Tensor
+    #: This call's normalised weight when a batched group computed it (:mod:`invertnet.layers.spectral_groups`).
+    _grouped_weight: Tensor | None = None
 
     def _init_spectral_norm(
         self, coeff: float, n_power_iterations: int, domain_order: float, codomain_order: float
@@ -226,6 +229,8 @@ class SpectralNormLayer(nn.Module):
         Arguments:
             x: An input batch, used only to size the power-iteration vectors on the first call.
         """
+        if self._grouped_weight is not None:  # power steps and scaling already taken with the layer's group
+            return self._grouped_weight
         if x is not None:
             self._ensure_vectors(self._input_vector_shape(x))
         elif not self.v.numel():
@@ -449,16 +454,13 @@ class SpectralNormLinear(SpectralNormLayer, nn.Linear):
         return (self.in_features,)
 
     def _power_steps(self, weight: Tensor, steps: int) -> None:
-        """k power steps of the 2-norm, v <- (W^T W)^k v / ||.||, by repeated squaring of the smaller Gram
-        matrix when that takes fewer tensor operations (:func:`gram_power_pays`); else one step at a time."""
-        if (self.domain_order, self.codomain_order) != (2.0, 2.0) or not gram_power_pays(weight.shape, steps):
+        """k power steps of the 2-norm by :func:`linear_power_steps` (Gram squaring when it pays); other norms
+        one generalised step at a time."""
+        if (self.domain_order, self.codomain_order) != (2.0, 2.0):
             super()._power_steps(weight, steps)
             return
-        if self.in_features <= self.out_features:  # u = W (W^T W)^(k-1) v
-            u = _dual(F.linear(_gram_power(weight.mT @ weight, self.v, steps - 1), weight), 2.0)
-        else:  # u = (W W^T)^(k-1) W v
-            u = _dual(_gram_power(weight @ weight.mT, F.linear(self.v, weight), steps - 1), 2.0)
-        self.u, self.v = u.contiguous(), _dual(u @ weight, 2.0).contiguous()
+        u, v = linear_power_steps(weight, self.v, steps)
+        self.u, self.v = u.contiguous(), v.contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.affine(x, self.normalized_weight(x))
@@ -477,25 +479,58 @@ def gram_power_pays(shape: torch.Size | tuple[int, int], steps: int) -> bool:
     return steps >= 8 and min(shape) ** 3 * math.log2(steps) <= POWER_STEP_OVERHEAD_MACS * steps
 
 
+def _matvec(matrix: Tensor, v: Tensor) -> Tensor:
+    """matrix @ v for matrices (..., m, n) and vectors (..., n)."""
+    return (matrix @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """v / ||v||_2 along the last dimension (a zero vector stays zero)."""
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def linear_power_steps(weight: Tensor, v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``steps`` steps of the 2-norm power method u = W v / ||W v||, v = W^T u / ||W^T u|| from unit vectors v,
+    for weights (..., out, in) and vectors (..., in), so a stack of same-shaped layers advances in one set of
+    batched operations. Returns (u, v) of shapes (..., out), (..., in).
+
+    From 8 steps on, when :func:`gram_power_pays`, by repeated squaring of the smaller Gram matrix, W (W^T W)^(k-1) v or
+    (W W^T)^(k-1) W v (:func:`_gram_power`); else one step at a time. Call without gradients."""
+    if steps < 1:
+        raise ValueError(f"linear_power_steps: steps must be positive, got {steps}")
+    if gram_power_pays(weight.shape[-2:], steps):
+        if weight.shape[-1] <= weight.shape[-2]:  # u = W (W^T W)^(k-1) v
+            u = _unit(_matvec(weight, _gram_power(weight.mT @ weight, v, steps - 1)))
+        else:  # u = (W W^T)^(k-1) W v
+            u = _unit(_gram_power(weight @ weight.mT, _matvec(weight, v), steps - 1))
+        return u, _unit(_matvec(weight.mT, u))
+    for _ in range(steps):
+        u = _unit(_matvec(weight, v))
+        v = _unit(_matvec(weight.mT, u))
+    return u, v
+
+
 def _gram_power(gram: Tensor, v: Tensor, steps: int) -> Tensor:
-    """The direction of gram^steps v (not normalised) by binary powering, for a positive semi-definite gram of side n.
+    """The direction of gram^steps v (not normalised) by binary powering, for positive semi-definite grams
+    (..., n, n) and vectors (..., n).
 
     The powers are rescaled by their Frobenius norm, so each factor applied to v has its top eigenvalue in
     [1 / sqrt(n), 1]: nothing overflows, and v shrinks by at most about n^(-1/2) per product when warm-started
     near the top eigenvector (about 1 / n from a random start), in at most log2(steps) + 1 products: far from
     float32's underflow for the sides :func:`gram_power_pays` allows, so v is normalised in between only in half
     precision (the caller normalises the result)."""
-    power = gram / torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
+    tiny = torch.finfo(gram.dtype).tiny
+    power = gram / torch.linalg.matrix_norm(gram, keepdim=True).clamp_min(tiny)
     half = v.element_size() < 4
     while steps:
         if steps & 1:
-            v = power @ v
+            v = _matvec(power, v)
             if half:
-                v = _dual(v, 2.0)
+                v = _unit(v)
         steps >>= 1
         if steps:
             power = power @ power
-            power = power / torch.linalg.matrix_norm(power).clamp_min(torch.finfo(power.dtype).tiny)
+            power = power / torch.linalg.matrix_norm(power, keepdim=True).clamp_min(tiny)
     return v
 
 

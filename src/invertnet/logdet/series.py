@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -54,67 +55,98 @@ def _series_estimate(
 
     With :math:`w_k^T = v^T J_g^k` (k vector-Jacobian products, no graph kept),
 
-    .. math:: \text{value} = \Big(\sum_{k=1}^{n} a_k\, w_k\Big)^T v, \qquad
+    .. math:: \text{value} = \sum_{k=1}^{n} a_k\, w_k^T v, \qquad
         \text{gradient of } w^T J_g v \text{ with } w = \sum_{j=0}^{m} b_j w_j \text{ held fixed},
 
     where a_k = ``value_weight(k)``, b_j = ``gradient_weight(j)`` and m = ``n_gradient_terms``. Only the
-    last product w^T J_g v is differentiated (once, with ``create_graph``), so memory and backward cost do
-    not grow with n. Returns ``(g(x), log_det)`` with log_det of shape (B,).
+    last product w^T J_g v is differentiated (once), so memory and backward cost do not grow with n.
+
+    For a branch with a factored Jacobian the gradient's product is the forward-mode chain u = J_g v, and
+    the value reuses it: :math:`w_k^T v = w_{k-1}^T u`, so the value is :math:`(\sum_k a_k w_{k-1})^T u`
+    and needs one vector-Jacobian product fewer (the same number, in exact arithmetic). Returns
+    ``(g(x), log_det)`` with log_det of shape (B,).
     """
     need_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        g_x, vjp, bilinear = _jacobian_products(g, x)
-        value = x.new_zeros(x.shape[0])
-        surrogate = x.new_zeros(x.shape[0])
-        for _ in range(n_samples):
-            v = _draw_probe(x, probe)
-            w = v
-            neumann = gradient_weight(0) * v
-            weighted = torch.zeros_like(v)  # sum_k a_k w_k: the value is its inner product with v
-            for k in range(1, max(n_terms, n_gradient_terms) + 1):
-                w = vjp(w)
-                if k <= n_terms:
-                    weighted.add_(w, alpha=value_weight(k))
-                if k <= n_gradient_terms:
-                    neumann.add_(w, alpha=gradient_weight(k))
+    products = _jacobian_products(g, x, need_graph)
+    value = x.new_zeros(x.shape[0])
+    surrogate = x.new_zeros(x.shape[0])
+    for _ in range(n_samples):
+        v = _draw_probe(x, probe)
+        jv = None if products.jvp is None else products.jvp(v)
+        shift = 0 if jv is None else 1  # term k is a_k w_{k - shift}^T (v, or J_g v)
+        weighted = value_weight(1) * v if shift else torch.zeros_like(v)  # sum_k a_k w_{k - shift}
+        neumann = gradient_weight(0) * v
+        w = v
+        for j in range(1, max(n_terms - shift, n_gradient_terms) + 1):
+            w = products.vjp(w)
+            if j + shift <= n_terms:
+                weighted.add_(w, alpha=value_weight(j + shift))
+            if j <= n_gradient_terms:
+                neumann.add_(w, alpha=gradient_weight(j))
+        if jv is not None:
+            value.add_(_dot(weighted, jv.detach()))
+            if need_graph:
+                surrogate = surrogate + _dot(neumann, jv)
+        elif products.bilinear is not None:
             value.add_(_dot(weighted, v))
             if need_graph:
-                surrogate = surrogate + bilinear(neumann, v)
+                surrogate = surrogate + products.bilinear(neumann, v)
     value = value.detach() / n_samples
     if not need_graph:
-        return g_x.detach(), value
+        return products.output.detach(), value
     surrogate = surrogate / n_samples
-    return g_x, value + (surrogate - surrogate.detach())
+    return products.output, value + (surrogate - surrogate.detach())
 
 
-def _jacobian_products(
-    g: Callable[[Tensor], Tensor], x: Tensor
-) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
-    """g(x), w -> w^T J_g (no graph) and the differentiable (w, v) -> w^T J_g v, per sample.
+@dataclass
+class _JacobianProducts:
+    """g(x) and the products of its Jacobian the series estimators need, per sample.
+
+    Attributes:
+        output: g(x).
+        vjp: w -> w^T J_g, without a graph.
+        jvp: v -> J_g v, differentiable (with a graph when gradients are on), for branches with a factored
+            Jacobian; ``None`` otherwise.
+        bilinear: (w, v) -> w^T J_g v, differentiable with w held fixed, for the other branches (exactly one
+            of ``jvp`` and ``bilinear`` is given).
+    """
+
+    output: Tensor
+    vjp: Callable[[Tensor], Tensor]
+    jvp: Callable[[Tensor], Tensor] | None = None
+    bilinear: Callable[[Tensor, Tensor], Tensor] | None = None
+
+
+def _jacobian_products(g: Callable[[Tensor], Tensor], x: Tensor, need_graph: bool) -> _JacobianProducts:
+    """The Jacobian products of g at x; graphs are built only when ``need_graph``.
 
     Branches with a ``linearize`` method (:class:`~invertnet.layers.LipschitzNet`) use their factored
-    Jacobian: plain matrix products for the VJPs and one forward-mode chain for w^T J_g v. Any other
-    branch goes through autograd: VJPs with ``retain_graph`` and a double backward for w^T J_g v.
+    Jacobian: plain matrix products for the VJPs and one forward-mode chain for J_g v. Any other branch goes
+    through autograd: VJPs with ``retain_graph`` and a double backward for w^T J_g v.
     """
     linearize = getattr(g, "linearize", None)
     if linearize is not None:
-        linearization = linearize(x)
-        return (
-            linearization.output,
-            linearization.vjp,
-            lambda w, v: _dot(w.detach(), linearization.jvp(v)),
-        )
-    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-    g_x = g(x_in)
+        with torch.set_grad_enabled(need_graph):
+            linearization = linearize(x)
+
+        def jvp(v: Tensor) -> Tensor:
+            with torch.set_grad_enabled(need_graph):
+                return linearization.jvp(v)
+
+        return _JacobianProducts(linearization.output, linearization.vjp, jvp=jvp)
+    with torch.enable_grad():
+        x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+        g_x = g(x_in)
 
     def vjp(w: Tensor) -> Tensor:
         return torch.autograd.grad(g_x, x_in, w, retain_graph=True)[0]
 
     def bilinear(w: Tensor, v: Tensor) -> Tensor:
-        (w_jacobian,) = torch.autograd.grad(g_x, x_in, w.detach(), retain_graph=True, create_graph=True)
-        return _dot(w_jacobian, v)
+        with torch.enable_grad():
+            (w_jacobian,) = torch.autograd.grad(g_x, x_in, w.detach(), retain_graph=True, create_graph=True)
+            return _dot(w_jacobian, v)
 
-    return g_x, vjp, bilinear
+    return _JacobianProducts(g_x, vjp, bilinear=bilinear)
 
 
 class PowerSeriesLogDet:

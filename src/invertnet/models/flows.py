@@ -21,6 +21,7 @@ from invertnet.layers.conditional import context_shape, context_shape_at
 from invertnet.layers.lipschitz_nets import LipschitzMLP
 from invertnet.layers.residual import EXACT_EVALUATION_FEATURES, InvertibleResidual
 from invertnet.layers.spectral import refine_spectral_norms
+from invertnet.layers.spectral_groups import normalize_together, release_together
 from invertnet.logdet.dense import DenseExactLogDet
 from invertnet.logdet.exact import ExactLogDet
 from invertnet.logdet.series import PowerSeriesLogDet, n_terms_for_bias, truncation_error_bound
@@ -369,7 +370,11 @@ class FlowDistribution(nn.Module, Distribution):
             return self._empty(batch, x.device)
         if not x.is_floating_point():  # integer levels of a dequantising flow, in the parameters' dtype
             x = x.to(self._dtype())
-        z, log_det = self.transform.forward_and_log_det(x.reshape(-1, *self.event_shape))
+        grouped = normalize_together(self.transform)  # batched spectral normalisation of same-shaped layers
+        try:
+            z, log_det = self.transform.forward_and_log_det(x.reshape(-1, *self.event_shape))
+        finally:
+            release_together(grouped)
         return (self._base_log_prob(z) + log_det).reshape(batch)
 
     def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -28,7 +28,8 @@ Variants:
 * ``actnorm_after``: ActNorm after each residual block (Behrmann et al. 2019, appendix C.3) instead of before.
 * ``lu_mixing``: an LU-parameterised linear layer (Kingma & Dhariwal 2018, section 3.2) before each ActNorm.
 * ``coeff_0.9`` / ``coeff_0.99``: the spectral-normalisation coefficient.
-* ``series_2`` / ``series_5``: the training power series' length (the default has 10 terms).
+* ``series_2`` / ``series_5``: the training power series' length (the default has
+  ``invertnet.models.iresnet_flows.DENSE_SERIES_TERMS`` = 5 terms; ``defaults`` had 10 before that study).
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
 """
 
@@ -122,7 +123,6 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "coeff_0.99": dense(coeff=0.99),
     "series_2": dense(log_det=PowerSeriesLogDet(2)),
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
-    "series_5_rademacher": dense(log_det=PowerSeriesLogDet(5, probe="rademacher")),
     "unbiased": dense(log_det=UnbiasedLogDet()),
 }
 

@@ -3,6 +3,7 @@
 They check the report's structure and its arithmetic, not the figures: the timed runs are the lead's.
 """
 
+import copy
 import importlib.util
 import math
 import sys
@@ -224,3 +225,37 @@ def test_the_spline_study_runs_its_variants_on_the_toy_sets(capsys):
     assert all(math.isfinite(row["test_log_likelihood"]) and row["standard_error"] > 0 for row in rows)
     assert rows[1]["options"] == {"n_steps": 4, "bins": 8, "linear": True}
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one JSON line per run
+
+
+def test_the_dense_step_timing_runs_both_variants(capsys):
+    import dense_flow_step
+
+    output = dense_flow_step.main(["--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"])
+    result = output["batches"]["4"]
+    assert set(result) == {"grouped", "per_layer", "per_layer_over_grouped"}
+    assert result["grouped"]["min_ms"] > 0 and result["per_layer"]["min_ms"] > 0
+
+
+@pytest.mark.parametrize("refined", [True, False])
+def test_invertnet_validation_scores_the_copy_as_it_would_be_tested(refined):
+    from invertnet.models import dense_iresnet_flow
+
+    torch.manual_seed(0)
+    flow = dense_iresnet_flow(2, n_blocks=1, hidden_features=8, n_layers=2)
+    with torch.no_grad():  # weights that moved after the last power step: the stored norms lag behind
+        for name, parameter in flow.named_parameters():
+            if "weight" in name:
+                parameter.mul_(1.5)
+    validation = torch.randn(32, 2)
+    spec = flowbench.invertnet_candidate("dense", lambda _: flow, "dense", width=0, refined_validation=refined)
+    checkpoint = flowbench.BestCheckpoint(spec, toy2d.negative_log_likelihood, validation)
+    checkpoint.consider(flow, steps=1, seconds=0.0)
+
+    def scored(prepare):
+        prepared = copy.deepcopy(flow).eval()
+        prepare(prepared)
+        return flowbench.per_sample(toy2d.negative_log_likelihood, prepared, validation, 1).mean().item()
+
+    tested, unrefined = scored(flowbench.exact_evaluation), scored(flowbench.exact_log_dets)
+    assert abs(tested - unrefined) > 1e-3  # the refinement changes the map
+    assert checkpoint.best_loss == pytest.approx(tested if refined else unrefined, abs=1e-9)

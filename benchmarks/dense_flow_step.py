@@ -4,10 +4,11 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/dense_flow_step.py [--batch 64 128] [--rounds 5] [--steps 20]
 
-The flow is the equal-architecture model of ``digits_density.py --settings`` (``dense_iresnet_flow((1, 8, 8),
-n_blocks=6, hidden_features=128, n_layers=3, levels=17)``, builder defaults otherwise) on random digit levels; a
-step is ``bits_per_dim`` of a batch, its mean, backward and one plain Adam step, as the grid trains. Two variants
-alternate round by round in one process, so a machine whose speed drifts affects both alike:
+The flow is the equal-architecture model of ``digits_density.py --settings`` (its ``invertnet-dense``:
+``dense_iresnet_flow((1, 8, 8), n_blocks=6, hidden_features=128, n_layers=3, levels=17)``, builder defaults
+otherwise) on random digit levels; a step is the grid's own (``flowbench.adam_step``: the mean bits/dim of a
+batch, backward and one plain Adam step). Two variants alternate round by round in one process, so a machine whose
+speed drifts affects both alike:
 
 * ``grouped``: as the library runs (``FlowDistribution.log_prob`` normalises each group of same-shaped
   ``SpectralNormLinear`` layers in batched operations, ``invertnet.layers.spectral_groups``);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -29,30 +31,23 @@ from collections.abc import Callable, Sequence
 from unittest import mock
 
 import torch
+from digits_density import INVERTNET, SHAPE, bits_per_dim
+from flowbench import adam_step
 
 import invertnet.models.flows as flows_module
-from invertnet.models import dense_iresnet_flow
+from invertnet.data import DIGITS_LEVELS
 
-SHAPE, LEVELS, BLOCKS, HIDDEN, LAYERS = (1, 8, 8), 17, 6, 128, 3
+#: The grid's ``invertnet-dense`` model, built and trained as ``digits_density.py --settings`` does.
+DENSE = next(spec for spec in INVERTNET if spec.name == "invertnet-dense")
 VARIANTS = ("grouped", "per_layer")
 
 
 def training_step(batch: int, seed: int) -> Callable[[], float]:
-    """One Adam step of the grid's dense flow on a fixed batch of random levels; returns the loss."""
+    """The grid's Adam step (``flowbench.adam_step``) of its dense flow on a fixed batch of random levels."""
     torch.manual_seed(seed)
-    flow = dense_iresnet_flow(SHAPE, n_blocks=BLOCKS, hidden_features=HIDDEN, n_layers=LAYERS, levels=LEVELS)
-    levels = torch.randint(0, LEVELS, (batch, *SHAPE)).float()
-    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
-
-    def step() -> float:
-        flow.train()
-        loss = flow.bits_per_dim(levels).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
+    flow = DENSE.build(DENSE.width)
+    levels = torch.randint(0, DIGITS_LEVELS, (batch, *SHAPE)).float()
+    return adam_step(flow, DENSE, bits_per_dim, itertools.repeat(levels), lr=1e-3)
 
 
 def time_round(step: Callable[[], float], variant: str, steps: int) -> float:

@@ -92,7 +92,9 @@ class Spec:
         width: A fixed width (an architecture defined to be equal to another's), or ``None``: the width whose
             parameter count is closest to the benchmark's target.
         after_step: Called with the model after every optimiser step (normflows' Lipschitz updates).
-        prepare: Called with the eval-mode copy that is tested, before the test (exact log-dets, converged norms).
+        prepare: Makes an eval-mode copy the model tested (exact log-dets, converged norms). Without
+            ``prepare_validation`` it prepares every validated copy, so the best one is tested as it is;
+            with it, it prepares the best copy once, before the test.
         prepare_validation: Called with each eval-mode copy before its validation (default: ``prepare``).
         estimator: How the test loss is computed, as the report states it.
     """
@@ -358,7 +360,8 @@ def run(
     steps, seconds = train(step, budget, validate, spec.name, checks)
     if checkpoint.best is None:
         raise FloatingPointError(f"no finite validation loss in {checkpoint.history}")
-    spec.prepare(checkpoint.best)
+    if spec.prepare_validation is not None:  # otherwise the best copy was prepared as tested when it was validated
+        spec.prepare(checkpoint.best)
     test = per_sample(score, checkpoint.best, split.test, draws)
     best = min(checkpoint.history, key=lambda record: record["validation"])
     row = {

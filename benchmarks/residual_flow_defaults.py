@@ -31,6 +31,8 @@ Variants:
 * ``series_2`` / ``series_5``: the training power series' length (the default has
   ``invertnet.models.iresnet_flows.DENSE_SERIES_TERMS`` = 5 terms; ``defaults`` had 10 before that study).
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
+* ``rademacher``: the power series with Rademacher instead of Gaussian Hutchinson probes (Hutchinson 1990: the
+  variance of v^T A v loses the diagonal's share, 2 sum_i A_ii^2).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from invertnet.data import DIGITS_LEVELS
 from invertnet.layers import ActNorm, InvertibleResidual, LULinear, SpectralNormLinear
 from invertnet.logdet import PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import FlowDistribution, dense_iresnet_flow
+from invertnet.models.iresnet_flows import DENSE_SERIES_TERMS
 
 BLOCKS = digits_density.DENSE_BLOCKS
 LAYERS = digits_density.DENSE_LAYERS
@@ -124,6 +127,7 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "series_2": dense(log_det=PowerSeriesLogDet(2)),
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
     "unbiased": dense(log_det=UnbiasedLogDet()),
+    "rademacher": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="rademacher")),
 }
 
 

@@ -94,6 +94,20 @@ def test_unbiased_estimator_mean_within_standard_errors(problem, probe):
     assert ((mean - exact).abs() <= N_STANDARD_ERRORS * standard_error).all()
 
 
+@pytest.mark.parametrize("estimator", [PowerSeriesLogDet, UnbiasedLogDet])
+def test_default_probe_has_less_variance_than_gaussian_probes(problem, estimator):
+    """The default (Rademacher) probe drops the diagonal's share 2 sum_i A_ii^2 of the Hutchinson variance: on a
+    branch whose Jacobian has a non-zero diagonal its estimates spread less than Gaussian probes' at equal cost."""
+    g, x, _ = problem
+    torch.manual_seed(0)
+    with torch.no_grad():
+        spread = {
+            probe: torch.cat([_replicated_estimates(make(), g, x, 20) for _ in range(100)]).var(0)
+            for probe, make in (("default", estimator), ("gaussian", lambda: estimator(probe="gaussian")))
+        }
+    assert (spread["default"] < 0.9 * spread["gaussian"]).all()  # 0.34-0.76 measured; 2000 draws: +-3 %
+
+
 def _gradient_projections(g, loss_fn, directions):
     g.zero_grad()
     loss_fn().backward()

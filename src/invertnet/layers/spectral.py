@@ -480,8 +480,10 @@ def gram_power_pays(shape: torch.Size | tuple[int, int], steps: int) -> bool:
 
 
 def _matvec(matrix: Tensor, v: Tensor) -> Tensor:
-    """matrix @ v for matrices (..., m, n) and vectors (..., n)."""
-    return (matrix @ v.unsqueeze(-1)).squeeze(-1)
+    """matrix @ v for matrices (..., m, n) and vectors (..., n), as the row vector v^T matrix^T: for a stack of
+    matrices CPU matmul runs 2-7x faster on rows than on columns (measured: 6 x 128 x 128 and 3 x 256 x 256,
+    float32, 2 threads), and as fast for a single matrix."""
+    return (v.unsqueeze(-2) @ matrix.mT).squeeze(-2)
 
 
 def _unit(v: Tensor) -> Tensor:

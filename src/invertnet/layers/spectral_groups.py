@@ -100,7 +100,7 @@ def _normalize_group(layers: list[SpectralNormLinear]) -> None:
             for layer, layer_u, layer_v in zip(layers, u.unbind(), v.unbind(), strict=True):
                 layer.u, layer.v = layer_u.clone(), layer_v.clone()
         inflation = torch.stack([layer.inflation for layer in layers])
-    sigma = torch.linalg.vector_norm((weights @ v.unsqueeze(-1)).squeeze(-1), dim=-1)  # (k,)
+    sigma = torch.linalg.vector_norm((v.unsqueeze(-2) @ weights.mT).squeeze(-2), dim=-1)  # (k,): rows run faster
     factor = torch.clamp(sigma * inflation / layers[0].coeff, min=1.0)
     normalized = weights / factor[:, None, None]
     for layer, layer_sigma, weight in zip(layers, sigma.detach().unbind(), normalized.unbind(), strict=True):

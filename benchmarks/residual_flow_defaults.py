@@ -31,8 +31,8 @@ Variants:
 * ``series_2`` / ``series_5``: the training power series' length (the default has
   ``invertnet.models.iresnet_flows.DENSE_SERIES_TERMS`` = 5 terms; ``defaults`` had 10 before that study).
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
-* ``rademacher``: the power series with Rademacher instead of Gaussian Hutchinson probes (Hutchinson 1990: the
-  variance of v^T A v loses the diagonal's share, 2 sum_i A_ii^2).
+* ``gaussian_probes``: the power series with Gaussian Hutchinson probes instead of the default Rademacher ones (the
+  default before that study; Gaussian probes add the diagonal's share 2 sum_i A_ii^2 to the variance of v^T A v).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "series_2": dense(log_det=PowerSeriesLogDet(2)),
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
     "unbiased": dense(log_det=UnbiasedLogDet()),
-    "rademacher": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="rademacher")),
+    "gaussian_probes": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="gaussian")),
 }
 
 

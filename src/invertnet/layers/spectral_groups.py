@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from invertnet.layers.memory_saving import MemorySavingSequential
-from invertnet.layers.spectral import SpectralNormLinear, linear_power_steps
+from invertnet.layers.spectral import SpectralNormLinear, _matvec, linear_power_steps
 
 __all__ = ["normalize_together", "release_together"]
 
@@ -100,7 +100,7 @@ def _normalize_group(layers: list[SpectralNormLinear]) -> None:
             for layer, layer_u, layer_v in zip(layers, u.unbind(), v.unbind(), strict=True):
                 layer.u, layer.v = layer_u.clone(), layer_v.clone()
         inflation = torch.stack([layer.inflation for layer in layers])
-    sigma = torch.linalg.vector_norm((v.unsqueeze(-2) @ weights.mT).squeeze(-2), dim=-1)  # (k,): rows run faster
+    sigma = torch.linalg.vector_norm(_matvec(weights, v), dim=-1)  # (k,)
     factor = torch.clamp(sigma * inflation / layers[0].coeff, min=1.0)
     normalized = weights / factor[:, None, None]
     for layer, layer_sigma, weight in zip(layers, sigma.detach().unbind(), normalized.unbind(), strict=True):

@@ -153,7 +153,7 @@ class PowerSeriesLogDet:
     r"""Truncated power series with Hutchinson probes (thesis Eq. 5.12, Algorithm 2).
 
     .. math:: \mathrm{PS}(J_g, n) = \sum_{k=1}^{n} \frac{(-1)^{k+1}}{k}\, v^T J_g^k v,
-        \qquad v \sim \mathcal N(0, I) \text{ or Rademacher},
+        \qquad v \sim \text{Rademacher (the default) or } \mathcal N(0, I),
 
     averaged over ``n_samples`` probes. Unbiased for PS(J_g, n); its bias with respect to the log-det is at
     most :func:`truncation_error_bound` (thesis Theorem 5.8).

@@ -33,6 +33,8 @@ Variants:
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
 * ``gaussian_probes``: the power series with Gaussian Hutchinson probes instead of the default Rademacher ones (the
   default before that study; Gaussian probes add the diagonal's share 2 sum_i A_ii^2 to the variance of v^T A v).
+* ``control_variate``: the power series with the control variate of its first term tr(J_g) from the factored
+  Jacobian (``invertnet.logdet.trace``; the default probes every term as it is).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
     "unbiased": dense(log_det=UnbiasedLogDet()),
     "gaussian_probes": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="gaussian")),
+    "control_variate": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, control_variate=True)),
 }
 
 

@@ -228,12 +228,18 @@ def test_invalid_estimator_options_are_refused():
 @pytest.mark.parametrize("activation", ["elu", "softplus", "lipswish", "clipswish"])
 @pytest.mark.parametrize(
     "estimator",
-    [PowerSeriesLogDet(n_terms=6), PowerSeriesLogDet(n_terms=1, n_samples=2), UnbiasedLogDet(p=1.0, n_exact_terms=4)],
+    [
+        PowerSeriesLogDet(n_terms=6),
+        PowerSeriesLogDet(n_terms=1, n_samples=2),
+        UnbiasedLogDet(p=1.0, n_exact_terms=4),
+    ],
     ids=["series", "one-term", "roulette"],
 )
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_structured_jacobian_path_equals_autograd_path(activation, estimator, kind):
-    """LipschitzNet.linearize (matrix products, forward-mode surrogate) == generic autograd VJPs."""
+    """LipschitzNet.linearize (matrix products, forward-mode surrogate) == generic autograd VJPs, probe for
+    probe (the default, without the first term's control variate, which only the factored path has:
+    tests/test_trace_control.py)."""
     if kind == "mlp":
         g = LipschitzMLP(4, 8, n_layers=3, coeff=0.9, activation=activation, preactivation=True).double()
         x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

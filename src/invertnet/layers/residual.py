@@ -59,7 +59,7 @@ class InvertibleResidual(IterativeInvertibleModule):
             :class:`~invertnet.layers.ResidualBranch` such as :class:`~invertnet.layers.LipschitzMLP` or
             :class:`~invertnet.layers.LipschitzConvNet`, or any ``nn.Module`` (then with the branch defaults:
             2-norm, unknown Lipschitz bound).
-        log_det: The log-det estimator (default: power series with 10 terms and one Gaussian probe).
+        log_det: The log-det estimator (default: power series with 10 terms and one Rademacher probe).
         atol, rtol: Default residual tolerances of the inverse (``None``: by dtype, see
             :func:`~invertnet.solvers.default_tolerances`).
         max_iter: Default iteration budget of the inverse.

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from invertnet.logdet.trace import TraceControl, trace_control
+
 __all__ = ["PowerSeriesLogDet", "UnbiasedLogDet", "n_terms_for_bias", "truncation_error_bound"]
 
 Probe = Literal["gaussian", "rademacher"]
@@ -50,6 +52,7 @@ def _series_estimate(
     n_gradient_terms: int,
     n_samples: int,
     probe: Probe,
+    control_variate: bool,
 ) -> tuple[Tensor, Tensor]:
     r"""Shared core of the series estimators: value and Neumann-series gradient from one chain of VJPs.
 
@@ -63,16 +66,25 @@ def _series_estimate(
 
     For a branch with a factored Jacobian the gradient's product is the forward-mode chain u = J_g v, and
     the value reuses it: :math:`w_k^T v = w_{k-1}^T u`, so the value is :math:`(\sum_k a_k w_{k-1})^T u`
-    and needs one vector-Jacobian product fewer (the same number, in exact arithmetic). Returns
-    ``(g(x), log_det)`` with log_det of shape (B,).
+    and needs one vector-Jacobian product fewer (the same number, in exact arithmetic). With
+    ``control_variate`` and a dense factored Jacobian, the first term's :math:`v^T J_g v` (in the value and,
+    through :math:`b_0 = 1`, in the gradient) gets the control variate :math:`\operatorname{tr}(C_x) -
+    v^T C_x v` of :mod:`invertnet.logdet.trace`. Returns ``(g(x), log_det)`` with log_det of shape (B,).
     """
     need_graph = torch.is_grad_enabled()
-    products = _jacobian_products(g, x, need_graph)
+    products = _jacobian_products(g, x, need_graph, control_variate)
     value = x.new_zeros(x.shape[0])
     surrogate = x.new_zeros(x.shape[0])
     for _ in range(n_samples):
         v = _draw_probe(x, probe)
-        jv = None if products.jvp is None else products.jvp(v)
+        if products.control is not None:
+            jv, cv = products.control.jvp_pair(v)
+            correction = products.control.trace - _dot(v, cv)  # tr(C_x) - v^T C_x v: mean zero over v
+            value.add_(correction.detach(), alpha=value_weight(1))
+            if need_graph:
+                surrogate = surrogate + gradient_weight(0) * correction
+        else:
+            jv = None if products.jvp is None else products.jvp(v)
         shift = 0 if jv is None else 1  # term k is a_k w_{k - shift}^T (v, or J_g v)
         weighted = value_weight(1) * v if shift else torch.zeros_like(v)  # sum_k a_k w_{k - shift}
         neumann = gradient_weight(0) * v
@@ -109,16 +121,22 @@ class _JacobianProducts:
             Jacobian; ``None`` otherwise.
         bilinear: (w, v) -> w^T J_g v, differentiable with w held fixed, for the other branches (exactly one
             of ``jvp`` and ``bilinear`` is given).
+        control: The control variate of tr(J_g) for dense factored Jacobians (its ``jvp_pair`` then replaces
+            ``jvp``), else ``None``.
     """
 
     output: Tensor
     vjp: Callable[[Tensor], Tensor]
     jvp: Callable[[Tensor], Tensor] | None = None
     bilinear: Callable[[Tensor, Tensor], Tensor] | None = None
+    control: TraceControl | None = None
 
 
-def _jacobian_products(g: Callable[[Tensor], Tensor], x: Tensor, need_graph: bool) -> _JacobianProducts:
-    """The Jacobian products of g at x; graphs are built only when ``need_graph``.
+def _jacobian_products(
+    g: Callable[[Tensor], Tensor], x: Tensor, need_graph: bool, control_variate: bool
+) -> _JacobianProducts:
+    """The Jacobian products of g at x; graphs are built only when ``need_graph``, the trace's control variate
+    only when ``control_variate`` (and the Jacobian is dense).
 
     Branches with a ``linearize`` method (:class:`~invertnet.layers.LipschitzNet`) use their factored
     Jacobian: plain matrix products for the VJPs and one forward-mode chain for J_g v. Any other branch goes
@@ -133,7 +151,19 @@ def _jacobian_products(g: Callable[[Tensor], Tensor], x: Tensor, need_graph: boo
             with torch.set_grad_enabled(need_graph):
                 return linearization.jvp(v)
 
-        return _JacobianProducts(linearization.output, linearization.vjp, jvp=jvp)
+        control = None
+        if control_variate:
+            with torch.set_grad_enabled(need_graph):
+                control = trace_control(linearization.factors)
+        if control is not None:
+            pair = control.jvp_pair
+
+            def jvp_pair(v: Tensor) -> tuple[Tensor, Tensor]:
+                with torch.set_grad_enabled(need_graph):
+                    return pair(v)
+
+            control = TraceControl(control.trace, jvp_pair)
+        return _JacobianProducts(linearization.output, linearization.vjp, jvp=jvp, control=control)
     with torch.enable_grad():
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)
         g_x = g(x_in)
@@ -171,17 +201,27 @@ class PowerSeriesLogDet:
             lowest variance of v^T A v among probes of independent unit-variance entries (Hutchinson 1990):
             2 sum_{i != j} ((A_ij + A_ji) / 2)^2, the diagonal's share less than Gaussian probes (measured in
             training: docs/defaults.md).
+        control_variate: For a dense branch (:class:`~invertnet.layers.LipschitzMLP`), estimate the first term
+            tr(J_g) as tr(C_x) + v^T (J_g - C_x) v, with C_x the Jacobian whose activation derivatives after the
+            first two are at their batch mean (:mod:`invertnet.logdet.trace`; exact with at most two activation
+            layers). Unbiased either way. On a trained digits flow it cut the probe's standard deviation of the
+            log-det from 4.9 to 1.0 nats per image and the gradient's variance over probes by 90 %, at 18-28 %
+            more time per training step; per 60 s of training it came out level (docs/defaults.md), so it is off
+            by default. Ignored for other branches.
     """
 
     exact = False
 
-    def __init__(self, n_terms: int = 10, n_samples: int = 1, probe: Probe = "rademacher") -> None:
+    def __init__(
+        self, n_terms: int = 10, n_samples: int = 1, probe: Probe = "rademacher", control_variate: bool = False
+    ) -> None:
         if n_terms < 1 or n_samples < 1:
             raise ValueError(f"PowerSeriesLogDet: need n_terms, n_samples >= 1, got {n_terms}, {n_samples}")
         _check_probe(probe, "PowerSeriesLogDet")
         self.n_terms = n_terms
         self.n_samples = n_samples
         self.probe = probe
+        self.control_variate = bool(control_variate)
 
     def __call__(self, g: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(g(x), log_det)`` with log_det of shape (B,) for x of shape (B, ...)."""
@@ -194,10 +234,14 @@ class PowerSeriesLogDet:
             n_gradient_terms=self.n_terms - 1,
             n_samples=self.n_samples,
             probe=self.probe,
+            control_variate=self.control_variate,
         )
 
     def __repr__(self) -> str:
-        return f"PowerSeriesLogDet(n_terms={self.n_terms}, n_samples={self.n_samples}, probe={self.probe!r})"
+        return (
+            f"PowerSeriesLogDet(n_terms={self.n_terms}, n_samples={self.n_samples}, probe={self.probe!r}, "
+            f"control_variate={self.control_variate})"
+        )
 
 
 class UnbiasedLogDet:
@@ -224,12 +268,19 @@ class UnbiasedLogDet:
         n_samples: Number of Hutchinson probes averaged.
         probe: ``"rademacher"`` (the default, lower variance) or ``"gaussian"``, as for
             :class:`PowerSeriesLogDet`.
+        control_variate: The control variate of the first term for dense branches, as for
+            :class:`PowerSeriesLogDet`.
     """
 
     exact = False
 
     def __init__(
-        self, p: float = 0.5, n_exact_terms: int = 2, n_samples: int = 1, probe: Probe = "rademacher"
+        self,
+        p: float = 0.5,
+        n_exact_terms: int = 2,
+        n_samples: int = 1,
+        probe: Probe = "rademacher",
+        control_variate: bool = False,
     ) -> None:
         if not 0 < p <= 1:
             raise ValueError(f"UnbiasedLogDet: p must lie in (0, 1], got {p}")
@@ -240,6 +291,7 @@ class UnbiasedLogDet:
         self.n_exact_terms = n_exact_terms
         self.n_samples = n_samples
         self.probe = probe
+        self.control_variate = bool(control_variate)
 
     @property
     def expected_terms(self) -> float:
@@ -269,12 +321,13 @@ class UnbiasedLogDet:
             n_gradient_terms=n_terms,
             n_samples=self.n_samples,
             probe=self.probe,
+            control_variate=self.control_variate,
         )
 
     def __repr__(self) -> str:
         return (
             f"UnbiasedLogDet(p={self.p}, n_exact_terms={self.n_exact_terms}, n_samples={self.n_samples}, "
-            f"probe={self.probe!r})"
+            f"probe={self.probe!r}, control_variate={self.control_variate})"
         )
 
 

@@ -25,10 +25,12 @@ Variants:
   parameter count is closest to the defaults' (it doubles the inputs of the layers after it).
 * ``near_identity``: the last layer of every branch scaled by 0.01 at initialisation, so each block starts near
   the identity (Chen et al. 2019 start their blocks there).
+* ``small_weights``: every normalised layer's raw weight scaled by 0.5 at initialisation (below the cap c, so the
+  normalisation starts inactive and Adam's steps are larger relative to the weights).
 * ``actnorm_after``: ActNorm after each residual block (Behrmann et al. 2019, appendix C.3) instead of before.
 * ``lu_mixing``: an LU-parameterised linear layer (Kingma & Dhariwal 2018, section 3.2) before each ActNorm.
 * ``coeff_0.9`` / ``coeff_0.99``: the spectral-normalisation coefficient.
-* ``series_2`` / ``series_5``: the training power series' length (the default has
+* ``series_2`` / ``series_3`` / ``series_5``: the training power series' length (the default has
   ``invertnet.models.iresnet_flows.DENSE_SERIES_TERMS`` = 5 terms; ``defaults`` had 10 before that study).
 * ``unbiased``: the Russian-roulette estimator (Chen et al. 2019) instead of the power series.
 * ``gaussian_probes``: the power series with Gaussian Hutchinson probes instead of the default Rademacher ones (the
@@ -60,6 +62,7 @@ BLOCKS = digits_density.DENSE_BLOCKS
 LAYERS = digits_density.DENSE_LAYERS
 WIDTH = digits_density.DENSE_HIDDEN
 NEAR_IDENTITY_SCALE = 0.01
+SMALL_WEIGHT_SCALE = 0.5
 
 
 def dense(**options: object) -> Callable[..., nn.Module]:
@@ -82,6 +85,17 @@ def near_identity(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.M
         for block in flow.residual_blocks():
             last = [layer for layer in block.g if isinstance(layer, SpectralNormLinear)][-1]
             last.weight.mul_(NEAR_IDENTITY_SCALE)
+    return flow
+
+
+def small_weights(width: int, alpha: float = digits_density.LOGIT_ALPHA) -> nn.Module:
+    """The defaults with every normalised layer's raw weight scaled by 0.5 at initialisation: below the cap, so
+    the normalisation starts inactive, and Adam's steps (about lr per entry) are larger relative to the weights."""
+    flow = dense()(width, alpha)
+    with torch.no_grad():
+        for layer in flow.modules():
+            if isinstance(layer, SpectralNormLinear):
+                layer.weight.mul_(SMALL_WEIGHT_SCALE)
     return flow
 
 
@@ -122,11 +136,13 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "lipswish": dense(activation="lipswish"),
     "clipswish": clipswish,
     "near_identity": near_identity,
+    "small_weights": small_weights,
     "actnorm_after": actnorm_after,
     "lu_mixing": lu_mixing,
     "coeff_0.9": dense(coeff=0.9),
     "coeff_0.99": dense(coeff=0.99),
     "series_2": dense(log_det=PowerSeriesLogDet(2)),
+    "series_3": dense(log_det=PowerSeriesLogDet(3)),
     "series_5": dense(log_det=PowerSeriesLogDet(5)),
     "unbiased": dense(log_det=UnbiasedLogDet()),
     "gaussian_probes": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="gaussian")),

@@ -63,6 +63,35 @@ def test_first_term_is_exact_with_two_activation_layers():
     torch.testing.assert_close(draws, torch.diagonal(jacobian, dim1=1, dim2=2).sum(-1).expand(5, 5))
 
 
+@pytest.mark.parametrize("n_samples", [1, 2])
+def test_first_term_gradient_is_exact_with_two_activation_layers(n_samples):
+    """The gradient surrogate carries the correction too: with C_x = J_g the one-term series' gradient with
+    respect to the parameters and the input is the gradient of tr(J_g) itself, for every probe (the roulette's
+    gradient has one Neumann term more than its value, by design, so it is not the trace's)."""
+    estimator = PowerSeriesLogDet(1, n_samples=n_samples, control_variate=True)
+    g = _branch(n_layers=3, preactivation=False)
+    x = 2 * torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    exact = torch.diagonal(_dense_jacobian(g.linearize(x).factors, 5, 4), dim1=1, dim2=2).sum()
+    expected = torch.autograd.grad(exact, [x, *g.parameters()], allow_unused=True, materialize_grads=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        _, log_det = estimator(g, x)
+        got = torch.autograd.grad(log_det.sum(), [x, *g.parameters()], allow_unused=True, materialize_grads=True)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_an_empty_batch_gets_no_control_variate():
+    """The batch mean of no samples is undefined (NaN in the gradients): the plain probe takes an empty batch."""
+    g = _branch(n_layers=4, preactivation=True)
+    x = torch.zeros(0, 4, dtype=torch.float64)
+    assert trace_control(g.linearize(x).factors) is None
+    _, log_det = PowerSeriesLogDet(3, control_variate=True)(g, x)
+    log_det.sum().backward()
+    assert log_det.shape == (0,)
+    assert all(torch.isfinite(p.grad).all() for p in g.parameters() if p.grad is not None)
+
+
 def test_a_batch_of_one_gets_the_exact_trace():
     """The batch mean of one sample's derivatives is the sample's own: C_x = J_g for any depth."""
     g = _branch(n_layers=4, preactivation=True)

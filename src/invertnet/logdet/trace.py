@@ -17,7 +17,9 @@ mean over the batch, giving a matrix :math:`C_x` with that cheap exact trace, an
 
 unbiased for any probe with :math:`\mathbb E[v v^T] = I`, since :math:`C_x` does not depend on v (a control
 variate; with at most two activation layers :math:`C_x = J_g` and the term is exact). :math:`C_x v` shares
-:math:`J_g v`'s chain up to the first averaged derivative, so the extra cost is the rest of that chain.
+:math:`J_g v`'s chain up to the first averaged derivative; the extra cost is the rest of that chain, the
+sample-independent weight products of tr(C_x) (one d x h x h product for the grid's 64-128-128-64 branch) and
+one (B, d) x (d, h) product, with their backward passes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class TraceControl:
     """The control variate of tr(J_g) for one batch.
 
     Attributes:
-        trace: tr(C_x), shape (B,), differentiable through the factors.
+        trace: tr(C_x), shape (B,) (shape (1,) for a branch without activations, whose trace is the same for
+            every sample), differentiable through the factors.
         jvp_pair: v -> (J_g v, C_x v), both differentiable through the factors (one shared chain).
     """
 
@@ -51,6 +54,8 @@ def trace_control(factors: list) -> TraceControl | None:
     derivatives of a concatenating activation), which the estimators then probe as they are."""
     if not factors or any(not _is_dense(factor) for factor in factors):
         return None
+    if any(not isinstance(factor, tuple) and not factor.shape[0] for factor in factors):
+        return None  # an empty batch has no mean (NaN in the gradients); the plain probe needs none
     diagonals = [i for i, factor in enumerate(factors) if not isinstance(factor, tuple)]
     averaged = diagonals[2:]
     mean_factors = [factor.mean(0, keepdim=True) if i in averaged else factor for i, factor in enumerate(factors)]
@@ -105,17 +110,13 @@ def _times(left: Tensor | None, right: Tensor | None, size: int, like: Tensor) -
 
 def _trace(factors: list, kept: list[int]) -> Tensor:
     """tr of the product of the factors, where only the diagonals at ``kept`` (at most two) vary per sample."""
-    weight = next(factor[1] for factor in factors if isinstance(factor, tuple))
+    like = next(factor[1] for factor in factors if isinstance(factor, tuple))
     if not kept:
         return torch.diagonal(_matrix(factors)).sum().expand(1)  # type: ignore[arg-type]
-    a = kept[0]
-    h_a = factors[a].shape[1]
-    loop = _times(
-        _matrix(factors[:a]), _matrix(factors[a + 1 :] if len(kept) == 1 else factors[kept[1] + 1 :]), h_a, weight
-    )
+    a, last = kept[0], kept[-1]
+    size = factors[a].shape[1]
+    loop = _times(_matrix(factors[:a]), _matrix(factors[last + 1 :]), size, like)  # L Q: (h_a, h_last)
     if len(kept) == 1:  # tr(Q D_a L) = d_a . diag(L Q)
         return factors[a] @ torch.diagonal(loop)
-    b = kept[1]
-    between = _times(_matrix(factors[a + 1 : b]), None, h_a, weight)  # R: (h_b, h_a)
-    kernel = loop * between.mT  # (L Q) o R^T: (h_a, h_b)
-    return torch.linalg.vecdot(factors[a] @ kernel, factors[b])
+    between = _times(_matrix(factors[a + 1 : last]), None, size, like)  # R: (h_b, h_a)
+    return torch.linalg.vecdot(factors[a] @ (loop * between.mT), factors[last])  # d_a^T ((L Q) o R^T) d_b

@@ -269,8 +269,10 @@ def main() -> None:
     t_fold, t_min = fold()
     print(f"fold of x^3 - t x: at t = {t_fold:.2e}; the path never goes below t = {t_min:.2e}")
     landscape = relu_landscape()
-    print(f"ReLU loss: Newton ends at {landscape['point'].tolist()} ({landscape['status'].name}), Hessian rank "
-          f"{landscape['hessian_rank']}")
+    print(
+        f"ReLU loss: Newton ends at {landscape['point'].tolist()} ({landscape['status'].name}), Hessian rank "
+        f"{landscape['hessian_rank']}"
+    )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,6 @@ def test_a_failing_callback_warns_and_loses_no_checkpoint(tmp_path):
     assert (tmp_path / "step-00000004").is_dir() and (tmp_path / "step-00000008").is_dir()
 
 
-
 def test_a_resumed_run_tells_tensorboard_to_drop_the_steps_it_redoes(tmp_path, monkeypatch):
     import invertnet.training.trainer as trainer_module
 

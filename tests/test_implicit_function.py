@@ -31,6 +31,7 @@ def test_newton_solutions_are_differentiable_in_the_target_and_in_parameters(jac
     torch.testing.assert_close(d_target, expected / (3 * target), atol=1e-8, rtol=0)
     torch.testing.assert_close(d_scale, (-expected / (3 * scale)).sum(), atol=1e-8, rtol=0)
     y = torch.randn(2, 3, dtype=DOUBLE, requires_grad=True)
+
     def solve(y):
         return newton(lambda x: x**3 + x, torch.zeros(2, 3, dtype=DOUBLE), y, jacobian=jacobian, atol=1e-13).value
 

@@ -103,9 +103,9 @@ def test_density_evaluation_runs_to_the_papers_standard_error(name):
 
 
 def test_the_toy_density_config_is_appendix_c3_as_written():
-    """"100 residual blocks, where each residual connection is a multilayer perceptron with state sizes of
-    2-64-64-64-2 and ELU nonlinearities ... ActNorm after each residual block. The change in log density was
-    computed exactly"."""
+    """Appendix C.3: "100 residual blocks, where each residual connection is a multilayer perceptron with state
+    sizes of 2-64-64-64-2 and ELU nonlinearities ... ActNorm after each residual block. The change in log density
+    was computed exactly"."""
     from invertnet.layers import ActNorm, InvertibleResidual, SpectralNormLinear
     from invertnet.logdet import ExactLogDet
 

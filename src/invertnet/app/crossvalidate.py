@@ -43,6 +43,7 @@ def crossvalidate(config: RunConfig, run_dir: Path, progress: bool = True) -> di
     quartiles = statistics.quantiles(folds, n=4) if len(folds) > 1 else [folds[0]] * 3
     x = dataset.spectra.unsqueeze(1)
     core_quartiles = statistics.quantiles(cores, n=4) if len(cores) > 1 else [cores[0]] * 3
+
     def median_per_k(key: str) -> list[float]:
         return [statistics.median(values) for values in zip(*(baseline[key] for baseline in baselines), strict=True)]
 

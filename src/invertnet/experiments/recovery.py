@@ -49,7 +49,14 @@ def study_landscapes(output_dir: str | Path, seed: int = 0, resolution: int = 10
         rng = torch.Generator().manual_seed(seed)
         std = None if law == "uniform" else 1.0  # U[0, 1] has its own scale
         generator = TransposedConvGenerator(
-            (2, 1, 1), (16, 1), 5, 3, activation, law, generator=rng, weight_std=std  # type: ignore[arg-type]
+            (2, 1, 1),
+            (16, 1),
+            5,
+            3,
+            activation,  # type: ignore[arg-type]
+            law,  # type: ignore[arg-type]
+            generator=rng,
+            weight_std=std,
         ).double()
         z_true = torch.tensor([0.8, -0.6] if law != "uniform" else [-0.8, -0.6], dtype=torch.float64).view(1, 2, 1, 1)
         mask = make_mask("uniform", generator.output_shape[1:], 0.5, generator=rng)

@@ -264,6 +264,7 @@ class Trainer:
                 close()
         if self._defaults:
             self._callbacks = None  # a later fit() opens new ones
+
     def _after_step(self, step: int, loss: float) -> None:
         """At a step where the losses were read: log their mean since the last record and the learning rate,
         evaluate and checkpoint when their periods say so."""

@@ -228,11 +228,7 @@ def test_invalid_estimator_options_are_refused():
 @pytest.mark.parametrize("activation", ["elu", "softplus", "lipswish", "clipswish"])
 @pytest.mark.parametrize(
     "estimator",
-    [
-        PowerSeriesLogDet(n_terms=6),
-        PowerSeriesLogDet(n_terms=1, n_samples=2),
-        UnbiasedLogDet(p=1.0, n_exact_terms=4),
-    ],
+    [PowerSeriesLogDet(n_terms=6), PowerSeriesLogDet(n_terms=1, n_samples=2), UnbiasedLogDet(p=1.0, n_exact_terms=4)],
     ids=["series", "one-term", "roulette"],
 )
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

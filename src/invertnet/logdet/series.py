@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from invertnet.logdet.trace import TraceControl, trace_control
 __all__ = ["PowerSeriesLogDet", "UnbiasedLogDet", "n_terms_for_bias", "truncation_error_bound"]
 
 Probe = Literal["gaussian", "rademacher"]
+T = TypeVar("T")
 
 
 def _draw_probe(like: Tensor, probe: Probe) -> Tensor:
@@ -132,6 +133,16 @@ class _JacobianProducts:
     control: TraceControl | None = None
 
 
+def _in_grad_mode(function: Callable[[Tensor], T], need_graph: bool) -> Callable[[Tensor], T]:
+    """``function`` run with gradients on exactly when ``need_graph`` (whatever the caller's mode is then)."""
+
+    def run(v: Tensor) -> T:
+        with torch.set_grad_enabled(need_graph):
+            return function(v)
+
+    return run
+
+
 def _jacobian_products(
     g: Callable[[Tensor], Tensor], x: Tensor, need_graph: bool, control_variate: bool
 ) -> _JacobianProducts:
@@ -147,22 +158,10 @@ def _jacobian_products(
         with torch.set_grad_enabled(need_graph):
             linearization = linearize(x)
 
-        def jvp(v: Tensor) -> Tensor:
-            with torch.set_grad_enabled(need_graph):
-                return linearization.jvp(v)
-
-        control = None
-        if control_variate:
-            with torch.set_grad_enabled(need_graph):
-                control = trace_control(linearization.factors)
+            control = trace_control(linearization) if control_variate else None
         if control is not None:
-            pair = control.jvp_pair
-
-            def jvp_pair(v: Tensor) -> tuple[Tensor, Tensor]:
-                with torch.set_grad_enabled(need_graph):
-                    return pair(v)
-
-            control = TraceControl(control.trace, jvp_pair)
+            control = TraceControl(control.trace, _in_grad_mode(control.jvp_pair, need_graph))
+        jvp = _in_grad_mode(linearization.jvp, need_graph)
         return _JacobianProducts(linearization.output, linearization.vjp, jvp=jvp, control=control)
     with torch.enable_grad():
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)

@@ -25,10 +25,14 @@ one (B, d) x (d, h) product, with their backward passes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from invertnet.layers.lipschitz_nets import Linearization
 
 __all__ = ["TraceControl", "trace_control"]
 
@@ -47,11 +51,12 @@ class TraceControl:
     jvp_pair: Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def trace_control(factors: list) -> TraceControl | None:
-    """The :class:`TraceControl` of a dense Jacobian given by its factors in forward order (``(layer, weight)``
-    pairs of linear layers and (B, h) tensors of activation derivatives, as in
-    :class:`~invertnet.layers.Linearization`), or ``None`` for other factors (convolutions, the stacked
-    derivatives of a concatenating activation), which the estimators then probe as they are."""
+def trace_control(linearization: Linearization) -> TraceControl | None:
+    """The :class:`TraceControl` of a dense Jacobian given by a :class:`~invertnet.layers.Linearization` whose
+    factors (forward order) are ``(layer, weight)`` pairs of linear layers and (B, h) tensors of activation
+    derivatives, or ``None`` for other factors (convolutions, the stacked derivatives of a concatenating
+    activation), which the estimators then probe as they are."""
+    factors = linearization.factors
     if not factors or any(not _is_dense(factor) for factor in factors):
         return None
     if any(not isinstance(factor, tuple) and not factor.shape[0] for factor in factors):
@@ -61,12 +66,14 @@ def trace_control(factors: list) -> TraceControl | None:
     mean_factors = [factor.mean(0, keepdim=True) if i in averaged else factor for i, factor in enumerate(factors)]
     trace = _trace(mean_factors, diagonals[:2])
     first_averaged = averaged[0] if averaged else len(factors)
+    shared, rest, mean_rest = (
+        replace(linearization, factors=part)
+        for part in (factors[:first_averaged], factors[first_averaged:], mean_factors[first_averaged:])
+    )
 
     def jvp_pair(v: Tensor) -> tuple[Tensor, Tensor]:
-        v = _apply(factors[:first_averaged], v)
-        if not averaged:
-            return v, v
-        return _apply(factors[first_averaged:], v), _apply(mean_factors[first_averaged:], v)
+        v = shared.jvp(v)
+        return (v, v) if not averaged else (rest.jvp(v), mean_rest.jvp(v))
 
     return TraceControl(trace, jvp_pair)
 
@@ -75,16 +82,6 @@ def _is_dense(factor: object) -> bool:
     if isinstance(factor, tuple):
         return isinstance(factor[0], torch.nn.Linear) and factor[1].dim() == 2
     return isinstance(factor, Tensor) and factor.dim() == 2
-
-
-def _apply(factors: list, v: Tensor) -> Tensor:
-    """The product of the factors (forward order) applied to v, shape (B, d_in) -> (B, d_out)."""
-    for factor in factors:
-        if isinstance(factor, tuple):
-            v = factor[0].operator(factor[1], v)
-        else:
-            v = factor * v
-    return v
 
 
 def _matrix(factors: list) -> Tensor | None:

@@ -77,6 +77,27 @@ def test_converged_samples_are_frozen_and_stop_early():
     assert easy.iterations < hard.iterations == result.iterations
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_one_host_read_per_iteration(method, monkeypatch):
+    # On a GPU every read of a tensor's value by Python waits for the device: the loop reads its stop test once
+    # per iteration, and the record its status once.
+    block = _block(coeff=0.9, solver=method)
+    y = block(torch.randn(8, 6, dtype=torch.float64)).detach()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = fixed_point(lambda x: y - block.g(x), y, lipschitz=0.9, method=method, strict=False)
+    monkeypatch.undo()
+    assert result.success and result.iterations > 5
+    assert len(reads) == result.iterations + 1, reads
+
+
 def test_float64_defaults_reach_about_1e10():
     assert default_tolerances(torch.float64) == (1e-10, 1e-10)
     block = _block(coeff=0.9)

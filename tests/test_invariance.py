@@ -125,6 +125,31 @@ def test_independence_cross_entropy_trains_both_players_with_their_own_gradients
         IndependenceCrossEntropy(fully_invertible_classifier((1, 4, 4), 3, n_blocks=1), 14).losses(x.float(), y)
 
 
+def test_independence_cross_entropy_augments_training_batches_only(monkeypatch):
+    from invertnet.training import IndependenceCrossEntropy
+    from invertnet.training.objectives import augment
+
+    torch.manual_seed(0)
+    model = fully_invertible_classifier((1, 4, 4), n_classes=2, n_blocks=1, hidden_channels=8, dense_blocks=1)
+    objective = IndependenceCrossEntropy(model, 14, hidden=8, max_shift=1, flip=True).double()
+    x = torch.randn(16, 1, 4, 4, dtype=torch.float64)
+    y = (x[:, 0, 0, 0] > 0).long()
+    seen = []
+    losses = objective.losses
+    monkeypatch.setattr(objective, "losses", lambda inputs, labels: seen.append(inputs) or losses(inputs, labels))
+    torch.manual_seed(3)
+    objective((x, y))
+    torch.manual_seed(3)
+    expected = augment(x, 1, True)
+    assert not torch.equal(expected, x)
+    torch.testing.assert_close(seen[-1], expected, atol=0, rtol=0)
+    objective.eval()
+    objective((x, y))
+    assert seen[-1] is x
+    with pytest.raises(ValueError, match="max_shift must be >= 0"):
+        IndependenceCrossEntropy(model, 14, max_shift=-1)
+
+
 def _threshold_problem(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian 4x4 inputs labelled by the sign of the sum of three pixels."""
     x = torch.randn(n, 1, 4, 4, generator=generator, dtype=torch.float64)

@@ -172,6 +172,15 @@ def test_settings_a_kind_does_not_read_are_refused_by_name(name, overrides, mess
         build(load_config(name, overrides))
 
 
+def test_the_independence_objective_augments_as_the_config_says():
+    from invertnet.app.runs import build
+
+    overrides = ["model.n_blocks=1", "model.dense_blocks=1", "data.augment_shift=1", "data.augment_flip=true"]
+    kind, model, _ = build(load_config("independence_digits", overrides))
+    objective = kind.objective(model, load_config("independence_digits", overrides))
+    assert (objective.max_shift, objective.flip) == (1, True)
+
+
 def test_a_run_folder_recorded_before_a_field_existed_keeps_the_value_it_was_trained_with(tmp_path):
     """Runs recorded before n_power_iterations existed trained with one step; a new config takes the default."""
     from invertnet.app.config import read_run_config

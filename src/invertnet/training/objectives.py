@@ -170,6 +170,16 @@ def random_flip(images: Tensor) -> Tensor:
     return torch.where(flipped, images.flip(-1), images)
 
 
+def augment(images: Tensor, max_shift: int, flip: bool) -> Tensor:
+    """Training-time augmentation of inputs (B, C, ...): random translations of up to ``max_shift`` pixels, the
+    border filled with the batch's smallest value (thesis A.1), then random horizontal flips if ``flip``."""
+    if max_shift:
+        images = random_shift(images, max_shift, images.amin())
+    if flip:
+        images = random_flip(images)
+    return images
+
+
 class CrossEntropy(nn.Module):
     r"""Classification: the batch's mean cross-entropy of ``classifier(x)`` against labels y.
 
@@ -188,10 +198,8 @@ class CrossEntropy(nn.Module):
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        if self.training and self.max_shift:
-            x = random_shift(x, self.max_shift, x.amin())
-        if self.training and self.flip:
-            x = random_flip(x)
+        if self.training:
+            x = augment(x, self.max_shift, self.flip)
         return F.cross_entropy(self.classifier(x), y)
 
     @torch.no_grad()
@@ -327,6 +335,7 @@ class IndependenceCrossEntropy(nn.Module):
         likelihood_weight: mu, the weight of the per-dimension likelihood term (Eq. 6.13 as written: mu = d;
             0 for Def. 6.14 alone).
         nuisance_objective: ``"confusion"`` (default) or ``"cross_entropy"`` (Def. 6.14 as written).
+        max_shift, flip: Data augmentation of x in training mode, as :class:`CrossEntropy`'s.
 
     Examples:
         >>> from invertnet.models import fully_invertible_classifier
@@ -347,8 +356,13 @@ class IndependenceCrossEntropy(nn.Module):
         nuisance_weight: float = 1.0,
         likelihood_weight: float = 1.0,
         nuisance_objective: Literal["confusion", "cross_entropy"] = "confusion",
+        max_shift: int = 0,
+        flip: bool = False,
     ) -> None:
         super().__init__()
+        if max_shift < 0:
+            raise ValueError(f"IndependenceCrossEntropy: max_shift must be >= 0, got {max_shift}")
+        self.max_shift, self.flip = max_shift, flip
         for label, value in (("nuisance_weight", nuisance_weight), ("likelihood_weight", likelihood_weight)):
             if value < 0:
                 raise ValueError(f"IndependenceCrossEntropy: {label} must be >= 0, got {value}")
@@ -394,7 +408,10 @@ class IndependenceCrossEntropy(nn.Module):
         )
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        terms = self.losses(*batch)
+        x, y = batch
+        if self.training:
+            x = augment(x, self.max_shift, self.flip)
+        terms = self.losses(x, y)
         return (
             terms.semantic
             + terms.adversary

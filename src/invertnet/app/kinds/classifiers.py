@@ -141,6 +141,8 @@ class ClassifierKind(ModelKind):
             nuisance_weight=settings.nuisance_weight,
             likelihood_weight=settings.likelihood_weight,
             nuisance_objective=settings.nuisance_objective,
+            max_shift=config.data.augment_shift,
+            flip=config.data.augment_flip,
         )
 
     def objective(self, model: nn.Module, config: RunConfig) -> nn.Module:

@@ -116,6 +116,35 @@ def test_continuation_passes_the_fold_and_locates_it():
         follow_solutions(fold, 1.0, torch.ones(2, 1, dtype=DOUBLE))
 
 
+def test_the_implicit_gradient_reuses_the_jacobian_newton_formed_at_the_solution(monkeypatch):
+    import importlib
+
+    newton_module, step_module = (
+        importlib.import_module(f"invertnet.solvers.{name}") for name in ("newton", "implicit_step")
+    )
+    calls = []
+    original = newton_module.batched_jacobian
+    for module in (newton_module, step_module):
+        monkeypatch.setattr(module, "batched_jacobian", lambda *args: calls.append(1) or original(*args))
+    x = torch.tensor([[0.6], [0.3]], dtype=DOUBLE, requires_grad=True)
+    result = implicit_function(lambda x, y: x**2 + y**2 - 1, x, torch.ones_like(x))
+    assert len(calls) == result.iterations + 1  # one per Newton step, one at the solution
+    (gradient,) = torch.autograd.grad(result.value.sum(), x)
+    torch.testing.assert_close(gradient, -x.detach() / result.value.detach())  # dy/dx = -x / y on the circle
+
+
+def test_continuation_forms_the_jacobian_once_per_point(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("invertnet.solvers.implicit_function")  # the package exports a function so named
+    calls = []
+    original = module.batched_jacobian
+    monkeypatch.setattr(module, "batched_jacobian", lambda *args: calls.append(1) or original(*args))
+    path = follow_solutions(lambda t, y: y**3 + y - t, 0.0, torch.zeros(1, 1, dtype=DOUBLE), step=0.2, n_steps=6)
+    assert path.status is SolverStatus.SUCCESS and len(path.parameters) == 7
+    assert len(calls) == 7  # the corrector's Newton solves form their own
+
+
 def test_the_a_priori_iteration_bound_of_theorem_2_holds():
     rate = math.sin(1.0)  # x = cos x on [0, 1]
     start = torch.zeros(2, 1, dtype=DOUBLE)

@@ -27,8 +27,7 @@ from torch.func import hessian, jacrev, vmap
 
 from invertnet.core import InverseResult, SolverStatus
 from invertnet.solvers.common import batched_jacobian, resolve_max_condition
-from invertnet.solvers.implicit_step import differentiable_solution
-from invertnet.solvers.newton import DENSE_LIMIT, newton
+from invertnet.solvers.newton import newton
 
 __all__ = [
     "LagrangeSolution",
@@ -65,16 +64,9 @@ def implicit_function(F: Equation, x: Tensor, y0: Tensor, **newton_options: obje
         >>> round(y.item(), 12), round(torch.autograd.grad(y.sum(), x)[0].item(), 12)  # -x / y
         (0.8, -0.75)
     """
-    grad = torch.is_grad_enabled()
-    with torch.no_grad():  # the gradient is attached below, to x as well
-        record = newton(lambda y: F(x.detach(), y), y0.detach(), **newton_options)  # type: ignore[arg-type]
-    if not grad:
-        return record
-    dense = newton_options.get("jacobian", "auto") == "dense" or (
-        newton_options.get("jacobian", "auto") == "auto" and y0[0].numel() <= DENSE_LIMIT
-    )
-    value = differentiable_solution(lambda y: F(x, y), record.value, dense=dense)
-    return dataclasses.replace(record, value=value)
+    # newton attaches the implicit gradient to every tensor its map uses (x too), with the F_y it formed at the
+    # solution for the record's condition number: one dense Jacobian there, not two.
+    return newton(lambda y: F(x, y), y0.detach(), **newton_options)  # type: ignore[arg-type]
 
 
 def _per_sample(F: Equation, x: Tensor, y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -289,14 +281,18 @@ def follow_solutions(
         )
     z = torch.cat([torch.full((1, 1), t0, dtype=dtype, device=device), start.value.reshape(1, m)], dim=1)
 
-    def determinant(point: Tensor) -> Tensor:
-        return torch.linalg.det(batched_jacobian(equation, point)[1][0][:, 1:])
+    def jacobian_at(point: Tensor) -> Tensor:  # [F_t F_y] at one point (1, 1 + m), shape (m, 1 + m)
+        return batched_jacobian(equation, point)[1][0]
 
-    points, determinants, records, folds = [z[0]], [determinant(z)], [start], []
+    def determinant(point: Tensor) -> Tensor:
+        return torch.linalg.det(jacobian_at(point)[:, 1:])
+
+    jacobian = jacobian_at(z)  # formed once per point: its determinant now, its tangent at the next step
+    points, determinants, records, folds = [z[0]], [torch.linalg.det(jacobian[:, 1:])], [start], []
     tangent: Tensor | None = None
     status = SolverStatus.SUCCESS
     for _ in range(n_steps):
-        tangent = _tangent(batched_jacobian(equation, z)[1][0], tangent)
+        tangent = _tangent(jacobian, tangent)
         if len(points) == 1 and tangent[0] * step < 0:  # the first step goes the way the sign of step says
             tangent = -tangent
         prediction = z + abs(step) * tangent
@@ -311,7 +307,8 @@ def follow_solutions(
             status = record.status
             break
         z_next = record.value
-        det_next = determinant(z_next)
+        jacobian = jacobian_at(z_next)
+        det_next = torch.linalg.det(jacobian[:, 1:])
         if torch.sign(det_next) != torch.sign(determinants[-1]) and determinants[-1] != 0:
             folds.append(_locate_fold(equation, determinant, z, z_next, options))
             status = SolverStatus.SINGULAR

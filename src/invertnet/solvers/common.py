@@ -32,6 +32,7 @@ GMRES, which is exact after d products in exact arithmetic (Saad & Schultz 1986,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -133,6 +134,17 @@ def per_sample_norm(v: Tensor, order: float = 2.0) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
 
 
+def read_stop_test(residual: Tensor, finite: Tensor, *flags: Tensor) -> tuple[float, list[bool]]:
+    """The largest finite entry of ``residual`` (B,) (inf if none is finite) and each scalar boolean of ``flags``,
+    read from the device in one host synchronisation: an iterative solver's one read per iteration (on a GPU
+    every read waits for the device)."""
+    if residual.numel() == 0:
+        return math.inf, [bool(flag) for flag in flags]  # the flags of empty tensors: no device to wait for
+    worst = torch.where(finite, residual, torch.full_like(residual, -math.inf)).amax()
+    values = torch.stack([worst, *(flag.to(residual.dtype) for flag in flags)]).tolist()
+    return (values[0] if values[0] > -math.inf else math.inf), [bool(value) for value in values[1:]]
+
+
 def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
     r"""``(f(x), J)`` with J the per-sample Jacobians :math:`\partial f(x)_b / \partial x_b`, shape (B, d_out, d).
 
@@ -161,11 +173,11 @@ def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: 
 
 def condition_numbers(matrices: Tensor) -> Tensor:
     """2-norm condition numbers of (B, d, d) matrices, shape (B,); inf for singular or non-finite ones."""
-    condition = torch.full(matrices.shape[:1], float("inf"), dtype=matrices.dtype, device=matrices.device)
     finite = torch.isfinite(matrices).flatten(1).all(1)
-    if finite.any():
-        condition[finite] = torch.nan_to_num(torch.linalg.cond(matrices[finite]), nan=float("inf"))
-    return condition
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    safe = torch.where(finite[:, None, None], matrices, eye)  # no host read: non-finite ones are masked out after
+    condition = torch.nan_to_num(torch.linalg.cond(safe), nan=float("inf"))
+    return torch.where(finite, condition, torch.full_like(condition, float("inf")))
 
 
 def decide_status(

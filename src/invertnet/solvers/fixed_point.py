@@ -23,6 +23,7 @@ from invertnet.solvers.common import (
     decide_status,
     finish,
     per_sample_norm,
+    read_stop_test,
     resolve_tolerances,
 )
 
@@ -208,22 +209,14 @@ class _IterationState:
         self.finite = self.finite & torch.isfinite(step_residual)
         self.residual = torch.where(active & self.finite, step_residual, self.residual)
         self.converged = self.converged | (active & self.finite & (step_residual <= threshold))
-        worst, all_finite, all_converged = self._summary()
+        worst, (all_finite, all_converged) = read_stop_test(
+            self.residual, self.finite, self.finite.all(), self.converged.all()
+        )
         self.history.append(worst)
         self.nonfinite = not all_finite
         tiny = torch.finfo(self.x.dtype).tiny
         self.diverged = self.history[-1] > DIVERGENCE_FACTOR * max(self.history[0], tiny)
         return self.nonfinite or self.diverged or all_converged
-
-    def _summary(self) -> tuple[float, bool, bool]:
-        """(largest finite residual, or inf if none is finite; every sample finite; every sample converged),
-        read from the device in one host synchronisation: the iteration's only one."""
-        if self.residual.numel() == 0:
-            return math.inf, True, True
-        finite_residual = torch.where(self.finite, self.residual, torch.full_like(self.residual, -math.inf))
-        flags = [self.finite.all().to(finite_residual.dtype), self.converged.all().to(finite_residual.dtype)]
-        worst, all_finite, all_converged = torch.stack([finite_residual.amax(), *flags]).tolist()
-        return (worst if worst > -math.inf else math.inf), bool(all_finite), bool(all_converged)
 
     def advance(self, proposal: Tensor) -> None:
         """Move the unconverged samples to ``proposal`` (B, ...); converged samples stay frozen."""

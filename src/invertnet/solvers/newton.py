@@ -26,6 +26,7 @@ from invertnet.solvers.common import (
     condition_numbers,
     conditioned_result,
     per_sample_norm,
+    read_stop_test,
     resolve_max_condition,
     resolve_tolerances,
 )
@@ -111,10 +112,9 @@ def newton(
     threshold = atol + rtol * per_sample_norm(y)
     state = _NewtonState.start(f, x0, y, threshold)
     for _ in range(max_iter):
-        active = state.active()
-        if not active.any():
+        if not state.running:
             break
-        _iterate(state, active, f, y, threshold, options)
+        _iterate(state, state.active(), f, y, threshold, options)
     jacobian = batched_jacobian(f, state.x)[1] if options.dense else None  # at the returned point, used twice
     record = _record(state, f, options, strict, jacobian)
     if torch.is_grad_enabled():
@@ -162,6 +162,8 @@ class _NewtonState:
     condition: Tensor
     history: list[float]
     iterations: int = 0
+    running: bool = True
+    """Whether a sample was still active at the last measurement (read with the history, one transfer)."""
 
     @classmethod
     def start(cls, f: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, threshold: Tensor) -> _NewtonState:
@@ -172,6 +174,7 @@ class _NewtonState:
         residual = per_sample_norm(r)
         finite = torch.isfinite(residual)
         converged = finite & (residual <= threshold)
+        worst, (running,) = read_stop_test(residual, finite, (finite & ~converged).any())
         return cls(
             x=x,
             r=r,
@@ -181,7 +184,8 @@ class _NewtonState:
             singular=torch.zeros_like(converged),
             stalled=torch.zeros_like(converged),
             condition=torch.ones_like(residual),
-            history=[residual.max().item()],
+            history=[worst],
+            running=running,
         )
 
     def active(self) -> Tensor:
@@ -192,7 +196,8 @@ class _NewtonState:
         """Update finiteness and convergence (B,) from the current residual and append its largest finite value."""
         self.finite = torch.isfinite(self.residual)
         self.converged = self.converged | (self.finite & (self.residual <= threshold))
-        self.history.append(self.residual[self.finite].max().item() if self.finite.any() else float("inf"))
+        worst, (self.running,) = read_stop_test(self.residual, self.finite, self.active().any())
+        self.history.append(worst)
 
 
 def _iterate(

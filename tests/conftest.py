@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded RNG per test, float64 default, hypothesis profiles."""
+"""Shared fixtures: seeded RNG per test, float64 default, hypothesis profiles, a counter of host reads."""
 
 import pytest
 import torch
@@ -18,3 +18,19 @@ def _seeded_rng():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A list that records every read of a tensor's value by Python (``item``, ``tolist``, ``bool``, ``float``,
+    ``int``: on a GPU each waits for the device) until the test calls ``monkeypatch.undo()`` or ends."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

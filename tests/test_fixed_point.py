@@ -78,20 +78,12 @@ def test_converged_samples_are_frozen_and_stop_early():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_host_read_per_iteration(method, monkeypatch):
+def test_one_host_read_per_iteration(method, monkeypatch, request):
     # On a GPU every read of a tensor's value by Python waits for the device: the loop reads its stop test once
     # per iteration, and the record its status once.
     block = _block(coeff=0.9, solver=method)
     y = block(torch.randn(8, 6, dtype=torch.float64)).detach()
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name):
-            reads.append(_name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = request.getfixturevalue("host_reads")  # counting starts here, after the setup
     result = fixed_point(lambda x: y - block.g(x), y, lipschitz=0.9, method=method, strict=False)
     monkeypatch.undo()
     assert result.success and result.iterations > 5

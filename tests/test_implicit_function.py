@@ -133,21 +133,13 @@ def test_the_implicit_gradient_reuses_the_jacobian_newton_formed_at_the_solution
     torch.testing.assert_close(gradient, -x.detach() / result.value.detach())  # dy/dx = -x / y on the circle
 
 
-def test_newton_reads_the_device_twice_per_step(monkeypatch):
+def test_newton_reads_the_device_twice_per_step(monkeypatch, request):
     # On a GPU every read of a tensor's value by Python waits for the device: a dense Newton step reads its stop
     # test and its line search's acceptance; the start reads one and the record three (its status).
     torch.manual_seed(0)
     A = 0.3 * torch.randn(3, 3, dtype=DOUBLE)
     y = torch.randn(8, 3, dtype=DOUBLE)
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name):
-            reads.append(_name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = request.getfixturevalue("host_reads")  # counting starts here, after the setup
     with torch.no_grad():
         result = newton(lambda x: x + torch.tanh(x @ A.T), torch.zeros_like(y), y=y, jacobian="dense")
     monkeypatch.undo()

@@ -215,7 +215,8 @@ def _arnoldi(
     for j in range(budget):
         norm = _extend_basis(apply, basis, hessenberg, j)
         y, estimate = _least_squares(hessenberg, beta, j + 1)
-        if ((estimate <= threshold) | converged).all() or bool((norm <= 1e-14 * beta.clamp_min(1e-300)).all()):
+        met = ((estimate <= threshold) | converged).all()
+        if met | (norm <= 1e-14 * beta.clamp_min(1e-300)).all():  # one host read per Arnoldi step
             break
     return basis, hessenberg, y
 

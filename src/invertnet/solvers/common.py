@@ -172,7 +172,9 @@ def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: 
 
 
 def condition_numbers(matrices: Tensor) -> Tensor:
-    """2-norm condition numbers of (B, d, d) matrices, shape (B,); inf for singular or non-finite ones."""
+    """2-norm condition numbers of (B, d, d) matrices, shape (B,), for singular ones above any ``max_condition``:
+    inf for non-finite matrices and the zero matrix (``torch.linalg.cond``'s 0 / 0), the dtype's largest float for
+    the other singular ones (its inf, through ``nan_to_num``)."""
     finite = torch.isfinite(matrices).flatten(1).all(1)
     eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
     safe = torch.where(finite[:, None, None], matrices, eye)  # no host read: non-finite ones are masked out after

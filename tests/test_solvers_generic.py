@@ -414,11 +414,11 @@ def test_conditioning_solvers_refuse_a_meaningless_max_condition(max_condition):
 
 
 def test_gmres_reads_the_device_about_once_per_product(request):
-    # A GPU waits for every read of a tensor's value by Python: an Arnoldi step reads its stop test once; a
-    # restart cycle and the record add a few reads each.
+    # A GPU waits for every read of a tensor's value by Python: an Arnoldi step reads its stop test once, a restart
+    # cycle its residuals once, the record its status: fewer reads than products (each cycle ends with a product).
     a = torch.eye(20, dtype=torch.float64) + 0.05 * torch.randn(20, 20, dtype=torch.float64)
     b = torch.randn(4, 20, dtype=torch.float64)
     reads = request.getfixturevalue("host_reads")
     result = gmres(lambda v: v @ a.T, b, restart=8)
     assert result.success and result.iterations > 16  # at least two restarts
-    assert len(reads) <= result.iterations + 10, reads
+    assert len(reads) <= result.iterations, reads

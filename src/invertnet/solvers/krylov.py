@@ -87,7 +87,7 @@ def gmres(
     with torch.no_grad():
         while state.running(max_iter):
             _cycle(state, apply, rhs, threshold, restart, max_iter)
-        if condition_probe > 0 and bool(torch.isfinite(state.residual).all()):
+        if condition_probe > 0 and state.all_finite:
             steps = min(condition_probe, dimension)
             state.condition = torch.maximum(state.condition, _probe_condition(apply, rhs, steps))
             state.products += steps
@@ -138,6 +138,16 @@ class _KrylovState:
     products: int
     history: list[float]
     stalled: bool = False
+    all_converged: bool = False
+    all_finite: bool = True
+
+    def read(self) -> None:
+        """Append the largest residual to ``history`` and take ``all_converged`` and ``all_finite``: one host
+        read per cycle."""
+        flags = [self.converged.all(), torch.isfinite(self.residual).all()]
+        values = torch.stack([self.residual.max(), *(flag.to(self.residual.dtype) for flag in flags)]).tolist()
+        self.history.append(values[0])
+        self.all_converged, self.all_finite = bool(values[1]), bool(values[2])
 
     @classmethod
     def start(
@@ -147,22 +157,22 @@ class _KrylovState:
         x = torch.zeros_like(rhs) if x0 is None else x0.reshape(rhs.shape).clone()
         residual_vector = rhs - apply(x) if x0 is not None else rhs.clone()
         residual = _batched_norm(residual_vector)
-        return cls(
+        state = cls(
             x=x,
             residual_vector=residual_vector,
             residual=residual,
             converged=residual <= threshold,
             condition=torch.ones(rhs.shape[0], dtype=rhs.dtype, device=rhs.device),
             products=0 if x0 is None else 1,
-            history=[residual.max().item()],
+            history=[],
         )
+        state.read()
+        return state
 
     def running(self, max_iter: int) -> bool:
         """True while the last cycle made progress, products remain, a sample is unconverged and all
         residuals are finite."""
-        if self.stalled or self.products >= max_iter or self.converged.all():
-            return False
-        return bool(torch.isfinite(self.residual).all())
+        return not (self.stalled or self.products >= max_iter or self.all_converged) and self.all_finite
 
 
 def _cycle(
@@ -188,9 +198,9 @@ def _cycle(
     state.products += 1
     state.residual = torch.where(state.converged, state.residual, _batched_norm(state.residual_vector))
     state.converged = state.converged | (state.residual <= threshold)
-    state.history.append(state.residual.max().item())
+    state.read()
     history = state.history
-    state.stalled = len(history) > 2 and history[-1] >= history[-2] and not state.converged.all()
+    state.stalled = len(history) > 2 and history[-1] >= history[-2] and not state.all_converged
 
 
 def _arnoldi(

@@ -134,15 +134,20 @@ def per_sample_norm(v: Tensor, order: float = 2.0) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), ord=order, dim=1)
 
 
+def read_scalars(value: Tensor, *flags: Tensor) -> tuple[float, list[bool]]:
+    """A scalar ``value`` and scalar booleans ``flags`` read from the device in one host synchronisation: an
+    iterative solver's one read per iteration (on a GPU every read waits for the device)."""
+    values = torch.stack([value, *(flag.to(value.dtype) for flag in flags)]).tolist()
+    return values[0], [bool(flag) for flag in values[1:]]
+
+
 def read_stop_test(residual: Tensor, finite: Tensor, *flags: Tensor) -> tuple[float, list[bool]]:
     """The largest finite entry of ``residual`` (B,) (inf if none is finite) and each scalar boolean of ``flags``,
-    read from the device in one host synchronisation: an iterative solver's one read per iteration (on a GPU
-    every read waits for the device)."""
+    in one read (:func:`read_scalars`)."""
     if residual.numel() == 0:
         return math.inf, [bool(flag) for flag in flags]  # the flags of empty tensors: no device to wait for
-    worst = torch.where(finite, residual, torch.full_like(residual, -math.inf)).amax()
-    values = torch.stack([worst, *(flag.to(residual.dtype) for flag in flags)]).tolist()
-    return (values[0] if values[0] > -math.inf else math.inf), [bool(value) for value in values[1:]]
+    worst, values = read_scalars(torch.where(finite, residual, torch.full_like(residual, -math.inf)).amax(), *flags)
+    return (worst if worst > -math.inf else math.inf), values
 
 
 def batched_jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:

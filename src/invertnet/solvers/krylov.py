@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from invertnet.core import InverseResult
-from invertnet.solvers.common import check_max_iter, conditioned_result, resolve_max_condition, resolve_tolerances
+from invertnet.solvers.common import (
+    check_max_iter,
+    conditioned_result,
+    read_scalars,
+    resolve_max_condition,
+    resolve_tolerances,
+)
 
 __all__ = ["gmres"]
 
@@ -144,10 +150,10 @@ class _KrylovState:
     def read(self) -> None:
         """Append the largest residual to ``history`` and take ``all_converged`` and ``all_finite``: one host
         read per cycle."""
-        flags = [self.converged.all(), torch.isfinite(self.residual).all()]
-        values = torch.stack([self.residual.max(), *(flag.to(self.residual.dtype) for flag in flags)]).tolist()
-        self.history.append(values[0])
-        self.all_converged, self.all_finite = bool(values[1]), bool(values[2])
+        worst, (self.all_converged, self.all_finite) = read_scalars(
+            self.residual.max(), self.converged.all(), torch.isfinite(self.residual).all()
+        )
+        self.history.append(worst)
 
     @classmethod
     def start(

@@ -172,21 +172,20 @@ class _NewtonState:
         with torch.no_grad():
             r = y - f(x)
         residual = per_sample_norm(r)
-        finite = torch.isfinite(residual)
-        converged = finite & (residual <= threshold)
-        worst, (running,) = read_stop_test(residual, finite, (finite & ~converged).any())
-        return cls(
+        finite = torch.ones_like(residual, dtype=torch.bool)
+        state = cls(
             x=x,
             r=r,
             residual=residual,
             finite=finite,
-            converged=converged,
-            singular=torch.zeros_like(converged),
-            stalled=torch.zeros_like(converged),
+            converged=torch.zeros_like(finite),
+            singular=torch.zeros_like(finite),
+            stalled=torch.zeros_like(finite),
             condition=torch.ones_like(residual),
-            history=[worst],
-            running=running,
+            history=[],
         )
+        state.measure(threshold)  # finiteness, convergence and the first history entry, as after every step
+        return state
 
     def active(self) -> Tensor:
         """The samples (B,) still iterating: finite, not converged, singular or stalled."""

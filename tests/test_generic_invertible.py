@@ -99,8 +99,12 @@ def _swap_parameters(module, values):
 
 
 def test_gradcheck_input_and_parameters(layer):
+    """The forward map and log-det: every entry of the Jacobian in x (gradcheck's full mode), and in x and the
+    parameters together by gradcheck's fast mode (a random projection v^T J u against its finite difference; the
+    full mode would cost two evaluations per parameter entry)."""
     module, shape, sample = layer
     x = sample(2).requires_grad_(True)
+    assert torch.autograd.gradcheck(module.forward_and_log_det, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
     names = [name for name, p in module.named_parameters() if p.requires_grad]
     values = tuple(p.detach().clone().requires_grad_(True) for name, p in module.named_parameters() if name in names)
 
@@ -111,21 +115,25 @@ def test_gradcheck_input_and_parameters(layer):
         finally:
             _swap_parameters(module, previous)
 
-    assert torch.autograd.gradcheck(fused, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(fused, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 def test_gradcheck_inverse_wrt_input(layer):
-    """One sample: every input of an iterative inverse costs two solves and a backward pass, and the batch's
-    samples are independent (test_batch_independence_of_the_inverse)."""
+    """One sample (the batch's samples are independent: test_batch_independence_of_the_inverse), in gradcheck's
+    fast mode (one random projection v^T J u against its finite difference): every entry of the inverse's
+    autograd Jacobian is already compared with the inverse of the forward's in
+    test_inverse_log_det_is_negative_and_inverse_jacobian_is_inverse, and an iterative inverse costs two solves
+    per input in the full mode."""
     module, shape, sample = layer
     if module.quantized_inverse:
         pytest.skip("the inverse rounds to the lattice: piecewise constant")
     if module.bijective:
         y = module(sample(1)).detach().requires_grad_(True)
-        assert torch.autograd.gradcheck(module.inverse, (y,), eps=1e-6, atol=1e-5, rtol=1e-4)
+        assert torch.autograd.gradcheck(module.inverse, (y,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
     else:  # the inverse is defined on the range only: perturb along it
         x = sample(1).requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda v: module.inverse(module(v)), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+        inverse_of_image = lambda v: module.inverse(module(v))  # noqa: E731
+        assert torch.autograd.gradcheck(inverse_of_image, (x,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 def test_inverse_view(layer):

@@ -28,7 +28,7 @@ SHIPPED = {
     "iresnet_classifier_digits": (["model.n_blocks=1"], "I C"),
     "fully_invertible_classifier_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
     "independence_digits": (["model.n_blocks=1", "model.dense_blocks=1"], "I CM"),
-    "dcgan_digits": (["model.width=8"], "IS"),
+    "dcgan_digits": (["model.width=8", "model.recovery_problems=4"], "IS"),
     "isotopenet_synthetic": (["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"], ""),
     "residualnet_synthetic": (["data.n_per_class=24", "data.spectrum_length=200", "data.n_folds=2"], ""),
 }
@@ -79,7 +79,7 @@ def test_each_kind_trains_and_runs_every_step_it_has(name, tmp_path):
             status = "analytic" if config.model.kind in ANALYTIC_KINDS else "success"
             assert result["status"] == status and result["max_abs_error"] < 1e-3, result
         if step == "I" and config.model.kind == "dcgan":
-            assert {"uniform", "top"} <= set(result)
+            assert {"uniform", "top"} <= set(result) and result["problems"] == 4
         if step == "S":
             assert len(result) == 3 and torch.isfinite(result).all()
         if step == "C":

@@ -255,7 +255,7 @@ def test_dcgan_config_trains_saves_its_generator_and_checks_recovery(tmp_path):
     from invertnet.app.cli import main
     from invertnet.models import load_generator
 
-    tiny = ["model.width=8", "train.steps=3", "train.checkpoint_every=3"]
+    tiny = ["model.width=8", "model.recovery_problems=8", "train.steps=3", "train.checkpoint_every=3"]
     overrides = [item for setting in tiny for item in ("--set", setting)]
     runner = CliRunner()
     result = runner.invoke(
@@ -263,8 +263,9 @@ def test_dcgan_config_trains_saves_its_generator_and_checks_recovery(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    for kind in ("uniform", "top", "bottom", "left", "right"):  # the paper's five masks; fractions of 64 problems
-        assert (summary["recovery"][kind]["exact_recovery"] * 64).is_integer()
+    assert summary["recovery"]["problems"] == 8
+    for kind in ("uniform", "top", "bottom", "left", "right"):  # the paper's five masks; fractions of 8 problems
+        assert (summary["recovery"][kind]["exact_recovery"] * 8).is_integer()
     assert (tmp_path / "weights.png").is_file() and summary["weight_laws"]
     assert all(0 <= layer["ks_distance"] <= 1 for layer in summary["weight_laws"].values())
     generator = load_generator(summary["generator"])

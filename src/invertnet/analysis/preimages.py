@@ -19,7 +19,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 from torch import Tensor, nn
 
 __all__ = ["PreimageResult", "is_omnidirectional", "relu_mlp_preimages", "relu_preimage"]
@@ -54,6 +53,8 @@ def _feasible(
     a_eq: np.ndarray | None,
     b_eq: np.ndarray | None,
 ) -> tuple[bool, np.ndarray | None, float]:
+    from scipy.optimize import linprog  # imported here: scipy.optimize takes half a second to import
+
     result = linprog(objective, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(None, None), method="highs")
     if result.status == 2:  # infeasible
         return False, None, np.inf

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import ndtr
 from torch import Tensor
 
 from invertnet.data.isotopes import DEFAULT_RESOLVING_POWER, PROTON_MASS, isotope_pattern
@@ -122,6 +121,8 @@ def tof_bin_edges(mz_range: tuple[float, float], n_bins: int) -> Tensor:
 def _pattern_profile(edges: np.ndarray, mz: float, resolving_power: float) -> np.ndarray:
     """Binned profile (L,) of a singly charged Averagine ion at average m/z ``mz``: each isotope peak a Gaussian of
     FWHM m/z / R, integrated over every bin; the profile sums to the pattern's probability (about 1)."""
+    from scipy.special import ndtr  # imported here: scipy is slow to import and few runs simulate spectra
+
     masses, probabilities = isotope_pattern(mz - PROTON_MASS)
     peaks = masses + PROTON_MASS
     sigma = peaks / resolving_power / _FWHM_PER_SIGMA

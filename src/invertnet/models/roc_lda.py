@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 __all__ = ["RocLda", "roc_statistics"]
@@ -28,6 +27,8 @@ def roc_statistics(x: Tensor, y: Tensor) -> Tensor:
         >>> roc_statistics(x, torch.tensor([0, 0, 1, 1]))  # feature 0 separates the classes, feature 1 partly
         tensor([0.5000, 0.2500], dtype=torch.float64)
     """
+    from scipy.stats import rankdata  # imported here: scipy.stats takes a second to import
+
     features = x.reshape(len(x), -1).double().cpu().numpy()
     labels = y.cpu().numpy()
     ranks = rankdata(features, axis=0)  # average ranks for ties

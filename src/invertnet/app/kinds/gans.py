@@ -35,6 +35,7 @@ class DCGANConfig(KindConfig):
 
     kind: Literal["dcgan"] = "dcgan"
     builder: ClassVar = staticmethod(conditional_dcgan)
+    application_fields: ClassVar[frozenset[str]] = frozenset({"recovery_problems"})
     latent_dim: int = Field(
         10, gt=0, le=MAX_WIDTH, description="latent dimension (small keeps the generator expansive)"
     )
@@ -42,6 +43,9 @@ class DCGANConfig(KindConfig):
         3, gt=0, le=10, description="transposed convolutions of the generator (images of 4 * 2^(n_layers - 1) pixels)"
     )
     width: int = Field(64, gt=0, le=MAX_WIDTH, description="channels of the first feature map")
+    recovery_problems: int = Field(
+        64, gt=0, le=4096, description="generated images whose codes the latent-recovery check recovers"
+    )
 
 
 class GANKind(ModelKind):
@@ -64,10 +68,10 @@ class GANKind(ModelKind):
         return AdversarialLoss(model)  # type: ignore[arg-type]
 
     def finish(self, model: nn.Module, config: RunConfig, run_dir: Path, data: RunData) -> dict[str, Any]:
-        return finish_gan(model, run_dir, data.test)  # type: ignore[arg-type]
+        return finish_gan(model, run_dir, data.test, config.model.recovery_problems)  # type: ignore[arg-type]
 
     def invert(self, model: nn.Module, config: RunConfig, data: RunData) -> dict[str, Any]:
-        return recovery_check(copy.deepcopy(model.generator))  # type: ignore[arg-type]
+        return recovery_check(copy.deepcopy(model.generator), config.model.recovery_problems)  # type: ignore[arg-type]
 
     def sample(self, model: nn.Module, n: int) -> Tensor:
         """``n`` generated images, labels 0, 1, ... in turn."""
@@ -137,10 +141,13 @@ def _sample_grid(gan: ConditionalGAN, path: Path, n_classes: int) -> None:
     save_figure(figure, path)
 
 
-def finish_gan(gan: ConditionalGAN, run_dir: Path, test: tuple[Tensor, Tensor]) -> dict[str, Any]:
+def finish_gan(
+    gan: ConditionalGAN, run_dir: Path, test: tuple[Tensor, Tensor], recovery_problems: int
+) -> dict[str, Any]:
     """Evaluate, save the generator (``generator.safetensors``, for ``invertnet recover``), draw a sample grid
     per class (``samples.png``), the histograms of the generator's weights against normal laws
-    (``weights.png``, Ma, Ayaz & Karaman 2018, Fig. 3) and run the latent-recovery check."""
+    (``weights.png``, Ma, Ayaz & Karaman 2018, Fig. 3) and run the latent-recovery check on
+    ``recovery_problems`` generated images."""
     gan.eval()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "test": AdversarialLoss(gan).evaluate(test)}
     generator: DCGANGenerator = gan.generator  # type: ignore[assignment]
@@ -158,5 +165,5 @@ def finish_gan(gan: ConditionalGAN, run_dir: Path, test: tuple[Tensor, Tensor]) 
         }
         for layer in layers
     }
-    summary["recovery"] = recovery_check(copy.deepcopy(generator))
+    summary["recovery"] = recovery_check(copy.deepcopy(generator), recovery_problems)
     return summary

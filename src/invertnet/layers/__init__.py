@@ -48,6 +48,7 @@ from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
 from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
 from invertnet.layers.spline_coupling import SplineCoupling as SplineCoupling
 from invertnet.layers.splines import rational_quadratic_spline as rational_quadratic_spline
+from invertnet.layers.variational_dequantization import VariationalDequantization as VariationalDequantization
 
 __all__ = [
     "DEQ",
@@ -87,6 +88,7 @@ __all__ = [
     "SpectralNormLinear",
     "Squeeze",
     "UniformDequantization",
+    "VariationalDequantization",
     "context_shape_at",
     "coupling_mask",
     "default_conditioner",

@@ -16,10 +16,10 @@ from invertnet.core import InvertibleModule, InvertibleSequential
 from invertnet.layers.coupling import AffineCoupling, Scale
 from invertnet.layers.linear import InvertibleConv1x1, LULinear
 from invertnet.layers.norm import ActNorm
-from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Flatten, Squeeze
 from invertnet.layers.spline_coupling import SplineCoupling
 from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
+from invertnet.models.preprocessing import Dequantization, discrete_preprocessing
 from invertnet.models.saving import saveable
 
 __all__ = ["glow_flow", "realnvp_flow", "spline_flow"]
@@ -60,10 +60,12 @@ def _check_divisible(shape: tuple[int, ...], squeezes: int, where: str) -> None:
 
 
 def _flow(
-    parts: list[InvertibleModule], shape: tuple[int, ...], levels: int | None, alpha: float, contexts: LayerContexts
+    preprocessing: list[InvertibleModule],
+    parts: list[InvertibleModule],
+    shape: tuple[int, ...],
+    contexts: LayerContexts,
 ) -> FlowDistribution:
-    """The flow of ``parts`` with dequantisation and the logit transform first when ``levels`` is given."""
-    preprocessing: list[InvertibleModule] = [] if levels is None else [UniformDequantization(levels), Logit(alpha)]
+    """The flow of ``parts`` after the ``preprocessing`` of discrete data, with a standard normal base of ``shape``."""
     return FlowDistribution(
         InvertibleSequential(*preprocessing, *parts), standard_normal(shape), context_shape=contexts.shape
     )
@@ -87,6 +89,7 @@ def realnvp_flow(
     logit_alpha: float = 0.05,
     context_features: int = 0,
     context_shape: Sequence[int] | None = None,
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     r"""A RealNVP flow (Dinh et al. 2017): affine couplings with alternating masks, each after an ActNorm.
 
@@ -108,9 +111,12 @@ def realnvp_flow(
         hidden: Units (vectors) or channels (images) of the conditioners.
         scale, clamp: The coupling scale (:class:`~invertnet.layers.AffineCoupling`): ``"exp"`` with the
             log-scale bounded to (-clamp, clamp), or Glow's ``"sigmoid"`` (then ``clamp=None``).
-        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
-            so that ``bits_per_dim`` is with respect to the discrete data.
+        levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
+            transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
         context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
@@ -126,6 +132,7 @@ def realnvp_flow(
     """
     where = "realnvp_flow"
     shape = _event_shape(features_or_shape, where)
+    preprocessing = discrete_preprocessing(levels, shape, logit_alpha, dequantization, where)
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
@@ -147,7 +154,7 @@ def realnvp_flow(
         return steps
 
     if len(shape) == 1:
-        return _flow(couplings(shape, "half", n_steps), shape, levels, logit_alpha, contexts)
+        return _flow(preprocessing, couplings(shape, "half", n_steps), shape, contexts)
     _check_divisible(shape, n_scales - 1, where)
     parts: list[InvertibleModule] = []
     for _ in range(n_scales - 1):
@@ -155,7 +162,7 @@ def realnvp_flow(
         shape = _squeezed(shape)
         parts += [Squeeze(), *couplings(shape, "channel", n_steps)]
     parts += couplings(shape, "checkerboard", n_steps + 1)
-    return _flow(parts, shape, levels, logit_alpha, contexts)
+    return _flow(preprocessing, parts, shape, contexts)
 
 
 @saveable
@@ -171,6 +178,7 @@ def glow_flow(
     logit_alpha: float = 0.05,
     context_features: int = 0,
     context_shape: Sequence[int] | None = None,
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     r"""A Glow flow (Kingma & Dhariwal 2018, section 3 and Fig. 2): steps of ActNorm, invertible 1x1 convolution
     and affine coupling.
@@ -191,9 +199,12 @@ def glow_flow(
         hidden: Units (vectors) or channels (images) of the conditioners (Glow: 512).
         scale, clamp: The coupling scale (:class:`~invertnet.layers.AffineCoupling`): ``"sigmoid"`` (Glow's code)
             or ``"exp"`` (their Table 1) with an optional bound on the log-scale.
-        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
-            so that ``bits_per_dim`` is with respect to the discrete data.
+        levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
+            transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
         context_features: Size k of a context for a conditional flow p(x | c): every coupling's conditioner also
             sees c (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
         context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
@@ -209,6 +220,7 @@ def glow_flow(
     """
     where = "glow_flow"
     shape = _event_shape(features_or_shape, where)
+    preprocessing = discrete_preprocessing(levels, shape, logit_alpha, dequantization, where)
     n_scales = _scales(n_scales, shape, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
@@ -224,13 +236,13 @@ def glow_flow(
         return parts
 
     if len(shape) == 1:
-        return _flow(steps(shape, "half", LULinear), shape, levels, logit_alpha, contexts)
+        return _flow(preprocessing, steps(shape, "half", LULinear), shape, contexts)
     _check_divisible(shape, n_scales, where)
     parts: list[InvertibleModule] = []
     for _ in range(n_scales):
         shape = _squeezed(shape)
         parts += [Squeeze(), *steps(shape, "channel", InvertibleConv1x1)]
-    return _flow(parts, shape, levels, logit_alpha, contexts)
+    return _flow(preprocessing, parts, shape, contexts)
 
 
 @saveable
@@ -245,6 +257,7 @@ def spline_flow(
     levels: int | None = None,
     logit_alpha: float = 0.05,
     context_features: int = 0,
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     r"""A neural spline flow (Durkan et al. 2019): ``n_steps`` steps of ActNorm, (LULinear,) SplineCoupling.
 
@@ -266,9 +279,12 @@ def spline_flow(
         linear: Mix the features with an LU-parameterised linear map before every coupling. ``None``: when
             d > 2 (a fixed half mask would otherwise always split the same features); in 2-D the flips already
             alternate the two coordinates.
-        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit transform,
-            so that ``bits_per_dim`` is with respect to the discrete data.
+        levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
+            transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
 
@@ -281,6 +297,7 @@ def spline_flow(
     """
     where = "spline_flow"
     shape = _event_shape(features_or_shape, where, any_rank=True)
+    preprocessing = discrete_preprocessing(levels, shape, logit_alpha, dequantization, where)
     if n_steps < 1:
         raise ValueError(f"{where}: n_steps must be positive, got {n_steps}")
     dim = math.prod(shape)
@@ -295,4 +312,4 @@ def spline_flow(
             (dim,), "half", flip=flip, hidden=hidden, bins=bins, bound=bound, context_features=contexts.at((dim,))
         )
         parts += [ActNorm(dim), LULinear(dim), coupling] if mixing else [ActNorm(dim), coupling]
-    return _flow(parts, (dim,), levels, logit_alpha, contexts)
+    return _flow(preprocessing, parts, (dim,), contexts)

@@ -11,11 +11,11 @@ from invertnet.core import InvertibleModule, InvertibleSequential
 from invertnet.layers.conditional import ConditionalLipschitzConvNet, ConditionalLipschitzMLP
 from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS, LipschitzConvNet, LipschitzMLP
 from invertnet.layers.norm import ActNorm
-from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.residual import InvertibleResidual, LogDetEstimator
 from invertnet.layers.shape import Flatten, Squeeze
 from invertnet.logdet.series import PowerSeriesLogDet
 from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
+from invertnet.models.preprocessing import Dequantization, discrete_preprocessing
 from invertnet.models.saving import saveable
 
 __all__ = ["DENSE_SERIES_TERMS", "dense_iresnet_flow", "multiscale_iresnet_flow"]
@@ -44,6 +44,7 @@ def dense_iresnet_flow(
     preactivation: bool = True,
     context_features: int = 0,
     actnorm: Literal["before", "after", "none"] = "before",
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     """The dense i-ResNet flow for 2-D and tabular data (Behrmann et al. 2019, appendix C.3 "Toy Densities").
 
@@ -66,7 +67,7 @@ def dense_iresnet_flow(
         log_det: Log-det estimator of every block in training (default: power series with
             :data:`DENSE_SERIES_TERMS` = 5 terms; Behrmann et al. 2019 computed the exact log-det,
             :class:`~invertnet.logdet.DenseExactLogDet`, which is affordable in 2-D).
-        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
+        levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
         n_power_iterations: Power-iteration steps of every normalised layer per training step.
@@ -78,6 +79,9 @@ def dense_iresnet_flow(
             ``flow.log_prob(x, context=c)``, ``flow.sample(shape, context=c)`` or ``flow(c)``. 0: unconditional.
         actnorm: An :class:`~invertnet.layers.ActNorm` ``"before"`` every block (the default, as the thesis'
             image flows), ``"after"`` every block (the paper's toy densities), or ``"none"``.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
 
     Examples:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
@@ -90,8 +94,7 @@ def dense_iresnet_flow(
         raise ValueError(f"dense_iresnet_flow: n_blocks must be positive, got {n_blocks}")
     shape = (int(features),) if isinstance(features, int) else tuple(int(size) for size in features)
     parts: list[InvertibleModule] = []
-    if levels is not None:
-        parts += [UniformDequantization(levels), Logit(logit_alpha)]
+    parts += discrete_preprocessing(levels, shape, logit_alpha, dequantization, "dense_iresnet_flow")
     if len(shape) > 1:
         parts.append(Flatten(shape))
     dim = math.prod(shape)
@@ -129,13 +132,14 @@ def multiscale_iresnet_flow(
     n_power_iterations: int = CONV_POWER_ITERATIONS,
     context_features: int = 0,
     context_shape: Sequence[int] | None = None,
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     r"""The multi-scale i-ResNet image flow (thesis A.2; Behrmann et al. 2019, appendix C.3 "MNIST and CIFAR").
 
     ``n_scales`` scale-blocks of ``n_blocks`` i-ResNet blocks (convolutions 3x3-1x1-3x3 with ELU in between,
     each block preceded by ActNorm), with a squeeze (C, H, W) -> (4C, H/2, W/2) after every scale-block but
     the last. The thesis' MNIST model: 3 scales x 32 blocks, 32 hidden channels; CIFAR-10: 512 hidden
-    channels. With ``levels``, the flow starts with uniform dequantisation to [0, 1) and the logit
+    channels. With ``levels``, the flow starts with dequantisation to [0, 1) and the logit
     transform, so ``bits_per_dim`` is with respect to the discrete data.
 
     Arguments:
@@ -151,6 +155,9 @@ def multiscale_iresnet_flow(
         context_shape: Instead of ``context_features``: the shape (C', H', W') of an image context c (a
             low-resolution or a partly observed image, a segmentation), H' and W' an integer multiple or fraction
             of H and W; each branch sees c at its resolution as biases per channel and position.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
 
     Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
@@ -168,8 +175,9 @@ def multiscale_iresnet_flow(
         )
     contexts = LayerContexts(context_features, context_shape, "multiscale_iresnet_flow")
     parts: list[InvertibleModule] = []
-    if levels is not None:
-        parts += [UniformDequantization(levels), Logit(logit_alpha)]
+    parts += discrete_preprocessing(
+        levels, (channels, height, width), logit_alpha, dequantization, "multiscale_iresnet_flow"
+    )
     for scale in range(n_scales):
         for _ in range(n_blocks):
             options = {"n_power_iterations": n_power_iterations}

@@ -8,9 +8,9 @@ from typing import Literal
 from invertnet.core import InvertibleModule, InvertibleSequential
 from invertnet.layers.masked import MintBlock
 from invertnet.layers.norm import ActNorm
-from invertnet.layers.preprocess import Logit, UniformDequantization
 from invertnet.layers.shape import Squeeze
 from invertnet.models.flows import FlowDistribution, LayerContexts, standard_normal
+from invertnet.models.preprocessing import Dequantization, discrete_preprocessing
 from invertnet.models.saving import saveable
 
 __all__ = ["mintnet_flow", "squeeze_positions"]
@@ -49,6 +49,7 @@ def mintnet_flow(
     context_features: int = 0,
     context_shape: Sequence[int] | None = None,
     hidden_channels: int | None = None,
+    dequantization: Dequantization = "uniform",
 ) -> FlowDistribution:
     r"""A MintNet flow: ``n_blocks`` grouped layers (:class:`~invertnet.layers.MintBlock`) with squeezes.
 
@@ -70,9 +71,12 @@ def mintnet_flow(
         kernel_size, activation: Of every :class:`~invertnet.layers.MintLayer`.
         n_squeezes: Squeezes, evenly spaced (:func:`squeeze_positions`).
         actnorm: ActNorm before every grouped layer.
-        levels: Number K of discrete levels of the data: prepend uniform dequantisation and the logit
+        levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform.
+        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
+            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
+            3.1): a tighter bound on the discrete bits/dim for a few more parameters (docs/defaults.md).
         context_features: Size k of a context (class-conditional flows): every masked convolution gets the
             per-channel bias E c (:class:`~invertnet.layers.MintLayer`); use ``flow.log_prob(x, context=c)`` or
             ``flow(c)``. 0: unconditional.
@@ -103,8 +107,7 @@ def mintnet_flow(
     contexts = LayerContexts(context_features, context_shape, "mintnet_flow")
     squeezes = set(squeeze_positions(n_blocks, n_squeezes))
     parts: list[InvertibleModule] = []
-    if levels is not None:
-        parts += [UniformDequantization(levels), Logit(logit_alpha)]
+    parts += discrete_preprocessing(levels, (channels, height, width), logit_alpha, dequantization, "mintnet_flow")
     for index in range(n_blocks):
         if index in squeezes:
             parts.append(Squeeze())

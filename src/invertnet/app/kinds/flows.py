@@ -21,7 +21,7 @@ from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, KernelSizes, MintNetLayers
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
-from invertnet.layers import MemorySavingSequential, UniformDequantization, refine_spectral_norms
+from invertnet.layers import MemorySavingSequential, refine_spectral_norms
 from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS
 from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import (
@@ -61,6 +61,9 @@ class _FlowConfig(KindConfig):
     image_data: ClassVar[bool] = True
     """The builder takes images (C, H, W); the dense flow takes any event shape."""
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
+    dequantization: Literal["uniform", "variational"] = Field(
+        "uniform", description="image data: uniform noise, or a learned q(u | x) (Ho et al. 2019, 3.1)"
+    )
     memory_saving: bool = Field(
         False, description="recompute activations through the inverses in backward (memory flat in depth)"
     )
@@ -318,7 +321,7 @@ def reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, Any]:
     runs): the power iterations of a checkpoint lag behind its last optimiser step, so its certified Lipschitz
     bounds can exceed 1 (status ``not_contractive``) though the map contracts."""
     parts = list(flow.transform)
-    if parts and isinstance(parts[0], UniformDequantization):
+    if parts and parts[0].quantized_inverse:  # dequantisation: x -> y is the data the rest of the flow inverts
         data, parts = parts[0](data), parts[1:]
     transform = InvertibleSequential(*parts)
     y = transform(data)

@@ -1,0 +1,168 @@
+r"""Variational dequantisation: a learned noise distribution q(u | x) in place of U[0, 1)^d (Ho et al. 2019,
+"Flow++", section 3.1).
+
+For discrete data x and a density p of the dequantised data, every distribution q(u | x) on [0, 1)^d gives
+
+.. math:: \log P(x) \ge \mathbb{E}_{u \sim q(\cdot | x)} [\log p(x + u) - \log q(u | x)]
+
+(Ho et al. 2019, Eq. 12; uniform dequantisation is q = 1). The gap is the divergence from q to p's own
+distribution of the noise within x's bin, so a q that learns where p puts its mass tightens the bound, and
+training the bound then trains p on a tighter objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from invertnet.core import InvertibleModule, SolverOptions, check_input, validation_enabled
+
+__all__ = ["VariationalDequantization"]
+
+
+def _log_sigmoid_derivative(t: Tensor) -> Tensor:
+    """log sigma'(t) = log sigma(t) + log sigma(-t), stable for any t."""
+    return F.logsigmoid(t) + F.logsigmoid(-t)
+
+
+class VariationalDequantization(InvertibleModule):
+    r"""Discrete levels x in {0, ..., K-1}^d to y = (x + u) / K with u ~ q(u | x) learned (Ho et al. 2019, section
+    3.1): a logistic per entry whose location and log-scale a conditioner computes from the whole of x,
+    squashed to (0, 1),
+
+    .. math:: u = \sigma(\mu(x) + e^{s(x)} \epsilon), \qquad \epsilon = \operatorname{logit}(v),
+        \quad v \sim U(0, 1)^d .
+
+    The second output is the log-det of the map from the noise v to y at fixed x,
+
+    .. math:: \log|\det \partial y / \partial v| = -d \log K - \log q(u | x)
+        = -d \log K + \sum_i [\log \sigma'(z_i) + s_i - \log \sigma'(\epsilon_i)], \quad z = \mu + e^s \epsilon,
+
+    so a flow whose transform starts with this layer returns log p(x + u) - log q(u | x) from ``log_prob`` (in the
+    units of the discrete levels, as :class:`~invertnet.layers.UniformDequantization`'s), whose expectation over
+    the noise lower-bounds the discrete log-likelihood (Ho et al. 2019, Eq. 12): ``bits_per_dim`` averaged over
+    draws is an upper bound on the discrete bits/dim, the same kind of figure as with uniform dequantisation.
+    The conditioner's last layer starts at zero, so q starts as U(0, 1)^d (mu = s = 0 gives u = v) and the layer
+    as uniform dequantisation. On scikit-learn's digits (17 levels) the bound of the grid's dense i-ResNet flow
+    came out 0.07 bits/dim lower after 1500 steps with the default conditioner (docs/defaults.md).
+
+    As a function of the discrete x the map has no Jacobian to speak of; the generic suite's checks against the
+    Jacobian in x therefore do not apply, and the layer's tests check the log-det against the Jacobian in v. The
+    inverse quantises, x = clamp(floor(K y), 0, K - 1) (``quantized_inverse = True``), and its log-det is minus
+    the forward's, recovered from u = K y - x.
+
+    Arguments:
+        levels: Number K of discrete levels.
+        shape: Shape of one sample (d features, or an image shape (C, H, W)).
+        hidden_features: Width of the default conditioner, an MLP d -> hidden -> 2d with ELU on the levels scaled
+            to [-1, 1] (dense: it suits small inputs such as the 8 x 8 digits; pass ``conditioner`` for large
+            images).
+        noise: ``"uniform"`` draws v per call; ``"midpoint"`` uses v = 1/2 (u = sigma(mu(x)), the median of q), a
+            deterministic map for tests and reproducible evaluation.
+        conditioner: A module mapping the scaled levels (B, \*shape) to (B, 2d): d locations, then d
+            log-scales. Start its output at zero for a uniform start.
+
+    Examples:
+        >>> layer = VariationalDequantization(17, (1, 8, 8))
+        >>> x = torch.randint(0, 17, (5, 1, 8, 8)).float()
+        >>> y, log_det = layer.forward_and_log_det(x)
+        >>> y.shape, bool(torch.equal(layer.inverse(y), x))
+        (torch.Size([5, 1, 8, 8]), True)
+        >>> torch.allclose(log_det, torch.full((5,), -64 * math.log(17)))  # starts as uniform dequantisation
+        True
+    """
+
+    volume_preserving = False
+    quantized_inverse = True
+
+    def __init__(
+        self,
+        levels: int,
+        shape: int | Sequence[int],
+        hidden_features: int = 64,
+        noise: str = "uniform",
+        conditioner: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"VariationalDequantization: levels must be at least 2, got {levels}")
+        if noise not in ("uniform", "midpoint"):
+            raise ValueError(f"VariationalDequantization: noise must be 'uniform' or 'midpoint', got {noise!r}")
+        self.shape = (int(shape),) if isinstance(shape, int) else tuple(int(size) for size in shape)
+        features = math.prod(self.shape)
+        if features < 1 or hidden_features < 1:
+            raise ValueError(
+                f"VariationalDequantization: need a non-empty shape and hidden_features >= 1, got {self.shape} "
+                f"and {hidden_features}"
+            )
+        self.levels, self.noise, self.features = levels, noise, features
+        if conditioner is None:
+            conditioner = nn.Sequential(
+                nn.Flatten(), nn.Linear(features, hidden_features), nn.ELU(), nn.Linear(hidden_features, 2 * features)
+            )
+            nn.init.zeros_(conditioner[-1].weight)
+            nn.init.zeros_(conditioner[-1].bias)
+        self.conditioner = conditioner
+
+    def _location_and_log_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """mu(x) and s(x), each (B, d), from levels x of shape (B, *shape)."""
+        raw = self.conditioner(2 * x / (self.levels - 1) - 1)
+        if raw.shape != (x.shape[0], 2 * self.features):
+            raise ValueError(
+                f"VariationalDequantization: the conditioner must return shape ({x.shape[0]}, {2 * self.features}) "
+                f"(locations, then log-scales), got {tuple(raw.shape)}"
+            )
+        location, log_scale = raw.chunk(2, dim=1)
+        return location, log_scale
+
+    def _levels(self, x: Tensor, where: str) -> Tensor:
+        check_input(x, self.shape, where)
+        if validation_enabled() and (x.min() < 0 or x.max() > self.levels - 1):
+            raise ValueError(
+                f"{where}: expected levels in [0, {self.levels - 1}], got values in "
+                f"[{x.min().item():g}, {x.max().item():g}]; scale the data to integer levels first"
+            )
+        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+    def _log_det(self, epsilon: Tensor, z: Tensor, log_scale: Tensor) -> Tensor:
+        per_entry = _log_sigmoid_derivative(z) + log_scale - _log_sigmoid_derivative(epsilon)
+        return per_entry.sum(dim=1) - self.features * math.log(self.levels)
+
+    def dequantize(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, log_det)`` for levels x and the given noise v in (0, 1), both of shape (B, *shape): the map
+        :meth:`forward_and_log_det` applies to a draw of v, and log|det dy/dv| of shape (B,)."""
+        x = self._levels(x, "VariationalDequantization.dequantize")
+        if v.shape != x.shape:
+            raise ValueError(f"VariationalDequantization.dequantize: v must have x's shape {tuple(x.shape)}")
+        location, log_scale = self._location_and_log_scale(x)
+        flat_v = v.reshape(len(v), -1)
+        epsilon = torch.log(flat_v) - torch.log1p(-flat_v)
+        z = location + log_scale.exp() * epsilon
+        u = torch.sigmoid(z).view(x.shape)
+        return (x + u) / self.levels, self._log_det(epsilon, z, log_scale)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._levels(x, "VariationalDequantization.forward")
+        if self.noise == "midpoint":
+            v = torch.full_like(x, 0.5)
+        else:  # U(0, 1) without its endpoint 0, where the logit is -inf
+            v = torch.rand_like(x).clamp_min(torch.finfo(x.dtype).tiny)
+        return self.dequantize(x, v)
+
+    def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
+        check_input(y, self.shape, "VariationalDequantization.inverse")
+        scaled = y * self.levels
+        x = torch.floor(scaled).clamp(0, self.levels - 1)
+        tiny = torch.finfo(y.dtype).eps
+        u = (scaled - x).clamp(tiny, 1 - tiny).reshape(len(y), -1)
+        location, log_scale = self._location_and_log_scale(x)
+        z = torch.log(u) - torch.log1p(-u)
+        epsilon = (z - location) * torch.exp(-log_scale)
+        return x, -self._log_det(epsilon, z, log_scale)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, shape={self.shape}, noise={self.noise!r}"

@@ -104,6 +104,7 @@ from invertnet.app.config import DataConfig, load_config
 from invertnet.app.kinds.base import RunData
 from invertnet.app.runs import build
 from invertnet.data import DIGITS_LEVELS, load_digits
+from invertnet.layers import VariationalDequantization
 from invertnet.models import dense_iresnet_flow, mintnet_flow, multiscale_iresnet_flow
 from invertnet.training import TrainConfig, Trainer
 
@@ -129,20 +130,27 @@ def bits_per_dim(model: nn.Module, levels: Tensor) -> Tensor:
 
 class LogitSpaceDensity(nn.Module):
     """A peer's density of 64-vectors y (or of (1, 8, 8) images when ``image``) as a density of digit levels:
-    y = logit(alpha + (1 - 2 alpha) (levels + u) / K), the same maps and log-dets as invertnet's flows."""
+    y = logit(alpha + (1 - 2 alpha) (levels + u) / K), the same maps and log-dets as invertnet's flows; u uniform,
+    or drawn by a ``dequantizer`` (invertnet's ``VariationalDequantization``, for the like-for-like check)."""
 
-    def __init__(self, flow: nn.Module, alpha: float, image: bool = False) -> None:
+    def __init__(self, flow: nn.Module, alpha: float, image: bool = False, dequantizer: nn.Module | None = None):
         super().__init__()
-        self.flow, self.alpha, self.image = flow, alpha, image
+        self.flow, self.alpha, self.image, self.dequantizer = flow, alpha, image, dequantizer
 
     def bits_per_dim(self, levels: Tensor) -> Tensor:
-        """-log p(levels + u) / (64 ln 2) per image, for one draw of u (drawn as UniformDequantization does)."""
-        x = ((levels + torch.rand_like(levels)) / DIGITS_LEVELS).flatten(1)
+        """-log p(levels + u) / (64 ln 2) per image, for one draw of u (drawn as UniformDequantization does), or
+        the variational bound's -[log p(levels + u) - log q(u | levels)] / (64 ln 2) with a dequantizer."""
+        if self.dequantizer is None:
+            x = ((levels + torch.rand_like(levels)) / DIGITS_LEVELS).flatten(1)
+            dequantization = torch.full((len(levels),), -DIM * math.log(DIGITS_LEVELS))
+        else:
+            x, dequantization = self.dequantizer.forward_and_log_det(levels)
+            x = x.flatten(1)
         p = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(p) - torch.log1p(-p)
         log_det = (math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p)).sum(dim=1)
         log_density = self.flow.log_prob(y.view(-1, *SHAPE) if self.image else y) + log_det
-        return -(log_density - DIM * math.log(DIGITS_LEVELS)) / (DIM * math.log(2))
+        return -(log_density + dequantization) / (DIM * math.log(2))
 
 
 def checkerboard_mask() -> Tensor:
@@ -156,6 +164,13 @@ def zuko_maf(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
 
 def zuko_nsf(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     return LogitSpaceDensity(zuko_flow("NSF", DIM, bins=4, transforms=2, hidden_features=(width, width)), alpha)
+
+
+def zuko_nsf_variational(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    """zuko's NSF with invertnet's variational dequantisation in place of uniform noise: the like-for-like
+    check of ``invertnet-dense-variational`` (how much of its lead is the dequantisation)."""
+    flow = zuko_flow("NSF", DIM, bins=4, transforms=2, hidden_features=(width, width))
+    return LogitSpaceDensity(flow, alpha, dequantizer=VariationalDequantization(DIGITS_LEVELS, SHAPE))
 
 
 def normflows_realnvp(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
@@ -210,6 +225,12 @@ PEERS = [
     Spec("zuko-maf", "peer", zuko_maf, "zuko MAF: 3 affine MADE transforms, 2 hidden layers"),
     Spec("zuko-nsf", "peer", zuko_nsf, "zuko NSF: 2 autoregressive RQ-spline transforms (4 bins), 2 hidden layers"),
     Spec(
+        "zuko-nsf-variational",
+        "check",
+        zuko_nsf_variational,
+        "zuko NSF as zuko-nsf, with invertnet's VariationalDequantization (a like-for-like check, not a peer's own)",
+    ),
+    Spec(
         "normflows-realnvp",
         "peer",
         normflows_realnvp,
@@ -256,6 +277,20 @@ def dense(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     )
 
 
+def dense_variational(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+    """The dense flow with a learned dequantisation (Ho et al. 2019, section 3.1), narrowed to the parameters of
+    the equal-architecture one (its conditioner, 64-64-128, adds 12.5k)."""
+    return dense_iresnet_flow(
+        SHAPE,
+        n_blocks=DENSE_BLOCKS,
+        hidden_features=width,
+        n_layers=DENSE_LAYERS,
+        levels=DIGITS_LEVELS,
+        logit_alpha=alpha,
+        dequantization="variational",
+    )
+
+
 def multiscale(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
     """The multi-scale i-ResNet at the builder's 3 scales, 4 blocks each (3 scales cost 2.6x fewer multiply-adds
     per image than 2 at the same parameter count, since the wide layers act on 4x4 and 2x2 maps)."""
@@ -282,6 +317,12 @@ INVERTNET = [
         dense,
         f"dense_iresnet_flow: {DENSE_BLOCKS} x [ActNorm, i-ResNet block (LipschitzMLP 64-h-h-64)], builder defaults",
         width=DENSE_HIDDEN,
+    ),
+    invertnet_candidate(
+        "invertnet-dense-variational",
+        dense_variational,
+        f"dense_iresnet_flow: {DENSE_BLOCKS} x [ActNorm, i-ResNet block (LipschitzMLP 64-h-h-64)], "
+        "dequantization='variational'",
     ),
     invertnet_candidate(
         "invertnet-multiscale",
@@ -377,6 +418,8 @@ def named_pairs(results: list[Result]) -> list[tuple[str, str, str]]:
     best = best_by_validation(results, "invertnet")
     if best is not None:
         pairs.append(("best invertnet (chosen on validation) vs zuko NSF", best.spec.name, "zuko-nsf"))
+    like_for_like = ("invertnet-dense-variational", "zuko-nsf-variational")
+    pairs.append(("like for like, both variationally dequantised", *like_for_like))
     return pairs
 
 

@@ -86,7 +86,8 @@ class Spec:
 
     Attributes:
         name: Its name on the command line and in the report.
-        family: ``"invertnet"`` or ``"peer"``.
+        family: ``"invertnet"``, ``"peer"``, or ``"check"`` (a peer with an invertnet part: a like-for-like check,
+            never the best peer).
         build: The model at a width (hidden features or channels); raises :class:`Unavailable` when it cannot.
         architecture: One line describing it (the width is appended).
         width: A fixed width (an architecture defined to be equal to another's), or ``None``: the width whose

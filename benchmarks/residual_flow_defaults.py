@@ -37,6 +37,8 @@ Variants:
   default before that study; Gaussian probes add the diagonal's share 2 sum_i A_ii^2 to the variance of v^T A v).
 * ``control_variate``: the power series with the control variate of its first term tr(J_g) from the factored
   Jacobian (``invertnet.logdet.trace``; the default probes every term as it is).
+* ``variational``: ``dequantization="variational"``, a learned q(u | x) (Ho et al. 2019, section 3.1) instead of
+  uniform noise, at the same width (its conditioner adds 12.5k parameters).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "unbiased": dense(log_det=UnbiasedLogDet()),
     "gaussian_probes": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, probe="gaussian")),
     "control_variate": dense(log_det=PowerSeriesLogDet(DENSE_SERIES_TERMS, control_variate=True)),
+    "variational": dense(dequantization="variational"),
 }
 
 

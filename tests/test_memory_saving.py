@@ -15,7 +15,8 @@ from invertnet.training import TrainConfig, Trainer
 from .tolerances import FLOAT64_INVERSE_ATOL, assert_close
 
 # Stochastic log-dets in training mode: power series with a Rademacher probe (multi-scale, with uniform
-# dequantisation noise and lazily sized power-iteration vectors), Russian roulette (dense); MintNet is exact.
+# dequantisation noise and lazily sized power-iteration vectors), Russian roulette (dense); MintNet is exact (and
+# draws its noise from a learned q in the variational twin, whose draws the recomputation must replay).
 # The backward pass inverts the blocks, which needs certified contractions: three power-iteration steps make
 # them so for every seed tried (with one, a random first vector leaves 1 seed in 10 with a bound >= 1).
 FLOWS = {
@@ -26,11 +27,14 @@ FLOWS = {
         2, n_blocks=blocks, hidden_features=8, log_det=UnbiasedLogDet()
     ),
     "mintnet": lambda blocks=2: mintnet_flow((1, 4, 4), n_blocks=blocks, hidden_factor=2, n_squeezes=1),
+    "mintnet_variational": lambda blocks=2: mintnet_flow(
+        (1, 4, 4), n_blocks=blocks, hidden_factor=2, n_squeezes=1, levels=4, dequantization="variational"
+    ),
 }
 
 
 def _data(name, batch=3):
-    if name == "multiscale_iresnet":
+    if name in ("multiscale_iresnet", "mintnet_variational"):
         return torch.randint(0, 4, (batch, 1, 4, 4)).double()
     if name == "dense_iresnet":
         return torch.randn(batch, 2, dtype=torch.float64)

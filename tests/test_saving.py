@@ -37,7 +37,14 @@ RECIPES = {
         "log_prob",
     ),
     "mintnet_flow": (
-        {"input_shape": IMAGE, "n_blocks": 2, "hidden_factor": 2, "n_squeezes": 1, "levels": 17},
+        {
+            "input_shape": IMAGE,
+            "n_blocks": 2,
+            "hidden_factor": 2,
+            "n_squeezes": 1,
+            "levels": 17,
+            "dequantization": "variational",
+        },
         DIGITS,
         "log_prob",
     ),

@@ -53,7 +53,9 @@ class VariationalDequantization(InvertibleModule):
     As a function of the discrete x the map has no Jacobian to speak of; the generic suite's checks against the
     Jacobian in x therefore do not apply, and the layer's tests check the log-det against the Jacobian in v. The
     inverse quantises, x = clamp(floor(K y), 0, K - 1) (``quantized_inverse = True``), and its log-det is minus
-    the forward's, recovered from u = K y - x.
+    the forward's, recovered from u = K y - x. u is kept in [K eps, 1 - K eps] (eps the dtype's machine epsilon),
+    so that x + u rounds into x's bin; the log-det is that of the unclamped map, which differs only for the
+    draws of q's extreme tails that the clamp moves (probability below 2 K eps at the uniform start).
 
     Arguments:
         levels: Number K of discrete levels.
@@ -142,7 +144,8 @@ class VariationalDequantization(InvertibleModule):
         flat_v = v.reshape(len(v), -1)
         epsilon = torch.log(flat_v) - torch.log1p(-flat_v)
         z = location + log_scale.exp() * epsilon
-        u = torch.sigmoid(z).view(x.shape)
+        margin = self.levels * torch.finfo(z.dtype).eps  # keeps x + u inside x's bin after rounding
+        u = torch.sigmoid(z).clamp(margin, 1 - margin).view(x.shape)
         return (x + u) / self.levels, self._log_det(epsilon, z, log_scale)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,8 +160,8 @@ class VariationalDequantization(InvertibleModule):
         check_input(y, self.shape, "VariationalDequantization.inverse")
         scaled = y * self.levels
         x = torch.floor(scaled).clamp(0, self.levels - 1)
-        tiny = torch.finfo(y.dtype).eps
-        u = (scaled - x).clamp(tiny, 1 - tiny).reshape(len(y), -1)
+        margin = self.levels * torch.finfo(y.dtype).eps
+        u = (scaled - x).clamp(margin, 1 - margin).reshape(len(y), -1)
         location, log_scale = self._location_and_log_scale(x)
         z = torch.log(u) - torch.log1p(-u)
         epsilon = (z - location) * torch.exp(-log_scale)

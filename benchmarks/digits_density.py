@@ -265,7 +265,7 @@ PEERS = [
 # invertnet: the registry of candidates, public builders only (one line per builder)
 
 
-def dense(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
+def dense(width: int, alpha: float = LOGIT_ALPHA, dequantization: str = "uniform") -> nn.Module:
     """The dense i-ResNet flow with the builder's defaults but for the shape (Behrmann et al. 2019, app. C.3)."""
     return dense_iresnet_flow(
         SHAPE,
@@ -274,21 +274,13 @@ def dense(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
         n_layers=DENSE_LAYERS,
         levels=DIGITS_LEVELS,
         logit_alpha=alpha,
+        dequantization=dequantization,
     )
 
 
-def dense_variational(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:
-    """The dense flow with a learned dequantisation (Ho et al. 2019, section 3.1), narrowed to the parameters of
-    the equal-architecture one (its conditioner, 64-64-128, adds 12.5k)."""
-    return dense_iresnet_flow(
-        SHAPE,
-        n_blocks=DENSE_BLOCKS,
-        hidden_features=width,
-        n_layers=DENSE_LAYERS,
-        levels=DIGITS_LEVELS,
-        logit_alpha=alpha,
-        dequantization="variational",
-    )
+#: The dense flow with a learned dequantisation (Ho et al. 2019, section 3.1); the registry narrows it to the
+#: parameters of the equal-architecture one (its conditioner, 64-64-128, adds 12.5k).
+dense_variational = functools.partial(dense, dequantization="variational")
 
 
 def multiscale(width: int, alpha: float = LOGIT_ALPHA) -> nn.Module:

@@ -192,6 +192,12 @@ def test_bad_input_is_named(x, message):
         VariationalDequantization(4, 3)(x)
 
 
+def test_noise_outside_the_open_interval_is_named():
+    layer = VariationalDequantization(4, 2)
+    with pytest.raises(ValueError, match=r"open interval \(0, 1\)"):
+        layer.dequantize(torch.zeros(1, 2), torch.tensor([[0.5, 1.0]]))
+
+
 def test_a_conditioner_of_the_wrong_output_shape_is_named():
     layer = VariationalDequantization(4, 3, conditioner=torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match=r"conditioner must return shape \(2, 6\)"):

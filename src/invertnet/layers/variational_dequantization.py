@@ -140,6 +140,11 @@ class VariationalDequantization(InvertibleModule):
         x = self._levels(x, "VariationalDequantization.dequantize")
         if v.shape != x.shape:
             raise ValueError(f"VariationalDequantization.dequantize: v must have x's shape {tuple(x.shape)}")
+        if validation_enabled() and ((v <= 0) | (v >= 1)).any():
+            raise ValueError("VariationalDequantization.dequantize: the noise v must lie in the open interval (0, 1)")
+        return self._dequantize(x, v)
+
+    def _dequantize(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         location, log_scale = self._location_and_log_scale(x)
         flat_v = v.reshape(len(v), -1)
         epsilon = torch.log(flat_v) - torch.log1p(-flat_v)
@@ -154,7 +159,7 @@ class VariationalDequantization(InvertibleModule):
             v = torch.full_like(x, 0.5)
         else:  # U(0, 1) without its endpoint 0, where the logit is -inf
             v = torch.rand_like(x).clamp_min(torch.finfo(x.dtype).tiny)
-        return self.dequantize(x, v)
+        return self._dequantize(x, v)
 
     def inverse_and_log_det(self, y: Tensor, options: SolverOptions | None = None) -> tuple[Tensor, Tensor]:
         check_input(y, self.shape, "VariationalDequantization.inverse")

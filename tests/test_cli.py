@@ -136,6 +136,24 @@ def test_resume_continues_a_run(trained_run, tmp_path):
     assert steps[-2:] == [5, 6]
 
 
+def test_resuming_a_finished_run_removes_the_partial_files_a_killed_process_left(trained_run, tmp_path):
+    """A kill -9 while weights.json or summary.json was written, after the last checkpoint: the resume finds
+    nothing to train, so no checkpoint save sweeps the folder; the run start must."""
+    import subprocess
+    import sys
+
+    run_dir, _ = trained_run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [run_dir / f".{name}.tmp-{int(dead.stdout)}" for name in ("weights.json", "summary.json")]
+    for leftover in leftovers:
+        leftover.write_text("{")  # half-written
+    result = CliRunner().invoke(main, ["train", *TINY_TOY, "--run-dir", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert not any(leftover.exists() for leftover in leftovers)
+    last_step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert json.loads((run_dir / "weights.json").read_text())["step"] == last_step
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

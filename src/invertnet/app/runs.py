@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertnet._files import is_stale_partial, write_atomically
+from invertnet._files import is_stale_partial, remove_stale_partials, write_atomically
 from invertnet.analysis import Certificate, metameric_sample, plot_certificate
 from invertnet.app.config import RunConfig, read_run_config
 from invertnet.app.kinds import KINDS, ModelKind, RunData
@@ -140,6 +140,9 @@ def train_run(
         run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         with writing_to(run_dir):
+            # files a killed process left half-written (weights.json, summary.json after the last checkpoint,
+            # which no later checkpoint save would sweep)
+            remove_stale_partials(run_dir)
             write_atomically(run_dir / "run_config.json", config.model_dump_json(indent=2))
         return _train(kind, model, data, config, run_dir, resume, progress)
 

@@ -99,6 +99,32 @@ def test_digits_grid_compares_invertnet_with_the_peers(small_digits):
     assert "unbiased" in rows["normflows-residual"]["estimator"]
 
 
+def test_digits_grid_checks_the_variational_dense_flow_like_for_like(small_digits):
+    _require_peers("zuko")
+    output = digits_density.main(
+        ["--settings", "--lr", "3e-3", "--batch", "16", "--budget", "0.2", "--checks", "1",
+         "--models", "invertnet-dense-variational", "zuko-nsf-variational"]
+    )  # fmt: skip
+    (setting,) = output["settings"]
+    rows = _finite_rows(setting["models"])
+    for name in ("invertnet-dense-variational", "zuko-nsf-variational"):
+        assert abs(rows[name]["parameters"] - output["target_parameters"]) < 0.02 * output["target_parameters"]
+    assert rows["zuko-nsf-variational"]["family"] == "check"  # never the best peer
+    labels = [entry["comparison"] for entry in setting["comparisons"]]
+    assert labels == ["like for like, both variationally dequantised"]
+    _check_comparison(setting["comparisons"][0], rows)
+
+
+def test_dequantization_gap_reports_a_nonnegative_gap(small_digits):
+    import dequantization_gap
+
+    result = dequantization_gap.main(["--steps", "2", "--batch", "16", "--draws", "3"])
+    assert result["importance_weighted_bits_per_dim"] <= result["uniform_bound_bits_per_dim"]
+    assert result["gap_bits_per_dim"] == pytest.approx(
+        result["uniform_bound_bits_per_dim"] - result["importance_weighted_bits_per_dim"], abs=1e-9
+    )
+
+
 def test_every_model_runs_at_every_margin_and_is_compared_at_its_validation_choice(small_digits):
     output = digits_density.main(
         ["--settings", "--lr", "1e-3", "--batch", "32", "--budget", "0.2", "--checks", "1",

@@ -112,7 +112,7 @@ def _bound_and_standard_error(flow: FlowDistribution, levels: torch.Tensor, draw
 
 
 def test_the_bound_lies_below_the_discrete_log_likelihood_and_training_q_tightens_it():
-    """Ho et al. 2019, Eq. 12, on a fixed logit-normal density of y: E_q[log p(x + u) - log q(u | x)] <= log P(x)
+    """Ho et al. 2019, section 3.1, on a fixed logit-normal density of y: E_q[log p(x + u) - log q(u | x)] <= log P(x)
     at the uniform start and after training q alone; the gap shrinks to less than a fifth."""
     flow = _one_dimensional_flow()
     levels = torch.arange(4, dtype=torch.float64).unsqueeze(1)
@@ -130,6 +130,15 @@ def test_the_bound_lies_below_the_discrete_log_likelihood_and_training_q_tighten
     trained, trained_error = _bound_and_standard_error(flow, levels, 20_000)
     assert (trained <= exact + 4 * trained_error).all()
     assert (exact - trained).sum() < start_gap / 5
+
+
+@pytest.mark.parametrize("noise", ["uniform", "midpoint"])
+def test_huge_log_scales_are_bounded_so_the_log_det_stays_finite(noise):
+    layer = VariationalDequantization(17, 4, noise=noise)
+    with torch.no_grad():
+        layer.conditioner[-1].bias[4:] = 200.0  # e^200 overflows float32
+    y, log_det = layer.forward_and_log_det(_levels(8, (4,), 17).float())
+    assert torch.isfinite(y).all() and torch.isfinite(log_det).all()
 
 
 def test_midpoint_noise_is_deterministic_and_uniform_noise_is_drawn():
@@ -207,6 +216,8 @@ def test_a_conditioner_of_the_wrong_output_shape_is_named():
 def test_integer_levels_and_float64_are_followed():
     layer = VariationalDequantization(4, 3).double()
     y, log_det = layer.forward_and_log_det(torch.tensor([[0, 1, 3]], dtype=torch.float64))
+    assert y.dtype == log_det.dtype == torch.float64
+    y, log_det = layer.forward_and_log_det(torch.tensor([[0, 1, 3]]))  # integer levels take the layer's dtype
     assert y.dtype == log_det.dtype == torch.float64
     y = VariationalDequantization(4, 3)(torch.tensor([[0, 1, 3]]))
     assert y.dtype == torch.get_default_dtype()

@@ -180,7 +180,7 @@ class FlowDistribution(nn.Module, Distribution):
     dequantised data in the units of the discrete levels, and ``bits_per_dim`` is with respect to the discrete
     data: its expectation over the dequantisation noise upper-bounds the discrete bits/dim (Behrmann et al. 2019,
     section 5.3; Theis et al. 2016). With :class:`~invertnet.layers.VariationalDequantization` first, ``log_prob``
-    is log p(x + u) - log q(u | x) and the same holds (Ho et al. 2019, Eq. 12).
+    is log p(x + u) - log q(u | x) and the same holds (Ho et al. 2019, section 3.1).
 
     ``log_prob`` uses the transform's log-det as configured. In training mode residual blocks estimate it (power
     series or Russian roulette: one random draw of probes per call). In eval mode blocks with dense branches of at

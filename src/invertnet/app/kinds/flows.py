@@ -21,7 +21,12 @@ from invertnet.app.kinds.base import KindConfig, ModelKind, RunData
 from invertnet.app.kinds.fields import MAX_BLOCKS, MAX_SCALES, MAX_WIDTH, KernelSizes, MintNetLayers
 from invertnet.core import InvertibleSequential
 from invertnet.figures import save_figure, subplots
-from invertnet.layers import MemorySavingSequential, refine_spectral_norms
+from invertnet.layers import (
+    MemorySavingSequential,
+    UniformDequantization,
+    VariationalDequantization,
+    refine_spectral_norms,
+)
 from invertnet.layers.lipschitz_nets import CONV_POWER_ITERATIONS, POWER_ITERATIONS
 from invertnet.logdet import DenseExactLogDet, PowerSeriesLogDet, UnbiasedLogDet
 from invertnet.models import (
@@ -321,7 +326,7 @@ def reconstruction(flow: FlowDistribution, data: Tensor) -> dict[str, Any]:
     runs): the power iterations of a checkpoint lag behind its last optimiser step, so its certified Lipschitz
     bounds can exceed 1 (status ``not_contractive``) though the map contracts."""
     parts = list(flow.transform)
-    if parts and parts[0].quantized_inverse:  # dequantisation: x -> y is the data the rest of the flow inverts
+    if parts and isinstance(parts[0], (UniformDequantization, VariationalDequantization)):
         data, parts = parts[0](data), parts[1:]
     transform = InvertibleSequential(*parts)
     y = transform(data)

@@ -50,8 +50,24 @@ FLOWS = pytest.mark.parametrize(
         (lambda: glow_flow(2, n_steps=2, hidden=8), (2,)),
         (lambda: spline_flow(2, n_steps=2, hidden=8), (2,)),
         (lambda: spline_flow((1, 4, 4), n_steps=2, hidden=8, levels=17), (1, 4, 4)),
+        (
+            lambda: dense_iresnet_flow(
+                (1, 4, 4), n_blocks=1, hidden_features=8, levels=17, dequantization="variational"
+            ),
+            (1, 4, 4),
+        ),
     ],
-    ids=["dense", "multiscale", "mintnet", "realnvp", "glow", "glow_vector", "spline", "spline_image"],
+    ids=[
+        "dense",
+        "multiscale",
+        "mintnet",
+        "realnvp",
+        "glow",
+        "glow_vector",
+        "spline",
+        "spline_image",
+        "dense_variational",
+    ],
 )
 
 

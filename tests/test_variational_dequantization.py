@@ -8,8 +8,8 @@ import torch
 
 from invertnet import InvertibleSequential
 from invertnet.app.config import RunConfig
-from invertnet.layers import Logit, VariationalDequantization
-from invertnet.models import FlowDistribution, dense_iresnet_flow, standard_normal
+from invertnet.layers import ConvolutionalConditioner, Logit, VariationalDequantization
+from invertnet.models import FlowDistribution, dense_iresnet_flow, glow_flow, multiscale_iresnet_flow, standard_normal
 
 from .tolerances import assert_close
 
@@ -244,5 +244,59 @@ def test_flow_configs_take_the_dequantization():
     section = {"name": "digits", "data": {"name": "digits"}}
     config = RunConfig.model_validate({**section, "model": {"kind": "dense", "dequantization": "variational"}})
     assert config.model.builder_arguments()["dequantization"] == "variational"
+    config = RunConfig.model_validate({**section, "model": {"kind": "glow", "dequantization": "variational_conv"}})
+    assert config.model.builder_arguments()["dequantization"] == "variational_conv"
     with pytest.raises(ValueError, match="dequantization"):
         RunConfig.model_validate({**section, "model": {"kind": "dense", "dequantization": "learned"}})
+
+
+def test_the_convolutional_conditioner_starts_uniform_and_lays_out_locations_then_log_scales():
+    conditioner = ConvolutionalConditioner(2, hidden_channels=5).double()
+    assert sum(p.numel() for p in conditioner.parameters()) == 27 * 2 * 5 + 5 + 2 * 2
+    layer = VariationalDequantization(4, (2, 3, 3), conditioner=conditioner).double()
+    x = _levels(3, (2, 3, 3), 4)
+    v = torch.rand(3, 2, 3, 3, dtype=torch.float64)
+    assert_close(layer.dequantize(x, v)[0], (x + v) / 4)  # zero last convolution: q uniform
+    with torch.no_grad():
+        last = conditioner.net[-1]
+        last.weight.normal_(0, 0.1)
+        last.bias.normal_(0, 0.1)
+    out = conditioner.net(2 * x / 3 - 1)
+    location, log_scale = layer._location_and_log_scale(x)
+    assert_close(location, out[:, :2].flatten(1))
+    assert_close(log_scale, out[:, 2:].flatten(1))
+    _, log_det = layer.dequantize(x, v)
+    jacobian = torch.autograd.functional.jacobian(lambda noise: layer.dequantize(x[:1], noise)[0].flatten(), v[:1])
+    assert_close(log_det[0], torch.linalg.slogdet(jacobian.reshape(18, 18)).logabsdet)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 2, H, W\)"):
+        conditioner(torch.zeros(1, 3, 3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: multiscale_iresnet_flow(
+            (1, 4, 4), n_scales=2, n_blocks=1, hidden_channels=4, levels=5, dequantization="variational_conv"
+        ),
+        lambda: glow_flow((1, 4, 4), n_scales=1, n_steps=1, hidden=4, levels=5, dequantization="variational_conv"),
+    ],
+    ids=["multiscale", "glow"],
+)
+def test_image_flows_train_with_the_convolutional_dequantiser(make):
+    torch.manual_seed(0)
+    flow = make()
+    assert isinstance(flow.transform.parts[0].conditioner, ConvolutionalConditioner)
+    x = _levels(16, (1, 4, 4), 5).float()
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = flow.bits_per_dim(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert flow.transform.parts[0].conditioner.net[-1].weight.abs().max() > 0, "q must have trained"
+    assert flow.sample((4,)).shape == (4, 1, 4, 4)
+
+
+def test_the_convolutional_dequantiser_needs_images():
+    with pytest.raises(ValueError, match="variational_conv' needs images"):
+        dense_iresnet_flow(4, levels=5, dequantization="variational_conv")

@@ -48,11 +48,13 @@ from invertnet.layers.spectral import SpectralNormLinear as SpectralNormLinear
 from invertnet.layers.spectral import refine_spectral_norms as refine_spectral_norms
 from invertnet.layers.spline_coupling import SplineCoupling as SplineCoupling
 from invertnet.layers.splines import rational_quadratic_spline as rational_quadratic_spline
+from invertnet.layers.variational_dequantization import ConvolutionalConditioner as ConvolutionalConditioner
 from invertnet.layers.variational_dequantization import VariationalDequantization as VariationalDequantization
 
 __all__ = [
     "DEQ",
     "CLipSwish",
+    "ConvolutionalConditioner",
     "ConditionalLipschitzConvNet",
     "ConditionalLipschitzMLP",
     "ContextBoundBranch",

@@ -21,11 +21,49 @@ from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, SolverOptions, check_input, validation_enabled
 
-__all__ = ["VariationalDequantization"]
+__all__ = ["ConvolutionalConditioner", "VariationalDequantization"]
 
 #: Bound on the log-scale s(x) of every entry: e^15 = 3.3e6 keeps float32's exp and products finite (the trained
 #: digits flows' log-scales lie in [-0.92, 0.14]).
 LOG_SCALE_BOUND = 15.0
+
+
+class ConvolutionalConditioner(nn.Module):
+    """Locations and log-scales of q(u | x) for images, from two 3x3 convolutions with ELU between them: scaled
+    levels (B, C, H, W) -> (B, 2 C H W), the C H W locations first, then the log-scales, as
+    :class:`VariationalDequantization` reads them. 27 C h + h + 2 C parameters (5.3k for CIFAR-10's C = 3 at
+    h = 64, against 0.6M for the default dense conditioner); each entry's q sees its 5 x 5 neighbourhood. The last
+    convolution starts at zero, so q starts uniform.
+
+    Examples:
+        >>> conditioner = ConvolutionalConditioner(3, hidden_channels=8)
+        >>> conditioner(torch.zeros(2, 3, 4, 4)).shape
+        torch.Size([2, 96])
+    """
+
+    def __init__(self, channels: int, hidden_channels: int = 64) -> None:
+        super().__init__()
+        if channels < 1 or hidden_channels < 1:
+            raise ValueError(
+                "ConvolutionalConditioner: need channels and hidden_channels >= 1, "
+                f"got {channels} and {hidden_channels}"
+            )
+        self.channels = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden_channels, 3, padding=1),
+            nn.ELU(),
+            nn.Conv2d(hidden_channels, 2 * channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"ConvolutionalConditioner: expected images of shape (B, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
+        out = self.net(x)
+        return torch.cat([out[:, : self.channels].flatten(1), out[:, self.channels :].flatten(1)], dim=1)
 
 
 def _log_sigmoid_derivative(t: Tensor) -> Tensor:
@@ -71,7 +109,7 @@ class VariationalDequantization(InvertibleModule):
         shape: Shape of one sample (d features, or an image shape (C, H, W)).
         hidden_features: Width h of the default conditioner, an MLP d -> h -> 2d with ELU on the levels scaled
             to [-1, 1]: (3d + 1) h + 2d parameters, 12.5k for the 8 x 8 digits at h = 64 but 0.6M for CIFAR-10's
-            3072 values (pass ``conditioner`` for large images).
+            3072 values (pass ``conditioner=ConvolutionalConditioner(C)`` for large images).
         noise: ``"uniform"`` draws v per call; ``"midpoint"`` uses v = 1/2 (u = sigma(mu(x)), the median of q), a
             deterministic map for tests and reproducible evaluation.
         conditioner: A module mapping the scaled levels (B, \*shape) to (B, 2d): d locations, then d

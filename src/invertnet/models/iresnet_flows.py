@@ -82,7 +82,9 @@ def dense_iresnet_flow(
         dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
             ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
             3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md).
+            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
+            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
+            (5.3k on CIFAR-10).
 
     Examples:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
@@ -159,7 +161,9 @@ def multiscale_iresnet_flow(
         dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
             ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
             3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md).
+            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
+            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
+            (5.3k on CIFAR-10).
 
     Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)

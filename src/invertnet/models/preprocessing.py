@@ -7,20 +7,21 @@ from typing import Literal
 
 from invertnet.core import InvertibleModule
 from invertnet.layers.preprocess import Logit, UniformDequantization
-from invertnet.layers.variational_dequantization import VariationalDequantization
+from invertnet.layers.variational_dequantization import ConvolutionalConditioner, VariationalDequantization
 
 __all__ = ["DEQUANTIZATIONS", "Dequantization", "discrete_preprocessing"]
 
-Dequantization = Literal["uniform", "variational"]
-DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "variational")
+Dequantization = Literal["uniform", "variational", "variational_conv"]
+DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "variational", "variational_conv")
 
 
 def discrete_preprocessing(
     levels: int | None, shape: Sequence[int], logit_alpha: float, dequantization: str, where: str
 ) -> list[InvertibleModule]:
     """``[dequantisation, Logit(logit_alpha)]`` for data of ``levels`` discrete levels and sample shape ``shape``,
-    or ``[]`` when ``levels`` is None: :class:`~invertnet.layers.UniformDequantization` (``"uniform"``) or
-    :class:`~invertnet.layers.VariationalDequantization` with its default conditioner (``"variational"``)."""
+    or ``[]`` when ``levels`` is None: :class:`~invertnet.layers.UniformDequantization` (``"uniform"``), or
+    :class:`~invertnet.layers.VariationalDequantization` with its default dense conditioner (``"variational"``)
+    or with a :class:`~invertnet.layers.ConvolutionalConditioner` (``"variational_conv"``, images (C, H, W))."""
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"{where}: dequantization must be one of {DEQUANTIZATIONS}, got {dequantization!r}")
     if levels is None:
@@ -29,4 +30,9 @@ def discrete_preprocessing(
         return []
     if dequantization == "variational":
         return [VariationalDequantization(levels, shape), Logit(logit_alpha)]
+    if dequantization == "variational_conv":
+        if len(shape) != 3:
+            raise ValueError(f"{where}: dequantization='variational_conv' needs images (C, H, W), got shape {shape}")
+        conditioner = ConvolutionalConditioner(shape[0])
+        return [VariationalDequantization(levels, shape, conditioner=conditioner), Logit(logit_alpha)]
     return [UniformDequantization(levels), Logit(logit_alpha)]

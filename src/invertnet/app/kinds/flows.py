@@ -66,8 +66,10 @@ class _FlowConfig(KindConfig):
     image_data: ClassVar[bool] = True
     """The builder takes images (C, H, W); the dense flow takes any event shape."""
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
-    dequantization: Literal["uniform", "variational"] = Field(
-        "uniform", description="image data: uniform noise, or a learned q(u | x) (Ho et al. 2019, 3.1)"
+    dequantization: Literal["uniform", "variational", "variational_conv"] = Field(
+        "uniform",
+        description="image data: uniform noise, or a learned q(u | x) (Ho et al. 2019, 3.1) with a dense or a "
+        "convolutional conditioner",
     )
     memory_saving: bool = Field(
         False, description="recompute activations through the inverses in backward (memory flat in depth)"

@@ -13,6 +13,16 @@ from invertnet.core import InvertibleModule, SolverOptions, check_input, validat
 __all__ = ["Logit", "UniformDequantization"]
 
 
+def check_levels(x: Tensor, levels: int, where: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` unless x lies in [0, K - 1] (only while :func:`validation_enabled`:
+    the check reads the minimum and maximum back from the device)."""
+    if validation_enabled() and (x.min() < 0 or x.max() > levels - 1):
+        raise ValueError(
+            f"{where}: expected levels in [0, {levels - 1}], got values in "
+            f"[{x.min().item():g}, {x.max().item():g}]; scale the data to integer levels first"
+        )
+
+
 class UniformDequantization(InvertibleModule):
     r"""Discrete levels x in {0, ..., K-1} to y = (x + u) / K in [0, 1), u ~ U[0, 1)^d (thesis Lemma 5.10).
 
@@ -57,11 +67,7 @@ class UniformDequantization(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, None, "UniformDequantization.forward")
-        if validation_enabled() and (x.min() < 0 or x.max() > self.levels - 1):
-            raise ValueError(
-                f"UniformDequantization.forward: expected levels in [0, {self.levels - 1}], got values in "
-                f"[{x.min().item():g}, {x.max().item():g}]; scale the data to integer levels first"
-            )
+        check_levels(x, self.levels, "UniformDequantization.forward")
         if not x.is_floating_point():  # integer levels: the noise and the result are real
             x = x.to(torch.get_default_dtype())
         u = torch.rand_like(x) if self.noise == "uniform" else torch.full_like(x, 0.5)

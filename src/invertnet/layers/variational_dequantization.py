@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertnet.core import InvertibleModule, SolverOptions, check_input, validation_enabled
+from invertnet.layers.preprocess import check_levels
 
 __all__ = ["ConvolutionalConditioner", "VariationalDequantization"]
 
@@ -171,11 +172,7 @@ class VariationalDequantization(InvertibleModule):
 
     def _levels(self, x: Tensor, where: str) -> Tensor:
         check_input(x, self.shape, where)
-        if validation_enabled() and (x.min() < 0 or x.max() > self.levels - 1):
-            raise ValueError(
-                f"{where}: expected levels in [0, {self.levels - 1}], got values in "
-                f"[{x.min().item():g}, {x.max().item():g}]; scale the data to integer levels first"
-            )
+        check_levels(x, self.levels, where)
         if x.is_floating_point():
             return x
         parameter = next(self.parameters(), None)  # integer levels: real noise of the conditioner's dtype

@@ -114,12 +114,8 @@ def realnvp_flow(
         levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
-        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
-            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
-            3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
-            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
-            (5.3k on CIFAR-10).
+        dequantization: With ``levels``: ``"uniform"``, ``"variational"`` or (images) ``"variational_conv"``
+            noise, as :func:`~invertnet.models.preprocessing.discrete_preprocessing` builds it.
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
         context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
@@ -205,12 +201,8 @@ def glow_flow(
         levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
-        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
-            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
-            3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
-            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
-            (5.3k on CIFAR-10).
+        dequantization: With ``levels``: ``"uniform"``, ``"variational"`` or (images) ``"variational_conv"``
+            noise, as :func:`~invertnet.models.preprocessing.discrete_preprocessing` builds it.
         context_features: Size k of a context for a conditional flow p(x | c): every coupling's conditioner also
             sees c (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
         context_shape: Image flows, instead of ``context_features``: the shape (C', H', W') of an image context
@@ -288,12 +280,8 @@ def spline_flow(
         levels: Number K of discrete levels of the data: prepend dequantisation (``dequantization``) and the logit
             transform, so that ``bits_per_dim`` is with respect to the discrete data.
         logit_alpha: Margin of the logit transform when ``levels`` is given.
-        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
-            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
-            3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
-            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
-            (5.3k on CIFAR-10).
+        dequantization: With ``levels``: ``"uniform"``, ``"variational"`` or (images) ``"variational_conv"``
+            noise, as :func:`~invertnet.models.preprocessing.discrete_preprocessing` builds it.
         context_features: Size k of a context for a conditional flow p(x | c): every conditioner also sees c
             (``flow.log_prob(x, context=c)``, ``flow(c)``). 0: unconditional.
 

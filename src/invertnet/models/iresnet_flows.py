@@ -79,12 +79,8 @@ def dense_iresnet_flow(
             ``flow.log_prob(x, context=c)``, ``flow.sample(shape, context=c)`` or ``flow(c)``. 0: unconditional.
         actnorm: An :class:`~invertnet.layers.ActNorm` ``"before"`` every block (the default, as the thesis'
             image flows), ``"after"`` every block (the paper's toy densities), or ``"none"``.
-        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
-            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
-            3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
-            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
-            (5.3k on CIFAR-10).
+        dequantization: With ``levels``: ``"uniform"``, ``"variational"`` or (images) ``"variational_conv"``
+            noise, as :func:`~invertnet.models.preprocessing.discrete_preprocessing` builds it.
 
     Examples:
         >>> flow = dense_iresnet_flow(2, n_blocks=2)
@@ -158,12 +154,8 @@ def multiscale_iresnet_flow(
         context_shape: Instead of ``context_features``: the shape (C', H', W') of an image context c (a
             low-resolution or a partly observed image, a segmentation), H' and W' an integer multiple or fraction
             of H and W; each branch sees c at its resolution as biases per channel and position.
-        dequantization: With ``levels``: ``"uniform"`` noise (Behrmann et al. 2019, thesis Lemma 5.10) or a learned
-            ``"variational"`` one (:class:`~invertnet.layers.VariationalDequantization`, Ho et al. 2019, section
-            3.1): a tighter bound on the discrete bits/dim; its dense conditioner adds (3d + 1) 64 + 2d parameters
-            for d values per sample (12.5k on the 8 x 8 digits, 0.6M on CIFAR-10; docs/defaults.md);
-            ``"variational_conv"``, for images, uses a :class:`~invertnet.layers.ConvolutionalConditioner` instead
-            (5.3k on CIFAR-10).
+        dequantization: With ``levels``: ``"uniform"``, ``"variational"`` or (images) ``"variational_conv"``
+            noise, as :func:`~invertnet.models.preprocessing.discrete_preprocessing` builds it.
 
     Examples:
         >>> flow = multiscale_iresnet_flow((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17)

@@ -39,6 +39,7 @@ from invertnet.models import (
     realnvp_flow,
     spline_flow,
 )
+from invertnet.models.preprocessing import Dequantization
 from invertnet.solvers import linearized_inverse_error
 from invertnet.training import BitsPerDim
 
@@ -66,7 +67,7 @@ class _FlowConfig(KindConfig):
     image_data: ClassVar[bool] = True
     """The builder takes images (C, H, W); the dense flow takes any event shape."""
     logit_alpha: float = Field(0.05, gt=0, lt=0.5, description="image data: margin of the logit transform")
-    dequantization: Literal["uniform", "variational", "variational_conv"] = Field(
+    dequantization: Dequantization = Field(
         "uniform",
         description="image data: uniform noise, or a learned q(u | x) (Ho et al. 2019, 3.1) with a dense or a "
         "convolutional conditioner",
